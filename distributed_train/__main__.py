@@ -1,0 +1,8 @@
+"""`python -m distributed_train ...` is `dtrain ...`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""`dtrain` subcommands. `train` runs a job in this process; `launch` starts workers via torchrun.
+
+Exit codes: 0 done, 2 bad configuration or input (one line on stderr), anything else a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+from typing import Iterator
+
+from .errors import EXIT_USAGE, UsageError
+
+USAGE = """usage: dtrain COMMAND [...]
+
+commands:
+  train  [CONFIG] [--section.key=value ...]   run one training job in this process (or every torchrun worker)
+  launch [torchrun options] [CONFIG] [...]    start local workers with torchrun, each running `dtrain train`
+  plot RUN_DIR [-o FILE.png]                  loss / eval / throughput curves of a run
+  runs [DIR]                                  table of the runs in a folder
+  k8s ...                                     render Kubernetes manifests for a multi-node job
+  doctor [--nproc-per-node N]                 preflight: environment, all-reduce bandwidth, matmul speed
+
+`dtrain train --help` lists every config key; `dtrain COMMAND --help` for the others.
+"""
+
+# Commands implemented in their own modules, imported only when used (keeps `dtrain train` lean).
+_MODULE_COMMANDS = {"plot": "plot", "runs": "runs", "k8s": "k8s", "doctor": "doctor"}
+
+
+def _error(message: str) -> None:
+    print(f"dtrain: error: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
+    """Turn UsageError into one line on stderr and exit code 2 (`--debug` keeps the traceback)."""
+    try:
+        yield
+    except UsageError as exc:
+        if debug:
+            raise
+        if not quiet:
+            _error(str(exc))
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def split_config_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    """(config path or None, override arguments, --debug) from `[CONFIG] [--k=v ...] [--debug]`."""
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if argv and not argv[0].startswith("--"):
+        return argv[0], argv[1:], debug
+    return None, argv, debug
+
+
+def resolve_config(config_path: str | None, overrides: list[str]):
+    """Load and validate the configuration, with the task's own defaults underneath."""
+    from .config import load_config
+    from .task import config_defaults
+
+    return load_config(config_path, overrides, task_defaults=config_defaults)
+
+
+def _print_train_help() -> None:
+    from .config import describe
+
+    print("usage: dtrain train [CONFIG.yaml] [--section.key=value ...] [--debug]\n")
+    print("Runs one training job; under torchrun every worker runs it. Config keys (default):")
+    for key, default, help_text in describe():
+        print(f"  --{key:<34} {help_text} (default {default})")
+
+
+def train_main(argv: list[str]) -> int:
+    """`dtrain train`: one job in this process (world size from torchrun's variables, else 1)."""
+    if "-h" in argv or "--help" in argv:
+        _print_train_help()
+        return 0
+    config_path, overrides, debug = split_config_args(argv)
+    from . import dist
+
+    rank = os.environ.get("RANK", "0")
+    with user_errors(debug, quiet=rank not in ("0", "")):
+        config = resolve_config(config_path, overrides)
+        env = dist.read_env()
+        from .run import run_training
+
+        summary = run_training(config, env, debug=debug)
+    if env.is_main:
+        evals = " ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items())
+        print(f"done: {summary['global_step']} steps, train loss {summary['train_loss']:.4f}"
+              f"{', eval ' + evals if evals else ''}; run dir {os.path.dirname(summary['final_model'])}",
+              flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(USAGE, end="")
+        return 0 if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return train_main(rest)
+    if command == "launch":
+        from .launch import launch_main
+
+        return launch_main(rest)
+    if command in _MODULE_COMMANDS:
+        module = importlib.import_module(f"{__package__}.{_MODULE_COMMANDS[command]}")
+        with user_errors("--debug" in rest):
+            return module.main(rest)
+    _error(f"unknown command {command!r}; run `dtrain --help`")
+    return EXIT_USAGE

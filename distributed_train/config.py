@@ -1,0 +1,324 @@
+"""The configuration tree: dataclasses with defaults, a YAML file and `--section.key=value` on top.
+
+Precedence: command line > config file > the task's `config_defaults` > the defaults below.
+Every value is checked here, before any process group or worker starts; a mistake raises
+UsageError naming the key (`train.lr`) and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import UsageError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with a default and a one-line help text (shown by `dtrain train --help`)."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = opt(64, "GLOBAL batch: samples per optimizer step across all ranks")
+    micro_batch_size: Optional[int] = opt(None, "per-rank micro-batch; accumulation steps are derived")
+    epochs: int = opt(1, "passes over the training set (ignored when max_steps is set)")
+    max_steps: Optional[int] = opt(None, "optimizer steps in total; wins over epochs")
+    lr: float = opt(1e-3, "peak learning rate")
+    optimizer: Literal["adamw", "sgd"] = opt("adamw", "default optimizer when the task has none")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) or L2 (SGD)")
+    grad_clip: float = opt(0.0, "clip the global gradient norm to this value; 0 = off")
+    schedule: Literal["constant", "cosine"] = opt("constant", "LR schedule after warmup")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    min_lr: float = opt(0.0, "final LR of the cosine schedule")
+    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "autocast dtype (fp16 adds a GradScaler)")
+    compile: bool = opt(False, "torch.compile the model before DDP wraps it")
+    nonfinite: Literal["error", "skip"] = opt("error", "what a NaN/inf loss does: stop, or skip the step")
+    flush_denormal: bool = opt(True, "CPU: flush denormal floats to zero (denormals slow steps up to 100x)")
+
+    def __post_init__(self) -> None:
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.micro_batch_size", self.micro_batch_size)
+        _positive("train.epochs", self.epochs)
+        _positive("train.max_steps", self.max_steps)
+        _positive("train.lr", self.lr)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("train.min_lr", self.min_lr, allow_zero=True)
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise UsageError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+
+
+@dataclass
+class DataConfig:
+    num_workers: int = opt(0, "DataLoader worker processes per rank (0 = load in the training process)")
+    pin_memory: Optional[bool] = opt(None, "pin host memory for faster copies; default: on with CUDA")
+
+    def __post_init__(self) -> None:
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = opt(0, "evaluate every N steps; 0 = only at the end")
+    batch_size: Optional[int] = opt(None, "GLOBAL eval batch; default: train.batch_size")
+
+    def __post_init__(self) -> None:
+        _positive("eval.every_steps", self.every_steps, allow_zero=True)
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = opt(10, "log train metrics every N steps")
+    wandb: Literal["auto", "online", "offline", "disabled"] = opt(
+        "auto", "auto = online with an API key, else offline; never a login prompt"
+    )
+    wandb_project: str = opt("distributed_train", "wandb project name")
+
+    def __post_init__(self) -> None:
+        _positive("log.every_steps", self.every_steps)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = opt(0, "commit a checkpoint every N steps; 0 = none")
+    keep_last: int = opt(2, "committed checkpoints kept after rotation")
+    resume: str = opt("auto", "auto (latest committed in run_dir), never, or a checkpoint path")
+    on_sigterm: bool = opt(True, "on SIGTERM, finish the step, commit a checkpoint and exit")
+    overwrite: bool = opt(False, "with resume=never, allow replacing an existing run's checkpoints")
+    allow_changes: bool = opt(False, "resume even if batch size, seed or task differ from the checkpoint")
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.every_steps", self.every_steps, allow_zero=True)
+        _positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "auto = nccl with CUDA, else gloo")
+    timeout_s: float = opt(300.0, "collective timeout; a missing rank fails the job after this long")
+
+    def __post_init__(self) -> None:
+        _positive("dist.timeout_s", self.timeout_s)
+
+
+@dataclass
+class DDPConfig:
+    bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size")
+    gradient_as_bucket_view: bool = opt(True, "gradients alias the all-reduce buckets (saves a copy)")
+    static_graph: bool = opt(False, "DDP static_graph: the same parameters are used every step")
+    find_unused_parameters: bool = opt(False, "allow parameters that get no gradient in a step")
+    comm_hook: Literal["none", "bf16", "fp16"] = opt(
+        "none", "compress gradients for the all-reduce; changes the math slightly"
+    )
+
+    def __post_init__(self) -> None:
+        _positive("ddp.bucket_cap_mb", self.bucket_cap_mb)
+
+
+@dataclass
+class Config:
+    task: str = opt("digits", "built-in name, package.module:attr, or path/to/file.py:attr")
+    task_args: dict = opt({}, "free-form options passed to the task (its own keys)")
+    seed: int = opt(0, "one seed for model init, data order and everything random")
+    run_dir: Optional[str] = opt(None, "where this run writes everything; default runs/<task>-<time>")
+    engine: Literal["ddp", "accelerate"] = opt("ddp", "ddp (torch DDP) or accelerate")
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+
+    def __post_init__(self) -> None:
+        if not self.task:
+            raise UsageError("task must name a built-in task, module:attr or file.py:attr")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from nested dicts (file, task defaults) and `--key=value` strings.
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert `value` (a YAML value, or a raw string from the command line) to the field type."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[X]
+        inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
+        if value is None or (isinstance(value, str) and value.lower() in {"null", "none", ""}):
+            return None
+        return _coerce(key, value, inner)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise UsageError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    name = getattr(hint, "__name__", str(hint))
+    raise UsageError(f"{key} must be {'a' if name != 'int' else 'an'} {name}; got {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from a nested dict, checking every key and type."""
+    if not isinstance(values, dict):
+        raise UsageError(f"{prefix.rstrip('.') or 'config'} must be a mapping; got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(f"{prefix}{n}" for n in names))
+            raise UsageError(f"unknown config key {full!r}; known keys here: {known}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, hint)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep-merge `top` over `base` (both nested dicts); returns a new dict."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn `--train.lr=0.1` / `--train.lr 0.1` arguments into a nested dict of raw strings."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise UsageError(f"expected --section.key=value, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise UsageError(f"{arg} needs a value: {arg}=VALUE")
+        parts = key.replace("-", "_").split(".") if not key.startswith("task_args.") else key.split(".")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--{key} conflicts with another override")
+        # task_args values have no declared type: read them as YAML scalars (12 -> int).
+        node[parts[-1]] = yaml.safe_load(value) if parts[0] == "task_args" else value
+        i += 1
+    return tree
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a YAML config file into a nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {str(path)!r} is not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                task_defaults: Any = None) -> Config:
+    """Resolve the configuration: defaults < task defaults < file < command line.
+
+    `task_defaults` is a callable taking the task name and returning that task's
+    `config_defaults` dict (or {}); it lets built-in tasks ship sensible epochs and lr.
+    """
+    user = _merge(read_config_file(path) if path else {}, parse_overrides(overrides or []))
+    task_name = user.get("task", Config.task)
+    defaults = task_defaults(task_name) if task_defaults and isinstance(task_name, str) else {}
+    return _build(Config, _merge(defaults or {}, user))
+
+
+def to_dict(config: Config) -> dict:
+    """The resolved configuration as plain nested dicts (what config.yaml holds)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(values: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. the copy stored in a checkpoint)."""
+    return _build(Config, values)
+
+
+def dump_yaml(config: Config) -> str:
+    """YAML text of the resolved configuration."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, help) rows for every config key, for `--help` and the README."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("help", "")))
+
+    walk(Config, "")
+    return rows

@@ -1,0 +1,163 @@
+"""The `ddp` engine: wrap the model, run one optimizer step over a global batch, own precision.
+
+The gradient of a step equals the gradient of the mean loss over the whole global batch:
+each rank averages its micro-batch losses (scaled by 1/accumulation_steps) and DDP averages
+across ranks. Gradients are all-reduced only on the last micro-step (`no_sync` before).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .config import Config
+from .data import BatchPlan, move_to_device
+from .dist import DistEnv
+from .errors import UsageError
+from .task import Task
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_optimizer(task: Task, model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    """The task's own optimizer if it has one, else AdamW/SGD from `train.*`."""
+    own = task.optimizer(model.parameters(), config)
+    if own is not None:
+        return own
+    train = config.train
+    # foreach keeps the update to a few fused kernels instead of one per parameter.
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                               weight_decay=train.weight_decay, foreach=True)
+    return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+                             foreach=True)
+
+
+def lr_factor(step: int, config: Config, total_steps: int) -> float:
+    """Multiplier of `train.lr` at `step`: linear warmup, then constant or cosine to `min_lr`."""
+    train = config.train
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / decay_steps)
+    floor = train.min_lr / train.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast_context(precision: str, device: torch.device) -> Any:
+    """An autocast context for bf16/fp16 (fp16 only on CUDA), or a null context for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+class DDPEngine:
+    """Model, optimizer, LR schedule and GradScaler of one rank; `train_step` is the hot path."""
+
+    def __init__(self, task: Task, config: Config, env: DistEnv, device: torch.device,
+                 plan: BatchPlan, total_steps: int):
+        self.task, self.config, self.env, self.device, self.plan = task, config, env, device, plan
+        autocast_context(config.train.precision, device)  # fail early on fp16 without CUDA
+        self.raw_model = task.model().to(device)
+        self.optimizer = build_optimizer(task, self.raw_model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, config, total_steps)
+        )
+        use_scaler = config.train.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
+        self.model = self._wrap(self.raw_model)
+        self.non_blocking = device.type == "cuda"
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        # DDP(compile(model)), not compile(DDP(model)): the latter graph-breaks and compiles nothing.
+        if self.config.train.compile:
+            model = torch.compile(model)
+        if self.env.world_size == 1 or not self.env.is_distributed:
+            return model
+        ddp = self.config.ddp
+        wrapped = DDP(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            bucket_cap_mb=ddp.bucket_cap_mb,
+            gradient_as_bucket_view=ddp.gradient_as_bucket_view,
+            static_graph=ddp.static_graph,
+            find_unused_parameters=ddp.find_unused_parameters,
+        )
+        if ddp.comm_hook != "none":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            hook = default_hooks.bf16_compress_hook if ddp.comm_hook == "bf16" else default_hooks.fp16_compress_hook
+            wrapped.register_comm_hook(state=None, hook=hook)
+        return wrapped
+
+    def _sync_context(self, last_micro_step: bool) -> Any:
+        # Only the last micro-step all-reduces; earlier ones accumulate locally (nanoGPT's trick).
+        if isinstance(self.model, DDP) and not last_micro_step:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step; returns (this rank's mean loss, global grad norm or None), on device."""
+        self.model.train()
+        steps = self.plan.accumulation_steps
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            batch = move_to_device(batch, self.device, self.non_blocking)
+            with self._sync_context(i == steps - 1):
+                with autocast_context(self.config.train.precision, self.device):
+                    loss = self.task.loss(self.model, batch)
+                scaled = loss / steps
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += scaled.detach().float()
+        grad_norm = self._clip()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+    def _clip(self) -> torch.Tensor | None:
+        if self.config.train.grad_clip <= 0:
+            return None
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        # Gradients are identical on every rank after the all-reduce, so is the norm.
+        return torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.train.grad_clip)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def eval_context(self) -> Any:
+        """Autocast for evaluation, matching training precision."""
+        return autocast_context(self.config.train.precision, self.device)
+
+    def state_dict(self) -> dict:
+        """Model, optimizer, scheduler and scaler state (model keys without `module.`)."""
+        state = {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,122 @@
+"""`dtrain launch`: start local workers through torch.distributed.run, each running `dtrain train`.
+
+Our arguments (CONFIG, --section.key=value) and torchrun's (--nproc-per-node, --max-restarts,
+--rdzv-*, ...) share one command line; torchrun's option names decide which is which.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import EXIT_USAGE, UsageError
+
+# Restarts reuse the agent's rendezvous store unless this is set, and then fail or hang in
+# init_process_group (pytorch/pytorch#135712; ../shared/PITFALLS.md).
+RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def _torchrun_parser():
+    from torch.distributed.run import get_args_parser
+
+    return get_args_parser()
+
+
+def split_launch_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(torchrun options, `dtrain train` arguments) from one mixed command line."""
+    actions = _torchrun_parser()._option_string_actions
+    torchrun, train = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        action = actions.get(name) if arg.startswith("-") and name not in ("-h", "--help") else None
+        if action is None:
+            train.append(arg)
+        else:
+            torchrun.append(arg)
+            if "=" not in arg and action.nargs != 0 and i + 1 < len(argv):
+                torchrun.append(argv[i + 1])
+                i += 1
+        i += 1
+    return torchrun, train
+
+
+def default_nproc() -> int:
+    """The visible GPUs, else 2 CPU processes."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def build_torchrun_args(torchrun: list[str], train: list[str]) -> list[str]:
+    """torchrun's argument list: ours plus defaults (nproc, standalone rendezvous), then the worker."""
+    given = {a.split("=", 1)[0].replace("_", "-") for a in torchrun if a.startswith("--")}
+    args = list(torchrun)
+    if "--nproc-per-node" not in given:
+        args += ["--nproc-per-node", str(default_nproc())]
+    multi_node = given & {"--rdzv-endpoint", "--master-addr", "--nnodes", "--rdzv-backend"}
+    if not multi_node and "--standalone" not in given:
+        args.append("--standalone")  # a free port on localhost: no clash with other jobs
+    return args + ["-m", "distributed_train", "train", *train]
+
+
+def _validate_before_spawn(train: list[str]) -> list[str]:
+    """Check config and task in this process, fail fast; fix run_dir so restarts resume there."""
+    from .cli import resolve_config, split_config_args
+    from .task import resolve_attr
+    from .trainer import default_run_dir
+
+    config_path, overrides, _ = split_config_args(train)
+    config = resolve_config(config_path, overrides)
+    resolve_attr(config.task)
+    if config.run_dir is None:
+        train = [*train, f"--run_dir={default_run_dir(config.task)}"]
+    return train
+
+
+def launch_main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print("usage: dtrain launch [torchrun options] [CONFIG.yaml] [--section.key=value ...]\n\n"
+              "Starts --nproc-per-node workers (default: the visible GPUs, else 2) with torchrun's\n"
+              "standalone rendezvous; every torchrun option works (--max-restarts, --nnodes, --rdzv-*).\n"
+              "Config keys: dtrain train --help.")
+        return 0
+    torchrun, train = split_launch_args(argv)
+    from .cli import user_errors
+
+    with user_errors("--debug" in train):
+        train = _validate_before_spawn(train)
+        args = build_torchrun_args(torchrun, train)
+        parsed = _torchrun_parser().parse_args(args)
+    for key, value in RESTART_SAFE_ENV.items():
+        os.environ.setdefault(key, value)
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun would force 1 thread per worker
+        from .dist import cpu_count
+
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_count() // _nproc(parsed)))
+    return _run(parsed)
+
+
+def _nproc(parsed) -> int:
+    try:
+        return max(1, int(parsed.nproc_per_node))
+    except ValueError:  # "gpu", "auto", ...: let torchrun decide, one thread each
+        return os.cpu_count() or 1
+
+
+def _run(parsed) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
+
+    try:
+        run(parsed)
+    except ChildFailedError as exc:
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        if EXIT_USAGE in codes:
+            return EXIT_USAGE
+        ranks = ", ".join(str(r) for r in sorted(exc.failures))
+        print(f"dtrain launch: worker rank(s) {ranks} failed (exit code {', '.join(map(str, codes))}); "
+              "see their output above", file=sys.stderr)
+        return 1
+    return 0

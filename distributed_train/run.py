@@ -1,0 +1,29 @@
+"""The entry point of one worker: environment -> process group -> Trainer.fit() -> teardown."""
+
+from __future__ import annotations
+
+import torch
+
+from . import dist
+from .config import Config
+from .metrics import setup_logging
+from .trainer import Trainer, default_run_dir
+
+
+def run_training(config: Config, env: dist.DistEnv, debug: bool = False) -> dict:
+    """Train `config` as this rank of `env`; returns the run summary (identical on every rank)."""
+    setup_logging(env, debug)
+    backend = dist.pick_backend(config.dist.backend)
+    device = dist.pick_device(backend, env)
+    dist.set_cpu_threads(env)
+    if device.type == "cpu" and config.train.flush_denormal:
+        # Tiny gradients and Adam moments become denormal early in training; on x86 each
+        # denormal operation traps to microcode and a step can take 100x longer.
+        torch.set_flush_denormal(True)
+    dist.init(env, backend, device, config.dist.timeout_s)
+    try:
+        # Rank 0's run_dir wins, so every rank (and every node) writes to the same place.
+        config.run_dir = dist.broadcast_object(config.run_dir or default_run_dir(config.task))
+        return Trainer(config, env, device).fit()
+    finally:
+        dist.teardown()

@@ -1,0 +1,184 @@
+"""The task protocol and loading tasks by built-in name, `package.module:attr` or `file.py:attr`.
+
+A task supplies a Dataset, a model and a loss (see README). `Task` wraps the user's object and
+checks what each method returns, so a mistake is reported as the method that made it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+BUILTIN_TASKS = {
+    "digits": "distributed_train.tasks.digits:DigitsTask",
+    "charlm": "distributed_train.tasks.charlm:CharLMTask",
+}
+REQUIRED_METHODS = ("train_dataset", "model", "loss")
+
+
+def _import_module_from_file(path: Path) -> Any:
+    # A stable module name keeps the task's classes picklable for DataLoader worker processes.
+    name = "dtrain_task_" + "".join(c if c.isalnum() else "_" for c in str(path.resolve()))
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as exc:
+        del sys.modules[name]
+        raise UsageError(f"task file {str(path)!r} failed to import: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_attr(spec: str) -> Any:
+    """The object `spec` names (a class, factory or instance), without calling it."""
+    target = BUILTIN_TASKS.get(spec, spec)
+    if ":" not in target:
+        known = ", ".join(BUILTIN_TASKS)
+        raise UsageError(f"task {spec!r} is not a built-in ({known}), module:attr or file.py:attr")
+    where, attr = target.rsplit(":", 1)
+    if where.endswith(".py") or "/" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise UsageError(f"task file {where!r} does not exist (task={spec!r})")
+        module = _import_module_from_file(path)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise UsageError(f"task module {where!r} cannot be imported: {exc}") from exc
+    try:
+        return functools.reduce(getattr, attr.split("."), module)
+    except AttributeError:
+        raise UsageError(f"task {spec!r}: {where!r} has no attribute {attr!r}") from None
+
+
+def config_defaults(spec: str) -> dict:
+    """The task's `config_defaults` dict (class or instance attribute), or {}."""
+    defaults = getattr(resolve_attr(spec), "config_defaults", None) or {}
+    if not isinstance(defaults, dict):
+        raise UsageError(f"task {spec!r}: config_defaults must be a dict of config sections")
+    return defaults
+
+
+def _takes_argument(fn: Any) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+
+
+def load_task(spec: str, config: Any = None) -> "Task":
+    """Load and check the task `spec`; a class or factory is called (with the config if it takes one)."""
+    obj = resolve_attr(spec)
+    if inspect.isclass(obj) or (callable(obj) and not hasattr(obj, "loss")):
+        try:
+            obj = obj(config) if _takes_argument(obj) else obj()
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"task {spec!r} failed to construct: {type(exc).__name__}: {exc}") from exc
+    missing = [m for m in REQUIRED_METHODS if not callable(getattr(obj, m, None))]
+    if missing:
+        raise UsageError(
+            f"task {spec!r} has no {', '.join(m + '()' for m in missing)}; a task needs "
+            "train_dataset(), model() and loss(model, batch)"
+        )
+    return Task(obj, spec)
+
+
+class Task:
+    """The user's task with every result checked; the rest of the package only talks to this."""
+
+    def __init__(self, obj: Any, name: str):
+        self.obj = obj
+        self.name = name
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self.obj, method)(*args)
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"task.{method}() raised {type(exc).__name__}: {exc}") from exc
+
+    def _check_dataset(self, dataset: Any, method: str) -> Any:
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise UsageError(
+                f"task.{method}() must return a map-style Dataset (with __len__ and __getitem__), "
+                f"got {type(dataset).__name__}"
+            )
+        if len(dataset) == 0:
+            raise UsageError(f"task.{method}() returned an empty dataset")
+        return dataset
+
+    def train_dataset(self) -> Any:
+        return self._check_dataset(self._call("train_dataset"), "train_dataset")
+
+    def eval_dataset(self) -> Any | None:
+        if not callable(getattr(self.obj, "eval_dataset", None)):
+            return None
+        dataset = self._call("eval_dataset")
+        return None if dataset is None else self._check_dataset(dataset, "eval_dataset")
+
+    def model(self) -> nn.Module:
+        model = self._call("model")
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"task.model() must return a torch.nn.Module, got {type(model).__name__}")
+        return model
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The mean loss over `batch`; checked for shape (no host sync)."""
+        loss = self.obj.loss(model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise UsageError(f"task.loss() must return a scalar tensor (the mean loss), got {shape}")
+        if not loss.requires_grad and torch.is_grad_enabled():
+            raise UsageError("task.loss() returned a tensor without grad: compute it from model(batch)")
+        return loss
+
+    @property
+    def has_metrics(self) -> bool:
+        return callable(getattr(self.obj, "metrics", None))
+
+    def metrics(self, model: nn.Module, batch: Any) -> dict[str, tuple[Any, Any]]:
+        result = self.obj.metrics(model, batch)
+        if not isinstance(result, dict) or not all(
+            isinstance(v, (tuple, list)) and len(v) == 2 for v in result.values()
+        ):
+            raise UsageError("task.metrics() must return a dict of name -> (sum, count)")
+        return result
+
+    def collate_fn(self) -> Any | None:
+        fn = getattr(self.obj, "collate", None)
+        return fn if callable(fn) else None
+
+    def optimizer(self, params: Any, config: Any) -> torch.optim.Optimizer | None:
+        if not callable(getattr(self.obj, "optimizer", None)):
+            return None
+        opt = self._call("optimizer", params, config)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise UsageError(f"task.optimizer() must return a torch.optim.Optimizer, got {type(opt).__name__}")
+        return opt
+
+    @property
+    def tokens_per_sample(self) -> int | None:
+        return getattr(self.obj, "tokens_per_sample", None)
+
+    def flops_per_sample(self) -> float | None:
+        fn = getattr(self.obj, "flops_per_sample", None)
+        return fn() if callable(fn) else fn
