@@ -1,0 +1,130 @@
+"""Shared test helpers: real gloo ranks in subprocesses, and `dtrain` / `torchrun` as commands.
+
+Spawning is the slow part (~2 s per rank for `import torch`): bundle several checks per spawn.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on localhost."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, queue: Any) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
+    try:
+        # Bytes, not tensors: torch's queue would share tensor storage through a file descriptor
+        # that dies with this process.
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
+    except BaseException:  # noqa: BLE001 - report everything, including SystemExit
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` in `world_size` fresh processes with torchrun's variables set.
+
+    `fn` must be a module-level function (it is pickled). Returns the results in rank order;
+    raises AssertionError with every failing rank's traceback.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, queue), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, status, value = queue.get(timeout=timeout)
+            if status == "ok":
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+            else:
+                errors.append(f"--- rank {rank} ---\n{value}")
+                break  # the other ranks may now wait forever in a collective
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 0.5)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("distributed test failed:\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
+
+
+def clean_env(**extra: str) -> dict:
+    """The current environment without torchrun variables, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env.setdefault("WANDB_MODE", "disabled")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env.update(extra)
+    return env
+
+
+def run_cmd(args: list[str], cwd: Path | str | None = None, timeout: float = 240,
+            env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command; on failure (or timeout) the assertion shows its full stdout and stderr."""
+    try:
+        proc = subprocess.run(args, cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{' '.join(args)} timed out after {timeout}s\n"
+                             f"stdout:\n{exc.stdout}\nstderr:\n{exc.stderr}") from None
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def dtrain(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    """`python -m distributed_train ARGS` (same as the `dtrain` console script)."""
+    return run_cmd([sys.executable, "-m", "distributed_train", *args], **kwargs)
+
+
+def torchrun(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run ARGS` with restart-safe stores (see PITFALLS.md)."""
+    kwargs.setdefault("env", clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
+    return run_cmd([sys.executable, "-m", "torch.distributed.run", *args], **kwargs)
+
+
+def train_in_rank(rank: int, world_size: int, overrides: list[str]) -> dict:
+    """Run a whole training job as this rank; returns the summary and the final parameters."""
+    from distributed_train import dist
+    from distributed_train.cli import resolve_config
+    from distributed_train.run import run_training
+
+    config = resolve_config(None, ["--log.wandb=disabled", *overrides])
+    summary = run_training(config, dist.read_env())
+    import torch
+
+    state = torch.load(summary["final_model"], weights_only=True) if rank == 0 else None
+    return {"summary": summary, "state": state}
