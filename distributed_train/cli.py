@@ -81,13 +81,20 @@ def train_main(argv: list[str]) -> int:
     config_path, overrides, debug = split_config_args(argv)
     from . import dist
 
+    from .preemption import EXIT_PREEMPTED, Preempted
+
     rank = os.environ.get("RANK", "0")
     with user_errors(debug, quiet=rank not in ("0", "")):
         config = resolve_config(config_path, overrides)
         env = dist.read_env()
         from .run import run_training
 
-        summary = run_training(config, env, debug=debug)
+        try:
+            summary = run_training(config, env, debug=debug)
+        except Preempted as exc:
+            if rank in ("0", ""):
+                print(f"dtrain: {exc}; a checkpoint was committed", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
     if env.is_main:
         evals = " ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items())
         print(f"done: {summary['global_step']} steps, train loss {summary['train_loss']:.4f}"

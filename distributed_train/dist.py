@@ -185,6 +185,23 @@ def all_gather_object(obj: T) -> list[T]:
     return out
 
 
+def main_computes(env: DistEnv, fn: Callable[..., T], *args, **kwargs) -> T:
+    """Rank 0 computes a value (e.g. inspects the file system) and every rank gets it.
+
+    A UsageError raised on rank 0 is raised on every rank too, so no rank is left waiting.
+    """
+    result: tuple = ("ok", None)
+    if env.is_main:
+        try:
+            result = ("ok", fn(*args, **kwargs))
+        except UsageError as exc:
+            result = ("error", str(exc))
+    status, value = broadcast_object(result)
+    if status == "error":
+        raise UsageError(value)
+    return value
+
+
 def on_main(env: DistEnv, fn: Callable[..., T], *args, **kwargs) -> T | None:
     """Run a side effect (a file write, a print) on global rank 0 only; no collective inside."""
     return fn(*args, **kwargs) if env.is_main else None

@@ -106,11 +106,19 @@ def _nproc(parsed) -> int:
 
 
 def _run(parsed) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
+    from .preemption import EXIT_PREEMPTED
+
     try:
         run(parsed)
+    except SignalException as exc:
+        # torchrun forwarded the signal; each worker stops at a step boundary and rank 0 commits.
+        print(f"dtrain launch: stopped by signal {exc.sigval.name}; rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_PREEMPTED
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         if EXIT_USAGE in codes:

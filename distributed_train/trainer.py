@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist
-from .config import Config, dump_yaml
+from . import checkpoint, dist
+from .config import Config, dump_yaml, to_dict
 from .data import (BatchPlan, EvalBatchSampler, TrainBatchSampler, batch_len, make_loader,
                    move_to_device)
 from .engine import DDPEngine
 from .errors import UsageError
 from .metrics import MetricsLogger, log
+from .preemption import Preempted, StopFlag
 from .task import Task, load_task
 
 
@@ -26,6 +27,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one rank's step: randomness (dropout) depends on (seed, rank, step) only,
+    so a resumed run draws exactly what the uninterrupted run drew, even after a SIGTERM save."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+
+
+def rng_state() -> dict:
+    """Python and NumPy RNG states in a form torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def default_run_dir(task: str) -> str:
@@ -53,6 +73,7 @@ class Trainer:
     epoch: int = 0
     step_in_epoch: int = 0
     resumed_from: str | None = None
+    wandb_id: str | None = None
 
     def __init__(self, config: Config, env: dist.DistEnv, device: torch.device):
         self.config, self.env, self.device = config, env, device
@@ -71,6 +92,9 @@ class Trainer:
         self.eval_loader = self._eval_loader(collate, pin)
         self.engine = DDPEngine(self.task, config, env, device, self.plan, self.total_steps)
         self.logger = MetricsLogger(config, env, self.run_dir, self.total_steps)
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.writer = checkpoint.AsyncWriter()
+        self.stop = StopFlag(config.checkpoint.on_sigterm)
 
     def _eval_loader(self, collate: Any, pin: bool) -> Any:
         eval_set = self.task.eval_dataset()
@@ -85,16 +109,32 @@ class Trainer:
     def fit(self) -> dict:
         """Train to `total_steps`, evaluating and logging on the way; returns the summary."""
         self.prepare_run_dir()
-        self.logger.start()
+        self.resume()
+        self.logger.start(wandb_id=self.wandb_id, resumed_step=self.global_step)
         start = time.perf_counter()
         log.info("training %s: %d steps, global batch %d on %d rank(s) (%d micro-batch(es) of %d per rank)",
                  self.task.name, self.total_steps, self.plan.global_batch, self.env.world_size,
                  self.plan.accumulation_steps, self.plan.micro_batch)
         train_time = 0.0
-        while self.global_step < self.total_steps:
-            epoch_start = time.perf_counter()
-            self.train_epoch()
-            train_time += time.perf_counter() - epoch_start
+        self.window = _Window(self.device)
+        with self.stop:
+            try:
+                while self.global_step < self.total_steps:
+                    epoch_start = time.perf_counter()
+                    self.train_epoch()
+                    train_time += time.perf_counter() - epoch_start
+            except Preempted:
+                self.save_on_preemption()
+                raise
+            except Exception:
+                if not self.stop.requested:
+                    raise
+                # A peer stopped first and our collective failed: keep the last completed step.
+                self.save_on_preemption()
+                raise Preempted(self.global_step) from None
+        if self.config.checkpoint.every_steps and self.global_step % self.config.checkpoint.every_steps:
+            self.save_checkpoint()  # so raising train.max_steps later continues from the very end
+        self.writer.wait()
         eval_metrics = self.evaluate_and_log()
         samples = self.global_step * self.plan.global_batch
         summary = {
@@ -117,23 +157,30 @@ class Trainer:
         """Run the rest of the current epoch (or until total_steps), then advance the epoch."""
         self.train_sampler.set_position(self.epoch, self.step_in_epoch)
         micro_batches = iter(self.train_loader)
-        window = _Window(self.device)
-        while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.total_steps:
+        window = self.window
+        while self.global_step < self.total_steps:
             fetch_start = time.perf_counter()
             batches = [next(micro_batches) for _ in range(self.plan.accumulation_steps)]
             window.data_s += time.perf_counter() - fetch_start
+            torch.manual_seed(step_seed(self.config.seed, self.env.rank, self.global_step))
             loss, grad_norm = self.engine.train_step(batches)
             self.global_step += 1
             self.step_in_epoch += 1
             window.add(loss, grad_norm)
+            if self.step_in_epoch == self.steps_per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
             if self.global_step % self.config.log.every_steps == 0 or self.global_step == self.total_steps:
                 self.log_train(window)
-                window = _Window(self.device)
+                window = self.window = _Window(self.device)
             if self.config.eval.every_steps and self.global_step % self.config.eval.every_steps == 0 \
                     and self.global_step < self.total_steps:
                 self.evaluate_and_log()
-        if self.step_in_epoch == self.steps_per_epoch:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            if self.config.checkpoint.every_steps and self.global_step % self.config.checkpoint.every_steps == 0:
+                self.save_checkpoint()
+            if self.stop.requested:
+                raise Preempted(self.global_step)
+            if self.step_in_epoch == 0:
+                return  # the epoch is complete (the position already points at the next one)
 
     def log_train(self, window: "_Window") -> None:
         """All-reduce the window's mean loss (the global number, not rank 0's) and log it."""
@@ -194,15 +241,77 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def prepare_run_dir(self) -> None:
-        """Rank 0 creates run_dir and writes config.yaml; the others wait for it."""
+        """Rank 0 creates run_dir and writes config.yaml; an error there stops every rank."""
         def write() -> None:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "config.yaml").write_text(dump_yaml(self.config))
             except OSError as exc:
                 raise UsageError(f"run_dir {str(self.run_dir)!r} is not writable: {exc.strerror}") from exc
-        dist.on_main(self.env, write)
-        dist.barrier()
+        dist.main_computes(self.env, write)
+
+    def resume(self) -> None:
+        """Continue from the checkpoint `checkpoint.resume` selects, if any (every rank loads it)."""
+        cfg = self.config.checkpoint
+        path = dist.main_computes(self.env, checkpoint.resolve_resume, self.run_dir, cfg.resume, cfg.overwrite)
+        if path is None:
+            return
+        state = checkpoint.load_state(path)
+        changed = checkpoint.incompatibilities(state["config"], to_dict(self.config))
+        if changed and not cfg.allow_changes:
+            raise UsageError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}); "
+                             "resume with the same settings, or set checkpoint.allow_changes=true")
+        try:
+            self.engine.load_state_dict(state["engine"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise UsageError(f"checkpoint {path} does not fit this model/optimizer: "
+                             f"{str(exc).splitlines()[0]}") from exc
+        progress = state["progress"]
+        self.global_step, self.epoch = progress["global_step"], progress["epoch"]
+        # The data position is world-size free: samples consumed in the epoch. With an unchanged
+        # global batch it is a whole number of steps; after an allowed change, round up.
+        self.step_in_epoch = -(-progress["samples_in_epoch"] // self.plan.global_batch)
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        rngs = state["rng"]
+        if state["world_size"] == self.env.world_size and self.env.rank < len(rngs):
+            set_rng_state(rngs[self.env.rank])
+        self.wandb_id = state.get("wandb_id")
+        self.resumed_from = str(path)
+        log.info("resuming from %s (step %d, epoch %d, %d samples into it; written on %d rank(s))",
+                 path, self.global_step, self.epoch, progress["samples_in_epoch"], state["world_size"])
+
+    def training_state(self, rngs: list) -> dict:
+        """Everything needed to continue exactly; the data position never mentions ranks."""
+        return {
+            "engine": self.engine.state_dict(),
+            "progress": {"global_step": self.global_step, "epoch": self.epoch,
+                         "samples_in_epoch": self.step_in_epoch * self.plan.global_batch},
+            "rng": rngs,
+            "world_size": self.env.world_size,
+            "config": to_dict(self.config),
+            "wandb_id": self.logger.wandb_id,
+        }
+
+    def save_checkpoint(self) -> None:
+        """Collective save at a step boundary: gather RNG states, rank 0 commits in the background."""
+        start = time.perf_counter()
+        rngs = dist.all_gather_object(rng_state())
+        if self.env.is_main:
+            state = checkpoint.to_cpu_copy(self.training_state(rngs))
+            self.writer.submit(self.checkpoints, self.global_step, state, self.config.checkpoint.keep_last)
+        stall = time.perf_counter() - start
+        self.logger.log({"kind": "checkpoint", "step": self.global_step, "stall_s": stall,
+                         "previous_write_s": self.writer.last_write_s})
+
+    def save_on_preemption(self) -> None:
+        """After SIGTERM: rank 0 commits its local state synchronously; no collectives."""
+        self.writer.wait()
+        if self.env.is_main and self.global_step > 0:
+            path = checkpoint.write_checkpoint(self.checkpoints, self.global_step,
+                                               self.training_state([rng_state()]))
+            checkpoint.rotate(self.checkpoints, self.config.checkpoint.keep_last)
+            log.warning("SIGTERM: committed %s; rerun the same command to continue", path)
 
     def write_outputs(self, summary: dict) -> None:
         """final_model.pt (plain state_dict, no `module.` prefix) and summary.json, atomically."""
