@@ -136,8 +136,19 @@ def batch_fetcher(dataset: Any) -> Callable[[list[int]], Any] | None:
     if callable(getattr(dataset, "get_batch", None)):
         return dataset.get_batch
     if isinstance(dataset, TensorDataset):
-        return lambda idx: tuple(t[idx] for t in dataset.tensors)
+        return _TensorRows(dataset.tensors)
     return None
+
+
+class _TensorRows:
+    """Rows of a TensorDataset's tensors by one index op each (a class, so workers can pickle it)."""
+
+    def __init__(self, tensors: tuple):
+        self.tensors = tensors
+
+    def __call__(self, indices: list[int]) -> tuple:
+        index = torch.as_tensor(indices)
+        return tuple(t[index] for t in self.tensors)
 
 
 def make_loader(dataset: Any, batch_sampler: Sampler, collate: Callable | None,

@@ -57,7 +57,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180) -
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, queue), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, queue))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -1,0 +1,115 @@
+"""Fault tolerance end to end: SIGKILL of a worker, SIGTERM of the launcher, a damaged checkpoint.
+
+Each scenario must end with a final model bit-identical to an uninterrupted run.
+"""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from distributed_train.checkpoint import committed_checkpoints
+from tests.helpers import clean_env, dtrain
+
+pytestmark = pytest.mark.slow
+
+STEPS = 700
+ARGS = ["--nproc-per-node", "2", f"--train.max_steps={STEPS}", "--checkpoint.every_steps=50",
+        "--log.every_steps=100", "--log.wandb=disabled"]
+
+
+def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "distributed_train", "launch", *ARGS, *extra,
+                             f"--run_dir={run_dir}"], env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not committed_checkpoints(run_dir / "checkpoints"):
+        assert proc.poll() is None, f"run ended before its first checkpoint:\n{proc.communicate()}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"run did not finish\nstdout:\n{out}\nstderr:\n{err}") from None
+    return proc.returncode, out, err
+
+
+def _final(run_dir: Path) -> dict:
+    return torch.load(run_dir / "final_model.pt", weights_only=True)
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ from the uninterrupted run: {different}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("reference")
+    dtrain("launch", *ARGS, f"--run_dir={run_dir}", timeout=180)
+    return _final(run_dir)
+
+
+def test_sigkill_of_a_worker_restarts_and_resumes_bit_identical(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir, "--max-restarts", "2")
+    _wait_for_checkpoint(proc, run_dir)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "distributed_train" in " ".join(p.cmdline()) and "train" in p.cmdline()]
+    assert len(workers) == 2, [p.cmdline() for p in workers]
+    workers[1].send_signal(signal.SIGKILL)
+    code, out, err = _finish(proc)
+    assert code == 0, err
+    assert "resuming from" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == STEPS and summary["resumed_from"]
+    _assert_identical(_final(run_dir), reference)
+
+
+def test_sigterm_checkpoints_then_rerun_resumes_and_damaged_checkpoint_falls_back(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir)
+    _wait_for_checkpoint(proc, run_dir)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = _finish(proc)
+    assert code == 128 + signal.SIGTERM, err
+    assert "SIGTERM: committed" in err
+    newest = committed_checkpoints(run_dir / "checkpoints")[-1]
+    stopped_at = int(newest.name.split("-")[1])
+    assert 0 < stopped_at < STEPS
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+
+    # Rerun the same command: resumes at the SIGTERM step, ends bit-identical.
+    code, out, err = _finish(_launch(run_dir))
+    assert code == 0, err
+    assert f"resuming from {newest}" in err
+    _assert_identical(_final(run_dir), reference)
+
+    # Truncate the newest checkpoint's largest file: one warning, fall back, still bit-identical.
+    state = max((damaged / "checkpoints" / newest.name).iterdir(), key=lambda p: p.stat().st_size)
+    with open(state, "r+b") as f:
+        f.truncate(state.stat().st_size // 3)
+    code, out, err = _finish(_launch(damaged))
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "skipping damaged checkpoint" in line]
+    assert len(warnings) == 1 and newest.name in warnings[0]
+    summary = json.loads((damaged / "summary.json").read_text())
+    assert summary["resumed_from"] is None or newest.name not in summary["resumed_from"]
+    _assert_identical(_final(damaged), reference)

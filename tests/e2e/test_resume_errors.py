@@ -1,0 +1,46 @@
+"""Resume mistakes exit 2 with one line naming what differs, and leave the checkpoints alone."""
+
+import pytest
+
+from distributed_train.checkpoint import committed_checkpoints
+from tests.helpers import dtrain
+
+pytestmark = pytest.mark.slow
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_incompatible_resume_and_never_are_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    base = ["train", f"--run_dir={run_dir}", "--train.max_steps=6", "--checkpoint.every_steps=3",
+            "--log.wandb=disabled"]
+    dtrain(*base)
+    before = [(p.name, (p / "state.pt").stat().st_mtime_ns) for p in committed_checkpoints(run_dir / "checkpoints")]
+
+    line = _one_error_line(dtrain(*base, "--seed=1", "--train.batch_size=32", check=False))
+    assert "seed: 0 -> 1" in line and "train.batch_size: 64 -> 32" in line and "allow_changes" in line
+    line = _one_error_line(dtrain(*base, "--task=charlm", check=False))
+    assert "task: 'digits' -> 'charlm'" in line
+    line = _one_error_line(dtrain(*base, "--checkpoint.resume=never", check=False))
+    assert "already has checkpoints" in line and "checkpoint.overwrite=true" in line
+    line = _one_error_line(dtrain(*base, f"--checkpoint.resume={tmp_path / 'missing'}", check=False))
+    assert "checkpoint.resume=" in line
+
+    after = [(p.name, (p / "state.pt").stat().st_mtime_ns) for p in committed_checkpoints(run_dir / "checkpoints")]
+    assert after == before, "a refused resume touched the checkpoints"
+
+    # An explicit allowance continues the same run with the changed setting.
+    ok = dtrain(*base, "--train.max_steps=9", "--train.batch_size=32", "--checkpoint.allow_changes=true")
+    assert "resuming from" in ok.stderr
+
+
+def test_unwritable_run_dir_is_a_usage_error(tmp_path):
+    blocker = tmp_path / "a-file"  # a directory cannot be created below a file, even by root
+    blocker.write_text("")
+    line = _one_error_line(dtrain("train", f"--run_dir={blocker / 'run'}", "--train.max_steps=2", check=False))
+    assert "not writable" in line

@@ -1,0 +1,146 @@
+"""The commit protocol, verification, fallback and rotation, without a process group."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from distributed_train import checkpoint
+from distributed_train.errors import UsageError
+
+
+def _state(value: float) -> dict:
+    return {"w": torch.full((4,), value), "nested": {"step": int(value), "t": [torch.ones(2)]}}
+
+
+def test_write_commits_with_marker_last_and_loads_back(tmp_path):
+    path = checkpoint.write_checkpoint(tmp_path, 7, _state(7.0))
+    assert path.name == "step-00000007"
+    marker = json.loads((path / checkpoint.MARKER).read_text())
+    assert marker["step"] == 7
+    assert marker["files"]["state.pt"]["size"] == (path / "state.pt").stat().st_size
+    assert checkpoint.verify(path) is None
+    loaded = checkpoint.load_state(path)
+    assert torch.equal(loaded["w"], torch.full((4,), 7.0)) and loaded["nested"]["step"] == 7
+    assert not list(tmp_path.glob(".tmp-*")), "temporary directory left behind"
+
+
+def test_uncommitted_and_temporary_directories_are_ignored(tmp_path):
+    checkpoint.write_checkpoint(tmp_path, 1, _state(1.0))
+    # A crash after the rename but before the marker, and a crash before the rename.
+    (tmp_path / "step-00000002").mkdir()
+    torch.save(_state(2.0), tmp_path / "step-00000002" / "state.pt")
+    (tmp_path / ".tmp-step-00000003").mkdir()
+    assert [p.name for p in checkpoint.committed_checkpoints(tmp_path)] == ["step-00000001"]
+    assert checkpoint.latest_valid(tmp_path).name == "step-00000001"
+
+
+def test_crash_between_write_and_commit_keeps_previous(tmp_path, monkeypatch):
+    checkpoint.write_checkpoint(tmp_path, 1, _state(1.0))
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.json, "dump", crash)  # dies while writing the marker
+    with pytest.raises(OSError):
+        checkpoint.write_checkpoint(tmp_path, 2, _state(2.0))
+    monkeypatch.undo()
+    latest = checkpoint.latest_valid(tmp_path)
+    assert latest.name == "step-00000001"
+    assert torch.equal(checkpoint.load_state(latest)["w"], torch.full((4,), 1.0))
+
+
+def test_full_disk_during_save_surfaces_and_keeps_previous(tmp_path, monkeypatch):
+    checkpoint.write_checkpoint(tmp_path, 1, _state(1.0))
+    writer = checkpoint.AsyncWriter()
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    writer.submit(tmp_path, 2, _state(2.0), keep_last=1)
+    with pytest.raises(RuntimeError, match="No space left on device.*previous committed checkpoint is intact"):
+        writer.wait()
+    assert [p.name for p in checkpoint.committed_checkpoints(tmp_path)] == ["step-00000001"]
+    assert checkpoint.verify(tmp_path / "step-00000001") is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "marker"])
+def test_damaged_newest_falls_back_with_warning(tmp_path, damage, caplog):
+    checkpoint.write_checkpoint(tmp_path, 1, _state(1.0))
+    newest = checkpoint.write_checkpoint(tmp_path, 2, _state(2.0))
+    state = newest / "state.pt"
+    if damage == "truncate":
+        with open(state, "r+b") as f:
+            f.truncate(state.stat().st_size // 2)
+    elif damage == "flip":
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        state.write_bytes(bytes(data))
+    elif damage == "delete":
+        state.unlink()
+    else:
+        (newest / checkpoint.MARKER).write_text("{not json")
+    with caplog.at_level("WARNING", logger="distributed_train"):
+        assert checkpoint.latest_valid(tmp_path).name == "step-00000001"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "step-00000002" in warnings[0]
+
+
+def test_rotation_only_removes_older_committed(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.write_checkpoint(tmp_path, step, _state(float(step)))
+    (tmp_path / ".tmp-step-00000002").mkdir()  # stale leftover, older than the newest
+    checkpoint.rotate(tmp_path, keep_last=2)
+    assert [p.name for p in checkpoint.committed_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    assert not (tmp_path / ".tmp-step-00000002").exists()
+
+
+def test_async_writer_commits_a_copy_not_live_tensors(tmp_path):
+    live = {"w": torch.zeros(3)}
+    writer = checkpoint.AsyncWriter()
+    writer.submit(tmp_path, 5, checkpoint.to_cpu_copy(live), keep_last=2)
+    live["w"] += 1  # training goes on while the write is in flight
+    writer.wait()
+    assert torch.equal(checkpoint.load_state(tmp_path / "step-00000005")["w"], torch.zeros(3))
+
+
+def test_resolve_resume_modes(tmp_path):
+    run_dir = tmp_path / "run"
+    assert checkpoint.resolve_resume(run_dir, "auto", overwrite=False) is None
+    assert checkpoint.resolve_resume(run_dir, "never", overwrite=False) is None
+    first = checkpoint.write_checkpoint(run_dir / "checkpoints", 4, _state(4.0))
+    assert checkpoint.resolve_resume(run_dir, "auto", overwrite=False) == first
+    with pytest.raises(UsageError, match="already has checkpoints.*checkpoint.overwrite=true"):
+        checkpoint.resolve_resume(run_dir, "never", overwrite=False)
+    assert checkpoint.resolve_resume(run_dir, "never", overwrite=True) is None
+    assert checkpoint.resolve_resume(tmp_path / "x", str(first), overwrite=False) == first
+    assert checkpoint.resolve_resume(tmp_path / "x", str(run_dir), overwrite=False) == first
+    with pytest.raises(UsageError, match="not a committed checkpoint"):
+        checkpoint.resolve_resume(run_dir, str(tmp_path / "nope"), overwrite=False)
+
+
+def test_weights_only_refuses_code(tmp_path):
+    path = checkpoint.write_checkpoint(tmp_path, 1, _state(1.0))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"evil": Evil()}, path / "state.pt")
+    # Re-commit the marker for the evil file so only weights_only stands in the way.
+    os.remove(path / checkpoint.MARKER)
+    marker = {"step": 1, "files": {"state.pt": {"size": (path / "state.pt").stat().st_size,
+                                                "sha256": checkpoint._sha256(path / "state.pt")}}}
+    (path / checkpoint.MARKER).write_text(json.dumps(marker))
+    with pytest.raises(UsageError, match="cannot be loaded"):
+        checkpoint.load_state(path)
+
+
+def test_incompatibilities_name_the_key():
+    saved = {"task": "digits", "seed": 0, "task_args": {}, "train": {"batch_size": 64, "lr": 0.1}}
+    same_math = {**saved, "train": {"batch_size": 64, "lr": 0.5}}
+    assert checkpoint.incompatibilities(saved, same_math) == []
+    changed = {**saved, "seed": 1, "train": {"batch_size": 32}}
+    assert checkpoint.incompatibilities(saved, changed) == ["seed: 0 -> 1", "train.batch_size: 64 -> 32"]
