@@ -16,7 +16,7 @@ from .errors import EXIT_USAGE, UsageError
 USAGE = """usage: dtrain COMMAND [...]
 
 commands:
-  train  [CONFIG] [--section.key=value ...]   run one training job in this process (or every torchrun worker)
+  train  [CONFIG|TASK] [--section.key=value ...]  run one training job in this process (or every torchrun worker)
   launch [torchrun options] [CONFIG] [...]    start local workers with torchrun, each running `dtrain train`
   plot RUN_DIR [-o FILE.png]                  loss / eval / throughput curves of a run
   runs [DIR]                                  table of the runs in a folder
@@ -52,8 +52,17 @@ def split_config_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if argv and not argv[0].startswith("--"):
-        return argv[0], argv[1:], debug
+        first = argv[0]
+        if not first.endswith((".yaml", ".yml")) and (":" in first or first in _builtin_tasks()):
+            return None, [f"--task={first}", *argv[1:]], debug  # `dtrain train charlm`
+        return first, argv[1:], debug
     return None, argv, debug
+
+
+def _builtin_tasks() -> dict:
+    from .task import BUILTIN_TASKS
+
+    return BUILTIN_TASKS
 
 
 def resolve_config(config_path: str | None, overrides: list[str]):
