@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, dist
+from . import checkpoint, diagnose, dist, flops
 from .config import Config, dump_yaml, to_dict
 from .data import (BatchPlan, EvalBatchSampler, TrainBatchSampler, batch_len, make_loader,
                    move_to_device)
@@ -36,13 +36,19 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def rng_state() -> dict:
-    """Python and NumPy RNG states in a form torch.load(weights_only=True) accepts."""
+    """This rank's RNG states (torch CPU/CUDA, Python, NumPy) in a weights_only-loadable form."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -73,6 +79,7 @@ class Trainer:
     epoch: int = 0
     step_in_epoch: int = 0
     resumed_from: str | None = None
+    stepped: bool = False  # a step has completed in this process (errors after it are not "first step")
     wandb_id: str | None = None
 
     def __init__(self, config: Config, env: dist.DistEnv, device: torch.device):
@@ -90,8 +97,13 @@ class Trainer:
         self.train_loader = make_loader(train_set, self.train_sampler, collate,
                                         config.data.num_workers, pin, config.seed + env.rank)
         self.eval_loader = self._eval_loader(collate, pin)
-        self.engine = DDPEngine(self.task, config, env, device, self.plan, self.total_steps)
+        engine_class = DDPEngine
+        if config.engine == "accelerate":  # imported only when asked: accelerate is a heavy import
+            from .engine_accelerate import AccelerateEngine as engine_class
+        self.engine = engine_class(self.task, config, env, device, self.plan, self.total_steps)
         self.logger = MetricsLogger(config, env, self.run_dir, self.total_steps)
+        self.mfu = flops.MFUMeter(self.task, train_set, collate, device, config.train.precision,
+                                  env.world_size, config.log.peak_tflops)
         self.checkpoints = self.run_dir / "checkpoints"
         self.writer = checkpoint.AsyncWriter()
         self.stop = StopFlag(config.checkpoint.on_sigterm)
@@ -159,17 +171,24 @@ class Trainer:
         micro_batches = iter(self.train_loader)
         window = self.window
         while self.global_step < self.total_steps:
-            fetch_start = time.perf_counter()
-            batches = [next(micro_batches) for _ in range(self.plan.accumulation_steps)]
-            window.data_s += time.perf_counter() - fetch_start
-            torch.manual_seed(step_seed(self.config.seed, self.env.rank, self.global_step))
-            loss, grad_norm = self.engine.train_step(batches)
+            diagnose.at("loading batch", step=self.global_step + 1)
+            # A mistake in task code or data shows on the first step: one line, not a traceback.
+            with diagnose.task_errors_explained(first_step=not self.stepped):
+                fetch_start = time.perf_counter()
+                batches = [next(micro_batches) for _ in range(self.plan.accumulation_steps)]
+                window.data_s += time.perf_counter() - fetch_start
+                torch.manual_seed(step_seed(self.config.seed, self.env.rank, self.global_step))
+                log_step = self.is_log_step(self.global_step + 1)
+                # The grad norm costs a pass over the gradients: measured on log steps only.
+                loss, grad_norm = self.engine.train_step(batches, measure_grad_norm=log_step)
+            self.stepped = True
             self.global_step += 1
             self.step_in_epoch += 1
             window.add(loss, grad_norm)
+            self.logger.step_done(self.global_step)
             if self.step_in_epoch == self.steps_per_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            if self.global_step % self.config.log.every_steps == 0 or self.global_step == self.total_steps:
+            if log_step:
                 self.log_train(window)
                 window = self.window = _Window(self.device)
             if self.config.eval.every_steps and self.global_step % self.config.eval.every_steps == 0 \
@@ -185,12 +204,7 @@ class Trainer:
     def log_train(self, window: "_Window") -> None:
         """All-reduce the window's mean loss (the global number, not rank 0's) and log it."""
         elapsed = time.perf_counter() - window.start
-        loss = dist.all_reduce_mean(window.loss_sum / window.steps).item()
-        if not np.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss ({loss}) between steps {self.global_step - window.steps + 1} and "
-                f"{self.global_step}; lower train.lr, enable train.grad_clip, or check the data"
-            )
+        loss = self.window_loss(window)
         self.last_train_loss = loss
         event = {
             "kind": "train", "step": self.global_step, "epoch": self.epoch, "loss": loss,
@@ -201,15 +215,38 @@ class Trainer:
         }
         if window.grad_norm is not None:
             event["grad_norm"] = window.grad_norm.item()
+        if self.config.train.nonfinite == "skip":
+            event["skipped_steps"] = getattr(self.engine, "skipped_steps", 0)  # since this run started
         if self.task.tokens_per_sample:
             event["tokens_per_s"] = event["samples_per_s"] * self.task.tokens_per_sample
-        self.logger.log(event)
+        if self.env.is_main:
+            event["mfu"] = self.mfu(event["samples_per_s"])  # None (left out) when not known
+        if self.device.type == "cuda":
+            event["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)  # per log window
+        self.logger.log({k: v for k, v in event.items() if v is not None})
+
+    def window_loss(self, window: "_Window") -> float:
+        """The window's global mean loss (one all-reduce). With train.nonfinite=error a NaN/inf loss
+        on any rank stops every rank here, naming the first such step and rank; this check runs
+        on log steps and before every checkpoint, so a poisoned state is never committed."""
+        vector = diagnose.nonfinite_vector(window.losses, self.env.rank, self.env.world_size, self.device)
+        dist.all_reduce_sum(vector)
+        if self.config.train.nonfinite == "error":
+            diagnose.raise_if_nonfinite(vector, self.global_step - window.steps + 1)
+        total, count = vector[:2].tolist()
+        return total / count if count else float("nan")
+
+    def is_log_step(self, step: int) -> bool:
+        """Train metrics are reduced and logged after this step (every N, and the last)."""
+        return step % self.config.log.every_steps == 0 or step == self.total_steps
 
     last_train_loss: float | None = None
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Exact metrics over the whole eval set: (sum, count) pairs summed across ranks."""
+        self.engine.sync_buffers()  # one model on every rank, also the one final_model.pt holds
         if self.eval_loader is None:
             return {}
         model = self.engine.model.module if hasattr(self.engine.model, "module") else self.engine.model
@@ -296,6 +333,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Collective save at a step boundary: gather RNG states, rank 0 commits in the background."""
         start = time.perf_counter()
+        if self.window.losses and self.config.train.nonfinite == "error":
+            self.window_loss(self.window)  # raises on every rank rather than commit a NaN state
         rngs = dist.all_gather_object(rng_state())
         if self.env.is_main:
             state = checkpoint.to_cpu_copy(self.training_state(rngs))
@@ -307,11 +346,19 @@ class Trainer:
     def save_on_preemption(self) -> None:
         """After SIGTERM: rank 0 commits its local state synchronously; no collectives."""
         self.writer.wait()
-        if self.env.is_main and self.global_step > 0:
+        diagnose.at("committing a checkpoint after SIGTERM", may_take_long=True)
+        if self.env.is_main and self.global_step > 0 and self.poisoned():
+            log.warning("SIGTERM: the loss or the parameters are NaN/inf: no checkpoint committed")
+        elif self.env.is_main and self.global_step > 0:
             path = checkpoint.write_checkpoint(self.checkpoints, self.global_step,
                                                self.training_state([rng_state()]))
             checkpoint.rotate(self.checkpoints, self.config.checkpoint.keep_last)
             log.warning("SIGTERM: committed %s; rerun the same command to continue", path)
+
+    def poisoned(self) -> bool:
+        """This rank's state holds NaN/inf (a local check, no collective: the SIGTERM path's guard)."""
+        losses = self.window.losses if self.config.train.nonfinite == "error" else []
+        return any(not torch.isfinite(t).all() for t in [*losses, *self.engine.raw_model.parameters()])
 
     def write_outputs(self, summary: dict) -> None:
         """final_model.pt (plain state_dict, no `module.` prefix) and summary.json, atomically."""
@@ -328,12 +375,14 @@ class _Window:
 
     def __init__(self, device: torch.device):
         self.start = time.perf_counter()
-        self.loss_sum = torch.zeros((), device=device)
+        # One 0-d loss tensor per step, summed when logging: no kernel per step, and the first
+        # non-finite step can be named (engines return a new tensor each step).
+        self.losses: list[torch.Tensor] = []
         self.grad_norm: torch.Tensor | None = None
         self.steps = 0
         self.data_s = 0.0
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        self.loss_sum += loss
+        self.losses.append(loss)
         self.grad_norm = grad_norm
         self.steps += 1
