@@ -1,0 +1,54 @@
+"""train.nonfinite on real gloo ranks: `error` stops every rank naming the step and the rank and
+commits no poisoned checkpoint; `skip` skips the same steps everywhere and the ranks stay equal."""
+
+import json
+
+import pytest
+import torch
+
+from distributed_train.checkpoint import committed_checkpoints
+from tests.helpers import run_ranks, train_in_rank
+
+pytestmark = pytest.mark.distributed
+
+NAN_TASK = "--task=tests.tasks.bad8_tasks:NaNLoss"
+SMALL = ["--train.batch_size=8", "--train.max_steps=6", "--eval.every_steps=0"]
+
+
+def _train_nan(rank: int, world_size: int, overrides: list[str]) -> dict:
+    from distributed_train.errors import NonFiniteLoss
+    from tests.tasks.bad8_tasks import NaNLoss
+
+    try:
+        out = train_in_rank(rank, world_size, overrides)
+    except NonFiniteLoss as exc:
+        return {"error": str(exc), "exit_code": exc.exit_code}
+    return {"summary": out["summary"], "params": NaNLoss.last_model.state_dict()}
+
+
+def test_nonfinite_error_names_step_and_rank_and_commits_nothing_poisoned(tmp_path):
+    # NaN on rank 1 at step 3; checkpoints every 2 steps, logs every 5: the checkpoint of step 4
+    # would hold the poisoned state, so the check before committing it must stop the run.
+    overrides = [NAN_TASK, *SMALL, f"--run_dir={tmp_path}", "--checkpoint.every_steps=2",
+                 "--log.every_steps=5", "--task_args.rank=1", "--task_args.step=3"]
+    results = run_ranks(_train_nan, 2, overrides)
+    for result in results:
+        assert result.get("exit_code") == 3, result
+        assert "non-finite loss" in result["error"] and "at step 3 on rank 1" in result["error"]
+        assert "train.nonfinite=skip" in result["error"]
+    steps = [int(p.name.split("-")[-1]) for p in committed_checkpoints(tmp_path / "checkpoints")]
+    assert steps == [2], steps
+
+
+def test_nonfinite_skip_skips_on_every_rank_and_keeps_ranks_equal(tmp_path):
+    overrides = [NAN_TASK, *SMALL, f"--run_dir={tmp_path}", "--train.nonfinite=skip",
+                 "--log.every_steps=2", "--task_args.rank=1", "--task_args.step=3", "--task_args.every=2"]
+    first, second = run_ranks(_train_nan, 2, overrides)
+    assert first["summary"]["global_step"] == 6
+    for name, value in first["params"].items():
+        assert torch.isfinite(value).all(), name
+        assert torch.equal(value, second["params"][name]), f"{name} differs between ranks"
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in events if e.get("kind", "train") == "train"]
+    assert [e["skipped_steps"] for e in train] == [0, 1, 2], train  # NaN at steps 3 and 5 on rank 1
+    assert all(isinstance(e["loss"], float) for e in train), train

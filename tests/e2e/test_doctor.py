@@ -1,0 +1,40 @@
+"""`dtrain doctor` on 2 gloo ranks: environment, all-reduce bandwidth table, matmul, verdict."""
+
+import re
+
+import pytest
+
+from tests.helpers import dtrain
+
+pytestmark = pytest.mark.slow
+
+
+def test_doctor_on_two_gloo_ranks_prints_bandwidth_and_a_verdict():
+    proc = dtrain("doctor", "--nproc-per-node", "2", "--max-mib", "1")
+    out = proc.stdout
+    assert "backend gloo; 2 rank(s)" in out and "gloo yes" in out, out
+    assert re.search(r"^rank 0: .*matmul [\d.e-]+ TFLOP/s", out, re.M) and re.search(r"^rank 1: ", out, re.M), out
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert [int(r[0]) for r in rows] == [4096, 16384, 65536, 262144, 1048576], out
+    for size, time_us, algbw, busbw in rows:
+        assert float(time_us) > 0
+        # busbw = algbw * 2(n-1)/n, which is algbw itself for n = 2 (up to the printed digits)
+        assert abs(float(busbw) - float(algbw)) < 1e-3 + 1e-3 * float(algbw)
+    assert "verdict: healthy (2 rank(s), peak busbw" in out, out
+
+
+def test_doctor_rejects_unknown_arguments():
+    proc = dtrain("doctor", "--bogus", check=False)
+    assert proc.returncode == 2 and "unknown argument '--bogus'" in proc.stderr, proc.stderr
+
+
+def test_verdict_names_a_slow_rank_a_wrong_sum_and_a_small_shm():
+    from distributed_train.doctor import verdict
+
+    envs = [{"host": "a", "gpus": ["H100"], "shm_gib": 0.0625}, {"host": "b", "gpus": ["H100"], "shm_gib": 64}]
+    sweep = [{"bytes": 4096, "correct": False}]
+    problems = verdict(envs + envs, sweep, [400.0, 410.0, 100.0, 405.0])
+    assert any("4096 bytes gave a wrong sum" in p for p in problems)
+    assert any(p.startswith("rank 2 matmul 100") for p in problems)
+    assert any("rank 0 (a) has only 0.062 GiB of /dev/shm" in p for p in problems), problems
+    assert verdict(envs[1:], [{"bytes": 4096, "correct": True}], [400.0]) == []

@@ -1,0 +1,121 @@
+"""Tasks with one mistake each, for issue 8's bad-input matrix (README: Robustness).
+
+Load by file: `--task=tests/tasks/bad8_tasks.py:NonTensorSamples`. Tasks that misbehave at one
+step count their own loss() calls (one per step: no gradient accumulation in these tests) and
+read the rank from torchrun's RANK variable; `task_args` choose the step, the rank and the delay.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from tests.tasks.toy import Regression
+
+
+class _Opaque:
+    """A sample type default_collate does not know."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+
+class _OpaqueDataset(Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> _Opaque:
+        return _Opaque(float(index))
+
+
+class NonTensorSamples(Regression):
+    """train_dataset()[i] is a custom object: the default collate cannot batch it."""
+
+    def train_dataset(self) -> Dataset:
+        return _OpaqueDataset()
+
+
+class ShapeMismatch(Regression):
+    """The model expects 3 features, the data has 4: the first forward fails."""
+
+    def model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+class _WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(4, 1)
+        self.unused = nn.Linear(4, 1)  # never called in forward: DDP's classic mistake
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+class UnusedParameter(Regression):
+    """A model with a layer that forward() never uses."""
+
+    def model(self) -> nn.Module:
+        return _WithUnused()
+
+
+class _StepMisbehaviour(Regression):
+    """Misbehaves in loss() at step `task_args.step` on rank `task_args.rank` (default: step 3, rank 1)."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        args = dict(getattr(config, "task_args", None) or {})
+        self.bad_step, self.bad_rank = args.get("step", 3), args.get("rank", 1)
+        self.extra = args
+        self.calls = 0
+
+    last_model: nn.Module | None = None  # this process's model, for tests that compare ranks
+
+    def model(self) -> nn.Module:
+        model = super().model()
+        type(self).last_model = model
+        return model
+
+    def loss(self, model, batch) -> torch.Tensor:
+        loss = super().loss(model, batch)
+        if torch.is_grad_enabled():  # training steps only, not evaluation
+            self.calls += 1
+            if self.calls in self.bad_steps() and int(os.environ.get("RANK", "0")) == self.bad_rank:
+                return self.misbehave(loss)
+        return loss
+
+    def bad_steps(self) -> set[int]:
+        return {self.bad_step}
+
+    def misbehave(self, loss: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NaNLoss(_StepMisbehaviour):
+    """The loss is NaN at the chosen step(s) (`task_args.every`: also every N steps after it)."""
+
+    def bad_steps(self) -> set[int]:
+        every = self.extra.get("every")
+        return set(range(self.bad_step, 10_000, every)) if every else {self.bad_step}
+
+    def misbehave(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan")
+
+
+class SleepyLoss(_StepMisbehaviour):
+    """One rank's loss() sleeps `task_args.sleep_s` (default 60 s): a hung rank."""
+
+    def misbehave(self, loss: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.extra.get("sleep_s", 60))
+        return loss
+
+
+class RaisingLoss(_StepMisbehaviour):
+    """One rank's loss() raises mid-run: the whole job must stop promptly."""
+
+    def misbehave(self, loss: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("simulated crash in rank's loss()")
