@@ -1,0 +1,113 @@
+"""The loop a user would write without this project, the way the PyTorch DDP tutorial writes it.
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/plain_ddp.py --workload digits --out DIR
+
+DistributedSampler with set_epoch, a DataLoader, DDP, AdamW, loss.backward(), step(). It reads
+the dataset, model and loss from the same task `dtrain` trains (benchmarks/workloads.py), seeds
+the same way and visits the same samples in the same order, so both end at the same loss.
+Rank 0 writes DIR/plain.jsonl (one line per log step) and DIR/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from workloads import SEED, WORKLOADS, build_task
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="digits")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: the workload's)")
+    parser.add_argument("--log-every", type=int, help="log the mean loss every N steps")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="torch.set_flush_denormal(True), which the tutorial loop does not do")
+    parser.add_argument("--out", required=True, help="folder for plain.jsonl and summary.json")
+    return parser.parse_args()
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return (value / dist.get_world_size()).item()
+
+
+@torch.no_grad()
+def evaluate(task, model, batch_size: int) -> float:
+    """Mean loss over the eval set (every rank a shard; the tutorial's DistributedSampler pads)."""
+    dataset = task.eval_dataset()
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=DistributedSampler(dataset, shuffle=False))
+    model.eval()
+    total, count = torch.zeros(()), torch.zeros(())
+    for batch in loader:
+        n = batch[1].shape[0]
+        total += task.loss(model, batch) * n
+        count += n
+    sums = torch.stack([total, count])
+    dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
+
+
+def main() -> None:
+    args = parse_args()
+    workload = WORKLOADS[args.workload]
+    steps, log_every = args.steps or workload.steps, args.log_every or workload.log_every
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(SEED)
+
+    task = build_task(workload)
+    dataset = task.train_dataset()
+    # seed: dtrain's epoch permutation is randperm seeded with seed * 100_003 + epoch, which is
+    # DistributedSampler's seed + epoch: the same sample order, so the same math.
+    sampler = DistributedSampler(dataset, shuffle=True, seed=SEED * 100_003, drop_last=True)
+    loader = DataLoader(dataset, batch_size=workload.batch_per_rank, sampler=sampler, drop_last=True)
+    model = DDP(task.model())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=workload.lr, weight_decay=0.0)
+
+    out = open(os.path.join(args.out, "plain.jsonl"), "w") if rank == 0 else None
+    start, step, epoch, window_loss = time.perf_counter(), 0, 0, torch.zeros(())
+    while step < steps:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            model.train()
+            optimizer.zero_grad()
+            loss = task.loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            window_loss += loss.detach()
+            step += 1
+            if step % log_every == 0 or step == steps:
+                mean = mean_across_ranks(window_loss / (log_every if step % log_every == 0 else step % log_every))
+                window_loss = torch.zeros(())
+                if out:
+                    out.write(json.dumps({"step": step, "time": time.time(), "loss": mean}) + "\n")
+                    out.flush()
+            if step == steps:
+                break
+        epoch += 1
+    train_s = time.perf_counter() - start
+    eval_loss = evaluate(task, model.module, workload.batch_per_rank)
+    if rank == 0:
+        torch.save(model.module.state_dict(), os.path.join(args.out, "final_model.pt"))
+        summary = {"train_loss": mean, "eval_loss": eval_loss, "global_step": step,
+                   "samples_per_s": step * workload.batch_per_rank * dist.get_world_size() / train_s}
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        out.close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

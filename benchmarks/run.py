@@ -1,0 +1,220 @@
+"""Run the plain torchrun+DDP loop and `dtrain launch` side by side and print a Markdown table.
+
+    python benchmarks/run.py                      # all workloads, 3 alternating pairs (~5 min)
+    python benchmarks/run.py --workloads digits --pairs 1 --scale 0.1
+
+Runs alternate plain, ours, plain, ours ... so a machine that gets busier or quieter affects
+both sides alike; the table shows medians and the median of the per-pair ratios. Numbers come
+from each side's own output: plain.jsonl (plain) and metrics.jsonl (ours), each a line per log
+step with a wall-clock time, so "in-loop samples/s" is measured the same way on both: samples
+between the first and the last log step over the time between them (the first window, with
+its warm-up, is left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from workloads import SEED, WORKLOADS, Workload  # noqa: E402
+
+NPROC = 2
+LOSS_TOLERANCE = 1e-3  # relative; both sides run the same math, only rounding may differ
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class Result:
+    """One run of one side: what its own log says, and how long the whole process took."""
+
+    samples_per_s: float
+    wall_s: float
+    cpu_s: float  # CPU time of every process of the run (agent and ranks), robust to a busy machine
+    final_loss: float
+    first_step_s: float  # from starting the command to the first log line's time
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
+    env["WANDB_MODE"] = "disabled"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def plain_command(w: Workload, steps: int, log_every: int, out: Path, flush: bool) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
+            str(HERE / "plain_ddp.py"), f"--workload={w.name}", f"--steps={steps}",
+            f"--log-every={log_every}", f"--out={out}"] + (["--flush-denormal"] if flush else [])
+
+
+def ours_command(w: Workload, steps: int, log_every: int, out: Path, extra: list[str]) -> list[str]:
+    task_args = [f"--task_args.{k}={v}" for k, v in w.task_args.items()]
+    return [sys.executable, "-m", "distributed_train", "launch", f"--nproc-per-node={NPROC}",
+            f"--task={w.task}", *task_args, f"--seed={SEED}", f"--run_dir={out}",
+            f"--train.batch_size={w.batch_per_rank * NPROC}", f"--train.lr={w.lr}",
+            f"--train.max_steps={steps}", f"--log.every_steps={log_every}", "--log.wandb=disabled",
+            *extra]
+
+
+def read_events(path: Path) -> list[dict]:
+    """Train log events (step, time, loss) from plain.jsonl or metrics.jsonl."""
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in events if e.get("kind", "train") == "train"]
+
+
+def run_once(command: list[str], out: Path, log_name: str, batch: int, retry: bool = True) -> Result:
+    """Run one side to completion and read its numbers; a failure shows the command's output."""
+    if out.exists():  # a retry starts from scratch (our side would otherwise append to its log)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu_before = _children_cpu_s()
+    start = time.time()
+    proc = subprocess.run(command, env=_env(), capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          cwd=HERE.parent)
+    wall = time.time() - start
+    cpu = _children_cpu_s() - cpu_before
+    if proc.returncode != 0 and retry:
+        # torch 2.13's gloo sometimes aborts a rank at exit ("terminate called without an active
+        # exception"), after training; seen on both sides, about 1 run in 30 on a busy machine.
+        print(f"  run failed (exit code {proc.returncode}), retrying once: {' '.join(command[-4:])}",
+              file=sys.stderr, flush=True)
+        return run_once(command, out, log_name, batch, retry=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark run failed ({proc.returncode}): {' '.join(command)}\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    events = read_events(out / log_name)
+    first, last = events[0], events[-1]
+    in_loop = (last["step"] - first["step"]) * batch / (last["time"] - first["time"]) \
+        if len(events) > 1 else float("nan")
+    return Result(in_loop, wall, cpu, last["loss"], first["time"] - start)
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_pairs(w: Workload, pairs: int, steps: int, log_every: int, work: Path, args) -> dict:
+    """Alternate plain / ours `pairs` times; returns each side's results in run order."""
+    batch = w.batch_per_rank * NPROC
+    results: dict[str, list[Result]] = {"plain": [], "ours": []}
+    for i in range(pairs):
+        out = work / f"{w.name}-{steps}-{i}"
+        results["plain"].append(run_once(plain_command(w, steps, log_every, out / "plain",
+                                                       args.plain_flush_denormal),
+                                         out / "plain", "plain.jsonl", batch))
+        results["ours"].append(run_once(ours_command(w, steps, log_every, out / "ours", args.ours),
+                                        out / "ours", "metrics.jsonl", batch))
+        print(f"  {w.name} pair {i + 1}/{pairs}: plain {results['plain'][-1].samples_per_s:.0f}/s, "
+              f"ours {results['ours'][-1].samples_per_s:.0f}/s", file=sys.stderr, flush=True)
+    return results
+
+
+def median_ratio(top: list[float], bottom: list[float]) -> float:
+    return statistics.median(t / b for t, b in zip(top, bottom))
+
+
+def losses_agree(a: float, b: float) -> bool:
+    return abs(a - b) <= LOSS_TOLERANCE * max(abs(a), abs(b)) + 1e-6
+
+
+def table_row(w: Workload, steps: int, results: dict) -> tuple[str, bool]:
+    plain, ours = results["plain"], results["ours"]
+    med = lambda rs, f: statistics.median(getattr(r, f) for r in rs)  # noqa: E731
+    agree = all(losses_agree(p.final_loss, o.final_loss) for p, o in zip(plain, ours))
+    row = (f"| {w.name} | {w.batch_per_rank * NPROC} | {steps} "
+           f"| {med(plain, 'samples_per_s'):,.0f} | {med(ours, 'samples_per_s'):,.0f} "
+           f"| **{median_ratio([r.samples_per_s for r in ours], [r.samples_per_s for r in plain]):.2f}x** "
+           f"| {med(plain, 'wall_s'):.1f} | {med(ours, 'wall_s'):.1f} "
+           f"| {median_ratio([r.wall_s for r in plain], [r.wall_s for r in ours]):.2f}x "
+           f"| {med(plain, 'cpu_s'):.1f} | {med(ours, 'cpu_s'):.1f} "
+           f"| {plain[-1].final_loss:.4f} / {ours[-1].final_loss:.4f}{'' if agree else ' DIFFER'} |")
+    return row, agree
+
+
+def machine_line(pairs: int) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{datetime.date.today().isoformat()}, {cpu}, {cores} cores, torch {torch.__version__}, "
+            f"Python {platform.python_version()}; {NPROC} gloo ranks, median of {pairs} alternating pairs")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="plain torchrun+DDP vs dtrain, side by side")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
+    parser.add_argument("--pairs", type=int, default=3, help="alternating plain/ours pairs per workload")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every workload's steps")
+    parser.add_argument("--startup-pairs", type=int, default=3,
+                        help="pairs of 1-step digits runs that time the start to the first step (0 = skip)")
+    parser.add_argument("--plain-flush-denormal", action="store_true",
+                        help="let the plain loop flush denormals too (the tutorial loop does not)")
+    parser.add_argument("--ours", nargs=argparse.REMAINDER, default=[],
+                        help="extra dtrain overrides for our side, e.g. --ours --engine=accelerate")
+    parser.add_argument("--keep", help="keep run folders here (default: a temporary folder)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown or args.pairs < 1:
+        print(f"run.py: error: unknown workload {unknown[0]!r}" if unknown else "run.py: error: --pairs must be >= 1",
+              file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="dtrain-bench-") as tmp:
+        work = Path(args.keep) / time.strftime("%Y%m%d-%H%M%S") if args.keep else Path(tmp)
+        rows, all_agree = [], True
+        for name in names:
+            w = WORKLOADS[name]
+            steps = max(2, round(w.steps * args.scale))
+            log_every = max(1, min(w.log_every, steps // 2))
+            row, agree = table_row(w, steps, run_pairs(w, args.pairs, steps, log_every, work, args))
+            rows.append(row)
+            all_agree &= agree
+        startup = ""
+        if args.startup_pairs:
+            r = run_pairs(WORKLOADS["digits"], args.startup_pairs, 1, 1, work / "startup", args)
+            plain_s = statistics.median(x.first_step_s for x in r["plain"])
+            ours_s = statistics.median(x.first_step_s for x in r["ours"])
+            startup = (f"\nTime from starting the command to the end of the first step (digits, median): "
+                       f"plain torchrun {plain_s:.2f} s, `dtrain launch` {ours_s:.2f} s "
+                       f"({ours_s - plain_s:+.2f} s).\n")
+    flush = " (plain loop with flush_denormal)" if args.plain_flush_denormal else ""
+    print(f"{machine_line(args.pairs)}{flush}.\n")
+    print("| workload | global batch | steps | plain samples/s | ours samples/s | in-loop ratio "
+          "| plain wall s | ours wall s | wall ratio | plain CPU s | ours CPU s | final loss plain / ours |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("\n".join(rows))
+    print(startup)
+    if not all_agree:
+        print("ERROR: final losses differ beyond the tolerance; the two sides did not run the same math",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

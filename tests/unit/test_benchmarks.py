@@ -1,0 +1,68 @@
+"""The benchmark harness runs both sides and they agree; the hot-path choices it relies on hold."""
+
+import re
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset, default_collate, random_split
+
+from distributed_train.data import BatchPlan, TrainBatchSampler, batch_fetcher, make_loader
+from distributed_train.engine import optimizer_kernel
+from tests.helpers import REPO, run_cmd
+
+
+@pytest.mark.slow
+def test_one_pair_of_runs_agrees_on_the_final_loss():
+    proc = run_cmd([sys.executable, str(REPO / "benchmarks" / "run.py"), "--workloads", "digits",
+                    "--pairs", "1", "--scale", "0.04", "--startup-pairs", "0"], timeout=120)
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| digits"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    plain_rate, ours_rate = (float(c.replace(",", "")) for c in cells[3:5])
+    assert plain_rate > 0 and ours_rate > 0
+    plain_loss, ours_loss = (float(x) for x in re.findall(r"[\d.]+", cells[-1]))
+    assert ours_loss == pytest.approx(plain_loss, rel=1e-3)
+    assert "DIFFER" not in row and "torch " in proc.stdout  # the machine/torch/date line
+
+
+def test_a_subset_of_a_tensor_dataset_is_fetched_as_one_batch_equal_to_collate():
+    data = TensorDataset(torch.arange(40.0).view(20, 2), torch.arange(20))
+    subset, _ = random_split(data, [12, 8], generator=torch.Generator().manual_seed(0))
+    fetch = batch_fetcher(subset)
+    assert fetch is not None
+    indices = [3, 0, 11, 7]
+    for got, want in zip(fetch(indices), default_collate([subset[i] for i in indices])):
+        assert torch.equal(got, want)
+
+
+class CountingItems(Dataset):
+    """torch's `__getitems__` protocol: a list of samples per call; counts the calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        raise AssertionError("per-sample indexing used although __getitems__ exists")
+
+    def __getitems__(self, indices):
+        self.calls += 1
+        return [torch.tensor([float(i)]) for i in indices]
+
+
+def test_a_dataset_with_getitems_is_called_once_per_batch_in_sampler_order():
+    dataset = CountingItems()
+    sampler = TrainBatchSampler(len(dataset), BatchPlan.make(8, 2, None), rank=1, seed=3)
+    batches = list(make_loader(dataset, sampler, None, 0, False, 0))
+    assert dataset.calls == len(batches) == 2
+    assert [b.flatten().tolist() for b in batches] == [[float(i) for i in idx] for idx in sampler]
+
+
+def test_the_optimizer_uses_the_fused_kernel_for_float_parameters_only():
+    assert optimizer_kernel(nn.Linear(3, 3)) == {"fused": True}
+    model = nn.Linear(3, 3)
+    model.register_parameter("counter", nn.Parameter(torch.zeros(1, dtype=torch.int64), requires_grad=False))
+    assert optimizer_kernel(model) == {"foreach": True}
