@@ -1,0 +1,142 @@
+"""Small deterministic tasks for the tests, plus broken ones for the error tests.
+
+Load them by file (`--task=tests/tasks/toy.py:Regression`) so spawned ranks and subprocesses
+import them without any sys.path setup. Everything is seeded: the same data on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+N_TRAIN = 96
+N_EVAL = 50  # not divisible by 3 or 4: exact evaluation must not pad or drop samples
+WEIGHTS = torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+
+def regression_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x [n, 4], y [n]) with y = x.w + small noise."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=generator)
+    return x, x @ WEIGHTS + 0.1 * torch.randn(n, generator=generator)
+
+
+def regression_metrics(model: nn.Module, batch) -> dict:
+    """mse and sign accuracy of the model, and two model-free checks of which samples were seen."""
+    x, y, ids = batch
+    pred = model(x).squeeze(-1)
+    n = len(y)
+    return {
+        "mse": (((pred - y) ** 2).sum(), n),
+        "sign_accuracy": (((pred > 0) == (y > 0)).sum(), n),
+        "id_mean": (ids.sum(), n),  # (N-1)/2 exactly when every id is counted once
+        "first_ten": ((ids < 10).sum(), n),  # 10/N exactly
+    }
+
+
+class Regression:
+    """Linear regression with a 4-8-1 tanh MLP; eval samples carry their index for exactness checks."""
+
+    def __init__(self, config=None):
+        args = dict(getattr(config, "task_args", None) or {})
+        self.n_eval = args.get("n_eval", N_EVAL)
+
+    def train_dataset(self) -> Dataset:
+        return TensorDataset(*regression_data(N_TRAIN, seed=0))
+
+    def eval_dataset(self) -> Dataset:
+        x, y = regression_data(self.n_eval, seed=1)
+        return TensorDataset(x, y, torch.arange(self.n_eval))
+
+    def model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        return F.mse_loss(model(x).squeeze(-1), y)
+
+    def metrics(self, model: nn.Module, batch) -> dict:
+        return regression_metrics(model, batch)
+
+
+class BatchNormRegression(Regression):
+    """Regression through a BatchNorm layer (running-stat buffers); remembers its last model."""
+
+    last_model: nn.Module | None = None
+
+    def model(self) -> nn.Module:
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+        type(self).last_model = model
+        return model
+
+
+class NoArgs(Regression):
+    """A task class whose constructor takes no config."""
+
+    def __init__(self):
+        super().__init__()
+
+
+def make_regression():
+    """A zero-argument factory."""
+    return Regression()
+
+
+def make_with_config(config):
+    """A factory that takes the resolved config."""
+    task = Regression(config)
+    task.seen_config = config
+    return task
+
+
+regression_instance = Regression()
+
+
+# ---- broken tasks: each must fail with a UsageError naming the method --------------------------
+
+class NoLoss:
+    def train_dataset(self):
+        return TensorDataset(*regression_data(8, seed=0))
+
+    def model(self):
+        return nn.Linear(4, 1)
+
+
+class NoModel:
+    def train_dataset(self):
+        return TensorDataset(*regression_data(8, seed=0))
+
+    def loss(self, model, batch):
+        return model(batch[0]).mean()
+
+
+class NoTrainDataset:
+    def model(self):
+        return nn.Linear(4, 1)
+
+    def loss(self, model, batch):
+        return model(batch[0]).mean()
+
+
+class VectorLoss(Regression):
+    """loss() forgets to reduce: one value per sample."""
+
+    def loss(self, model, batch):
+        return (model(batch[0]).squeeze(-1) - batch[1]) ** 2
+
+
+class EmptyDataset(Regression):
+    def train_dataset(self):
+        return TensorDataset(torch.zeros(0, 4), torch.zeros(0))
+
+
+class ModelNotModule(Regression):
+    def model(self):
+        return lambda x: x
+
+
+class FailingConstructor:
+    def __init__(self):
+        raise RuntimeError("cannot find the data")

@@ -1,0 +1,116 @@
+"""The ddp engine in one process: LR schedule, gradient accumulation, optimizer choice, precision."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_train.config import load_config
+from distributed_train.data import BatchPlan
+from distributed_train.dist import DistEnv
+from distributed_train.engine import DDPEngine, autocast_context, lr_factor
+from distributed_train.errors import UsageError
+from distributed_train.task import load_task
+
+TOY = str(Path(__file__).resolve().parents[1] / "tasks" / "toy.py") + ":Regression"
+
+
+def test_warmup_then_constant():
+    config = load_config(None, ["--train.warmup_steps=4"])
+    assert [lr_factor(s, config, 10) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(0, load_config(), 10) == 1.0  # no warmup, constant: off by default
+
+
+def test_warmup_then_cosine_to_min_lr():
+    config = load_config(None, ["--train.schedule=cosine", "--train.warmup_steps=2", "--train.lr=0.1",
+                                "--train.min_lr=0.01"])
+    total = 12
+    factors = [lr_factor(s, config, total) for s in range(total + 3)]
+    assert factors[:3] == [0.5, 1.0, 1.0]  # warmup, then cosine starts at the peak
+    assert factors[7] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert factors[12] == pytest.approx(0.1) and factors[14] == pytest.approx(0.1)  # floor = min_lr / lr
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+
+
+def make_engine(overrides, micro_batch=None, batch=12):
+    config = load_config(None, [f"--task={TOY}", f"--train.batch_size={batch}", *overrides])
+    task = load_task(config.task, config)
+    torch.manual_seed(0)
+    plan = BatchPlan.make(batch, 1, micro_batch)
+    return DDPEngine(task, config, DistEnv(), torch.device("cpu"), plan, total_steps=10), task
+
+
+def global_batch(task, n=12):
+    x, y = task.train_dataset()[:n]
+    return x, y
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_accumulated_micro_batches_equal_one_full_batch(optimizer):
+    full, task = make_engine([f"--train.optimizer={optimizer}", "--train.lr=0.1"])
+    accumulated, _ = make_engine([f"--train.optimizer={optimizer}", "--train.lr=0.1"], micro_batch=4)
+    assert accumulated.plan.accumulation_steps == 3
+    x, y = global_batch(task)
+    for _ in range(3):
+        loss_full, _ = full.train_step([(x, y)])
+        loss_acc, _ = accumulated.train_step([(x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)])
+        assert loss_acc.item() == pytest.approx(loss_full.item(), rel=1e-6)  # the mean over B
+    for a, b in zip(full.raw_model.parameters(), accumulated.raw_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert all(p.grad is None for p in full.raw_model.parameters())  # zeroed after the step
+
+
+def test_default_optimizers_and_lr_follow_the_schedule():
+    sgd, _ = make_engine(["--train.optimizer=sgd", "--train.momentum=0.5", "--train.lr=0.2"])
+    assert isinstance(sgd.optimizer, torch.optim.SGD)
+    assert sgd.optimizer.param_groups[0]["momentum"] == 0.5
+    adamw, task = make_engine(["--train.warmup_steps=2", "--train.lr=0.2", "--train.weight_decay=0.01"])
+    assert isinstance(adamw.optimizer, torch.optim.AdamW)
+    assert adamw.optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert adamw.lr == pytest.approx(0.1)  # warmup step 0
+    adamw.train_step([global_batch(task)])
+    assert adamw.lr == pytest.approx(0.2)
+    assert not isinstance(adamw.model, torch.nn.parallel.DistributedDataParallel)  # world size 1
+
+
+def test_task_optimizer_wins(monkeypatch):
+    task = load_task(TOY)
+    monkeypatch.setattr(type(task.obj), "optimizer",
+                        lambda self, params, config: torch.optim.SGD(params, lr=0.123), raising=False)
+    engine, _ = make_engine([])
+    assert isinstance(engine.optimizer, torch.optim.SGD) and engine.lr == 0.123
+
+
+def test_grad_clip_returns_the_norm_and_clips():
+    engine, task = make_engine(["--train.grad_clip=0.001", "--train.optimizer=sgd", "--train.lr=1",
+                                "--train.momentum=0"])
+    before = [p.detach().clone() for p in engine.raw_model.parameters()]
+    _, norm = engine.train_step([global_batch(task)])
+    assert norm is not None and norm.item() > 0.001
+    change = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(engine.raw_model.parameters(), before)))
+    assert change.item() == pytest.approx(0.001, rel=1e-3)  # lr 1 x the clipped gradient norm
+    unclipped, _ = make_engine([])
+    assert unclipped.train_step([global_batch(task)])[1] is None
+
+
+def test_precision_on_cpu():
+    with pytest.raises(UsageError, match=r"train\.precision=fp16 needs a CUDA device"):
+        make_engine(["--train.precision=fp16"])
+    with autocast_context("bf16", torch.device("cpu")):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    engine, task = make_engine(["--train.precision=bf16"])
+    loss, _ = engine.train_step([global_batch(task)])
+    assert torch.isfinite(loss) and engine.raw_model[0].weight.dtype == torch.float32
+
+
+def test_state_dict_has_no_module_prefix_and_round_trips():
+    engine, task = make_engine([])
+    engine.train_step([global_batch(task)])
+    state = engine.state_dict()
+    assert not any(k.startswith("module.") for k in state["model"])
+    other, _ = make_engine([])
+    other.load_state_dict(state)
+    for a, b in zip(engine.raw_model.parameters(), other.raw_model.parameters()):
+        assert torch.equal(a, b)
+    assert other.optimizer.state_dict()["state"].keys() == state["optimizer"]["state"].keys()
