@@ -1,17 +1,19 @@
 """`dtrain` subcommands. `train` runs a job in this process; `launch` starts workers via torchrun.
 
-Exit codes: 0 done, 2 bad configuration or input (one line on stderr), anything else a failure.
+Exit codes: 0 done, 2 bad configuration or input (one line on stderr), 3 non-finite loss,
+4 ranks could not talk (timeout, lost peer, rendezvous), 143 stopped by SIGTERM, 1 anything else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import sys
 from typing import Iterator
 
-from .errors import EXIT_USAGE, UsageError
+from .errors import EXIT_USAGE, TrainingFailure, UsageError
 
 USAGE = """usage: dtrain COMMAND [...]
 
@@ -36,7 +38,8 @@ def _error(message: str) -> None:
 
 @contextlib.contextmanager
 def user_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
-    """Turn UsageError into one line on stderr and exit code 2 (`--debug` keeps the traceback)."""
+    """Turn UsageError into one line on stderr and exit code 2 (`--debug` keeps the traceback);
+    a known TrainingFailure (non-finite loss, hang) into one line and its own exit code."""
     try:
         yield
     except UsageError as exc:
@@ -45,6 +48,12 @@ def user_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
         if not quiet:
             _error(str(exc))
         raise SystemExit(EXIT_USAGE) from None
+    except TrainingFailure as exc:
+        if debug:
+            raise
+        if not quiet or exc.every_rank:
+            _error(str(exc))
+        raise SystemExit(exc.exit_code) from None
 
 
 def split_config_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
@@ -89,27 +98,43 @@ def train_main(argv: list[str]) -> int:
         return 0
     config_path, overrides, debug = split_config_args(argv)
     from . import dist
-
     from .preemption import EXIT_PREEMPTED, Preempted
 
-    rank = os.environ.get("RANK", "0")
-    with user_errors(debug, quiet=rank not in ("0", "")):
-        config = resolve_config(config_path, overrides)
+    with user_errors(debug):  # a garbage torchrun variable (RANK=x) is this process's own: always say it
         env = dist.read_env()
-        from .run import run_training
+    try:
+        with user_errors(debug, quiet=not env.is_main):
+            config = resolve_config(config_path, overrides)
+            from .run import run_training
 
-        try:
             summary = run_training(config, env, debug=debug)
-        except Preempted as exc:
-            if rank in ("0", ""):
-                print(f"dtrain: {exc}; a checkpoint was committed", file=sys.stderr, flush=True)
-            return EXIT_PREEMPTED
+    except Preempted as exc:
+        if env.is_main:
+            print(f"dtrain: {exc}; a checkpoint was committed", file=sys.stderr, flush=True)
+        return _exit_worker(env, EXIT_PREEMPTED)
+    except SystemExit as exc:  # a usage error, a non-finite loss, lost peers: already explained
+        return _exit_worker(env, exc.code if isinstance(exc.code, int) else 1)
     if env.is_main:
         evals = " ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items())
         print(f"done: {summary['global_step']} steps, train loss {summary['train_loss']:.4f}"
               f"{', eval ' + evals if evals else ''}; run dir {os.path.dirname(summary['final_model'])}",
               flush=True)
-    return 0
+    return _exit_worker(env, 0)
+
+
+def _exit_worker(env, code: int) -> int:
+    """Leave a torchrun worker without interpreter finalization once everything is written.
+
+    With gloo, about one clean exit in 30 aborts during finalization ("terminate called without
+    an active exception", pytorch/pytorch#190489): gloo threads still own tensors when the
+    interpreter goes away. torchrun would report that as a failed worker, and restart it.
+    """
+    if not env.is_distributed:
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

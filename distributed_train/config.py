@@ -50,6 +50,7 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model before DDP wraps it")
     nonfinite: Literal["error", "skip"] = opt("error", "what a NaN/inf loss does: stop, or skip the step")
     flush_denormal: bool = opt(True, "CPU: flush denormal floats to zero (denormals slow steps up to 100x)")
+    profile_steps: int = opt(0, "record a torch.profiler trace of N steps (after the first) in run_dir/profile/")
 
     def __post_init__(self) -> None:
         _positive("train.batch_size", self.batch_size)
@@ -61,6 +62,7 @@ class TrainConfig:
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive("train.min_lr", self.min_lr, allow_zero=True)
+        _positive("train.profile_steps", self.profile_steps, allow_zero=True)
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise UsageError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of "
@@ -94,9 +96,13 @@ class LogConfig:
         "auto", "auto = online with an API key, else offline; never a login prompt"
     )
     wandb_project: str = opt("distributed_train", "wandb project name")
+    peak_tflops: Optional[float] = opt(
+        None, "peak TFLOP/s of one device for mfu; default: data sheet of known GPUs, none on CPU"
+    )
 
     def __post_init__(self) -> None:
         _positive("log.every_steps", self.every_steps)
+        _positive("log.peak_tflops", self.peak_tflops)
 
 
 @dataclass
@@ -137,6 +143,22 @@ class DDPConfig:
 
 
 @dataclass
+class AccelerateConfig:
+    """Plugin settings for engine=accelerate on CUDA GPUs, passed as keyword arguments."""
+
+    fsdp: dict = opt({}, "FullyShardedDataParallelPlugin kwargs, e.g. {fsdp_version: 2}")
+    deepspeed: dict = opt({}, "DeepSpeedPlugin kwargs (needs deepspeed), e.g. {zero_stage: 2}")
+
+    def __post_init__(self) -> None:
+        if self.fsdp and self.deepspeed:
+            raise UsageError("accelerate.fsdp and accelerate.deepspeed exclude each other; set only one")
+        for name, kwargs in (("fsdp", self.fsdp), ("deepspeed", self.deepspeed)):
+            bad = [k for k in kwargs if not (isinstance(k, str) and k.isidentifier())]
+            if bad:
+                raise UsageError(f"accelerate.{name} keys must be plugin argument names; got {bad[0]!r}")
+
+
+@dataclass
 class Config:
     task: str = opt("digits", "built-in name, package.module:attr, or path/to/file.py:attr")
     task_args: dict = opt({}, "free-form options passed to the task (its own keys)")
@@ -150,10 +172,13 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    accelerate: AccelerateConfig = field(default_factory=AccelerateConfig)
 
     def __post_init__(self) -> None:
         if not self.task:
             raise UsageError("task must name a built-in task, module:attr or file.py:attr")
+        if (self.accelerate.fsdp or self.accelerate.deepspeed) and self.engine != "accelerate":
+            raise UsageError("accelerate.fsdp / accelerate.deepspeed need engine=accelerate")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +284,10 @@ def parse_overrides(args: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UsageError(f"--{key} conflicts with another override")
-        # task_args values have no declared type: read them as YAML scalars (12 -> int).
-        node[parts[-1]] = yaml.safe_load(value) if parts[0] == "task_args" else value
+        # task_args and plugin kwargs have no declared type: read them as YAML scalars (12 -> int).
+        free_form = parts[0] == "task_args" or parts[:2] in (["accelerate", "fsdp"],
+                                                             ["accelerate", "deepspeed"])
+        node[parts[-1]] = yaml.safe_load(value) if free_form else value
         i += 1
     return tree
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset, default_collate
 
 from .errors import UsageError
 
@@ -137,7 +137,22 @@ def batch_fetcher(dataset: Any) -> Callable[[list[int]], Any] | None:
         return dataset.get_batch
     if isinstance(dataset, TensorDataset):
         return _TensorRows(dataset.tensors)
+    if isinstance(dataset, Subset):  # random_split's output: map the indices, fetch from the parent
+        inner = batch_fetcher(dataset.dataset)
+        return _SubsetRows(inner, dataset.indices) if inner is not None else None
+    # Any other dataset with torch's `__getitems__` (a list of samples) gets it called by the
+    # DataLoader once per batch, then the collate function.
     return None
+
+
+class _SubsetRows:
+    """A Subset's batch: its indices mapped to the parent's, fetched in one call (picklable)."""
+
+    def __init__(self, fetch: Callable[[list[int]], Any], indices: Any):
+        self.fetch, self.indices = fetch, indices
+
+    def __call__(self, indices: list[int]) -> Any:
+        return self.fetch([self.indices[i] for i in indices])
 
 
 class _TensorRows:

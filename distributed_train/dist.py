@@ -12,6 +12,7 @@ from typing import Callable, Mapping, TypeVar
 import torch
 import torch.distributed as dist
 
+from . import diagnose
 from .errors import UsageError
 
 T = TypeVar("T")
@@ -125,13 +126,17 @@ def init(env: DistEnv, backend: str, device: torch.device, timeout_s: float) -> 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if env.is_distributed and not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
+        try:
+            dist.init_process_group(
+                backend=backend,
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=device if device.type == "cuda" else None,
+            )
+        except dist.DistError as exc:  # store unreachable, or the other ranks never came
+            address = f"{env.master_addr}:{env.master_port}"
+            raise diagnose.explain_join_failure(exc, env.rank, env.world_size, address, timeout_s) from exc
 
 
 def teardown() -> None:
@@ -148,13 +153,15 @@ def active() -> bool:
 def barrier() -> None:
     """Every rank waits for every other (no-op in a single process)."""
     if active():
-        dist.barrier()
+        with diagnose.collective("barrier"):
+            dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` across ranks in place and return it."""
     if active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with diagnose.collective("all_reduce"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -162,7 +169,8 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of `tensor` across ranks (a new tensor; the input is untouched)."""
     out = tensor.detach().clone()
     if active():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        with diagnose.collective("all_reduce"):
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out /= dist.get_world_size()
     return out
 
@@ -172,7 +180,8 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with diagnose.collective("broadcast_object"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -181,7 +190,8 @@ def all_gather_object(obj: T) -> list[T]:
     if not active():
         return [obj]
     out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with diagnose.collective("all_gather_object"):
+        dist.all_gather_object(out, obj)
     return out
 
 

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import diagnose
 from .config import Config
 from .data import BatchPlan, move_to_device
-from .dist import DistEnv
+from .dist import DistEnv, all_reduce_sum
 from .errors import UsageError
 from .task import Task
 
@@ -30,12 +31,24 @@ def build_optimizer(task: Task, model: nn.Module, config: Config) -> torch.optim
     if own is not None:
         return own
     train = config.train
-    # foreach keeps the update to a few fused kernels instead of one per parameter.
+    kernel = optimizer_kernel(model)
     if train.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                               weight_decay=train.weight_decay, foreach=True)
-    return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
-                             foreach=True)
+                               weight_decay=train.weight_decay, **kernel)
+    return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, **kernel)
+
+
+def optimizer_kernel(model: nn.Module) -> dict:
+    """{"fused": True} where torch has a fused kernel for every parameter, else {"foreach": True}.
+
+    The fused AdamW update is one kernel over all parameters: on CPU it takes a third of the
+    time of the foreach one (0.13 vs 0.38 ms for the digits MLP, 1.0 vs 3.9 ms for charlm tiny).
+    """
+    fused_devices = {"cpu", "cuda", "xpu", "mps"}
+    params = list(model.parameters())
+    if params and all(p.is_floating_point() and p.device.type in fused_devices for p in params):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 def lr_factor(step: int, config: Config, total_steps: int) -> float:
@@ -60,7 +73,45 @@ def autocast_context(precision: str, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=_DTYPES[precision])
 
 
-class DDPEngine:
+class EngineState:
+    """What both engines share: the learning rate, rank 0's buffers, and the checkpoint format.
+
+    Needs `model` (maybe wrapped in DDP), `raw_model`, `optimizer`, `scheduler` and `scaler` (or None).
+    """
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running stats), as DDP's next forward would.
+
+        The last forward updated each rank's copy from its own micro-batch; without this, ranks
+        would evaluate different models and rank 0's final_model.pt differs from the others'."""
+        if isinstance(self.model, DDP) and self.model.broadcast_buffers:
+            for buffer in self.raw_model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
+    def state_dict(self) -> dict:
+        """Model, optimizer, scheduler and scaler state (model keys without `module.`)."""
+        state = {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class DDPEngine(EngineState):
     """Model, optimizer, LR schedule and GradScaler of one rank; `train_step` is the hot path."""
 
     def __init__(self, task: Task, config: Config, env: DistEnv, device: torch.device,
@@ -76,6 +127,9 @@ class DDPEngine:
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
         self.model = self._wrap(self.raw_model)
         self.non_blocking = device.type == "cuda"
+        self.skipped_steps = 0  # train.nonfinite=skip: steps whose update was skipped
+        self.checked_unused = False
+        self._last_backward = "backward (DDP gradient all-reduce)" if isinstance(self.model, DDP) else "backward"
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         # DDP(compile(model)), not compile(DDP(model)): the latter graph-breaks and compiles nothing.
@@ -105,21 +159,31 @@ class DDPEngine:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def train_step(self, micro_batches: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One optimizer step; returns (this rank's mean loss, global grad norm or None), on device."""
+    def train_step(self, micro_batches: Iterable[Any], measure_grad_norm: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step; returns (this rank's mean loss, global grad norm or None), on device.
+
+        The norm comes with clipping, or when `measure_grad_norm` (the trainer asks on log steps)."""
         self.model.train()
         steps = self.plan.accumulation_steps
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             batch = move_to_device(batch, self.device, self.non_blocking)
             with self._sync_context(i == steps - 1):
+                diagnose.at("task.loss()")  # where this rank is, if a peer waits for it
                 with autocast_context(self.config.train.precision, self.device):
                     loss = self.task.loss(self.model, batch)
                 scaled = loss / steps
+                diagnose.at(self._last_backward if i == steps - 1 else "backward")
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += scaled.detach().float()
-        grad_norm = self._clip()
-        if self.scaler:
+        if not self.checked_unused:
+            self._check_unused_parameters()
+        diagnose.at("optimizer step")
+        grad_norm = self._clip(measure_grad_norm)
+        if self.config.train.nonfinite == "skip" and not self._finite_everywhere(total, grad_norm):
+            self._skip_update()
+        elif self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
@@ -128,36 +192,43 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm
 
-    def _clip(self) -> torch.Tensor | None:
-        if self.config.train.grad_clip <= 0:
+    def _check_unused_parameters(self) -> None:
+        """DDP fails one step later with a cryptic 'Expected to have finished reduction': explain now."""
+        self.checked_unused = True
+        ddp = self.config.ddp
+        if not isinstance(self.model, DDP) or ddp.find_unused_parameters or ddp.static_graph:
+            return
+        unused = [n for n, p in self.raw_model.named_parameters() if p.requires_grad and p.grad is None]
+        if unused:
+            raise UsageError(diagnose.unused_parameters_message(unused))
+
+    def _finite_everywhere(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        """train.nonfinite=skip: one small all-reduce (and host sync) so every rank skips alike."""
+        bad = (~torch.isfinite(loss)).float()
+        if grad_norm is not None:
+            bad = bad + (~torch.isfinite(grad_norm)).float()
+        return all_reduce_sum(bad).item() == 0
+
+    def _skip_update(self) -> None:
+        """Leave the parameters as they are; the step still counts (data and LR schedule move on)."""
+        self.skipped_steps += 1
+        if self.scaler:  # lower the scale, as the scaler does after an overflow
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+
+    def _clip(self, measure: bool = False) -> torch.Tensor | None:
+        clip = self.config.train.grad_clip
+        if clip <= 0 and not measure:
             return None
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         # Gradients are identical on every rank after the all-reduce, so is the norm.
-        return torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.train.grad_clip)
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        if clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+            return torch.nn.utils.get_total_norm(grads)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
     def eval_context(self) -> Any:
         """Autocast for evaluation, matching training precision."""
         return autocast_context(self.config.train.precision, self.device)
-
-    def state_dict(self) -> dict:
-        """Model, optimizer, scheduler and scaler state (model keys without `module.`)."""
-        state = {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
-        if self.scaler:
-            state["scaler"] = self.scaler.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])

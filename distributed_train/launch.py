@@ -75,6 +75,23 @@ def _validate_before_spawn(train: list[str]) -> list[str]:
     return train
 
 
+def _check_batch_split(parsed, train: list[str]) -> None:
+    """With a fixed world size (nnodes x nproc), check the global batch splits evenly here,
+    before spawning, rather than from every worker."""
+    from .cli import resolve_config, split_config_args
+    from .data import BatchPlan
+
+    min_nodes, _, max_nodes = str(parsed.nnodes).partition(":")
+    try:
+        world_size = int(min_nodes) * int(parsed.nproc_per_node)
+    except ValueError:  # nproc "gpu"/"auto": the world size is not known yet
+        return
+    if max_nodes and max_nodes != min_nodes:  # elastic "1:4": neither is it
+        return
+    config = resolve_config(*split_config_args(train)[:2])
+    BatchPlan.make(config.train.batch_size, world_size, config.train.micro_batch_size)
+
+
 def launch_main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print("usage: dtrain launch [torchrun options] [CONFIG.yaml] [--section.key=value ...]\n\n"
@@ -89,6 +106,7 @@ def launch_main(argv: list[str]) -> int:
         train = _validate_before_spawn(train)
         args = build_torchrun_args(torchrun, train)
         parsed = _torchrun_parser().parse_args(args)
+        _check_batch_split(parsed, train)
     for key, value in RESTART_SAFE_ENV.items():
         os.environ.setdefault(key, value)
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would force 1 thread per worker
@@ -106,10 +124,14 @@ def _nproc(parsed) -> int:
 
 
 def _run(parsed) -> int:
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import run
 
+    from .diagnose import describe
+    from .errors import EXIT_COMMUNICATION, EXIT_NONFINITE
     from .preemption import EXIT_PREEMPTED
 
     try:
@@ -119,10 +141,19 @@ def _run(parsed) -> int:
         print(f"dtrain launch: stopped by signal {exc.sigval.name}; rerun the same command to resume",
               file=sys.stderr)
         return EXIT_PREEMPTED
+    except (RendezvousError, DistError) as exc:
+        where = parsed.rdzv_endpoint or f"{parsed.master_addr}:{parsed.master_port}"
+        print(f"dtrain: error: could not join the rendezvous at {where} ({describe(exc)}): "
+              "check --rdzv-endpoint, that the other --nnodes started, and the "
+              "network; raise --rdzv-conf join_timeout=SECONDS to wait longer", file=sys.stderr)
+        return EXIT_COMMUNICATION
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         if EXIT_USAGE in codes:
             return EXIT_USAGE
+        first_code = exc.get_first_failure()[1].exitcode
+        if set(codes) <= {EXIT_NONFINITE, EXIT_COMMUNICATION}:  # the workers already said why
+            return first_code
         ranks = ", ".join(str(r) for r in sorted(exc.failures))
         print(f"dtrain launch: worker rank(s) {ranks} failed (exit code {', '.join(map(str, codes))}); "
               "see their output above", file=sys.stderr)

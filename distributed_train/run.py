@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dist
+from . import diagnose, dist
 from .config import Config
 from .metrics import setup_logging
 from .trainer import Trainer, default_run_dir
@@ -21,9 +21,15 @@ def run_training(config: Config, env: dist.DistEnv, debug: bool = False) -> dict
         # denormal operation traps to microcode and a step can take 100x longer.
         torch.set_flush_denormal(True)
     dist.init(env, backend, device, config.dist.timeout_s)
+    timeout_s = config.dist.timeout_s
+    # The heartbeat lets a rank whose collective fails name the ranks that did not arrive.
+    heartbeat = diagnose.Heartbeat(env.rank, env.world_size, grace_s=timeout_s + 2 * diagnose.BEAT_S)
     try:
-        # Rank 0's run_dir wins, so every rank (and every node) writes to the same place.
-        config.run_dir = dist.broadcast_object(config.run_dir or default_run_dir(config.task))
-        return Trainer(config, env, device).fit()
+        with heartbeat, diagnose.communication_failures_explained(env.rank, env.world_size, timeout_s):
+            # Rank 0's run_dir wins, so every rank (and every node) writes to the same place.
+            config.run_dir = dist.broadcast_object(config.run_dir or default_run_dir(config.task))
+            trainer = Trainer(config, env, device)
+            heartbeat.watch(lambda: trainer.stop.requested)  # a rank stuck after SIGTERM ends itself
+            return trainer.fit()
     finally:
         dist.teardown()

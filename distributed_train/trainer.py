@@ -16,9 +16,10 @@ from .config import Config, dump_yaml, to_dict
 from .data import (BatchPlan, EvalBatchSampler, TrainBatchSampler, batch_len, make_loader,
                    move_to_device)
 from .engine import DDPEngine
-from .errors import UsageError
+from .errors import NonFiniteLoss, UsageError
 from .metrics import MetricsLogger, log
 from .preemption import Preempted, StopFlag
+from .profiling import StepProfiler
 from .task import Task, load_task
 
 
@@ -101,12 +102,16 @@ class Trainer:
         if config.engine == "accelerate":  # imported only when asked: accelerate is a heavy import
             from .engine_accelerate import AccelerateEngine as engine_class
         self.engine = engine_class(self.task, config, env, device, self.plan, self.total_steps)
+        if config.train.nonfinite == "skip" and not hasattr(self.engine, "skipped_steps"):
+            raise UsageError(f"train.nonfinite=skip is not implemented by engine={config.engine}; "
+                             "use engine=ddp, or train.nonfinite=error")
         self.logger = MetricsLogger(config, env, self.run_dir, self.total_steps)
         self.mfu = flops.MFUMeter(self.task, train_set, collate, device, config.train.precision,
                                   env.world_size, config.log.peak_tflops)
         self.checkpoints = self.run_dir / "checkpoints"
         self.writer = checkpoint.AsyncWriter()
         self.stop = StopFlag(config.checkpoint.on_sigterm)
+        self.profiler = StepProfiler(config.train.profile_steps, self.run_dir, env.rank, device)
 
     def _eval_loader(self, collate: Any, pin: bool) -> Any:
         eval_set = self.task.eval_dataset()
@@ -161,8 +166,10 @@ class Trainer:
             "resumed_from": self.resumed_from,
         }
         dist.on_main(self.env, self.write_outputs, summary)
-        dist.barrier()
+        # wandb.finish takes a second or two on rank 0: do it before the barrier so all ranks
+        # leave (and tear the process group down) together.
         self.logger.close(summary)
+        dist.barrier()
         return summary
 
     def train_epoch(self) -> None:
@@ -184,6 +191,7 @@ class Trainer:
             self.stepped = True
             self.global_step += 1
             self.step_in_epoch += 1
+            self.profiler.step(self.global_step, self.total_steps)
             window.add(loss, grad_norm)
             self.logger.step_done(self.global_step)
             if self.step_in_epoch == self.steps_per_epoch:
@@ -232,8 +240,10 @@ class Trainer:
         on log steps and before every checkpoint, so a poisoned state is never committed."""
         vector = diagnose.nonfinite_vector(window.losses, self.env.rank, self.env.world_size, self.device)
         dist.all_reduce_sum(vector)
-        if self.config.train.nonfinite == "error":
-            diagnose.raise_if_nonfinite(vector, self.global_step - window.steps + 1)
+        problem = diagnose.nonfinite_problem(vector, self.global_step - window.steps + 1)
+        if problem and self.config.train.nonfinite == "error":
+            self.writer.wait()  # the checkpoint in flight is from before the problem: let it commit
+            raise NonFiniteLoss(problem)
         total, count = vector[:2].tolist()
         return total / count if count else float("nan")
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import io
 import os
+import queue as queue_module
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -63,14 +65,23 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180) -
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, value = queue.get(timeout=0.5)
+            except queue_module.Empty:
+                # A rank that died without reporting (a crash in C++) leaves the others waiting.
+                dead = [f"rank {r} exited with {p.exitcode} without a result" for r, p in enumerate(procs)
+                        if p.exitcode is not None and r not in results]
+                if dead or time.monotonic() > deadline:
+                    missing = [r for r in range(world_size) if r not in results]
+                    errors.append("; ".join(dead) or f"ranks {missing} gave no result in {timeout} s")
+                continue
             if status == "ok":
                 results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
-                errors.append(f"--- rank {rank} ---\n{value}")
-                break  # the other ranks may now wait forever in a collective
+                errors.append(f"--- rank {rank} ---\n{value}")  # the others may now wait forever
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.5)

@@ -67,7 +67,10 @@ def test_full_disk_during_save_surfaces_and_keeps_previous(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "marker"])
-def test_damaged_newest_falls_back_with_warning(tmp_path, damage, caplog):
+def test_damaged_newest_falls_back_with_warning(tmp_path, damage, caplog, monkeypatch):
+    # An earlier in-process run may have set up the package logger without propagation.
+    monkeypatch.setattr(checkpoint.log, "propagate", True)
+    monkeypatch.setattr(checkpoint.log, "level", 0)
     checkpoint.write_checkpoint(tmp_path, 1, _state(1.0))
     newest = checkpoint.write_checkpoint(tmp_path, 2, _state(2.0))
     state = newest / "state.pt"
