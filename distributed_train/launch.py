@@ -61,8 +61,10 @@ def build_torchrun_args(torchrun: list[str], train: list[str]) -> list[str]:
     return args + ["-m", "distributed_train", "train", *train]
 
 
-def _validate_before_spawn(train: list[str]) -> list[str]:
-    """Check config and task in this process, fail fast; fix run_dir so restarts resume there."""
+def _validate_before_spawn(train: list[str]):
+    """Check config and task in this process, fail fast; fix run_dir so restarts resume there.
+
+    Returns the workers' arguments and the resolved config."""
     from .cli import resolve_config, split_config_args
     from .task import resolve_attr
     from .trainer import default_run_dir
@@ -72,13 +74,20 @@ def _validate_before_spawn(train: list[str]) -> list[str]:
     resolve_attr(config.task)
     if config.run_dir is None:
         train = [*train, f"--run_dir={default_run_dir(config.task)}"]
-    return train
+    return train, config
 
 
-def _check_batch_split(parsed, train: list[str]) -> None:
+def _warn_restarts_without_checkpoints(parsed, config) -> None:
+    """Restarted workers resume from the last checkpoint; with none they start over."""
+    if int(parsed.max_restarts or 0) > 0 and config.checkpoint.every_steps == 0:
+        print("dtrain launch: warning: --max-restarts without checkpoint.every_steps: a restarted "
+              "group starts again from step 0 (set --checkpoint.every_steps=N to resume instead)",
+              file=sys.stderr)
+
+
+def _check_batch_split(parsed, config) -> None:
     """With a fixed world size (nnodes x nproc), check the global batch splits evenly here,
     before spawning, rather than from every worker."""
-    from .cli import resolve_config, split_config_args
     from .data import BatchPlan
 
     min_nodes, _, max_nodes = str(parsed.nnodes).partition(":")
@@ -88,7 +97,6 @@ def _check_batch_split(parsed, train: list[str]) -> None:
         return
     if max_nodes and max_nodes != min_nodes:  # elastic "1:4": neither is it
         return
-    config = resolve_config(*split_config_args(train)[:2])
     BatchPlan.make(config.train.batch_size, world_size, config.train.micro_batch_size)
 
 
@@ -103,10 +111,11 @@ def launch_main(argv: list[str]) -> int:
     from .cli import user_errors
 
     with user_errors("--debug" in train):
-        train = _validate_before_spawn(train)
+        train, config = _validate_before_spawn(train)
         args = build_torchrun_args(torchrun, train)
         parsed = _torchrun_parser().parse_args(args)
-        _check_batch_split(parsed, train)
+        _check_batch_split(parsed, config)
+        _warn_restarts_without_checkpoints(parsed, config)
     for key, value in RESTART_SAFE_ENV.items():
         os.environ.setdefault(key, value)
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would force 1 thread per worker
