@@ -16,7 +16,6 @@ import math
 from typing import Any, Iterable
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, DistributedType,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import EXIT_USAGE, UsageError
+from .errors import EXIT_USAGE
 
 # Restarts reuse the agent's rendezvous store unless this is set, and then fail or hang in
 # init_process_group (pytorch/pytorch#135712; ../shared/PITFALLS.md).
