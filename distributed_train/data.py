@@ -166,10 +166,26 @@ class _TensorRows:
         return tuple(t[index] for t in self.tensors)
 
 
+class DirectBatches:
+    """Whole batches fetched in this process, without a DataLoader iterator around each one."""
+
+    def __init__(self, fetch: Callable[[list[int]], Any], batch_sampler: Sampler):
+        self.fetch, self.batch_sampler = fetch, batch_sampler
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self.fetch(indices) for indices in self.batch_sampler)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
 def make_loader(dataset: Any, batch_sampler: Sampler, collate: Callable | None,
-                num_workers: int, pin_memory: bool, seed: int) -> DataLoader:
-    """A DataLoader over `batch_sampler`; batch-fetching datasets skip per-sample collation."""
+                num_workers: int, pin_memory: bool, seed: int) -> DataLoader | DirectBatches:
+    """Batches in `batch_sampler` order; batch-fetching datasets skip per-sample collation, and
+    without workers or pinning also the DataLoader machinery (~50 us per batch on a small step)."""
     fetch = batch_fetcher(dataset) if collate is None else None
+    if fetch is not None and num_workers == 0 and not pin_memory:
+        return DirectBatches(fetch, batch_sampler)
     if fetch is not None:
         dataset, collate = _BatchFetch(fetch, len(dataset)), _already_batched
     return DataLoader(

@@ -36,6 +36,15 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
 
 
+def reseed_step(seed: int, rank: int, step: int, device: torch.device) -> None:
+    """Seed this rank's generators for `step`. Not torch.manual_seed: it visits every backend
+    and costs ~130 us on CPU, 5% of a small model's step; the default generator costs ~1 us."""
+    value = step_seed(seed, rank, step)
+    torch.default_generator.manual_seed(value)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(value)  # the current device's generator only
+
+
 def rng_state() -> dict:
     """This rank's RNG states (torch CPU/CUDA, Python, NumPy) in a weights_only-loadable form."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -184,7 +193,7 @@ class Trainer:
                 fetch_start = time.perf_counter()
                 batches = [next(micro_batches) for _ in range(self.plan.accumulation_steps)]
                 window.data_s += time.perf_counter() - fetch_start
-                torch.manual_seed(step_seed(self.config.seed, self.env.rank, self.global_step))
+                reseed_step(self.config.seed, self.env.rank, self.global_step, self.device)
                 log_step = self.is_log_step(self.global_step + 1)
                 # The grad norm costs a pass over the gradients: measured on log steps only.
                 loss, grad_norm = self.engine.train_step(batches, measure_grad_norm=log_step)
