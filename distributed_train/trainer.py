@@ -270,7 +270,8 @@ class Trainer:
             return {}
         model = self.engine.model.module if hasattr(self.engine.model, "module") else self.engine.model
         model.eval()
-        sums: dict[str, list[float]] = {}
+        # (sum, count) per metric, kept on the device: one transfer at the end, not two per batch.
+        sums: dict[str, torch.Tensor] = {}
         with self.engine.eval_context():
             for batch in self.eval_loader:
                 batch = move_to_device(batch, self.device, self.engine.non_blocking)
@@ -279,15 +280,18 @@ class Trainer:
                     n = batch_len(batch)
                     pairs["loss"] = (self.task.loss(model, batch).double() * n, n)
                 for name, (total, count) in pairs.items():
-                    acc = sums.setdefault(name, [0.0, 0.0])
-                    acc[0] += torch.as_tensor(total, dtype=torch.float64).item()
-                    acc[1] += torch.as_tensor(count, dtype=torch.float64).item()
+                    pair = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
+                                        for v in (total, count)])
+                    sums[name] = sums[name] + pair if name in sums else pair
         # A rank whose shard is empty still joins the reduction with zeros for every name.
         names = sorted(set().union(*dist.all_gather_object(sorted(sums))))
-        vector = torch.tensor([v for n in names for v in sums.get(n, [0.0, 0.0])], dtype=torch.float64)
-        dist.all_reduce_sum(vector)
-        return {n: (vector[2 * i] / vector[2 * i + 1]).item() for i, n in enumerate(names)
-                if vector[2 * i + 1] > 0}
+        if not names:
+            return {}
+        zero = torch.zeros(2, dtype=torch.float64, device=self.device)
+        vector = torch.cat([sums.get(name, zero) for name in names])  # on the device, as NCCL needs
+        values = dist.all_reduce_sum(vector).tolist()
+        return {name: values[2 * i] / values[2 * i + 1] for i, name in enumerate(names)
+                if values[2 * i + 1] > 0}
 
     def evaluate_and_log(self) -> dict[str, float]:
         metrics = self.evaluate()
