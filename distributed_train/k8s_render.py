@@ -83,6 +83,11 @@ class JobSpec:
         return f"{self.name}-worker-0" if self.kind == "pytorchjob" else f"{self.name}-0.{self.name}"
 
     @property
+    def backoff_limit(self) -> int:
+        """Pod failures the Job tolerates: a lost node 0 takes every node's agent down once, max_restarts times."""
+        return self.nodes * max(1, self.max_restarts)
+
+    @property
     def claim_name(self) -> str:
         return self.pvc or f"{self.name}-runs"
 
@@ -204,8 +209,7 @@ def indexed_job(spec: JobSpec) -> dict:
             "completionMode": "Indexed",
             "completions": spec.nodes,
             "parallelism": spec.nodes,
-            # A lost node 0 takes every node's agent down once: allow that `max_restarts` times.
-            "backoffLimit": spec.nodes * max(1, spec.max_restarts),
+            "backoffLimit": spec.backoff_limit,
             "podFailurePolicy": {"rules": [
                 {"action": "FailJob",
                  "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [_EXIT_BAD_CONFIG]}},
@@ -242,7 +246,7 @@ def pytorch_job(spec: JobSpec) -> dict:
                               "minReplicas": spec.nodes, "maxReplicas": spec.nodes,
                               "maxRestarts": spec.max_restarts},
             "nprocPerNode": str(spec.nproc_per_node),
-            "runPolicy": {"backoffLimit": spec.nodes * max(1, spec.max_restarts), "cleanPodPolicy": "None"},
+            "runPolicy": {"backoffLimit": spec.backoff_limit, "cleanPodPolicy": "None"},
             "pytorchReplicaSpecs": {"Worker": {
                 "replicas": spec.nodes,
                 # Not ExitCode: it would make exit 4 (a peer node was lost) permanent. A bad config
