@@ -137,9 +137,16 @@ class DDPConfig:
     comm_hook: Literal["none", "bf16", "fp16"] = opt(
         "none", "compress gradients for the all-reduce; changes the math slightly"
     )
+    shm_allreduce: Literal["auto", "require", "never"] = opt(
+        "auto", "CPU ranks on one host average gradients through /dev/shm, not gloo (same sums); "
+        "auto: where possible"
+    )
 
     def __post_init__(self) -> None:
         _positive("ddp.bucket_cap_mb", self.bucket_cap_mb)
+        if self.shm_allreduce == "require" and self.comm_hook != "none":
+            raise UsageError(f"ddp.shm_allreduce=require cannot be combined with ddp.comm_hook={self.comm_hook} "
+                             "(the compressed all-reduce runs on the backend); set one of them")
 
 
 @dataclass

@@ -30,7 +30,8 @@ STALE_S = 5.0  # a rank silent this long has died or is stuck holding the GIL
 
 # Substrings of gloo/NCCL/store errors that mean "the ranks could not talk", not "the task is wrong".
 _COMMUNICATION_SIGNS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
-                        "Connection refused", "connectFullMesh", "NCCL error", "Broken pipe")
+                        "Connection refused", "connectFullMesh", "NCCL error", "Broken pipe",
+                        "shared-memory all-reduce")
 
 
 @dataclass

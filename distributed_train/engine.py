@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import diagnose
+from . import diagnose, shm_allreduce
 from .config import Config
 from .data import BatchPlan, move_to_device
 from .dist import DistEnv, all_reduce_sum
@@ -49,6 +49,16 @@ def optimizer_kernel(model: nn.Module) -> dict:
     if params and all(p.is_floating_point() and p.device.type in fused_devices for p in params):
         return {"fused": True}
     return {"foreach": True}
+
+
+def attach_shm_allreduce(model: DDP, env: DistEnv, device: torch.device,
+                         config: Config) -> shm_allreduce.SharedMemoryAllReduce | None:
+    """Average `model`'s gradient buckets through shared memory when ddp.shm_allreduce allows it
+    (collective: every rank calls it). Returns the reducer, or None when the backend keeps the job."""
+    reducer = shm_allreduce.setup(env, device, config.ddp.shm_allreduce, model.module, config.dist.timeout_s)
+    if reducer is not None:
+        model.register_comm_hook(state=None, hook=reducer.hook)
+    return reducer
 
 
 def lr_factor(step: int, config: Config, total_steps: int) -> float:
@@ -125,6 +135,7 @@ class DDPEngine(EngineState):
         )
         use_scaler = config.train.precision == "fp16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
+        self.shm_allreduce: shm_allreduce.SharedMemoryAllReduce | None = None
         self.model = self._wrap(self.raw_model)
         self.non_blocking = device.type == "cuda"
         self.skipped_steps = 0  # train.nonfinite=skip: steps whose update was skipped
@@ -151,6 +162,8 @@ class DDPEngine(EngineState):
 
             hook = default_hooks.bf16_compress_hook if ddp.comm_hook == "bf16" else default_hooks.fp16_compress_hook
             wrapped.register_comm_hook(state=None, hook=hook)
+        else:
+            self.shm_allreduce = attach_shm_allreduce(wrapped, self.env, self.device, self.config)
         return wrapped
 
     def _sync_context(self, last_micro_step: bool) -> Any:

@@ -16,6 +16,7 @@ import math
 from typing import Any, Iterable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, DistributedType,
@@ -24,7 +25,7 @@ from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelK
 from .config import Config
 from .data import BatchPlan, move_to_device
 from .dist import DistEnv
-from .engine import EngineState, autocast_context, build_optimizer, lr_factor
+from .engine import EngineState, attach_shm_allreduce, autocast_context, build_optimizer, lr_factor
 from .errors import UsageError
 from .task import Task
 
@@ -143,6 +144,9 @@ class AccelerateEngine(EngineState):
         # DDP(compile(model)), not compile(DDP(model)): the latter graph-breaks and compiles nothing.
         model = torch.compile(self.raw_model) if config.train.compile else self.raw_model
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.shm_allreduce = None
+        if isinstance(self.model, DDP) and config.ddp.comm_hook == "none":  # MULTI_CPU: gloo otherwise
+            self.shm_allreduce = attach_shm_allreduce(self.model, env, device, config)
         self.scaler = self.accelerator.scaler  # a GradScaler with fp16, else None
         self.non_blocking = device.type == "cuda"
 

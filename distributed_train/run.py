@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import diagnose, dist
+from . import diagnose, dist, shm_allreduce
 from .config import Config
 from .metrics import setup_logging
 from .trainer import Trainer, default_run_dir
@@ -31,5 +31,10 @@ def run_training(config: Config, env: dist.DistEnv, debug: bool = False) -> dict
             trainer = Trainer(config, env, device)
             heartbeat.watch(lambda: trainer.stop.requested)  # a rank stuck after SIGTERM ends itself
             return trainer.fit()
+    except BaseException:
+        # Peers waiting for this rank in a shared-memory all-reduce fail now, naming this rank,
+        # instead of noticing only when the process is gone (or torchrun's SIGTERM comes first).
+        shm_allreduce.leave()
+        raise
     finally:
         dist.teardown()

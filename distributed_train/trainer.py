@@ -138,9 +138,10 @@ class Trainer:
         self.resume()
         self.logger.start(wandb_id=self.wandb_id, resumed_step=self.global_step)
         start = time.perf_counter()
-        log.info("training %s: %d steps, global batch %d on %d rank(s) (%d micro-batch(es) of %d per rank)",
+        log.info("training %s: %d steps, global batch %d on %d rank(s) (%d micro-batch(es) of %d per rank)%s",
                  self.task.name, self.total_steps, self.plan.global_batch, self.env.world_size,
-                 self.plan.accumulation_steps, self.plan.micro_batch)
+                 self.plan.accumulation_steps, self.plan.micro_batch,
+                 "; gradients averaged through shared memory" if getattr(self.engine, "shm_allreduce", None) else "")
         train_time = 0.0
         self.window = _Window(self.device)
         with self.stop:

@@ -1,0 +1,148 @@
+"""The shared-memory gradient all-reduce: exact means on real ranks, the same model as gloo, clear
+failures (a peer that exits, a peer that never comes, no room in /dev/shm), and when it stays off."""
+
+import glob
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from distributed_train import diagnose, shm_allreduce
+from distributed_train.config import DDPConfig
+from distributed_train.dist import DistEnv
+from distributed_train.errors import UsageError
+from distributed_train.shm_allreduce import SharedMemoryAllReduce
+from tests.helpers import REPO, run_ranks, train_in_rank
+
+TOY = str(REPO / "tests" / "tasks" / "toy.py")
+
+
+def _leftover_files() -> list[str]:
+    return glob.glob(os.path.join(shm_allreduce.SHM_DIR, "dtrain-allreduce-*"))
+
+
+def reduce_job(rank, world_size):
+    """Many reductions of rank-dependent tensors (several dtypes, pieces larger than a slot, random
+    skew between ranks); returns what each call gave and what the mean must be."""
+    from distributed_train import dist
+
+    env = dist.read_env()
+    dist.init(env, "gloo", torch.device("cpu"), timeout_s=60)
+    small_slots = shm_allreduce._create_and_open(env, slot_bytes=256, timeout_s=60)  # 64 floats a piece
+    model = torch.nn.Linear(100, 10)
+    auto = shm_allreduce.setup(env, torch.device("cpu"), "auto", model, timeout_s=60)
+    rng = random.Random(rank)
+    results = []
+    for call in range(40):
+        reducer = small_slots if call % 2 else auto
+        dtype = [torch.float32, torch.float64, torch.bfloat16][call % 3]
+        numel = [1, 63, 64, 65, 1000][call % 5]
+        inputs = [torch.randn(numel, generator=torch.Generator().manual_seed(1000 * call + r)).to(dtype)
+                  for r in range(world_size)]
+        time.sleep(rng.random() * 0.002)  # ranks arrive in a different order every call
+        mine = inputs[rank].clone()
+        reducer.all_reduce_mean_(mine)
+        expected = inputs[0] / world_size
+        for r in range(1, world_size):  # the documented order: rank 0 + rank 1 + ...
+            expected = expected + inputs[r] / world_size
+        results.append((mine, expected))
+    dist.barrier()
+    return {"results": results, "slot_bytes": auto.slot_bytes, "leftover": _leftover_files()}
+
+
+@pytest.mark.distributed
+def test_reductions_are_exact_means_on_every_rank():
+    ranks = run_ranks(reduce_job, 3)
+    for rank, outcome in enumerate(ranks):
+        assert outcome["leftover"] == []  # the file is unlinked once every rank has mapped it
+        assert outcome["slot_bytes"] == 4096  # the Linear's 1010 floats (4040 bytes), rounded up to 64
+        for call, (got, expected) in enumerate(outcome["results"]):
+            assert torch.equal(got, expected), f"rank {rank} call {call}: {got[:4]} != {expected[:4]}"
+            assert torch.equal(got, ranks[0]["results"][call][0])  # bitwise equal across ranks
+
+
+@pytest.mark.distributed
+def test_two_rank_training_equals_gloo_bitwise(tmp_path):
+    common = [f"--task={TOY}:Regression", "--train.batch_size=24", "--train.max_steps=8", "--seed=5",
+              "--train.lr=0.05"]
+    shm = run_ranks(train_in_rank, 2, [*common, f"--run_dir={tmp_path / 'shm'}"])
+    gloo = run_ranks(train_in_rank, 2, [*common, f"--run_dir={tmp_path / 'gloo'}", "--ddp.shm_allreduce=never"])
+    for name, value in gloo[0]["state"].items():
+        assert torch.equal(shm[0]["state"][name], value), name
+    assert shm[0]["summary"]["train_loss"] == gloo[0]["summary"]["train_loss"]
+
+
+def _reducer_with_peer(tmp_path, peer_pid: int, timeout_s: float, rank: int = 0) -> SharedMemoryAllReduce:
+    """Rank `rank` of a 2-rank group whose rank 1 is `peer_pid` (no process group needed)."""
+    path = tmp_path / "slots"
+    if not path.exists():
+        with open(path, "wb") as f:
+            f.truncate(2 * 2 * 256 + 2 * shm_allreduce.LINE)
+    return SharedMemoryAllReduce(str(path), rank=rank, world_size=2, slot_bytes=256,
+                                 pids=[os.getpid(), peer_pid], timeout_s=timeout_s)
+
+
+def test_a_peer_that_leaves_with_an_error_fails_the_reduction_at_once(tmp_path):
+    # run_training calls shm_allreduce.leave() when it raises: peers need not wait for the process to end.
+    reducer = _reducer_with_peer(tmp_path, os.getpid(), timeout_s=60)
+    peer = _reducer_with_peer(tmp_path, os.getpid(), timeout_s=60, rank=1)
+    shm_allreduce.leave()  # marks every reducer of this process, so the peer too
+    assert list(reducer.sequence) == [shm_allreduce.LEFT, shm_allreduce.LEFT]
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 0 \(pid \d+\) left the job during the shared-memory"):
+        peer.all_reduce_mean_(torch.ones(8))
+    assert time.monotonic() - start < 0.5
+
+
+def test_a_peer_that_exits_fails_the_reduction_quickly(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    reducer = _reducer_with_peer(tmp_path, gone.pid, timeout_s=60)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as caught:
+        reducer.all_reduce_mean_(torch.ones(8))
+    assert time.monotonic() - start < 2
+    assert f"rank 1 (pid {gone.pid}) exited during the shared-memory all-reduce" in str(caught.value)
+    assert diagnose.is_communication_failure(caught.value)
+
+
+def test_a_peer_that_never_arrives_times_out_naming_it(tmp_path):
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        reducer = _reducer_with_peer(tmp_path, stuck.pid, timeout_s=0.3)
+        with pytest.raises(RuntimeError, match=r"Timed out waiting 0.3 s for rank\(s\) 1 in the shared-memory"):
+            reducer.all_reduce_mean_(torch.ones(8))
+    finally:
+        stuck.kill()
+        stuck.wait()
+
+
+def test_no_room_in_dev_shm_is_a_reason_not_a_crash(tmp_path):
+    total = os.statvfs(shm_allreduce.SHM_DIR)
+    too_big = 2 * total.f_blocks * total.f_frsize
+    path = os.path.join(shm_allreduce.SHM_DIR, "dtrain-allreduce-test-too-big")
+    reason = shm_allreduce._create(path, too_big)
+    assert reason is not None and "has no room" in reason and "larger /dev/shm" in reason
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("env, device, expected", [
+    (DistEnv(0, 2, 0, 1, "h", 1), "cpu", "more than one host"),
+    (DistEnv(0, 2, 0, 2, "h", 1), "cuda", "gradients live on cuda"),
+])
+def test_where_it_does_not_apply(env, device, expected):
+    model = torch.nn.Linear(2, 2)
+    # No process group: these reasons are known before any collective.
+    assert shm_allreduce.setup(env, torch.device(device), "auto", model, 60) is None
+    with pytest.raises(UsageError, match=f"ddp.shm_allreduce=require, but .*{expected}"):
+        shm_allreduce.setup(env, torch.device(device), "require", model, 60)
+    assert shm_allreduce.setup(DistEnv(0, 2, 0, 2, "h", 1), torch.device("cpu"), "never", model, 60) is None
+
+
+def test_require_with_a_compression_hook_is_a_usage_error():
+    with pytest.raises(UsageError, match="ddp.shm_allreduce=require cannot be combined with ddp.comm_hook=bf16"):
+        DDPConfig(comm_hook="bf16", shm_allreduce="require")
