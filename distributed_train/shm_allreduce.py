@@ -3,15 +3,18 @@
 Gloo sends each gradient bucket through TCP loopback and hands it between three threads per rank
 (caller, gloo worker, socket loop); on a small model that costs more than the model's whole
 forward and backward (digits MLP, 2 ranks: ~1.5 ms of a 2.5 ms step, and two ranks were slower
-than one process). Here every rank writes its bucket (already divided by the world size, as DDP
-does) into its own slot of a shared /dev/shm file, publishes a sequence number, waits until every
-rank has published the same number, and adds the slots up in rank order. Every rank computes the
-same sum in the same order, so the gradients stay bitwise equal across ranks; with two ranks they
-are bitwise equal to gloo's (a + b == b + a).
+than one process). Here, per bucket (in slot-sized pieces):
 
-Slots come in two sets used alternately, so one barrier per bucket is enough: a rank can only
-overwrite a set after every rank has published the next number, which each does after reading.
-A bucket larger than a slot goes through in slot-sized pieces.
+1. every rank writes its piece, divided by the world size as DDP does, into its own slot of a
+   /dev/shm file and publishes a sequence number; once every rank has published it,
+2. rank r adds up its 1/world_size share of every slot, in rank order, into the result area and
+   publishes again (a reduce-scatter: each rank reads about one piece, whatever the world size);
+3. every rank copies the whole result into its bucket.
+
+Every element is summed once, in rank order, so all ranks hold bitwise the same gradients; with
+two ranks they equal gloo's (a + b == b + a). Slots and results come in two sets used
+alternately, so two barriers per piece are enough: a rank can only overwrite a set after every
+rank has arrived at the next piece's first barrier, which each does after its last read.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def unsupported_reason(env: DistEnv, device: torch.device) -> str | None:
 
 def slot_bytes_for(total_bytes: int, world_size: int) -> int:
     """Bytes of one rank's slot: the whole model when it fits the budget, else a bounded piece."""
-    budget = max(LINE * 1024, min(MAX_SLOT_BYTES, SHM_BUDGET_BYTES // (2 * world_size)))
+    budget = max(LINE * 1024, min(MAX_SLOT_BYTES, SHM_BUDGET_BYTES // (2 * (world_size + 1))))
     return _round_up(min(max(total_bytes, LINE), budget))
 
 
@@ -84,6 +87,11 @@ def _alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
+def file_bytes(world_size: int, slot_bytes: int) -> int:
+    """Size of the shared file: two sets of (one slot per rank + a result), sequence numbers, a token."""
+    return 2 * (world_size + 1) * slot_bytes + (world_size + 1) * LINE
+
+
 class SharedMemoryAllReduce:
     """One job's shared slots; `hook` is the DDP comm hook, `all_reduce_mean_` the reduction."""
 
@@ -91,11 +99,14 @@ class SharedMemoryAllReduce:
                  timeout_s: float):
         self.rank, self.world_size, self.slot_bytes = rank, world_size, slot_bytes
         self.pids, self.timeout_s = pids, timeout_s
-        data_bytes = 2 * world_size * slot_bytes
-        raw = torch.from_file(path, shared=True, size=data_bytes + world_size * LINE, dtype=torch.uint8)
-        self.slots = raw[:data_bytes].view(2, world_size, slot_bytes)
-        self.sequence = raw[data_bytes:].numpy().view(np.int64)[:: LINE // 8]  # one int64 per rank
-        self.calls = int(self.sequence[rank])
+        data = 2 * (world_size + 1) * slot_bytes
+        raw = torch.from_file(path, shared=True, size=file_bytes(world_size, slot_bytes), dtype=torch.uint8)
+        sets = raw[:data].view(2, world_size + 1, slot_bytes)
+        self.slots, self.results = sets[:, :world_size], sets[:, world_size]
+        lines = raw[data:].numpy().view(np.int64)[:: LINE // 8]
+        self.sequence = lines[:world_size]  # one int64 per rank, each on its own cache line
+        self.token = lines[world_size:]  # rank 0's random number: proves every rank maps the same file
+        self.calls = 0
         self._fence = threading.Lock()  # acquire/release is a locked instruction: a full memory fence
         _open_reducers.add(self)
 
@@ -103,8 +114,13 @@ class SharedMemoryAllReduce:
 
     def hook(self, state, bucket):  # no annotations: DDP rejects string ones (postponed evaluation)
         """Average one gradient bucket across ranks (DDP calls this once per bucket, in bucket order)."""
+        buffer = bucket.buffer()
+        if buffer.layout != torch.strided:  # sparse gradients (nn.Embedding(sparse=True)): gloo's job
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            return default_hooks.allreduce_hook(None, bucket)
         future: torch.futures.Future = torch.futures.Future()
-        future.set_result(self.all_reduce_mean_(bucket.buffer()))
+        future.set_result(self.all_reduce_mean_(buffer))
         return future
 
     def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -116,18 +132,28 @@ class SharedMemoryAllReduce:
         return tensor
 
     def _reduce_piece(self, piece: torch.Tensor) -> None:
+        world, numel, nbytes = self.world_size, piece.numel(), piece.numel() * piece.element_size()
+        parity = (self.calls // 2) % 2  # two calls (barriers) per piece
+        slots = self.slots[parity, :, :nbytes].view(piece.dtype)  # (world_size, numel)
+        result = self.results[parity, :nbytes].view(piece.dtype)
+        torch.div(piece, world, out=slots[self.rank])  # what DDP does before its all-reduce
+        self._arrive()
+        low, high = numel * self.rank // world, numel * (self.rank + 1) // world
+        if high > low:  # this rank's share, summed in rank order
+            share = result[low:high]
+            torch.add(slots[0, low:high], slots[1, low:high], out=share)
+            for other in range(2, world):
+                share.add_(slots[other, low:high])
+        self._arrive()
+        piece.copy_(result)
+
+    def _arrive(self) -> None:
+        """Publish the next sequence number and wait until every rank has published it."""
         self.calls += 1
-        nbytes = piece.numel() * piece.element_size()
-        slots = self.slots[self.calls % 2, :, :nbytes].view(piece.dtype)  # (world_size, numel)
-        torch.div(piece, self.world_size, out=slots[self.rank])  # what DDP does before its all-reduce
-        with self._fence:
+        with self._fence:  # the stores above are visible before the number (x86 keeps them ordered anyway)
             pass
         self.sequence[self.rank] = self.calls
         self._wait_for_everyone(self.calls)
-        # Rank order on every rank: identical sums everywhere.
-        torch.add(slots[0], slots[1], out=piece)
-        for other in range(2, self.world_size):
-            piece.add_(slots[other])
 
     def _wait_for_everyone(self, call: int) -> None:
         """Spin until every rank has published `call`; then yield, then sleep, while waiting long."""
@@ -199,28 +225,41 @@ def setup(env: DistEnv, device: torch.device, mode: str, model: torch.nn.Module,
 
 def _create_and_open(env: DistEnv, slot_bytes: int, timeout_s: float) -> SharedMemoryAllReduce | str:
     """Rank 0 creates the file, every rank maps it; every rank gets the object, or the same reason."""
-    size = 2 * env.world_size * slot_bytes + env.world_size * LINE
-    path = os.path.join(SHM_DIR, f"dtrain-allreduce-{uuid.uuid4().hex}") if env.is_main else None
-    created = None
+    pids = dist_util.all_gather_object(os.getpid())
+    path, token, problem, reducer = None, None, None, None
     if env.is_main:
-        created = _create(path, size)
-    path, created = dist_util.broadcast_object((path, created))
-    if created is not None:
-        return created
+        path = os.path.join(SHM_DIR, f"dtrain-allreduce-{uuid.uuid4().hex}")
+        problem = _create(path, file_bytes(env.world_size, slot_bytes))
+    created = env.is_main and problem is None
     try:
-        reducer: SharedMemoryAllReduce | None = None
-        problem = None
-        try:
-            pids = dist_util.all_gather_object(os.getpid())
-            reducer = SharedMemoryAllReduce(path, env.rank, env.world_size, slot_bytes, pids, timeout_s)
-        except (OSError, RuntimeError) as exc:
-            problem = f"rank {env.rank} could not map {path} ({exc})"
+        if created:
+            reducer, problem = _open(path, None, env, slot_bytes, pids, timeout_s)
+            if reducer is not None:
+                token = reducer.token[0] = int.from_bytes(os.urandom(7), "little") | 1  # never 0
+        path, token, problem = dist_util.broadcast_object((path, token, problem))
+        if problem is not None:
+            return problem
+        if not env.is_main:
+            reducer, problem = _open(path, token, env, slot_bytes, pids, timeout_s)
         problems = [p for p in dist_util.all_gather_object(problem) if p]
     finally:
-        dist_util.barrier()  # every rank has mapped it (or failed): the name is no longer needed
-        if env.is_main:
+        if created:  # every rank has mapped the file (or failed, or the job broke): the name can go
             os.unlink(path)
-    return reducer if not problems and reducer is not None else problems[0]
+    return problems[0] if problems else reducer
+
+
+def _open(path: str, token: int | None, env: DistEnv, slot_bytes: int, pids: list[int],
+          timeout_s: float) -> tuple[SharedMemoryAllReduce | None, str | None]:
+    """Map the file rank 0 created and check its token (rank 0: None); (reducer, None) or (None, why not)."""
+    if not os.path.exists(path):  # from_file would create a file of its own
+        return None, f"rank {env.rank} does not see rank 0's {path} (another host or container?)"
+    try:
+        reducer = SharedMemoryAllReduce(path, env.rank, env.world_size, slot_bytes, pids, timeout_s)
+    except (OSError, RuntimeError) as exc:
+        return None, f"rank {env.rank} could not map {path} ({exc})"
+    if token is not None and int(reducer.token[0]) != token:
+        return None, f"rank {env.rank} maps a different {path} than rank 0 (another host or container?)"
+    return reducer, None
 
 
 def _create(path: str, size: int) -> str | None:

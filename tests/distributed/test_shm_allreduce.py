@@ -25,6 +25,15 @@ def _leftover_files() -> list[str]:
     return glob.glob(os.path.join(shm_allreduce.SHM_DIR, "dtrain-allreduce-*"))
 
 
+class SparseEmbeddingModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 1)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids)).pow(2).mean()
+
+
 def reduce_job(rank, world_size):
     """Many reductions of rank-dependent tensors (several dtypes, pieces larger than a slot, random
     skew between ranks); returns what each call gave and what the mean must be."""
@@ -50,8 +59,23 @@ def reduce_job(rank, world_size):
         for r in range(1, world_size):  # the documented order: rank 0 + rank 1 + ...
             expected = expected + inputs[r] / world_size
         results.append((mine, expected))
+    # A DDP model with a sparse gradient (its own bucket, left to gloo) and dense ones (shared memory).
+    torch.manual_seed(0)
+    model = SparseEmbeddingModel()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp.register_comm_hook(None, shm_allreduce.setup(env, torch.device("cpu"), "require", model, 60).hook)
+    ids = [torch.tensor([r, r + 1, 7]) for r in range(world_size)]
+    ddp(ids[rank]).backward()
+    grads = {n: p.grad.to_dense().clone() for n, p in model.named_parameters()}
+    expected = {n: torch.zeros_like(g) for n, g in grads.items()}
+    for r in range(world_size):  # the mean of every rank's gradient, computed here
+        model.zero_grad(set_to_none=True)
+        model(ids[r]).backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad.to_dense() / world_size
     dist.barrier()
-    return {"results": results, "slot_bytes": auto.slot_bytes, "leftover": _leftover_files()}
+    return {"results": results, "slot_bytes": auto.slot_bytes, "leftover": _leftover_files(),
+            "sparse_model": (grads, expected)}
 
 
 @pytest.mark.distributed
@@ -63,6 +87,9 @@ def test_reductions_are_exact_means_on_every_rank():
         for call, (got, expected) in enumerate(outcome["results"]):
             assert torch.equal(got, expected), f"rank {rank} call {call}: {got[:4]} != {expected[:4]}"
             assert torch.equal(got, ranks[0]["results"][call][0])  # bitwise equal across ranks
+        grads, expected = outcome["sparse_model"]
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected[name], msg=f"rank {rank} {name}")
 
 
 @pytest.mark.distributed
@@ -81,7 +108,7 @@ def _reducer_with_peer(tmp_path, peer_pid: int, timeout_s: float, rank: int = 0)
     path = tmp_path / "slots"
     if not path.exists():
         with open(path, "wb") as f:
-            f.truncate(2 * 2 * 256 + 2 * shm_allreduce.LINE)
+            f.truncate(shm_allreduce.file_bytes(2, 256))
     return SharedMemoryAllReduce(str(path), rank=rank, world_size=2, slot_bytes=256,
                                  pids=[os.getpid(), peer_pid], timeout_s=timeout_s)
 
@@ -146,3 +173,15 @@ def test_where_it_does_not_apply(env, device, expected):
 def test_require_with_a_compression_hook_is_a_usage_error():
     with pytest.raises(UsageError, match="ddp.shm_allreduce=require cannot be combined with ddp.comm_hook=bf16"):
         DDPConfig(comm_hook="bf16", shm_allreduce="require")
+
+
+def test_a_rank_that_does_not_share_rank_0s_dev_shm_says_so(tmp_path):
+    env = DistEnv(1, 2, 1, 2, "h", 1)
+    missing = str(tmp_path / "missing")
+    reducer, problem = shm_allreduce._open(missing, 5, env, 256, [1, 2], 60)
+    assert reducer is None and "rank 1 does not see rank 0's" in problem and not os.path.exists(missing)
+    other = tmp_path / "other"
+    with open(other, "wb") as f:
+        f.truncate(shm_allreduce.file_bytes(2, 256))  # same name, but not rank 0's file: token 0
+    reducer, problem = shm_allreduce._open(str(other), 5, env, 256, [1, 2], 60)
+    assert reducer is None and "maps a different" in problem
