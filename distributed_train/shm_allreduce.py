@@ -63,8 +63,8 @@ def unsupported_reason(env: DistEnv, device: torch.device) -> str | None:
 
 def slot_bytes_for(total_bytes: int, world_size: int) -> int:
     """Bytes of one rank's slot: the whole model when it fits the budget, else a bounded piece."""
-    budget = max(LINE * 1024, min(MAX_SLOT_BYTES, SHM_BUDGET_BYTES // (2 * (world_size + 1))))
-    return _round_up(min(max(total_bytes, LINE), budget))
+    budget = max(LINE * 1024, min(MAX_SLOT_BYTES, SHM_BUDGET_BYTES // (2 * (world_size + 1)))) // LINE * LINE
+    return min(_round_up(max(total_bytes, LINE)), budget)
 
 
 def _round_up(n: int) -> int:

@@ -185,3 +185,12 @@ def test_a_rank_that_does_not_share_rank_0s_dev_shm_says_so(tmp_path):
         f.truncate(shm_allreduce.file_bytes(2, 256))  # same name, but not rank 0's file: token 0
     reducer, problem = shm_allreduce._open(str(other), 5, env, 256, [1, 2], 60)
     assert reducer is None and "maps a different" in problem
+
+
+@pytest.mark.parametrize("world_size", [2, 8, 64, 512])
+def test_the_shared_file_stays_within_its_budget_for_a_large_model(world_size):
+    slot = shm_allreduce.slot_bytes_for(10**9, world_size)  # a 1 GB model goes through in pieces
+    assert slot % shm_allreduce.LINE == 0 and slot <= shm_allreduce.MAX_SLOT_BYTES
+    assert shm_allreduce.file_bytes(world_size, slot) <= max(shm_allreduce.SHM_BUDGET_BYTES,
+                                                             2 * (world_size + 1) * 64 * 1024) + 64 * (world_size + 1)
+    assert shm_allreduce.slot_bytes_for(1000, world_size) == 1024  # a small model fits one slot
