@@ -92,24 +92,29 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def allreduce_sweep(device, world_size: int, max_mib: float) -> list[dict]:
-    """algbw/busbw in GB/s for float32 all-reduces from 4 KiB to `max_mib` (slowest rank's time)."""
+def allreduce_sweep(device, world_size: int, max_mib: float, average=None) -> list[dict]:
+    """algbw/busbw in GB/s for float32 all-reduces from 4 KiB to `max_mib` (slowest rank's time).
+
+    `average(tensor)`, when given, is an in-place mean across ranks measured instead of the
+    backend's sum (the shared-memory all-reduce)."""
     import torch
     import torch.distributed as dist
 
+    reduce = average or dist.all_reduce
+    expected = (world_size + 1) / 2 if average else world_size * (world_size + 1) / 2
     rows, size, rank = [], 4096, dist.get_rank()
     while size <= max_mib * 2**20:
         tensor = torch.full((size // 4,), rank + 1.0, dtype=torch.float32, device=device)
-        dist.all_reduce(tensor)  # also warms up the connections and buffers
-        correct = bool((tensor == world_size * (world_size + 1) / 2).all())
+        reduce(tensor)  # also warms up the connections and buffers
+        correct = bool((tensor == expected).all())
         tensor.zero_()
         iters = max(3, min(50, int(2**24 // size)))
-        dist.all_reduce(tensor)
+        reduce(tensor)
         _sync(device)
         dist.barrier()
         start = time.perf_counter()
         for _ in range(iters):
-            dist.all_reduce(tensor)
+            reduce(tensor)
         _sync(device)
         elapsed = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
@@ -119,6 +124,14 @@ def allreduce_sweep(device, world_size: int, max_mib: float) -> list[dict]:
                      "busbw": algbw * 2 * (world_size - 1) / world_size, "correct": correct})
         size *= 4
     return rows
+
+
+def shm_allreduce_sweep(env, device, max_mib: float, timeout_s: float) -> list[dict]:
+    """The same sweep through the shared-memory all-reduce, where training would use it (else [])."""
+    from . import shm_allreduce
+
+    reducer = shm_allreduce.setup(env, device, "auto", int(max_mib * 2**20), timeout_s)
+    return allreduce_sweep(device, env.world_size, max_mib, average=reducer.all_reduce_mean_) if reducer else []
 
 
 def matmul_tflops(device) -> float:
@@ -163,16 +176,28 @@ def _check_rank(args: argparse.Namespace) -> int:
             envs = ddist.all_gather_object(environment())
             max_mib = args.max_mib or (256 if device.type == "cuda" else 16)
             sweep = allreduce_sweep(device, env.world_size, max_mib) if ddist.active() else []
+            shm_sweep = shm_allreduce_sweep(env, device, max_mib, args.timeout_s) if ddist.active() else []
             tflops = ddist.all_gather_object(matmul_tflops(device))
     finally:
         ddist.teardown()
     if env.is_main:
-        report(envs, sweep, tflops, backend)
-    return 1 if verdict(envs, sweep, tflops) else 0
+        report(envs, sweep, tflops, backend, shm_sweep)
+    return 1 if verdict(envs, sweep + shm_sweep, tflops) else 0
 
 
-def report(envs: list[dict], sweep: list[dict], tflops: list[float], backend: str) -> None:
-    """Print the environment, the bandwidth table and the verdict (rank 0)."""
+def _print_sweep(rows: list[dict], title: str) -> None:
+    if not rows:
+        return
+    print(f"{title}:")
+    print(f"{'size (bytes)':>16} {'time (us)':>11} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}")
+    for row in rows:
+        print(f"{row['bytes']:>16} {row['time_us']:>11.1f} {row['algbw']:>13.3f} {row['busbw']:>13.3f}"
+              f"{'' if row['correct'] else '  WRONG SUM'}")
+
+
+def report(envs: list[dict], sweep: list[dict], tflops: list[float], backend: str,
+           shm_sweep: list[dict] | None = None) -> None:
+    """Print the environment, the bandwidth tables and the verdict (rank 0)."""
     first = envs[0]
     print(f"torch {first['torch']}, CUDA {first['cuda'] or 'none'}, NCCL {first['nccl'] or 'none'}, "
           f"gloo {'yes' if first['gloo'] else 'no'}; backend {backend}; {len(envs)} rank(s); "
@@ -183,14 +208,14 @@ def report(envs: list[dict], sweep: list[dict], tflops: list[float], backend: st
         print(f"rank {rank}: {e['host']} pid {e['pid']} {device}, visible {e['visible_devices'] or 'all'}, "
               f"/dev/shm {shm}, LOCAL_RANK {e['torchrun']['LOCAL_RANK']}/{e['torchrun']['LOCAL_WORLD_SIZE']}, "
               f"MASTER {e['torchrun']['MASTER_ADDR']}:{e['torchrun']['MASTER_PORT']}, matmul {t:.3g} TFLOP/s")
-    if sweep:
-        print(f"{'all_reduce size':>16} {'time (us)':>11} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}")
-        for row in sweep:
-            print(f"{row['bytes']:>16} {row['time_us']:>11.1f} {row['algbw']:>13.3f} {row['busbw']:>13.3f}"
-                  f"{'' if row['correct'] else '  WRONG SUM'}")
-    problems = verdict(envs, sweep, tflops)
+    _print_sweep(sweep, f"{backend} all_reduce")
+    if shm_sweep:
+        _print_sweep(shm_sweep, "shared-memory all-reduce (dtrain's gradient path for CPU ranks on one host)")
+    problems = verdict(envs, sweep + (shm_sweep or []), tflops)
     peak = max((row["busbw"] for row in sweep), default=None)
     summary = f"peak busbw {peak:.3g} GB/s, " if peak is not None else ""
+    if shm_sweep:
+        summary += f"shared memory {max(row['busbw'] for row in shm_sweep):.3g} GB/s, "
     summary += f"matmul {min(tflops):.3g}-{max(tflops):.3g} TFLOP/s"
     if problems:
         print(f"verdict: UNHEALTHY ({summary}): {'; '.join(problems)}", flush=True)

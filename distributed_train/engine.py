@@ -55,7 +55,8 @@ def attach_shm_allreduce(model: DDP, env: DistEnv, device: torch.device,
                          config: Config) -> shm_allreduce.SharedMemoryAllReduce | None:
     """Average `model`'s gradient buckets through shared memory when ddp.shm_allreduce allows it
     (collective: every rank calls it). Returns the reducer, or None when the backend keeps the job."""
-    reducer = shm_allreduce.setup(env, device, config.ddp.shm_allreduce, model.module, config.dist.timeout_s)
+    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    reducer = shm_allreduce.setup(env, device, config.ddp.shm_allreduce, gradient_bytes, config.dist.timeout_s)
     if reducer is not None:
         model.register_comm_hook(state=None, hook=reducer.hook)
     return reducer

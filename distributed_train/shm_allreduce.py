@@ -204,18 +204,16 @@ def leave() -> None:
         reducer.leave()
 
 
-def setup(env: DistEnv, device: torch.device, mode: str, model: torch.nn.Module,
+def setup(env: DistEnv, device: torch.device, mode: str, gradient_bytes: int,
           timeout_s: float) -> SharedMemoryAllReduce | None:
-    """The shared-memory all-reduce for this job, or None (collective: every rank must call it).
-
-    mode "auto" falls back to the backend's all-reduce when it cannot be used, "require" raises a
-    UsageError saying why, "never" does not try."""
+    """The shared-memory all-reduce for `gradient_bytes` of gradients, or None (collective: every
+    rank must call it). mode "auto" falls back to the backend's all-reduce when it cannot be
+    used, "require" raises a UsageError saying why, "never" does not try."""
     if mode == "never" or env.world_size == 1:
         return None
     reason = unsupported_reason(env, device)
     if reason is None:
-        total = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        reason = _create_and_open(env, slot_bytes_for(total, env.world_size), timeout_s)
+        reason = _create_and_open(env, slot_bytes_for(gradient_bytes, env.world_size), timeout_s)
     if isinstance(reason, SharedMemoryAllReduce):
         return reason
     if mode == "require":

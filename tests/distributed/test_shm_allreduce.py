@@ -42,8 +42,7 @@ def reduce_job(rank, world_size):
     env = dist.read_env()
     dist.init(env, "gloo", torch.device("cpu"), timeout_s=60)
     small_slots = shm_allreduce._create_and_open(env, slot_bytes=256, timeout_s=60)  # 64 floats a piece
-    model = torch.nn.Linear(100, 10)
-    auto = shm_allreduce.setup(env, torch.device("cpu"), "auto", model, timeout_s=60)
+    auto = shm_allreduce.setup(env, torch.device("cpu"), "auto", 4040, timeout_s=60)
     rng = random.Random(rank)
     results = []
     for call in range(40):
@@ -63,7 +62,7 @@ def reduce_job(rank, world_size):
     torch.manual_seed(0)
     model = SparseEmbeddingModel()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    ddp.register_comm_hook(None, shm_allreduce.setup(env, torch.device("cpu"), "require", model, 60).hook)
+    ddp.register_comm_hook(None, shm_allreduce.setup(env, torch.device("cpu"), "require", 4 * 45, 60).hook)
     ids = [torch.tensor([r, r + 1, 7]) for r in range(world_size)]
     ddp(ids[rank]).backward()
     grads = {n: p.grad.to_dense().clone() for n, p in model.named_parameters()}
@@ -83,7 +82,7 @@ def test_reductions_are_exact_means_on_every_rank():
     ranks = run_ranks(reduce_job, 3)
     for rank, outcome in enumerate(ranks):
         assert outcome["leftover"] == []  # the file is unlinked once every rank has mapped it
-        assert outcome["slot_bytes"] == 4096  # the Linear's 1010 floats (4040 bytes), rounded up to 64
+        assert outcome["slot_bytes"] == 4096  # 4040 bytes of gradients, rounded up to 64
         for call, (got, expected) in enumerate(outcome["results"]):
             assert torch.equal(got, expected), f"rank {rank} call {call}: {got[:4]} != {expected[:4]}"
             assert torch.equal(got, ranks[0]["results"][call][0])  # bitwise equal across ranks
@@ -162,12 +161,12 @@ def test_no_room_in_dev_shm_is_a_reason_not_a_crash(tmp_path):
     (DistEnv(0, 2, 0, 2, "h", 1), "cuda", "gradients live on cuda"),
 ])
 def test_where_it_does_not_apply(env, device, expected):
-    model = torch.nn.Linear(2, 2)
+    gradient_bytes = 4 * 6
     # No process group: these reasons are known before any collective.
-    assert shm_allreduce.setup(env, torch.device(device), "auto", model, 60) is None
+    assert shm_allreduce.setup(env, torch.device(device), "auto", gradient_bytes, 60) is None
     with pytest.raises(UsageError, match=f"ddp.shm_allreduce=require, but .*{expected}"):
-        shm_allreduce.setup(env, torch.device(device), "require", model, 60)
-    assert shm_allreduce.setup(DistEnv(0, 2, 0, 2, "h", 1), torch.device("cpu"), "never", model, 60) is None
+        shm_allreduce.setup(env, torch.device(device), "require", gradient_bytes, 60)
+    assert shm_allreduce.setup(DistEnv(0, 2, 0, 2, "h", 1), torch.device("cpu"), "never", gradient_bytes, 60) is None
 
 
 def test_require_with_a_compression_hook_is_a_usage_error():
