@@ -193,3 +193,10 @@ def test_the_shared_file_stays_within_its_budget_for_a_large_model(world_size):
     assert shm_allreduce.file_bytes(world_size, slot) <= max(shm_allreduce.SHM_BUDGET_BYTES,
                                                              2 * (world_size + 1) * 64 * 1024) + 64 * (world_size + 1)
     assert shm_allreduce.slot_bytes_for(1000, world_size) == 1024  # a small model fits one slot
+
+
+def test_other_architectures_keep_gloo(monkeypatch):
+    # The ordering argument (slot stores visible before the sequence number) is x86's TSO.
+    monkeypatch.setattr(shm_allreduce.platform, "machine", lambda: "aarch64")
+    reason = shm_allreduce.unsupported_reason(DistEnv(0, 2, 0, 2, "h", 1), torch.device("cpu"))
+    assert reason == "it is only validated on x86_64 (this is aarch64)"
