@@ -90,6 +90,8 @@ class EngineState:
     Needs `model` (maybe wrapped in DDP), `raw_model`, `optimizer`, `scheduler` and `scaler` (or None).
     """
 
+    shm_allreduce: shm_allreduce.SharedMemoryAllReduce | None = None  # set when gradients go through /dev/shm
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -136,7 +138,6 @@ class DDPEngine(EngineState):
         )
         use_scaler = config.train.precision == "fp16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
-        self.shm_allreduce: shm_allreduce.SharedMemoryAllReduce | None = None
         self.model = self._wrap(self.raw_model)
         self.non_blocking = device.type == "cuda"
         self.skipped_steps = 0  # train.nonfinite=skip: steps whose update was skipped

@@ -144,7 +144,6 @@ class AccelerateEngine(EngineState):
         # DDP(compile(model)), not compile(DDP(model)): the latter graph-breaks and compiles nothing.
         model = torch.compile(self.raw_model) if config.train.compile else self.raw_model
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.shm_allreduce = None
         if isinstance(self.model, DDP) and config.ddp.comm_hook == "none":  # MULTI_CPU: gloo otherwise
             self.shm_allreduce = attach_shm_allreduce(self.model, env, device, config)
         self.scaler = self.accelerator.scaler  # a GradScaler with fp16, else None

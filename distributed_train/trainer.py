@@ -141,7 +141,7 @@ class Trainer:
         log.info("training %s: %d steps, global batch %d on %d rank(s) (%d micro-batch(es) of %d per rank)%s",
                  self.task.name, self.total_steps, self.plan.global_batch, self.env.world_size,
                  self.plan.accumulation_steps, self.plan.micro_batch,
-                 "; gradients averaged through shared memory" if getattr(self.engine, "shm_allreduce", None) else "")
+                 "; gradients averaged through shared memory" if self.engine.shm_allreduce else "")
         train_time = 0.0
         self.window = _Window(self.device)
         with self.stop:
