@@ -251,6 +251,10 @@ def _open(path: str, token: int | None, env: DistEnv, slot_bytes: int, pids: lis
     """Map the file rank 0 created and check its token (rank 0: None); (reducer, None) or (None, why not)."""
     if not os.path.exists(path):  # from_file would create a file of its own
         return None, f"rank {env.rank} does not see rank 0's {path} (another host or container?)"
+    hidden = [r for r, pid in enumerate(pids) if not _alive(pid)]
+    if hidden:  # a peer found "gone" while waiting would be a false alarm: keep the backend
+        return None, (f"rank {env.rank} cannot see the process of rank {hidden[0]} (pid {pids[hidden[0]]}; "
+                      "a separate PID namespace?)")
     try:
         reducer = SharedMemoryAllReduce(path, env.rank, env.world_size, slot_bytes, pids, timeout_s)
     except (OSError, RuntimeError) as exc:

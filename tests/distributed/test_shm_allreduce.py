@@ -182,8 +182,13 @@ def test_a_rank_that_does_not_share_rank_0s_dev_shm_says_so(tmp_path):
     other = tmp_path / "other"
     with open(other, "wb") as f:
         f.truncate(shm_allreduce.file_bytes(2, 256))  # same name, but not rank 0's file: token 0
-    reducer, problem = shm_allreduce._open(str(other), 5, env, 256, [1, 2], 60)
+    alive = [os.getpid(), os.getppid()]
+    reducer, problem = shm_allreduce._open(str(other), 5, env, 256, alive, 60)
     assert reducer is None and "maps a different" in problem
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    reducer, problem = shm_allreduce._open(str(other), None, env, 256, [os.getpid(), gone.pid], 60)
+    assert reducer is None and f"cannot see the process of rank 1 (pid {gone.pid}" in problem
 
 
 @pytest.mark.parametrize("world_size", [2, 8, 64, 512])
