@@ -164,7 +164,7 @@ class SharedMemoryAllReduce:
         start = last_check = time.monotonic()
         while (lowest := sequence.min()) < call:
             if lowest == LEFT:
-                self._raise_left(call)
+                self._raise_left()
             now = time.monotonic()
             waited = now - start
             if waited < 0.005:
@@ -175,7 +175,7 @@ class SharedMemoryAllReduce:
                 last_check = now
                 self._check_peers(call, waited)
 
-    def _raise_left(self, call: int) -> None:
+    def _raise_left(self) -> None:
         rank = next(r for r in range(self.world_size) if self.sequence[r] == LEFT)
         raise RuntimeError(f"rank {rank} (pid {self.pids[rank]}) left the job during the {ERROR_SIGN} "
                            "(Connection closed by peer)")
