@@ -28,10 +28,11 @@ STORE_PREFIX = "dtrain/heartbeat/"
 BEAT_S = 1.0
 STALE_S = 5.0  # a rank silent this long has died or is stuck holding the GIL
 
+SHM_ALLREDUCE_SIGN = "shared-memory all-reduce"  # in every error of shm_allreduce's waits
 # Substrings of gloo/NCCL/store errors that mean "the ranks could not talk", not "the task is wrong".
 _COMMUNICATION_SIGNS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
                         "Connection refused", "connectFullMesh", "NCCL error", "Broken pipe",
-                        "shared-memory all-reduce")
+                        SHM_ALLREDUCE_SIGN)
 
 
 @dataclass

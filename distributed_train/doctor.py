@@ -209,8 +209,7 @@ def report(envs: list[dict], sweep: list[dict], tflops: list[float], backend: st
               f"/dev/shm {shm}, LOCAL_RANK {e['torchrun']['LOCAL_RANK']}/{e['torchrun']['LOCAL_WORLD_SIZE']}, "
               f"MASTER {e['torchrun']['MASTER_ADDR']}:{e['torchrun']['MASTER_PORT']}, matmul {t:.3g} TFLOP/s")
     _print_sweep(sweep, f"{backend} all_reduce")
-    if shm_sweep:
-        _print_sweep(shm_sweep, "shared-memory all-reduce (dtrain's gradient path for CPU ranks on one host)")
+    _print_sweep(shm_sweep or [], "shared-memory all-reduce (dtrain's gradient path for CPU ranks on one host)")
     problems = verdict(envs, sweep + (shm_sweep or []), tflops)
     peak = max((row["busbw"] for row in sweep), default=None)
     summary = f"peak busbw {peak:.3g} GB/s, " if peak is not None else ""

@@ -51,10 +51,13 @@ def optimizer_kernel(model: nn.Module) -> dict:
     return {"foreach": True}
 
 
-def attach_shm_allreduce(model: DDP, env: DistEnv, device: torch.device,
+def attach_shm_allreduce(model: nn.Module, env: DistEnv, device: torch.device,
                          config: Config) -> shm_allreduce.SharedMemoryAllReduce | None:
-    """Average `model`'s gradient buckets through shared memory when ddp.shm_allreduce allows it
-    (collective: every rank calls it). Returns the reducer, or None when the backend keeps the job."""
+    """Average a DDP `model`'s gradient buckets through shared memory when ddp.shm_allreduce allows it
+    (collective: every rank calls it). Returns the reducer, or None when the backend keeps the job
+    (no DDP, or ddp.comm_hook compresses the backend's all-reduce)."""
+    if not isinstance(model, DDP) or config.ddp.comm_hook != "none":
+        return None
     gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     reducer = shm_allreduce.setup(env, device, config.ddp.shm_allreduce, gradient_bytes, config.dist.timeout_s)
     if reducer is not None:
@@ -164,8 +167,7 @@ class DDPEngine(EngineState):
 
             hook = default_hooks.bf16_compress_hook if ddp.comm_hook == "bf16" else default_hooks.fp16_compress_hook
             wrapped.register_comm_hook(state=None, hook=hook)
-        else:
-            self.shm_allreduce = attach_shm_allreduce(wrapped, self.env, self.device, self.config)
+        self.shm_allreduce = attach_shm_allreduce(wrapped, self.env, self.device, self.config)
         return wrapped
 
     def _sync_context(self, last_micro_step: bool) -> Any:

@@ -16,7 +16,6 @@ import math
 from typing import Any, Iterable
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, DistributedType,
@@ -144,8 +143,7 @@ class AccelerateEngine(EngineState):
         # DDP(compile(model)), not compile(DDP(model)): the latter graph-breaks and compiles nothing.
         model = torch.compile(self.raw_model) if config.train.compile else self.raw_model
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        if isinstance(self.model, DDP) and config.ddp.comm_hook == "none":  # MULTI_CPU: gloo otherwise
-            self.shm_allreduce = attach_shm_allreduce(self.model, env, device, config)
+        self.shm_allreduce = attach_shm_allreduce(self.model, env, device, config)  # MULTI_CPU only
         self.scaler = self.accelerator.scaler  # a GradScaler with fp16, else None
         self.non_blocking = device.type == "cuda"
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import dist as dist_util
+from .diagnose import SHM_ALLREDUCE_SIGN
 from .dist import DistEnv
 from .errors import UsageError
 
@@ -43,7 +44,7 @@ LIVENESS_EVERY_S = 0.02  # how often a waiting rank checks that the late ranks' 
 LEFT = -1  # a rank's sequence number once it has left the job with an error
 # Words in every error this module raises, so diagnose.is_communication_failure recognises them
 # (autograd re-raises an exception from a DDP comm hook as a plain RuntimeError with the same text).
-ERROR_SIGN = "shared-memory all-reduce"
+ERROR_SIGN = SHM_ALLREDUCE_SIGN
 
 
 def unsupported_reason(env: DistEnv, device: torch.device) -> str | None:
@@ -213,9 +214,10 @@ def setup(env: DistEnv, device: torch.device, mode: str, gradient_bytes: int,
         return None
     reason = unsupported_reason(env, device)
     if reason is None:
-        reason = _create_and_open(env, slot_bytes_for(gradient_bytes, env.world_size), timeout_s)
-    if isinstance(reason, SharedMemoryAllReduce):
-        return reason
+        opened = _create_and_open(env, slot_bytes_for(gradient_bytes, env.world_size), timeout_s)
+        if isinstance(opened, SharedMemoryAllReduce):
+            return opened
+        reason = opened
     if mode == "require":
         raise UsageError(f"ddp.shm_allreduce=require, but {reason}; use ddp.shm_allreduce=auto or never")
     return None
