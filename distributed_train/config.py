@@ -135,7 +135,7 @@ class DDPConfig:
     static_graph: bool = opt(False, "DDP static_graph: the same parameters are used every step")
     find_unused_parameters: bool = opt(False, "allow parameters that get no gradient in a step")
     comm_hook: Literal["none", "bf16", "fp16"] = opt(
-        "none", "compress gradients for the all-reduce; changes the math slightly"
+        "none", "compress gradients for the all-reduce (bf16: GPUs only); changes the math slightly"
     )
     shm_allreduce: Literal["auto", "require", "never"] = opt(
         "auto", "CPU ranks on one host average gradients through /dev/shm, not gloo (same sums); "

@@ -51,6 +51,13 @@ def optimizer_kernel(model: nn.Module) -> dict:
     return {"foreach": True}
 
 
+def check_comm_hook(comm_hook: str, device: torch.device) -> None:
+    """torch's bf16 compression hook needs NCCL (it raises a TypeError deep in DDP otherwise)."""
+    if comm_hook == "bf16" and device.type != "cuda":
+        raise UsageError("ddp.comm_hook=bf16 needs CUDA GPUs (torch's bf16 hook runs on NCCL only); "
+                         "use ddp.comm_hook=fp16 or none on CPU")
+
+
 def attach_shm_allreduce(model: nn.Module, env: DistEnv, device: torch.device,
                          config: Config) -> shm_allreduce.SharedMemoryAllReduce | None:
     """Average a DDP `model`'s gradient buckets through shared memory when ddp.shm_allreduce allows it
@@ -134,6 +141,7 @@ class DDPEngine(EngineState):
                  plan: BatchPlan, total_steps: int):
         self.task, self.config, self.env, self.device, self.plan = task, config, env, device, plan
         autocast_context(config.train.precision, device)  # fail early on fp16 without CUDA
+        check_comm_hook(config.ddp.comm_hook, device)
         self.raw_model = task.model().to(device)
         self.optimizer = build_optimizer(task, self.raw_model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -24,7 +24,8 @@ from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelK
 from .config import Config
 from .data import BatchPlan, move_to_device
 from .dist import DistEnv
-from .engine import EngineState, attach_shm_allreduce, autocast_context, build_optimizer, lr_factor
+from .engine import (EngineState, attach_shm_allreduce, autocast_context, build_optimizer, check_comm_hook,
+                     lr_factor)
 from .errors import UsageError
 from .task import Task
 
@@ -102,6 +103,7 @@ def ddp_kwargs(config: Config) -> DistributedDataParallelKwargs:
 def make_accelerator(config: Config, env: DistEnv, device: torch.device, plan: BatchPlan) -> Accelerator:
     """A fresh Accelerator on the process group `dist.init` created, checked against our DistEnv."""
     precision = mixed_precision(config.train.precision, device)
+    check_comm_hook(config.ddp.comm_hook, device)
     plugins = plugin_kwargs(config, plan, device)
     # Accelerate's state is a per-process singleton: a previous run's (or an earlier PartialState's)
     # settings would win over ours, or clash with them.

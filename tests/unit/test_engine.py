@@ -104,6 +104,12 @@ def test_precision_on_cpu():
     assert torch.isfinite(loss) and engine.raw_model[0].weight.dtype == torch.float32
 
 
+def test_bf16_comm_hook_on_cpu_is_a_usage_error():
+    # torch's bf16 hook raises a TypeError inside DDP on gloo; say it before building anything.
+    with pytest.raises(UsageError, match=r"ddp\.comm_hook=bf16 needs CUDA GPUs .* use ddp\.comm_hook=fp16 or none"):
+        make_engine(["--ddp.comm_hook=bf16"])
+
+
 def test_state_dict_has_no_module_prefix_and_round_trips():
     engine, task = make_engine([])
     engine.train_step([global_batch(task)])
