@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import UsageError
+from distributed_train.errors import UsageError
 
 
 def opt(default: Any, help: str) -> Any:

@@ -1,4 +1,16 @@
-"""User mistakes (UsageError, exit 2) and known training failures: the CLI prints one line for each."""
+"""Exit codes, the exceptions that map to them, and `user_errors()`, which does the mapping.
+
+Exit codes: 0 done, 2 bad configuration or input (one line on stderr), 3 non-finite loss,
+4 ranks could not talk (timeout, lost peer, rendezvous), 143 stopped by SIGTERM, 1 anything else.
+Exceptions are matched by type, never by their text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from typing import Iterator
 
 
 class UsageError(Exception):
@@ -9,6 +21,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3  # train.nonfinite=error stopped a loss that became NaN/inf
 EXIT_COMMUNICATION = 4  # a collective timed out, a peer left, or the rendezvous was unreachable
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # stopped by SIGTERM after committing a checkpoint
 
 
 class TrainingFailure(Exception):
@@ -35,3 +48,28 @@ class PeerCrashed(CommunicationFailure):
     """A collective failed because another rank crashed: the job failed like that rank (exit 1)."""
 
     exit_code = 1
+
+
+def print_error(message: str) -> None:
+    """The one line a user sees for a known failure."""
+    print(f"dtrain: error: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
+    """Turn UsageError into one line on stderr and exit code 2 (`--debug` keeps the traceback);
+    a known TrainingFailure (non-finite loss, hang) into one line and its own exit code."""
+    try:
+        yield
+    except UsageError as exc:
+        if debug:
+            raise
+        if not quiet:
+            print_error(str(exc))
+        raise SystemExit(EXIT_USAGE) from None
+    except TrainingFailure as exc:
+        if debug:
+            raise
+        if not quiet or exc.every_rank:
+            print_error(str(exc))
+        raise SystemExit(exc.exit_code) from None

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UsageError
+from distributed_train.errors import UsageError
 
 BUILTIN_TASKS = {
     "digits": "distributed_train.tasks.digits:DigitsTask",

@@ -130,8 +130,8 @@ def torchrun(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
 def train_in_rank(rank: int, world_size: int, overrides: list[str]) -> dict:
     """Run a whole training job as this rank; returns the summary and the final parameters."""
     from distributed_train import dist
-    from distributed_train.cli import resolve_config
-    from distributed_train.run import run_training
+    from distributed_train.cli.train import resolve_config
+    from distributed_train.training.run import run_training
 
     config = resolve_config(None, ["--log.wandb=disabled", *overrides])
     summary = run_training(config, dist.read_env())

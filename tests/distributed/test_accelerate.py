@@ -34,7 +34,7 @@ JOBS = {
 
 
 def _config(run_dir, extra):
-    from distributed_train.cli import resolve_config
+    from distributed_train.cli.train import resolve_config
 
     return resolve_config(None, [*BASE, *extra, f"--run_dir={run_dir}"])
 
@@ -44,8 +44,8 @@ def _silent_case(env: DistEnv, device: torch.device, tmp: str) -> dict:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from distributed_train import engine_accelerate
-    from distributed_train.trainer import Trainer
+    from distributed_train.engines import accelerate as engine_accelerate
+    from distributed_train.training.trainer import Trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -77,7 +77,7 @@ def accelerate_jobs(rank: int, world_size: int, tmp: str) -> dict:
     import torch.distributed as tdist
 
     from distributed_train import dist
-    from distributed_train.trainer import Trainer
+    from distributed_train.training.trainer import Trainer
 
     os.environ.pop("ACCELERATE_USE_CPU", None)
     env, device = dist.read_env(), torch.device("cpu")
@@ -160,7 +160,7 @@ def test_unsynced_cpu_accelerator_is_caught(ranks):
 # ---- no process group -------------------------------------------------------------------------
 
 def test_check_world_accepts_a_matching_job_and_names_the_fix_otherwise():
-    from distributed_train.engine_accelerate import check_world
+    from distributed_train.engines.accelerate import check_world
 
     two = DistEnv(rank=1, world_size=2, master_addr="127.0.0.1", master_port=1)
     check_world(two, 2, 1, "MULTI_CPU")
@@ -171,8 +171,8 @@ def test_check_world_accepts_a_matching_job_and_names_the_fix_otherwise():
 
 
 def test_precision_and_plugin_settings_fail_early_on_cpu():
-    from distributed_train.data import BatchPlan
-    from distributed_train.engine_accelerate import mixed_precision, plugin_kwargs
+    from distributed_train.training.data import BatchPlan
+    from distributed_train.engines.accelerate import mixed_precision, plugin_kwargs
 
     cpu = torch.device("cpu")
     assert [mixed_precision(p, cpu) for p in ("fp32", "bf16")] == ["no", "bf16"]
@@ -191,8 +191,8 @@ def test_precision_and_plugin_settings_fail_early_on_cpu():
 
 def test_one_process_runs_fp32_then_bf16_in_the_same_interpreter(tmp_path):
     """Accelerate's per-process state is reset per run: a second run with other precision works."""
-    from distributed_train.cli import resolve_config
-    from distributed_train.run import run_training
+    from distributed_train.cli.train import resolve_config
+    from distributed_train.training.run import run_training
 
     losses = []
     for precision in ("fp32", "bf16"):

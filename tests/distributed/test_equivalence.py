@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from distributed_train.cli import resolve_config
+from distributed_train.cli.train import resolve_config
 from distributed_train.dist import DistEnv
-from distributed_train.run import run_training
+from distributed_train.training.run import run_training
 from tests.helpers import REPO, run_ranks, train_in_rank
 
 TOY = str(REPO / "tests" / "tasks" / "toy.py")

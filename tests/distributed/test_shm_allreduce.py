@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from distributed_train import diagnose, shm_allreduce
+from distributed_train.dist import diagnose, shm_allreduce
 from distributed_train.config import DDPConfig
 from distributed_train.dist import DistEnv
 from distributed_train.errors import UsageError
-from distributed_train.shm_allreduce import SharedMemoryAllReduce
+from distributed_train.dist.shm_allreduce import SharedMemoryAllReduce
 from tests.helpers import REPO, run_ranks, train_in_rank
 
 TOY = str(REPO / "tests" / "tasks" / "toy.py")

@@ -31,7 +31,7 @@ def test_doctor_rejects_unknown_arguments():
 
 
 def test_verdict_names_a_slow_rank_a_wrong_sum_and_a_small_shm():
-    from distributed_train.doctor import verdict
+    from distributed_train.cli.doctor import verdict
 
     envs = [{"host": "a", "gpus": ["H100"], "shm_gib": 0.0625}, {"host": "b", "gpus": ["H100"], "shm_gib": 64}]
     sweep = [{"bytes": 4096, "correct": False}]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from distributed_train.checkpoint import committed_checkpoints
+from distributed_train.training.checkpoint import committed_checkpoints
 from tests.helpers import dtrain
 
 pytestmark = pytest.mark.slow

@@ -19,8 +19,8 @@ import pytest
 import torch
 import yaml
 
-from distributed_train import k8s
-from distributed_train.k8s_render import CONFIG_PATH, ENTRYPOINT, RDZV_PORT
+from distributed_train.cli import k8s
+from distributed_train.cli.k8s_render import CONFIG_PATH, ENTRYPOINT, RDZV_PORT
 from tests.helpers import REPO, clean_env, free_port
 
 pytestmark = pytest.mark.slow

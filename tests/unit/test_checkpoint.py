@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from distributed_train import checkpoint
+from distributed_train.training import checkpoint
 from distributed_train.errors import UsageError
 
 

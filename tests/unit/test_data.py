@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 
-from distributed_train.data import (BatchPlan, EvalBatchSampler, TrainBatchSampler, batch_len,
+from distributed_train.training.data import (BatchPlan, EvalBatchSampler, TrainBatchSampler, batch_len,
                                     epoch_permutation, eval_shard, make_loader, move_to_device,
                                     steps_per_epoch)
 from distributed_train.errors import UsageError

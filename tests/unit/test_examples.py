@@ -2,7 +2,7 @@
 
 import pytest
 
-from distributed_train.cli import resolve_config
+from distributed_train.cli.train import resolve_config
 from distributed_train.task import load_task
 from tests.helpers import REPO
 
@@ -18,7 +18,7 @@ def test_example_config_resolves_and_its_task_loads(path):
 
 def test_example_task_learns(tmp_path):
     from distributed_train import dist
-    from distributed_train.run import run_training
+    from distributed_train.training.run import run_training
 
     config = resolve_config(None, [f"--task={REPO / 'examples' / 'regression.py'}:RegressionTask",
                                    f"--run_dir={tmp_path}", "--log.wandb=disabled"])

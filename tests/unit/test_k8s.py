@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distributed_train import cli, k8s
-from distributed_train.k8s_render import CONFIG_PATH, RDZV_PORT
+from distributed_train import cli
+from distributed_train.cli import k8s
+from distributed_train.cli.k8s_render import CONFIG_PATH, RDZV_PORT
 from tests.helpers import REPO, dtrain
 
 K8S_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]

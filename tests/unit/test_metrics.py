@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from distributed_train import flops
+from distributed_train.training import flops
 from distributed_train.config import load_config
 from distributed_train.dist import DistEnv
 from distributed_train.errors import UsageError
-from distributed_train.metrics import MetricsLogger, has_wandb_key, read_events, wandb_mode
-from distributed_train.progress import Progress, format_event
+from distributed_train.training.metrics import MetricsLogger, has_wandb_key, read_events, wandb_mode
+from distributed_train.training.progress import Progress, format_event
 from tests.helpers import clean_env
 
 

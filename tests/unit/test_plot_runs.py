@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from distributed_train import cli, runs
+from distributed_train import cli
+from distributed_train.cli import runs
 from distributed_train.errors import UsageError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -5,9 +5,9 @@ import json
 import torch
 
 from distributed_train import dist
-from distributed_train.cli import resolve_config
-from distributed_train.profiling import StepProfiler
-from distributed_train.run import run_training
+from distributed_train.cli.train import resolve_config
+from distributed_train.training.profiling import StepProfiler
+from distributed_train.training.run import run_training
 
 
 def test_profile_steps_writes_a_trace_of_the_requested_steps(tmp_path):

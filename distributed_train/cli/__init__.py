@@ -1,0 +1,41 @@
+"""`dtrain` subcommands: `train` runs a job in this process, `launch` starts workers via torchrun,
+the others inspect runs, render manifests and check the machine. Exit codes: errors.py."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from distributed_train.errors import EXIT_USAGE, print_error, user_errors
+
+USAGE = """usage: dtrain COMMAND [...]
+
+commands:
+  train  [CONFIG|TASK] [--section.key=value ...]  run one training job in this process (or every torchrun worker)
+  launch [torchrun options] [CONFIG] [...]    start local workers with torchrun, each running `dtrain train`
+  plot RUN_DIR [-o FILE.png]                  loss / eval / throughput curves of a run
+  runs [DIR]                                  table of the runs in a folder
+  k8s ...                                     render Kubernetes manifests for a multi-node job
+  doctor [--nproc-per-node N]                 preflight: environment, all-reduce bandwidth, matmul speed
+
+`dtrain train --help` lists every config key; `dtrain COMMAND --help` for the others.
+"""
+
+# Every command lives in its own module of this package, imported only when used (keeps
+# `dtrain train` lean); each has `main(argv) -> exit code`.
+COMMANDS = ("train", "launch", "plot", "runs", "k8s", "doctor")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `dtrain COMMAND ...` (also `python -m distributed_train`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(USAGE, end="")
+        return 0 if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print_error(f"unknown command {command!r}; run `dtrain --help`")
+        return EXIT_USAGE
+    module = importlib.import_module(f"{__name__}.{command}")
+    with user_errors("--debug" in rest):
+        return module.main(rest)

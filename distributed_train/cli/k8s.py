@@ -1,0 +1,148 @@
+"""`dtrain k8s`: print the Kubernetes manifests that run a config as an N-node torchrun job.
+
+    dtrain k8s --nodes 2 --gpus-per-node 8 --image REGISTRY/dtrain:0.1.0 [CONFIG] [--key=value ...]
+
+The config is validated here first (a bad one exits 2 before anything is printed); the
+manifests carry it in a ConfigMap and the overrides on the container's command line.
+`--write-examples DIR` regenerates the checked-in examples under k8s/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from distributed_train.errors import UsageError
+from .k8s_render import JobSpec, render, to_yaml
+
+EXAMPLE_IMAGE = "ghcr.io/example/distributed-train:0.1.0"
+EXAMPLE_CONFIG = {"task": "digits", "train": {"epochs": 20, "batch_size": 64, "lr": 0.002},
+                  "checkpoint": {"every_steps": 50}, "log": {"wandb": "offline"}}
+# File name -> the `dtrain k8s` arguments that render it (after --image and the config).
+EXAMPLES = {
+    "job-gpu.yaml": ["--nodes", "2", "--gpus-per-node", "8"],
+    "job-cpu.yaml": ["--nodes", "2", "--cpu", "--procs-per-node", "2"],
+    "pytorchjob-gpu.yaml": ["--nodes", "2", "--gpus-per-node", "8", "--kind", "pytorchjob"],
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes become one `dtrain: error:` line (exit 2) instead of usage + exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"k8s: {message}")
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="dtrain k8s", description="Render Kubernetes manifests (stdout) for an N-node job.",
+                epilog="Anything else on the command line is CONFIG and --section.key=value overrides, "
+                       "validated now and passed to every node.")
+    p.add_argument("--image", help="the image every node runs, with a fixed tag or digest (required)")
+    p.add_argument("--nodes", type=int, default=1, help="pods (machines) in the job (default 1)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per pod = processes per pod (default 1; 0 = --cpu)")
+    p.add_argument("--cpu", action="store_true", help="no GPUs: gloo; the job to try on kind/minikube")
+    p.add_argument("--procs-per-node", type=int, default=1, help="with --cpu: processes per pod (default 1)")
+    p.add_argument("--name", default="dtrain", help="job name, a DNS-1123 label (default dtrain)")
+    p.add_argument("--kind", choices=["job", "pytorchjob"], default="job",
+                   help="job: batch/v1 Indexed Job + headless Service; pytorchjob: Kubeflow PyTorchJob")
+    p.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts of a node's workers")
+    p.add_argument("--grace-period", type=int, default=120, dest="grace_period_s",
+                   help="seconds from SIGTERM to SIGKILL: the SIGTERM checkpoint must fit (default 120)")
+    p.add_argument("--pvc", help="an existing PersistentVolumeClaim for run dirs (default: render NAME-runs)")
+    p.add_argument("--pvc-size", default="20Gi", help="size of the rendered claim (default 20Gi)")
+    p.add_argument("--pvc-access-mode", help="ReadWriteMany (default with GPUs) or ReadWriteOnce (default --cpu)")
+    p.add_argument("--storage-class", help="storage class of the rendered claim (default: the cluster's)")
+    p.add_argument("--cpus-per-node", help="CPU request per pod (default 8 per GPU, 1 per CPU process)")
+    p.add_argument("--memory-per-node", help="memory request and limit per pod (default 32Gi per GPU, 2Gi per CPU process)")
+    p.add_argument("--write-examples", metavar="DIR", help="write the k8s/ example manifests into DIR and exit")
+    return p
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(our flags, CONFIG and overrides) from one mixed command line, by our option names."""
+    actions = _parser()._option_string_actions
+    ours, train = [], []
+    i = 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        action = actions.get(name) if argv[i].startswith("-") else None
+        if action is None:
+            train.append(argv[i])
+        else:
+            ours.append(argv[i])
+            if "=" not in argv[i] and action.nargs != 0 and i + 1 < len(argv):
+                ours.append(argv[i + 1])
+                i += 1
+        i += 1
+    return ours, train
+
+
+def config_text(config_path: str | None, overrides: list[str]) -> str:
+    """Validate CONFIG + overrides as `dtrain train` would; return the file's content for the ConfigMap."""
+    from distributed_train.cli.train import resolve_config
+    from distributed_train.config import read_config_file
+
+    if any(o.split("=", 1)[0].lstrip("-").replace("-", "_") == "run_dir" for o in overrides):
+        raise UsageError("--run_dir is set by dtrain k8s (the claim's /runs/NAME, so restarts resume); "
+                         "drop it and choose --name / --pvc instead")
+    config = resolve_config(config_path, overrides)
+    if config.checkpoint.every_steps == 0:
+        print("dtrain k8s: warning: checkpoint.every_steps is 0, so a node lost without SIGTERM restarts "
+              "the run from step 0; set checkpoint.every_steps", file=sys.stderr)
+    data = read_config_file(config_path) if config_path else {}
+    data.pop("run_dir", None)  # the command line sets it on the claim
+    return yaml.safe_dump(data, sort_keys=False) if data else "{}\n"
+
+
+def manifests(argv: list[str], note: str = "") -> str:
+    """The YAML `dtrain k8s ARGV` prints (raises UsageError on bad input)."""
+    ours, train = split_args(argv)
+    options = vars(_parser().parse_args(ours))
+    options.pop("write_examples")
+    if not options["image"]:
+        raise UsageError("--image is required: the image every node runs, e.g. REGISTRY/dtrain:0.1.0")
+    from distributed_train.cli.train import split_config_args
+
+    config_path, overrides, _ = split_config_args([a for a in train if a != "--debug"])
+    if options["gpus_per_node"] is None:
+        options["gpus_per_node"] = 0 if options["cpu"] else 1
+    spec = JobSpec(overrides=overrides, **options)
+    text = config_text(config_path, overrides)
+    header = "\n".join(filter(None, [f"Generated by: dtrain k8s {' '.join(argv)}", note,
+                                     "Apply: kubectl apply -f THIS_FILE"]))
+    return to_yaml(render(spec, text), header)
+
+
+def write_examples(directory: Path) -> list[Path]:
+    """Render every entry of EXAMPLES (with EXAMPLE_CONFIG as config.yaml) into `directory`."""
+    import tempfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(yaml.safe_dump(EXAMPLE_CONFIG, sort_keys=False))
+        for filename, args in EXAMPLES.items():
+            text = manifests(["--image", EXAMPLE_IMAGE, *args, str(config)],
+                             note="Regenerate all examples: dtrain k8s --write-examples k8s")
+            path = directory / filename
+            path.write_text(text.replace(str(config), "config.yaml"))  # no temporary path in the header
+            written.append(path)
+    return written
+
+
+def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        _parser().print_help()
+        return 0
+    ours, _ = split_args(argv)
+    examples_dir = vars(_parser().parse_args(ours)).get("write_examples")
+    if examples_dir:
+        for path in write_examples(Path(examples_dir)):
+            print(f"wrote {path}")
+        return 0
+    sys.stdout.write(manifests(argv))
+    return 0

@@ -1,0 +1,170 @@
+"""`dtrain launch`: start local workers through torch.distributed.run, each running `dtrain train`.
+
+Our arguments (CONFIG, --section.key=value) and torchrun's (--nproc-per-node, --max-restarts,
+--rdzv-*, ...) share one command line; torchrun's option names decide which is which.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from distributed_train.errors import EXIT_USAGE
+
+# Restarts reuse the agent's rendezvous store unless this is set, and then fail or hang in
+# init_process_group (pytorch/pytorch#135712; ../shared/PITFALLS.md).
+RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def torchrun_parser():
+    from torch.distributed.run import get_args_parser
+
+    return get_args_parser()
+
+
+def split_launch_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(torchrun options, `dtrain train` arguments) from one mixed command line."""
+    actions = torchrun_parser()._option_string_actions
+    torchrun, train = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        action = actions.get(name) if arg.startswith("-") and name not in ("-h", "--help") else None
+        if action is None:
+            train.append(arg)
+        else:
+            torchrun.append(arg)
+            if "=" not in arg and action.nargs != 0 and i + 1 < len(argv):
+                torchrun.append(argv[i + 1])
+                i += 1
+        i += 1
+    return torchrun, train
+
+
+def default_nproc() -> int:
+    """The visible GPUs, else 2 CPU processes."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def build_torchrun_args(torchrun: list[str], train: list[str]) -> list[str]:
+    """torchrun's argument list: ours plus defaults (nproc, standalone rendezvous), then the worker."""
+    given = {a.split("=", 1)[0].replace("_", "-") for a in torchrun if a.startswith("--")}
+    args = list(torchrun)
+    if "--nproc-per-node" not in given:
+        args += ["--nproc-per-node", str(default_nproc())]
+    multi_node = given & {"--rdzv-endpoint", "--master-addr", "--nnodes", "--rdzv-backend"}
+    if not multi_node and "--standalone" not in given:
+        args.append("--standalone")  # a free port on localhost: no clash with other jobs
+    return args + ["-m", "distributed_train", "train", *train]
+
+
+def _validate_before_spawn(train: list[str]):
+    """Check config and task in this process, fail fast; fix run_dir so restarts resume there.
+
+    Returns the workers' arguments and the resolved config."""
+    from distributed_train.cli.train import resolve_config, split_config_args
+    from distributed_train.task import resolve_attr
+    from distributed_train.training.trainer import default_run_dir
+
+    config_path, overrides, _ = split_config_args(train)
+    config = resolve_config(config_path, overrides)
+    resolve_attr(config.task)
+    if config.run_dir is None:
+        train = [*train, f"--run_dir={default_run_dir(config.task)}"]
+    return train, config
+
+
+def _warn_restarts_without_checkpoints(parsed, config) -> None:
+    """Restarted workers resume from the last checkpoint; with none they start over."""
+    if int(parsed.max_restarts or 0) > 0 and config.checkpoint.every_steps == 0:
+        print("dtrain launch: warning: --max-restarts without checkpoint.every_steps: a restarted "
+              "group starts again from step 0 (set --checkpoint.every_steps=N to resume instead)",
+              file=sys.stderr)
+
+
+def _check_batch_split(parsed, config) -> None:
+    """With a fixed world size (nnodes x nproc), check the global batch splits evenly here,
+    before spawning, rather than from every worker."""
+    from distributed_train.training.data import BatchPlan
+
+    min_nodes, _, max_nodes = str(parsed.nnodes).partition(":")
+    try:
+        world_size = int(min_nodes) * int(parsed.nproc_per_node)
+    except ValueError:  # nproc "gpu"/"auto": the world size is not known yet
+        return
+    if max_nodes and max_nodes != min_nodes:  # elastic "1:4": neither is it
+        return
+    BatchPlan.make(config.train.batch_size, world_size, config.train.micro_batch_size)
+
+
+def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print("usage: dtrain launch [torchrun options] [CONFIG.yaml] [--section.key=value ...]\n\n"
+              "Starts --nproc-per-node workers (default: the visible GPUs, else 2) with torchrun's\n"
+              "standalone rendezvous; every torchrun option works (--max-restarts, --nnodes, --rdzv-*).\n"
+              "Config keys: dtrain train --help.")
+        return 0
+    torchrun, train = split_launch_args(argv)
+    from distributed_train.errors import user_errors
+
+    with user_errors("--debug" in train):
+        train, config = _validate_before_spawn(train)
+        args = build_torchrun_args(torchrun, train)
+        parsed = torchrun_parser().parse_args(args)
+        _check_batch_split(parsed, config)
+        _warn_restarts_without_checkpoints(parsed, config)
+    for key, value in RESTART_SAFE_ENV.items():
+        os.environ.setdefault(key, value)
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun would force 1 thread per worker
+        from distributed_train.dist import cpu_count
+
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_count() // _nproc(parsed)))
+    return run_torchrun(parsed)
+
+
+def _nproc(parsed) -> int:
+    try:
+        return max(1, int(parsed.nproc_per_node))
+    except ValueError:  # "gpu", "auto", ...: let torchrun decide, one thread each
+        return os.cpu_count() or 1
+
+
+def run_torchrun(parsed) -> int:
+    from torch.distributed import DistError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import run
+
+    from distributed_train.dist.diagnose import describe
+    from distributed_train.errors import EXIT_COMMUNICATION, EXIT_NONFINITE
+    from distributed_train.errors import EXIT_PREEMPTED
+
+    try:
+        run(parsed)
+    except SignalException as exc:
+        # torchrun forwarded the signal; each worker stops at a step boundary and rank 0 commits.
+        print(f"dtrain launch: stopped by signal {exc.sigval.name}; rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_PREEMPTED
+    except (RendezvousError, DistError) as exc:
+        where = parsed.rdzv_endpoint or f"{parsed.master_addr}:{parsed.master_port}"
+        print(f"dtrain: error: could not join the rendezvous at {where} ({describe(exc)}): "
+              "check --rdzv-endpoint, that the other --nnodes started, and the "
+              "network; raise --rdzv-conf join_timeout=SECONDS to wait longer", file=sys.stderr)
+        return EXIT_COMMUNICATION
+    except ChildFailedError as exc:
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        if EXIT_USAGE in codes:
+            return EXIT_USAGE
+        first_code = exc.get_first_failure()[1].exitcode
+        if set(codes) <= {EXIT_NONFINITE, EXIT_COMMUNICATION}:  # the workers already said why
+            return first_code
+        ranks = ", ".join(str(r) for r in sorted(exc.failures))
+        print(f"dtrain launch: worker rank(s) {ranks} failed (exit code {', '.join(map(str, codes))}); "
+              "see their output above", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,129 @@
+"""`dtrain plot RUN_DIR [-o FILE.png]`: loss, eval, throughput and learning-rate curves of a run.
+
+Reads run_dir/metrics.jsonl (the final timeline of a resumed run) and writes one PNG. matplotlib
+is an optional extra (`pip install 'distributed_train[plot]'`), imported only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from distributed_train.errors import UsageError
+from distributed_train.training.metrics import read_events
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose mistakes become UsageError (one `dtrain: error:` line, exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def load_run(run_dir: Path) -> list[dict]:
+    """The run's log events; a missing or empty metrics.jsonl is a usage error that says why."""
+    if not run_dir.is_dir():
+        raise UsageError(f"run directory {str(run_dir)!r} does not exist")
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UsageError(f"{str(path)!r} does not exist: is {str(run_dir)!r} a run directory?")
+    events = [e for e in read_events(path) if e.get("kind") in ("train", "eval")]
+    if not events:
+        raise UsageError(f"{str(path)!r} has no train or eval events yet")
+    return events
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("dtrain plot needs matplotlib: pip install 'distributed_train[plot]' "
+                         "(or pip install matplotlib)") from None
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(events: list[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
+    points = [(e["step"], e[key]) for e in events
+              if e.get("kind") == kind and isinstance(e.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _eval_names(events: list[dict]) -> list[str]:
+    names = {k for e in events if e.get("kind") == "eval" for k in e
+             if k not in {"kind", "step", "epoch", "time", "loss"}}
+    return sorted(names)
+
+
+def draw(events: list[dict], title: str) -> Any:
+    """A 2x2 figure: loss, eval metrics, throughput (and MFU), learning rate (and grad norm)."""
+    plt = _pyplot()
+    fig, ((loss_ax, eval_ax), (speed_ax, lr_ax)) = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig.suptitle(title)
+
+    loss_ax.plot(*_series(events, "train", "loss"), label="train (mean over ranks)")
+    loss_ax.plot(*_series(events, "eval", "loss"), "o-", label="eval")
+    loss_ax.set(title="loss", xlabel="step")
+    loss_ax.legend()
+
+    names = _eval_names(events)
+    for name in names:
+        eval_ax.plot(*_series(events, "eval", name), "o-", label=name)
+    eval_ax.set(title="eval metrics", xlabel="step")
+    if names:
+        eval_ax.legend()
+    else:
+        eval_ax.text(0.5, 0.5, "no eval metrics besides loss", ha="center", va="center",
+                     transform=eval_ax.transAxes)
+
+    speed_ax.plot(*_series(events, "train", "samples_per_s"), color="tab:green")
+    speed_ax.set(title="throughput", xlabel="step", ylabel="samples/s")
+    speed_ax.set_ylim(bottom=0)
+    steps, mfu = _series(events, "train", "mfu")
+    if mfu:
+        twin = speed_ax.twinx()
+        twin.plot(steps, [100 * m for m in mfu], color="tab:purple", alpha=0.6)
+        twin.set_ylabel("MFU %", color="tab:purple")
+
+    lr_ax.plot(*_series(events, "train", "lr"), color="tab:orange")
+    lr_ax.set(title="learning rate and grad norm", xlabel="step", ylabel="lr")
+    steps, norms = _series(events, "train", "grad_norm")
+    if norms:
+        twin = lr_ax.twinx()
+        twin.plot(steps, norms, color="tab:gray", alpha=0.7)
+        twin.set_ylabel("grad norm", color="tab:gray")
+    fig.tight_layout()
+    return fig
+
+
+def _title(run_dir: Path) -> str:
+    starts = [e for e in read_events(run_dir / "metrics.jsonl") if e.get("kind") == "start"]
+    if not starts:
+        return run_dir.resolve().name
+    last = starts[-1]
+    resumed = f", resumed at step {last['step']}" if last.get("resumed") else ""
+    return f"{run_dir.resolve().name}: {last.get('task')} on {last.get('world_size')} rank(s){resumed}"
+
+
+def main(argv: list[str]) -> int:
+    """`dtrain plot RUN_DIR [-o FILE.png]`; prints the path it wrote."""
+    parser = CommandParser(prog="dtrain plot", description="Plot a run's metrics.jsonl as a PNG.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl)")
+    parser.add_argument("-o", "--output", metavar="FILE.png", help="default: RUN_DIR/metrics.png")
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    events = load_run(run_dir)
+    output = Path(args.output) if args.output else run_dir / "metrics.png"
+    if output.suffix.lower() != ".png":
+        raise UsageError(f"-o {str(output)!r}: dtrain plot writes PNG files; name it FILE.png")
+    fig = draw(events, _title(run_dir))
+    try:
+        fig.savefig(output, dpi=100)
+    except OSError as exc:
+        raise UsageError(f"cannot write {str(output)!r}: {exc.strerror}") from None
+    print(output)
+    return 0

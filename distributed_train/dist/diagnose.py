@@ -1,0 +1,299 @@
+"""Why a distributed job failed or hangs, in one line: which rank, which operation, and the fix.
+
+Every rank's main thread records where it is (`at("task.loss()")`: two attribute writes, no I/O).
+A daemon thread publishes that position to the rendezvous store once a second. When a collective
+times out or loses a peer, the rank that noticed reads every rank's position and names the ranks
+that did not arrive. The same thread ends a rank that SIGTERM asked to stop but that stays stuck
+(in user code, say) for longer than `dist.timeout_s`, so the job ends instead of waiting for SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from distributed_train.errors import EXIT_COMMUNICATION, CommunicationFailure, PeerCrashed, TrainingFailure, UsageError
+
+STORE_PREFIX = "dtrain/heartbeat/"
+BEAT_S = 1.0
+STALE_S = 5.0  # a rank silent this long has died or is stuck holding the GIL
+
+SHM_ALLREDUCE_SIGN = "shared-memory all-reduce"  # in every error of shm_allreduce's waits
+# Substrings of gloo/NCCL/store errors that mean "the ranks could not talk", not "the task is wrong".
+_COMMUNICATION_SIGNS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+                        "Connection refused", "connectFullMesh", "NCCL error", "Broken pipe",
+                        SHM_ALLREDUCE_SIGN)
+
+
+@dataclass
+class Position:
+    """Where this rank's main thread is: the step it works on, the phase, and since when."""
+
+    step: int = 0
+    phase: str = "starting"
+    since: float = 0.0  # time.monotonic() when the phase began
+    may_take_long: bool = False  # the SIGTERM watchdog leaves this phase alone (a checkpoint write)
+
+
+position = Position(since=time.monotonic())
+
+
+def at(phase: str, step: int | None = None, may_take_long: bool = False) -> None:
+    """Record that the main thread now does `phase` (cheap enough for the hot loop)."""
+    if step is not None:
+        position.step = step
+    position.phase, position.since, position.may_take_long = phase, time.monotonic(), may_take_long
+
+
+@contextlib.contextmanager
+def collective(op: str, caller_depth: int = 3) -> Iterator[None]:
+    """Phase `op in caller()` while a collective runs; on failure the phase stays, naming it."""
+    previous = (position.phase, position.since)
+    at(f"{op} in {sys._getframe(caller_depth).f_code.co_name}()")
+    yield
+    position.phase, position.since = previous
+
+
+def _default_store() -> Any:
+    try:
+        return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    except Exception:  # noqa: BLE001 - a private API; without it there is just no heartbeat
+        return None
+
+
+class Heartbeat:
+    """Publishes this rank's position every second; ends a rank stuck after SIGTERM."""
+
+    def __init__(self, rank: int, world_size: int, grace_s: float):
+        self.rank, self.world_size, self.grace_s = rank, world_size, grace_s
+        self.stop_requested: Callable[[], bool] = lambda: False  # set by watch()
+        self.store = _default_store() if world_size > 1 else None
+        self._done = threading.Event()
+        self._stop_seen: float | None = None
+        self.identity = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread = threading.Thread(target=self._run, name="dtrain-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._done.set()
+        self._thread.join(timeout=5 * BEAT_S)  # not mid-way through a store call when the process exits
+        if exc is not None:  # tell the peers why this rank left, before it exits
+            self.publish(left=describe(exc)[:300])
+
+    def watch(self, stop_requested: Callable[[], bool]) -> None:
+        """End this rank if it stays stuck for grace_s after `stop_requested()` (SIGTERM) turns true."""
+        self.stop_requested = stop_requested
+
+    def publish(self, left: str | None = None) -> None:
+        if self.store is None:
+            return
+        beat = {**self.identity, "step": position.step, "phase": position.phase, "left": left,
+                "phase_s": time.monotonic() - position.since, "time": time.time()}
+        try:
+            self.store.set(STORE_PREFIX + str(self.rank), json.dumps(beat))
+        except Exception:  # noqa: BLE001 - the store host is gone; the collective will say so
+            self.store = None
+
+    def _run(self) -> None:
+        while not self._done.wait(BEAT_S):
+            if not self.stop_requested():  # after SIGTERM the store's host may be gone already
+                self.publish()
+            self._end_if_stuck()
+
+    def _end_if_stuck(self) -> None:
+        """After SIGTERM a healthy rank reaches a step boundary soon; one that does not is stuck."""
+        now = time.monotonic()
+        if not self.stop_requested():
+            return
+        self._stop_seen = self._stop_seen or now
+        stuck = now - max(self._stop_seen, position.since)
+        if stuck > self.grace_s and not position.may_take_long:
+            print(f"dtrain: error: rank {self.rank}: stopped by SIGTERM but stuck in {position.phase} of "
+                  f"step {position.step} for {stuck:.0f} s (> dist.timeout_s); exiting without a "
+                  "checkpoint", file=sys.stderr, flush=True)
+            os._exit(EXIT_COMMUNICATION)
+
+
+def read_positions(world_size: int) -> dict[int, dict] | None:
+    """Every rank's last heartbeat that the store holds (rank -> beat); None if it is unreachable."""
+    store, beats = _default_store(), {}
+    if store is None:
+        return None
+    for rank in range(world_size):
+        key = STORE_PREFIX + str(rank)
+        try:
+            if store.check([key]):
+                beats[rank] = json.loads(store.get(key))
+        except Exception:  # noqa: BLE001 - the store's host (rank 0 or the agent) is gone
+            return None
+    return beats
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, without gloo's source path prefix."""
+    text = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    if text.startswith("[") and "] " in text:  # "[/path/gloo/pair.cc:553] Connection closed ..."
+        text = text.split("] ", 1)[1]
+    return text.strip()
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: first line of the message` (just the type when the message is empty)."""
+    text = first_line(exc)
+    return type(exc).__name__ if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
+
+
+def is_communication_failure(exc: BaseException) -> bool:
+    """True for errors of the process group or the store, as opposed to errors in task code."""
+    if isinstance(exc, TrainingFailure):
+        return False
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _COMMUNICATION_SIGNS))
+
+
+def _describe_peer(rank: int, beat: dict | None, mine: tuple[int, str]) -> str | None:
+    """Why peer `rank` is not where this rank is, or None when it is in the same operation."""
+    if beat is None:
+        return f"rank {rank} never reported (it did not start or could not reach the store)"
+    where = f"{beat['phase']} of step {beat['step']}"
+    who = f"pid {beat['pid']} on {beat['host']}"
+    if beat.get("left"):
+        return f"rank {rank} left the job in {where} ({beat['left']})"
+    silent = time.time() - beat["time"]
+    if silent > STALE_S:
+        return f"rank {rank} stopped responding {silent:.0f} s ago in {where} ({who}: dead or stuck)"
+    if (beat["step"], beat["phase"]) != mine:
+        return f"rank {rank} did not arrive: it is in {where} for {beat['phase_s'] + silent:.0f} s ({who})"
+    return None
+
+
+def explain_communication_failure(exc: BaseException, rank: int, world_size: int,
+                                  timeout_s: float) -> CommunicationFailure | None:
+    """One line naming the operation and the ranks that did not arrive, or None if not a comm error."""
+    if not is_communication_failure(exc):
+        return None
+    mine = (position.step, position.phase)
+    beats = read_positions(world_size)
+    peers = [_describe_peer(r, beats.get(r), mine) for r in range(world_size) if r != rank and beats is not None]
+    peers = [p for p in peers if p]
+    timed_out = "Timed out" in str(exc) or "timeout" in str(exc).lower()
+    what = f"timed out after dist.timeout_s={timeout_s:g} s" if timed_out else "failed"
+    if beats is None:
+        cause = "the rendezvous store is gone too, so rank 0 (or its node) has exited: see its error"
+    elif not peers:
+        cause = ("every rank reached it: the network failed or the ranks called different collectives "
+                 "(rerun with TORCH_DISTRIBUTED_DEBUG=DETAIL to compare them)")
+    elif any("left the job" in p for p in peers):
+        cause = "; ".join(peers) + ": see that rank's own error"
+    else:
+        cause = "; ".join(peers) + (": find out why it is slow (py-spy dump --pid PID), or raise "
+                                    "dist.timeout_s if it is legitimately slow")
+    detail = first_line(exc).split(". ")[0]  # gloo adds "This is typically caused by ..."
+    # A peer that crashed is the cause, not the network: exit like it did, whichever rank ends first.
+    kind = PeerCrashed if peers and any("left the job" in p for p in peers) else CommunicationFailure
+    return kind(f"rank {rank}: {mine[1]} of step {mine[0]} {what} ({detail}): {cause}")
+
+
+def unused_parameters_message(names: list[str]) -> str:
+    """The one line for DDP's 'Expected to have finished reduction' mistake."""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"the model has parameters that got no gradient in the first step ({shown}); DDP needs "
+            "--ddp.find_unused_parameters=true for that (it costs a graph walk per step), or remove "
+            "those parameters from the model or freeze them (requires_grad=False)")
+
+
+def explain_step_error(exc: BaseException, first_step: bool) -> UsageError | None:
+    """A one-line UsageError for a mistake in task code or data, or None to keep the traceback.
+
+    Errors on the first step of a run are the task's (nothing has worked yet); later ones are
+    explained only when their cause is certain, since a crash mid-run may be a real bug."""
+    if isinstance(exc, (UsageError, TrainingFailure)) or is_communication_failure(exc):
+        return None
+    text = first_line(exc)
+    if "Expected to have finished reduction" in str(exc):
+        return UsageError("the model has parameters that got no gradient in a step; DDP needs "
+                          "--ddp.find_unused_parameters=true for that, or remove those parameters")
+    if "default_collate" in text or "batch must contain" in text:
+        return UsageError(f"a training batch cannot be built: {text}; make train_dataset()[i] return "
+                          "tensors, numbers or numpy arrays (or tuples/dicts of them), or give the task "
+                          "a collate(samples) method")
+    if not first_step:
+        return None
+    phase = position.phase if position.phase != "loading batch" else "loading the first batch " \
+        "(train_dataset()[i] or collate)"
+    return UsageError(f"{phase} failed on the first step with {type(exc).__name__}: {text}; fix the "
+                      "task (dtrain train --debug shows the traceback)")
+
+
+@contextlib.contextmanager
+def task_errors_explained(first_step: bool) -> Iterator[None]:
+    """Re-raise a task or data mistake inside the block as a one-line UsageError."""
+    try:
+        yield
+    except Exception as exc:
+        explained = explain_step_error(exc, first_step)
+        if explained is None:
+            raise
+        raise explained from exc
+
+
+@contextlib.contextmanager
+def communication_failures_explained(rank: int, world_size: int, timeout_s: float) -> Iterator[None]:
+    """Re-raise a failed collective inside the block as a CommunicationFailure naming the ranks."""
+    try:
+        yield
+    except Exception as exc:
+        explained = explain_communication_failure(exc, rank, world_size, timeout_s)
+        if explained is None:
+            raise
+        raise explained from exc
+
+
+def explain_join_failure(exc: BaseException, rank: int, world_size: int, address: str,
+                         timeout_s: float) -> CommunicationFailure:
+    """init_process_group could not reach the other ranks or the store."""
+    return CommunicationFailure(
+        f"rank {rank} of {world_size} could not join the process group at {address} within "
+        f"dist.timeout_s={timeout_s:g} s ({describe(exc)}): check that rank 0 "
+        "(or the torchrun agent) runs there, the port is open, and every rank has the same WORLD_SIZE")
+
+
+def nonfinite_vector(losses: list[torch.Tensor], rank: int, world_size: int,
+                     device: torch.device) -> torch.Tensor:
+    """[sum and count of finite losses, first non-finite index (1-based, 0 = none) of rank 0..W-1]."""
+    vector = torch.zeros(2 + world_size, dtype=torch.float64, device=device)
+    if losses:
+        stacked = torch.stack(losses).double()
+        bad = ~torch.isfinite(stacked)
+        index = torch.arange(1, len(losses) + 1, device=device, dtype=torch.float64)
+        first = torch.where(bad, index, torch.full_like(index, float("inf"))).min()
+        # train.nonfinite=skip logs the mean of the finite losses; `error` stops on the first other.
+        vector[0], vector[1] = torch.where(bad, 0.0, stacked).sum(), (~bad).sum()
+        vector[2 + rank] = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
+    return vector
+
+
+def nonfinite_problem(vector: torch.Tensor, first_step: int) -> str | None:
+    """After the all-reduce of `nonfinite_vector`: the message naming the earliest bad step and rank."""
+    firsts = vector[2:].tolist()
+    bad = {rank: int(i) for rank, i in enumerate(firsts) if i > 0}
+    if not bad:
+        return None
+    earliest = min(bad.values())
+    ranks = ", ".join(str(r) for r, i in bad.items() if i == earliest)
+    return (f"non-finite loss (NaN or inf) at step {first_step + earliest - 1} on rank {ranks}; no "
+            "checkpoint of this state was committed; lower train.lr, set train.grad_clip, check the "
+            "data, or set train.nonfinite=skip to skip such steps")

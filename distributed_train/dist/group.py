@@ -1,0 +1,227 @@
+"""The distributed environment: torchrun's variables, backend and device choice, init/teardown,
+rank-0 helpers and the few reductions the trainer needs."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from distributed_train.dist import diagnose
+from distributed_train.errors import UsageError
+
+T = TypeVar("T")
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, as torchrun describes it (world size 1 without it)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = ""
+    master_port: int = 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when started by torchrun (a process group is created, even for world size 1)."""
+        return bool(self.master_addr)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    raw = environ.get(name)
+    try:
+        value = int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UsageError(f"environment variable {name} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise UsageError(f"environment variable {name} must be >= 0, got {value}")
+    return value
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read torchrun's variables into a DistEnv; none set means a single process."""
+    environ = os.environ if environ is None else environ
+    present = [v for v in _TORCHRUN_VARS if v in environ]
+    if not present:
+        return DistEnv()
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in environ]
+    if missing:
+        raise UsageError(
+            f"incomplete torchrun environment: {', '.join(present)} set but {', '.join(missing)} "
+            "missing; start with torchrun or dtrain launch, or unset them for one process"
+        )
+    rank, world = _int_var(environ, "RANK"), _int_var(environ, "WORLD_SIZE")
+    local_rank = _int_var(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
+    local_world = _int_var(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else world
+    if world < 1 or rank >= world:
+        raise UsageError(f"RANK={rank} must be smaller than WORLD_SIZE={world} (and WORLD_SIZE >= 1)")
+    if local_world < 1 or local_rank >= local_world or local_world > world:
+        raise UsageError(
+            f"LOCAL_RANK={local_rank} / LOCAL_WORLD_SIZE={local_world} do not fit WORLD_SIZE={world}"
+        )
+    if not environ["MASTER_ADDR"]:
+        raise UsageError("environment variable MASTER_ADDR is empty")
+    port = _int_var(environ, "MASTER_PORT")
+    if not 0 < port < 65536:
+        raise UsageError(f"environment variable MASTER_PORT must be a TCP port, got {port}")
+    return DistEnv(rank, world, local_rank, local_world, environ["MASTER_ADDR"], port)
+
+
+def pick_backend(requested: str, cuda_available: bool | None = None) -> str:
+    """nccl with CUDA, else gloo; asking for nccl without CUDA is a usage error."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if requested == "auto":
+        return "nccl" if cuda else "gloo"
+    if requested == "nccl" and not cuda:
+        raise UsageError("dist.backend=nccl needs CUDA GPUs and none is visible; use dist.backend=gloo or auto")
+    return requested
+
+
+def pick_device(backend: str, env: DistEnv) -> torch.device:
+    """cuda:LOCAL_RANK for nccl (or a single process with CUDA), else cpu."""
+    if backend == "nccl":
+        if env.local_rank >= torch.cuda.device_count():
+            raise UsageError(
+                f"LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                "lower --nproc-per-node"
+            )
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on (respects affinity / container cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def set_cpu_threads(env: DistEnv) -> int:
+    """Give each local rank its share of the cores, unless OMP_NUM_THREADS says otherwise."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    n = int(threads) if threads and threads.isdigit() and int(threads) > 0 else None
+    if n is None:
+        n = max(1, cpu_count() // env.local_world_size)
+    torch.set_num_threads(n)
+    return n
+
+
+def init(env: DistEnv, backend: str, device: torch.device, timeout_s: float) -> None:
+    """Create the default process group when launched by torchrun (explicit timeout, never 30 min)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if env.is_distributed and not dist.is_initialized():
+        try:
+            dist.init_process_group(
+                backend=backend,
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=device if device.type == "cuda" else None,
+            )
+        except dist.DistError as exc:  # store unreachable, or the other ranks never came
+            address = f"{env.master_addr}:{env.master_port}"
+            raise diagnose.explain_join_failure(exc, env.rank, env.world_size, address, timeout_s) from exc
+
+
+def teardown() -> None:
+    """Destroy the process group if one exists (safe to call twice)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    """True when collectives must be called (a process group with more than one rank)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Every rank waits for every other (no-op in a single process)."""
+    if active():
+        with diagnose.collective("barrier"):
+            dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` across ranks in place and return it."""
+    if active():
+        with diagnose.collective("all_reduce"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` across ranks (a new tensor; the input is untouched)."""
+    out = tensor.detach().clone()
+    if active():
+        with diagnose.collective("all_reduce"):
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= dist.get_world_size()
+    return out
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank `src`'s Python object on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    with diagnose.collective("broadcast_object"):
+        dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's Python object, in rank order."""
+    if not active():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    with diagnose.collective("all_gather_object"):
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def main_computes(env: DistEnv, fn: Callable[..., T], *args, **kwargs) -> T:
+    """Rank 0 computes a value (e.g. inspects the file system) and every rank gets it.
+
+    A UsageError raised on rank 0 is raised on every rank too, so no rank is left waiting.
+    """
+    result: tuple = ("ok", None)
+    if env.is_main:
+        try:
+            result = ("ok", fn(*args, **kwargs))
+        except UsageError as exc:
+            result = ("error", str(exc))
+    status, value = broadcast_object(result)
+    if status == "error":
+        raise UsageError(value)
+    return value
+
+
+def on_main(env: DistEnv, fn: Callable[..., T], *args, **kwargs) -> T | None:
+    """Run a side effect (a file write, a print) on global rank 0 only; no collective inside."""
+    return fn(*args, **kwargs) if env.is_main else None
+
+
+@contextlib.contextmanager
+def main_process_first(env: DistEnv):
+    """Rank 0 runs the block first (e.g. to create a directory), then the others."""
+    if not env.is_main:
+        barrier()
+    yield
+    if env.is_main:
+        barrier()

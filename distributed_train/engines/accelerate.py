@@ -1,0 +1,188 @@
+"""The `accelerate` engine: the same task and the same step math as `ddp`, run by Hugging Face Accelerate.
+
+Only the model and the optimizer go through `accelerator.prepare`. Our world-size-free train
+sampler and exact eval keep feeding the data, because a prepared DataLoader would be re-sharded
+by Accelerate; our LR schedule is stepped once per optimizer step, because a prepared scheduler
+steps `num_processes` times per step. `accumulate()` skips the all-reduce before the last
+micro-step and `accelerator.backward` divides the loss by the accumulation steps, so the gradient
+is the mean over the global batch, exactly as in the `ddp` engine.
+
+Imported only when `engine=accelerate` (so `import distributed_train` never imports accelerate).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, DistributedType,
+                              GradientAccumulationPlugin)
+
+from distributed_train.config import Config
+from distributed_train.training.data import BatchPlan, move_to_device
+from distributed_train.dist import DistEnv
+from distributed_train.engines.ddp import (EngineState, attach_shm_allreduce, autocast_context, build_optimizer, check_comm_hook,
+                     lr_factor)
+from distributed_train.errors import UsageError
+from distributed_train.task import Task
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+_COMM_HOOKS = {"none": DDPCommunicationHookType.NO, "bf16": DDPCommunicationHookType.BF16,
+               "fp16": DDPCommunicationHookType.FP16}
+
+
+def mixed_precision(precision: str, device: torch.device) -> str:
+    """Accelerate's `mixed_precision` for `train.precision`; fp16 without CUDA fails as in `ddp`."""
+    autocast_context(precision, device)
+    return MIXED_PRECISION[precision]
+
+
+def use_cpu(device: torch.device) -> bool:
+    """Accelerate's `cpu=` flag: without it, CPU ranks are DistributedType.NO and never sync."""
+    return device.type == "cpu"
+
+
+def check_world(env: DistEnv, num_processes: int, process_index: int, distributed_type: str) -> None:
+    """Fail unless Accelerate sees the job torchrun started; otherwise each rank trains alone."""
+    if env.world_size == 1:
+        return
+    if distributed_type == DistributedType.NO or num_processes != env.world_size \
+            or process_index != env.rank:
+        raise UsageError(
+            f"engine=accelerate: Accelerate runs as {distributed_type} with {num_processes} process(es) "
+            f"but this job has {env.world_size} ranks, so gradients would not be synchronised; "
+            "on CPU set ACCELERATE_USE_CPU=1 (or do not create an Accelerator/PartialState before "
+            "training), or use engine=ddp"
+        )
+
+
+def check_device(accelerator_device: torch.device, device: torch.device) -> None:
+    """Accelerate must place the model where our data goes (cuda:LOCAL_RANK or cpu)."""
+    if accelerator_device.type != device.type or (accelerator_device.index or 0) != (device.index or 0):
+        raise UsageError(f"engine=accelerate: Accelerate chose device {accelerator_device}, this rank "
+                         f"uses {device}; unset ACCELERATE_TORCH_DEVICE / CUDA_VISIBLE_DEVICES overrides")
+
+
+def plugin_kwargs(config: Config, plan: BatchPlan, device: torch.device) -> dict:
+    """Accelerator(fsdp_plugin=...) or (deepspeed_plugin=...) from `accelerate.fsdp` / `.deepspeed`."""
+    settings = config.accelerate
+    if not settings.fsdp and not settings.deepspeed:
+        return {}
+    key = "accelerate.fsdp" if settings.fsdp else "accelerate.deepspeed"
+    if device.type != "cuda":
+        raise UsageError(f"{key} needs CUDA GPUs (this rank runs on {device}); remove it to train with DDP")
+    try:
+        if settings.fsdp:
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            return {"fsdp_plugin": FullyShardedDataParallelPlugin(**settings.fsdp)}
+        from accelerate.utils import DeepSpeedPlugin
+
+        # We never prepare a DataLoader, so DeepSpeed cannot infer these from one.
+        defaults = {"gradient_accumulation_steps": plan.accumulation_steps}
+        if config.train.grad_clip > 0:
+            defaults["gradient_clipping"] = config.train.grad_clip
+        return {"deepspeed_plugin": DeepSpeedPlugin(**{**defaults, **settings.deepspeed})}
+    except (TypeError, ValueError, ImportError) as exc:
+        raise UsageError(f"{key}: {str(exc).splitlines()[0]}") from exc
+
+
+def ddp_kwargs(config: Config) -> DistributedDataParallelKwargs:
+    """Our `ddp.*` settings for the DDP wrapper Accelerate builds."""
+    ddp = config.ddp
+    return DistributedDataParallelKwargs(
+        bucket_cap_mb=ddp.bucket_cap_mb, find_unused_parameters=ddp.find_unused_parameters,
+        gradient_as_bucket_view=ddp.gradient_as_bucket_view, static_graph=ddp.static_graph,
+        comm_hook=_COMM_HOOKS[ddp.comm_hook],
+    )
+
+
+def make_accelerator(config: Config, env: DistEnv, device: torch.device, plan: BatchPlan) -> Accelerator:
+    """A fresh Accelerator on the process group `dist.init` created, checked against our DistEnv."""
+    precision = mixed_precision(config.train.precision, device)
+    check_comm_hook(config.ddp.comm_hook, device)
+    plugins = plugin_kwargs(config, plan, device)
+    # Accelerate's state is a per-process singleton: a previous run's (or an earlier PartialState's)
+    # settings would win over ours, or clash with them.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    threads = torch.get_num_threads()
+    accelerator = Accelerator(
+        cpu=use_cpu(device),
+        mixed_precision=precision,
+        # An explicit plugin ignores ACCELERATE_GRADIENT_ACCUMULATION_STEPS from `accelerate launch`:
+        # the accumulation steps are ours (train.batch_size / world / micro_batch_size).
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=plan.accumulation_steps, sync_with_dataloader=False, adjust_scheduler=False),
+        kwargs_handlers=[ddp_kwargs(config)],
+        **plugins,
+    )
+    torch.set_num_threads(threads)  # Accelerate's MULTI_CPU setup may reset our per-rank share
+    check_world(env, accelerator.num_processes, accelerator.process_index, accelerator.distributed_type)
+    check_device(accelerator.device, device)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and config.checkpoint.every_steps:
+        raise UsageError(f"checkpoint.every_steps with {accelerator.distributed_type} is not supported yet "
+                         "(checkpoints are written from rank 0's full state); set checkpoint.every_steps=0")
+    return accelerator
+
+
+class AccelerateEngine(EngineState):
+    """The `ddp` engine's interface over an Accelerator: model, optimizer, LR schedule, `train_step`."""
+
+    def __init__(self, task: Task, config: Config, env: DistEnv, device: torch.device,
+                 plan: BatchPlan, total_steps: int):
+        self.task, self.config, self.env, self.device, self.plan = task, config, env, device, plan
+        self.accelerator = make_accelerator(config, env, device, plan)
+        self.raw_model = task.model().to(device)
+        optimizer = build_optimizer(task, self.raw_model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, config, total_steps)
+        )
+        # DDP(compile(model)), not compile(DDP(model)): the latter graph-breaks and compiles nothing.
+        model = torch.compile(self.raw_model) if config.train.compile else self.raw_model
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.shm_allreduce = attach_shm_allreduce(self.model, env, device, config)  # MULTI_CPU only
+        self.scaler = self.accelerator.scaler  # a GradScaler with fp16, else None
+        self.non_blocking = device.type == "cuda"
+
+    def train_step(self, micro_batches: Iterable[Any], measure_grad_norm: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step; returns (this rank's mean loss, global grad norm or None), on device.
+
+        The norm comes with clipping, or when `measure_grad_norm` (the trainer asks on log steps)."""
+        self.model.train()
+        steps = self.plan.accumulation_steps
+        # accumulate() counts micro-steps: start each optimizer step at 0 so only its last one syncs.
+        self.accelerator.step = 0
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            batch = move_to_device(batch, self.device, self.non_blocking)
+            with self.accelerator.accumulate(self.model):
+                with self.accelerator.autocast():
+                    loss = self.task.loss(self.model, batch)
+                # Pass the unscaled mean loss: backward divides by the accumulation steps itself.
+                self.accelerator.backward(loss)
+            total += (loss.detach() / steps).float()
+        if not self.accelerator.sync_gradients:
+            raise RuntimeError(f"engine=accelerate: {steps} micro-batches expected for one optimizer step")
+        grad_norm = self._clip(measure_grad_norm)
+        self.optimizer.step()  # AcceleratedOptimizer: GradScaler step/update with fp16
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+    def _clip(self, measure: bool = False) -> torch.Tensor | None:
+        clip = self.config.train.grad_clip
+        if clip <= 0 and not measure:
+            return None
+        # Unscales fp16 gradients first and knows FSDP shards; the norm is global (gradients are
+        # already all-reduced). Clipping to inf only measures: the gradients are scaled by exactly 1.
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+
+    def eval_context(self) -> Any:
+        """Accelerate's autocast for evaluation, matching training precision."""
+        return self.accelerator.autocast()

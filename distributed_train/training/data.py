@@ -1,0 +1,222 @@
+"""Samplers and loaders: a world-size-free data position for training, exact sharding for eval.
+
+Training: epoch e uses one permutation of the dataset that depends only on (seed, e). Global
+step s of the epoch covers positions [s*B, (s+1)*B) of that permutation, whatever the world
+size; rank r takes every W-th of them (DistributedSampler's stride) and cuts its share into
+micro-batches. So the data position is just (epoch, samples consumed in the epoch).
+
+Evaluation: each rank takes a contiguous slice of the eval set without padding, so every sample
+is counted exactly once (DistributedSampler pads with duplicates to equalise ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset, default_collate
+
+from distributed_train.errors import UsageError
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the n samples in `epoch` (same on every rank and every world size)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one global batch is split: B = world_size x micro_batch x accumulation_steps."""
+
+    global_batch: int
+    world_size: int
+    micro_batch: int
+    accumulation_steps: int
+
+    @classmethod
+    def make(cls, global_batch: int, world_size: int, micro_batch: int | None) -> "BatchPlan":
+        if global_batch % world_size:
+            raise UsageError(
+                f"train.batch_size ({global_batch}) must be divisible by the world size ({world_size})"
+            )
+        per_rank = global_batch // world_size
+        micro = micro_batch or per_rank
+        if per_rank % micro:
+            raise UsageError(
+                f"train.batch_size ({global_batch}) must be divisible by world size x "
+                f"train.micro_batch_size ({world_size} x {micro})"
+            )
+        return cls(global_batch, world_size, micro, per_rank // micro)
+
+
+def steps_per_epoch(dataset_len: int, global_batch: int) -> int:
+    """Full global batches in one epoch (the remainder is dropped, a new one each epoch)."""
+    steps = dataset_len // global_batch
+    if steps == 0:
+        raise UsageError(
+            f"train.batch_size ({global_batch}) is larger than the training set ({dataset_len} samples)"
+        )
+    return steps
+
+
+class TrainBatchSampler(Sampler[list[int]]):
+    """This rank's micro-batches for one epoch, starting at a global step; see module docstring."""
+
+    def __init__(self, dataset_len: int, plan: BatchPlan, rank: int, seed: int):
+        self.dataset_len = dataset_len
+        self.plan = plan
+        self.rank = rank
+        self.seed = seed
+        self.steps_per_epoch = steps_per_epoch(dataset_len, plan.global_batch)
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        """Where the next iteration starts; the trainer calls this before every epoch."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_permutation(self.dataset_len, self.seed, self.epoch)
+        B, W, m = self.plan.global_batch, self.plan.world_size, self.plan.micro_batch
+        for step in range(self.start_step, self.steps_per_epoch):
+            share = order[step * B + self.rank : (step + 1) * B : W]
+            for start in range(0, len(share), m):
+                yield share[start : start + m]
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.plan.accumulation_steps
+
+
+def eval_shard(dataset_len: int, rank: int, world_size: int) -> range:
+    """Rank's contiguous, unpadded slice of the eval set; the slices partition range(n)."""
+    return range(rank * dataset_len // world_size, (rank + 1) * dataset_len // world_size)
+
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """This rank's eval batches: its shard in order, the last batch possibly short."""
+
+    def __init__(self, dataset_len: int, rank: int, world_size: int, batch_size: int):
+        self.shard = eval_shard(dataset_len, rank, world_size)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, len(self.shard), self.batch_size):
+            yield list(self.shard[start : start + self.batch_size])
+
+    def __len__(self) -> int:
+        return -(-len(self.shard) // self.batch_size)
+
+
+class _BatchFetch:
+    """A dataset view whose `__getitems__` builds a whole batch in one call (no per-sample collate)."""
+
+    def __init__(self, fetch: Callable[[list[int]], Any], length: int):
+        self.fetch, self.length = fetch, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        return self.fetch([index])
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        return self.fetch(indices)
+
+
+def _already_batched(batch: Any) -> Any:
+    return batch
+
+
+def batch_fetcher(dataset: Any) -> Callable[[list[int]], Any] | None:
+    """A function that fetches a whole batch at once, when the dataset allows it exactly."""
+    if callable(getattr(dataset, "get_batch", None)):
+        return dataset.get_batch
+    if isinstance(dataset, TensorDataset):
+        return _TensorRows(dataset.tensors)
+    if isinstance(dataset, Subset):  # random_split's output: map the indices, fetch from the parent
+        inner = batch_fetcher(dataset.dataset)
+        return _SubsetRows(inner, dataset.indices) if inner is not None else None
+    # Any other dataset with torch's `__getitems__` (a list of samples) gets it called by the
+    # DataLoader once per batch, then the collate function.
+    return None
+
+
+class _SubsetRows:
+    """A Subset's batch: its indices mapped to the parent's, fetched in one call (picklable)."""
+
+    def __init__(self, fetch: Callable[[list[int]], Any], indices: Any):
+        self.fetch, self.indices = fetch, indices
+
+    def __call__(self, indices: list[int]) -> Any:
+        return self.fetch([self.indices[i] for i in indices])
+
+
+class _TensorRows:
+    """Rows of a TensorDataset's tensors by one index op each (a class, so workers can pickle it)."""
+
+    def __init__(self, tensors: tuple):
+        self.tensors = tensors
+
+    def __call__(self, indices: list[int]) -> tuple:
+        index = torch.as_tensor(indices)
+        return tuple(t[index] for t in self.tensors)
+
+
+class DirectBatches:
+    """Whole batches fetched in this process, without a DataLoader iterator around each one."""
+
+    def __init__(self, fetch: Callable[[list[int]], Any], batch_sampler: Sampler):
+        self.fetch, self.batch_sampler = fetch, batch_sampler
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self.fetch(indices) for indices in self.batch_sampler)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+def make_loader(dataset: Any, batch_sampler: Sampler, collate: Callable | None,
+                num_workers: int, pin_memory: bool, seed: int) -> DataLoader | DirectBatches:
+    """Batches in `batch_sampler` order; batch-fetching datasets skip per-sample collation, and
+    without workers or pinning also the DataLoader machinery (~50 us per batch on a small step)."""
+    fetch = batch_fetcher(dataset) if collate is None else None
+    if fetch is not None and num_workers == 0 and not pin_memory:
+        return DirectBatches(fetch, batch_sampler)
+    if fetch is not None:
+        dataset, collate = _BatchFetch(fetch, len(dataset)), _already_batched
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate or default_collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """The batch (tensor, or tuple/list/dict nesting of them) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [move_to_device(v, device, non_blocking) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+def batch_len(batch: Any) -> int:
+    """Number of samples in a batch: the leading dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, dict):
+        return batch_len(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_len(batch[0])
+    raise UsageError(f"cannot tell the batch size of a {type(batch).__name__}; batches must hold tensors")

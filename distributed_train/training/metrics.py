@@ -1,0 +1,235 @@
+"""Where numbers go: run_dir/metrics.jsonl, the console and wandb, all from rank 0 only.
+
+Every rank calls `start()`, `log()` and `close()` with the same (already reduced) values; only the
+main process writes. metrics.jsonl is append-only: a resumed attempt first writes a `start` event
+at its checkpoint step, and `read_events()` drops what a killed attempt logged after that step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from distributed_train import __version__
+from distributed_train.config import Config, to_dict
+from distributed_train.dist import DistEnv, main_computes
+from distributed_train.errors import UsageError
+from distributed_train.training.progress import Progress, active_bar
+
+log = logging.getLogger("distributed_train")
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """A stderr handler that writes above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        bar = active_bar()
+        if bar is None:
+            return super().emit(record)
+        try:
+            bar.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never kill training
+            self.handleError(record)
+
+
+def setup_logging(env: DistEnv, debug: bool = False) -> None:
+    """Python logging to stderr: rank 0 at INFO, other ranks only warnings, tagged with the rank."""
+    level = logging.DEBUG if debug else logging.INFO
+    fmt = "%(message)s" if env.rank == 0 else f"[rank {env.rank}] %(levelname)s %(message)s"
+    handler = _ConsoleHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    log.handlers[:] = [handler]
+    log.setLevel(level if env.rank == 0 else logging.WARNING)
+    log.propagate = False
+
+
+# ---------------------------------------------------------------------------------------------
+# wandb mode: decided here, explicitly, because wandb.init without a key and without a mode
+# shows a login prompt that blocks forever in a terminal (PITFALLS.md).
+
+def has_wandb_key(environ: Mapping[str, str] | None = None) -> bool:
+    """True when wandb would find credentials: WANDB_API_KEY, an identity token or a .netrc entry."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    home = Path(environ.get("HOME") or Path.home())
+    candidates = [Path(environ["NETRC"]).expanduser()] if environ.get("NETRC") else \
+        [home / ".netrc", home / "_netrc"]
+    for path in candidates:
+        try:
+            entry = netrc.netrc(str(path)).authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if entry and entry[2]:
+            return True
+    return False
+
+
+def wandb_mode(requested: str, environ: Mapping[str, str] | None = None) -> str:
+    """Resolve `log.wandb`: auto -> WANDB_MODE if set, online with an API key, else offline."""
+    environ = os.environ if environ is None else environ
+    if requested == "auto":
+        if environ.get("WANDB_MODE") in {"online", "offline", "disabled"}:
+            requested = environ["WANDB_MODE"]
+        else:
+            return "online" if has_wandb_key(environ) else "offline"
+    if requested == "online" and not has_wandb_key(environ):
+        raise UsageError("log.wandb=online needs a W&B API key (set WANDB_API_KEY or run `wandb login`); "
+                         "use log.wandb=offline and `wandb sync` later, or log.wandb=disabled")
+    return requested
+
+
+def versions() -> dict:
+    """Software versions logged with every run."""
+    import torch
+
+    return {"distributed_train": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "cuda": torch.version.cuda}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+def _last_line_torn(path: Path) -> bool:
+    """True when the file ends without a newline (its writer was killed mid-line)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:  # missing, or empty (seek before the start)
+        return False
+
+
+def read_events(path: str | Path) -> list[dict]:
+    """Events of run_dir/metrics.jsonl on the run's final timeline (see the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    events: list[dict] = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if not isinstance(event, dict) or "step" not in event:
+            continue
+        if event.get("kind") == "start":
+            # A restart from step s replaces everything a previous attempt logged after s.
+            events = [e for e in events if e["step"] <= event["step"]] if event["step"] > 0 else []
+        events.append(event)
+    return events
+
+
+class MetricsLogger:
+    """Writes log events to run_dir/metrics.jsonl, the console and wandb (main process only)."""
+
+    def __init__(self, config: Config, env: DistEnv, run_dir: Path, total_steps: int):
+        self.config, self.env, self.run_dir, self.total_steps = config, env, Path(run_dir), total_steps
+        self.wandb_run = None
+        self.wandb_id: str | None = None
+        self.progress: Progress | None = None
+        self._file = None
+
+    def start(self, wandb_id: str | None = None, resumed_step: int = 0) -> None:
+        """Open metrics.jsonl (appending) and wandb on rank 0; every rank learns the wandb run id.
+
+        `wandb_id` is the id stored in the checkpoint: a resumed job logs to the same wandb run,
+        its steps continuing from `resumed_step`. Every rank must call this (one broadcast).
+        """
+        self.wandb_id = main_computes(self.env, self._open, wandb_id, resumed_step)
+
+    def _open(self, wandb_id: str | None, resumed_step: int) -> str | None:
+        mode = wandb_mode(self.config.log.wandb)
+        self.wandb_id = wandb_id  # kept through checkpoints even while wandb is off or failing
+        path = self.run_dir / "metrics.jsonl"
+        torn = _last_line_torn(path)
+        self._file = open(path, "a", buffering=1)
+        if torn:
+            self._file.write("\n")  # a killed attempt's last line must not swallow our first
+        if mode != "disabled":
+            self._start_wandb(mode, wandb_id)
+        self._write({"kind": "start", "step": resumed_step, "total_steps": self.total_steps,
+                     "resumed": resumed_step > 0, "world_size": self.env.world_size,
+                     "task": self.config.task, "wandb_id": self.wandb_id, "versions": versions()})
+        self.progress = Progress(self.total_steps, resumed_step)
+        return self.wandb_id
+
+    def _start_wandb(self, mode: str, wandb_id: str | None) -> None:
+        import wandb  # lazy: importing wandb costs ~1 s and starts nothing by itself
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        config = {**to_dict(self.config), "world_size": self.env.world_size, "versions": versions()}
+        kwargs = dict(project=self.config.log.wandb_project, dir=str(self.run_dir), id=wandb_id,
+                      resume="allow" if wandb_id else None, config=config,
+                      settings=wandb.Settings(console="off", silent=True))
+        (self.run_dir / "wandb").mkdir(exist_ok=True)
+        for attempt in [mode, "offline"] if mode == "online" else [mode]:
+            try:
+                self.wandb_run = wandb.init(mode=attempt, **kwargs)
+                break
+            except Exception as exc:  # noqa: BLE001 - wandb trouble must not stop training
+                log.warning("wandb.init(mode=%s) failed: %s", attempt, (str(exc) or type(exc).__name__).splitlines()[0])
+        if self.wandb_run is None:
+            log.warning("continuing without wandb; %s/metrics.jsonl has every number", self.run_dir)
+            return
+        if self.wandb_run.offline and mode == "online":
+            log.warning("logging to wandb offline; sync later with `wandb sync %s/wandb/offline-run-*`",
+                        self.run_dir)
+        self.wandb_id = self.wandb_run.id
+        if wandb_id and self.wandb_id != wandb_id:
+            log.warning("wandb gave run id %s instead of the checkpoint's %s", self.wandb_id, wandb_id)
+
+    def step_done(self, step: int) -> None:
+        """Called every step: moves the progress bar (host-side only, no device sync)."""
+        if self.progress is not None:
+            self.progress.advance(step)
+
+    def log(self, event: dict) -> None:
+        """Record one event (must contain `step` and `kind`): file, wandb, console."""
+        if not self.env.is_main:
+            return
+        event = self._write(event)
+        if self.wandb_run is not None:
+            kind = event.get("kind", "train")
+            payload = {f"{kind}/{k}": v for k, v in event.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and v is not None and k not in {"step", "time"}}
+            self.wandb_run.log(payload, step=event["step"])
+        if self.progress is not None:
+            self.progress.show(event)
+
+    def _write(self, event: dict) -> dict:
+        event = _clean({"time": round(time.time(), 3), **event})
+        if self._file:
+            self._file.write(json.dumps(event) + "\n")
+        return event
+
+    def close(self, summary: dict | None = None) -> None:
+        """Close the file, the progress bar and the wandb run (with the summary) on rank 0."""
+        if not self.env.is_main:
+            return
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        if self._file:
+            self._file.close()
+            self._file = None
+        if self.wandb_run is not None:
+            if summary:
+                self.wandb_run.summary.update(_clean({k: v for k, v in summary.items() if v is not None}))
+            self.wandb_run.finish()
+            self.wandb_run = None

@@ -1,0 +1,42 @@
+"""The entry point of one worker: environment -> process group -> Trainer.fit() -> teardown."""
+
+from __future__ import annotations
+
+import torch
+
+from distributed_train.dist import diagnose
+from distributed_train import dist
+from distributed_train.dist import shm_allreduce
+from distributed_train.config import Config
+from distributed_train.training.metrics import setup_logging
+from distributed_train.training.trainer import Trainer, default_run_dir
+
+
+def run_training(config: Config, env: dist.DistEnv, debug: bool = False) -> dict:
+    """Train `config` as this rank of `env`; returns the run summary (identical on every rank)."""
+    setup_logging(env, debug)
+    backend = dist.pick_backend(config.dist.backend)
+    device = dist.pick_device(backend, env)
+    dist.set_cpu_threads(env)
+    if device.type == "cpu" and config.train.flush_denormal:
+        # Tiny gradients and Adam moments become denormal early in training; on x86 each
+        # denormal operation traps to microcode and a step can take 100x longer.
+        torch.set_flush_denormal(True)
+    dist.init(env, backend, device, config.dist.timeout_s)
+    timeout_s = config.dist.timeout_s
+    # The heartbeat lets a rank whose collective fails name the ranks that did not arrive.
+    heartbeat = diagnose.Heartbeat(env.rank, env.world_size, grace_s=timeout_s + 2 * diagnose.BEAT_S)
+    try:
+        with heartbeat, diagnose.communication_failures_explained(env.rank, env.world_size, timeout_s):
+            # Rank 0's run_dir wins, so every rank (and every node) writes to the same place.
+            config.run_dir = dist.broadcast_object(config.run_dir or default_run_dir(config.task))
+            trainer = Trainer(config, env, device)
+            heartbeat.watch(lambda: trainer.stop.requested)  # a rank stuck after SIGTERM ends itself
+            return trainer.fit()
+    except BaseException:
+        # Peers waiting for this rank in a shared-memory all-reduce fail now, naming this rank,
+        # instead of noticing only when the process is gone (or torchrun's SIGTERM comes first).
+        shm_allreduce.leave()
+        raise
+    finally:
+        dist.teardown()
