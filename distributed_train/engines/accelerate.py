@@ -24,8 +24,8 @@ from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelK
 from distributed_train.config import Config
 from distributed_train.training.data import BatchPlan, move_to_device
 from distributed_train.dist import DistEnv
-from distributed_train.engines.ddp import (EngineState, attach_shm_allreduce, autocast_context, build_optimizer, check_comm_hook,
-                     lr_factor)
+from distributed_train.engines.base import (EngineState, attach_shm_allreduce, autocast_context, build_optimizer,
+                                           check_comm_hook, lr_factor)
 from distributed_train.errors import UsageError
 from distributed_train.task import Task
 
@@ -136,6 +136,9 @@ class AccelerateEngine(EngineState):
     def __init__(self, task: Task, config: Config, env: DistEnv, device: torch.device,
                  plan: BatchPlan, total_steps: int):
         self.task, self.config, self.env, self.device, self.plan = task, config, env, device, plan
+        if config.train.nonfinite == "skip":
+            raise UsageError("train.nonfinite=skip is not implemented by engine=accelerate; "
+                             "use engine=ddp, or train.nonfinite=error")
         self.accelerator = make_accelerator(config, env, device, plan)
         self.raw_model = task.model().to(device)
         optimizer = build_optimizer(task, self.raw_model, config)

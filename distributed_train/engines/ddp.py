@@ -8,131 +8,19 @@ across ranks. Gradients are all-reduced only on the last micro-step (`no_sync` b
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distributed_train.dist import diagnose
-from distributed_train.dist import shm_allreduce
 from distributed_train.config import Config
-from distributed_train.training.data import BatchPlan, move_to_device
-from distributed_train.dist import DistEnv, all_reduce_sum
+from distributed_train.dist import DistEnv, all_reduce_sum, diagnose
+from distributed_train.engines.base import (EngineState, attach_shm_allreduce, autocast_context, build_optimizer,
+                                           check_comm_hook, lr_factor)
 from distributed_train.errors import UsageError
 from distributed_train.task import Task
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def build_optimizer(task: Task, model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    """The task's own optimizer if it has one, else AdamW/SGD from `train.*`."""
-    own = task.optimizer(model.parameters(), config)
-    if own is not None:
-        return own
-    train = config.train
-    kernel = optimizer_kernel(model)
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                               weight_decay=train.weight_decay, **kernel)
-    return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, **kernel)
-
-
-def optimizer_kernel(model: nn.Module) -> dict:
-    """{"fused": True} where torch has a fused kernel for every parameter, else {"foreach": True}.
-
-    The fused AdamW update is one kernel over all parameters: on CPU it takes a third of the
-    time of the foreach one (0.13 vs 0.38 ms for the digits MLP, 1.0 vs 3.9 ms for charlm tiny).
-    """
-    fused_devices = {"cpu", "cuda", "xpu", "mps"}
-    params = list(model.parameters())
-    if params and all(p.is_floating_point() and p.device.type in fused_devices for p in params):
-        return {"fused": True}
-    return {"foreach": True}
-
-
-def check_comm_hook(comm_hook: str, device: torch.device) -> None:
-    """torch's bf16 compression hook needs NCCL (it raises a TypeError deep in DDP otherwise)."""
-    if comm_hook == "bf16" and device.type != "cuda":
-        raise UsageError("ddp.comm_hook=bf16 needs CUDA GPUs (torch's bf16 hook runs on NCCL only); "
-                         "use ddp.comm_hook=fp16 or none on CPU")
-
-
-def attach_shm_allreduce(model: nn.Module, env: DistEnv, device: torch.device,
-                         config: Config) -> shm_allreduce.SharedMemoryAllReduce | None:
-    """Average a DDP `model`'s gradient buckets through shared memory when ddp.shm_allreduce allows it
-    (collective: every rank calls it). Returns the reducer, or None when the backend keeps the job
-    (no DDP, or ddp.comm_hook compresses the backend's all-reduce)."""
-    if not isinstance(model, DDP) or config.ddp.comm_hook != "none":
-        return None
-    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    reducer = shm_allreduce.setup(env, device, config.ddp.shm_allreduce, gradient_bytes, config.dist.timeout_s)
-    if reducer is not None:
-        model.register_comm_hook(state=None, hook=reducer.hook)
-    return reducer
-
-
-def lr_factor(step: int, config: Config, total_steps: int) -> float:
-    """Multiplier of `train.lr` at `step`: linear warmup, then constant or cosine to `min_lr`."""
-    train = config.train
-    if step < train.warmup_steps:
-        return (step + 1) / train.warmup_steps
-    if train.schedule == "constant":
-        return 1.0
-    decay_steps = max(1, total_steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / decay_steps)
-    floor = train.min_lr / train.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def autocast_context(precision: str, device: torch.device) -> Any:
-    """An autocast context for bf16/fp16 (fp16 only on CUDA), or a null context for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise UsageError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
-
-
-class EngineState:
-    """What both engines share: the learning rate, rank 0's buffers, and the checkpoint format.
-
-    Needs `model` (maybe wrapped in DDP), `raw_model`, `optimizer`, `scheduler` and `scaler` (or None).
-    """
-
-    shm_allreduce: shm_allreduce.SharedMemoryAllReduce | None = None  # set when gradients go through /dev/shm
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def sync_buffers(self) -> None:
-        """Give every rank rank 0's buffers (BatchNorm running stats), as DDP's next forward would.
-
-        The last forward updated each rank's copy from its own micro-batch; without this, ranks
-        would evaluate different models and rank 0's final_model.pt differs from the others'."""
-        if isinstance(self.model, DDP) and self.model.broadcast_buffers:
-            for buffer in self.raw_model.buffers():
-                torch.distributed.broadcast(buffer, src=0)
-
-    def state_dict(self) -> dict:
-        """Model, optimizer, scheduler and scaler state (model keys without `module.`)."""
-        state = {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
+from distributed_train.training.data import BatchPlan, move_to_device
 
 
 class DDPEngine(EngineState):

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate, random_split
 
 from distributed_train.training.data import BatchPlan, TrainBatchSampler, batch_fetcher, make_loader
-from distributed_train.engines.ddp import optimizer_kernel
+from distributed_train.engines.base import optimizer_kernel
 from tests.helpers import REPO, run_cmd
 
 

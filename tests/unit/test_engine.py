@@ -9,7 +9,8 @@ import torch
 from distributed_train.config import load_config
 from distributed_train.training.data import BatchPlan
 from distributed_train.dist import DistEnv
-from distributed_train.engines.ddp import DDPEngine, autocast_context, lr_factor
+from distributed_train.engines.base import autocast_context, lr_factor
+from distributed_train.engines.ddp import DDPEngine
 from distributed_train.errors import UsageError
 from distributed_train.task import load_task
 

@@ -5,7 +5,7 @@ import torch
 from distributed_train import dist
 from distributed_train.cli.train import resolve_config
 from distributed_train.training.run import run_training
-from distributed_train.training.trainer import reseed_step
+from distributed_train.training.rng import reseed_step
 
 CPU = torch.device("cpu")
 

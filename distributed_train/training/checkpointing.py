@@ -1,0 +1,115 @@
+"""The checkpoint policy: when to save, what a checkpoint holds, where a run resumes from.
+
+`checkpoint.py` implements the commit protocol and knows nothing about ranks; this module
+decides which rank does what: every rank gathers its RNG state, rank 0 writes in the background.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from distributed_train import dist
+from distributed_train.config import Config, to_dict
+from distributed_train.dist import diagnose
+from distributed_train.engines.base import Engine
+from distributed_train.errors import UsageError
+from distributed_train.training import checkpoint
+from distributed_train.training.metrics import MetricsLogger, log
+from distributed_train.training.rng import rng_state, set_rng_state
+
+# A function of every rank's RNG states that returns the whole training state to save.
+StateFn = Callable[[list], dict]
+
+
+@dataclass
+class Resumed:
+    """Where a resumed run continues: the checkpoint, its step, data position and wandb run."""
+
+    path: Path
+    global_step: int
+    position: dict  # {"epoch", "samples_in_epoch"}: world-size free
+    wandb_id: str | None
+    world_size: int
+
+
+class Checkpointer:
+    """Saves committed checkpoints of one run and finds the one to resume from."""
+
+    def __init__(self, config: Config, env: dist.DistEnv, run_dir: Path, logger: MetricsLogger):
+        self.config, self.env, self.logger = config, env, logger
+        self.settings = config.checkpoint
+        self.directory = run_dir / "checkpoints"
+        self.run_dir = run_dir
+        self.writer = checkpoint.AsyncWriter()
+
+    def should_save(self, step: int, last_step: bool) -> bool:
+        """Every `checkpoint.every_steps`, and at the last step (so raising train.max_steps later
+        continues from the very end)."""
+        every = self.settings.every_steps
+        return bool(every) and (step % every == 0 or last_step)
+
+    def save(self, step: int, state: StateFn) -> None:
+        """Collective save at a step boundary: gather RNG states, rank 0 commits in the background."""
+        start = time.perf_counter()
+        rngs = dist.all_gather_object(rng_state())
+        if self.env.is_main:
+            copy = checkpoint.to_cpu_copy(state(rngs))
+            self.writer.submit(self.directory, step, copy, self.settings.keep_last)
+        self.logger.log({"kind": "checkpoint", "step": step, "stall_s": time.perf_counter() - start,
+                         "previous_write_s": self.writer.last_write_s})
+
+    def save_on_preemption(self, step: int, state: StateFn, poisoned: bool) -> None:
+        """After SIGTERM: rank 0 commits its local state synchronously; no collectives."""
+        self.writer.wait()
+        diagnose.at("committing a checkpoint after SIGTERM", may_take_long=True)
+        if not self.env.is_main or step == 0:
+            return
+        if poisoned:
+            log.warning("SIGTERM: the loss or the parameters are NaN/inf: no checkpoint committed")
+            return
+        path = checkpoint.write_checkpoint(self.directory, step, state([rng_state()]))
+        checkpoint.rotate(self.directory, self.settings.keep_last)
+        log.warning("SIGTERM: committed %s; rerun the same command to continue", path)
+
+    def finish_pending(self) -> None:
+        """Wait for the checkpoint being written; raises if its write failed."""
+        self.writer.wait()
+
+    def resume(self, engine: Engine) -> Resumed | None:
+        """Load the checkpoint `checkpoint.resume` selects into `engine` and this rank's RNGs."""
+        path = dist.main_computes(self.env, checkpoint.resolve_resume, self.run_dir, self.settings.resume,
+                                  self.settings.overwrite)
+        if path is None:
+            return None
+        state = checkpoint.load_state(path)
+        changed = checkpoint.incompatibilities(state["config"], to_dict(self.config))
+        if changed and not self.settings.allow_changes:
+            raise UsageError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}); "
+                             "resume with the same settings, or set checkpoint.allow_changes=true")
+        try:
+            engine.load_state_dict(state["engine"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise UsageError(f"checkpoint {path} does not fit this model/optimizer: "
+                             f"{str(exc).splitlines()[0]}") from exc
+        rngs = state["rng"]
+        if state["world_size"] == self.env.world_size and self.env.rank < len(rngs):
+            set_rng_state(rngs[self.env.rank])
+        progress = state["progress"]
+        position = {"epoch": progress["epoch"], "samples_in_epoch": progress["samples_in_epoch"]}
+        return Resumed(path, progress["global_step"], position, state.get("wandb_id"), state["world_size"])
+
+
+def training_state(engine: Engine, global_step: int, position: dict, rngs: list, world_size: int,
+                   config: Config, wandb_id: str | None) -> dict:
+    """Everything needed to continue exactly; the data position never mentions ranks."""
+    return {
+        "engine": engine.state_dict(),
+        "progress": {"global_step": global_step, **position},
+        "rng": rngs,
+        "world_size": world_size,
+        "config": to_dict(config),
+        "wandb_id": wandb_id,
+    }

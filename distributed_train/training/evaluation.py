@@ -1,0 +1,77 @@
+"""Exact evaluation: every eval sample counted once across ranks, (sum, count) pairs summed exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from distributed_train import dist
+from distributed_train.config import Config
+from distributed_train.engines.base import Engine
+from distributed_train.task import Task
+from distributed_train.training.data import EvalBatchSampler, batch_len, make_loader, move_to_device
+
+
+class Evaluator:
+    """This rank's unpadded shard of the eval set and the reduction that makes metrics global."""
+
+    def __init__(self, task: Task, config: Config, env: dist.DistEnv, device: torch.device,
+                 collate: Any, pin_memory: bool):
+        self.task, self.env, self.device = task, env, device
+        self.every_steps = config.eval.every_steps
+        self.loader = None
+        eval_set = task.eval_dataset()
+        if eval_set is not None:
+            global_batch = config.eval.batch_size or config.train.batch_size
+            per_rank = max(1, global_batch // env.world_size)
+            sampler = EvalBatchSampler(len(eval_set), env.rank, env.world_size, per_rank)
+            self.loader = make_loader(eval_set, sampler, collate, 0, pin_memory, config.seed)
+
+    def should_evaluate(self, step: int, last_step: bool) -> bool:
+        """Every `eval.every_steps` during training; the final evaluation runs after the last step."""
+        return bool(self.every_steps) and step % self.every_steps == 0 and not last_step
+
+    @torch.no_grad()
+    def evaluate(self, engine: Engine) -> dict[str, float]:
+        """Metrics over the whole eval set (collective: every rank calls it)."""
+        engine.sync_buffers()  # one model on every rank, also the one final_model.pt holds
+        if self.loader is None:
+            return {}
+        model = engine.eval_model()
+        model.eval()
+        # (sum, count) per metric, kept on the device: one transfer at the end, not two per batch.
+        sums: dict[str, torch.Tensor] = {}
+        with engine.eval_context():
+            for batch in self.loader:
+                batch = move_to_device(batch, self.device, engine.non_blocking)
+                for name, pair in self.batch_sums(model, batch).items():
+                    sums[name] = sums[name] + pair if name in sums else pair
+        return self.reduce(sums)
+
+    def batch_sums(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """One batch's metrics as float64 [sum, count] tensors on the device; loss always included."""
+        pairs = dict(self.task.metrics(model, batch)) if self.task.has_metrics else {}
+        if "loss" not in pairs:
+            n = batch_len(batch)
+            pairs["loss"] = (self.task.loss(model, batch).double() * n, n)
+        return {name: torch.stack([_on_device(total, self.device), _on_device(count, self.device)])
+                for name, (total, count) in pairs.items()}
+
+    def reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Sum every rank's pairs; a rank whose shard is empty joins with zeros for every name."""
+        names = sorted(set().union(*dist.all_gather_object(sorted(sums))))
+        if not names:
+            return {}
+        zero = torch.zeros(2, dtype=torch.float64, device=self.device)
+        vector = torch.cat([sums.get(name, zero) for name in names])  # on the device, as NCCL needs
+        values = dist.all_reduce_sum(vector).tolist()
+        return {name: values[2 * i] / values[2 * i + 1] for i, name in enumerate(names)
+                if values[2 * i + 1] > 0}
+
+
+def _on_device(value: Any, device: torch.device) -> torch.Tensor:
+    """A float64 0-d tensor on `device`; a Python number is filled in on the device (no host copy)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float64).reshape(())
+    return torch.full((), float(value), dtype=torch.float64, device=device)
