@@ -143,6 +143,19 @@ def test_trainjob_runs_dtrain_launch_on_the_torch_runtime():
     assert env["NCCL_SOCKET_IFNAME"]["valueFrom"]["configMapKeyRef"] == {"name": "llm-env", "key": "NCCL_SOCKET_IFNAME"}
     pod = effective_pods(objects)[0]
     assert pod["serviceAccountName"] == "llm" and pod["terminationGracePeriodSeconds"] == 120
+    # What torchrun makes of these arguments in a pod where the runtime set its PET_* variables.
+    from distributed_train.cli.launch import build_torchrun_args, torchrun_parser
+
+    runtime_env = {"PET_NNODES": "3", "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "1",
+                   "PET_MASTER_ADDR": "llm-node-0-0.llm", "PET_MASTER_PORT": "29500"}
+    torchrun_args = build_torchrun_args(args[:args.index(CONFIG_PATH)], [], environ=runtime_env)
+    assert "--standalone" not in torchrun_args and "--nproc-per-node" not in torchrun_args
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in runtime_env.items():
+            patch.setenv(key, value)
+        parsed = torchrun_parser().parse_args(torchrun_args)
+    assert (parsed.nnodes, parsed.nproc_per_node, parsed.rdzv_backend) == ("3", "4", "c10d")
+    assert parsed.rdzv_endpoint == f"llm-node-0-0.llm:{RDZV_PORT}"
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert claims == ["llm-runs"]
 
