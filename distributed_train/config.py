@@ -96,12 +96,15 @@ class LogConfig:
         "auto", "auto = online with an API key, else offline; never a login prompt"
     )
     wandb_project: str = opt("distributed_train", "wandb project name")
+    progress_every_s: float = opt(10.0, "seconds between progress posts to a Kubeflow TrainJob (when its "
+                                        "KUBEFLOW_TRAINER_SERVER_* variables are set)")
     peak_tflops: Optional[float] = opt(
         None, "peak TFLOP/s of one device for mfu; default: data sheet of known GPUs, none on CPU"
     )
 
     def __post_init__(self) -> None:
         _positive("log.every_steps", self.every_steps)
+        _positive("log.progress_every_s", self.progress_every_s)
         _positive("log.peak_tflops", self.peak_tflops)
 
 
