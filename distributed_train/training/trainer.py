@@ -17,7 +17,7 @@ from distributed_train import dist
 from distributed_train.training import flops
 from distributed_train.config import Config, dump_yaml, to_dict
 from distributed_train.training.data import (BatchPlan, EvalBatchSampler, TrainBatchSampler, batch_len, make_loader,
-                   move_to_device)
+                   eval_subset, move_to_device)
 from distributed_train.engines.ddp import DDPEngine
 from distributed_train.errors import NonFiniteLoss, UsageError
 from distributed_train.training.metrics import MetricsLogger, log
@@ -131,7 +131,9 @@ class Trainer:
             return None
         global_batch = self.config.eval.batch_size or self.config.train.batch_size
         per_rank = max(1, global_batch // self.env.world_size)
-        sampler = EvalBatchSampler(len(eval_set), self.env.rank, self.env.world_size, per_rank)
+        subset = eval_subset(len(eval_set), self.config.eval.max_samples, self.config.seed)
+        sampler = EvalBatchSampler(len(eval_set), self.env.rank, self.env.world_size, per_rank,
+                                   subset, self.config.seed)
         return make_loader(eval_set, sampler, collate, 0, pin, self.config.seed)
 
     # ------------------------------------------------------------------------------------------
