@@ -77,6 +77,22 @@ class TokenData:
                 or not 0 < self.val_fraction < 1:
             raise UsageError(f"task_args.val_fraction must be a number in (0, 1), got {self.val_fraction!r}")
 
+    def windows(self, seq_len: int) -> tuple[tokens.TokenWindows, tokens.TokenWindows]:
+        """Train and validation windows; without a validation split, the last `val_fraction` of
+        the training windows (at least one) is held out."""
+        train = tokens.TokenWindows(self.train, seq_len, self.vocab_size)
+        if self.val:
+            evaluation = tokens.TokenWindows(self.val, seq_len, self.vocab_size)
+        else:
+            held_out = max(1, round(len(train) * self.val_fraction))
+            evaluation = tokens.TokenWindows(self.train, seq_len, self.vocab_size, first=len(train) - held_out)
+            train = tokens.TokenWindows(self.train, seq_len, self.vocab_size, count=len(train) - held_out)
+        if len(train) == 0 or len(evaluation) == 0:
+            where = "training" if len(train) == 0 else "validation"
+            raise UsageError(f"the {where} tokens hold no window of task_args.seq_len + 1 = "
+                             f"{seq_len + 1} tokens; lower task_args.seq_len or add data")
+        return train, evaluation
+
     def _from_directory(self, task_args: dict) -> None:
         directory = str(task_args["data"])
         if task_args.get("val"):
@@ -119,20 +135,7 @@ class LMTask:
         self.data = TokenData(task_args)
         self.seq_len = self.tokens_per_sample = self.args["seq_len"]
         self.vocab_size = -(-self.data.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        train = tokens.TokenWindows(self.data.train, self.seq_len, self.data.vocab_size)
-        if self.data.val:
-            self._train = train
-            self._eval = tokens.TokenWindows(self.data.val, self.seq_len, self.data.vocab_size)
-        else:  # hold out the last windows of the training files
-            held_out = max(1, round(len(train) * self.data.val_fraction))
-            self._train = tokens.TokenWindows(self.data.train, self.seq_len, self.data.vocab_size,
-                                              count=len(train) - held_out)
-            self._eval = tokens.TokenWindows(self.data.train, self.seq_len, self.data.vocab_size,
-                                             first=len(train) - held_out)
-        if len(self._train) == 0 or len(self._eval) == 0:
-            where = "training" if len(self._train) == 0 else "validation"
-            raise UsageError(f"the {where} tokens hold no window of task_args.seq_len + 1 = "
-                             f"{self.seq_len + 1} tokens; lower task_args.seq_len or add data")
+        self._train, self._eval = self.data.windows(self.seq_len)
 
     def train_dataset(self) -> tokens.TokenWindows:
         return self._train
