@@ -46,9 +46,19 @@ def test_fetching_leaves_the_callers_generators_where_they_were():
 def test_seeds_differ_per_part_and_the_cost_per_sample_stays_small():
     seeds = {sample_seed(s, e, i) for s in (0, 1) for e in (-1, 0, 1) for i in range(100)}
     assert len(seeds) == 600 and all(0 <= s < 2**63 for s in seeds)
-    n = 2000
-    start = time.perf_counter()
-    for i in range(n):
-        seed_sample(0, 0, i)
-    per_sample_us = (time.perf_counter() - start) / n * 1e6
-    assert per_sample_us < 100, per_sample_us  # ~7 us measured; generous for a loaded machine
+
+    def per_call_us(fn, n=500):  # the best of 5 rounds: robust to a busy machine
+        rounds = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for i in range(n):
+                fn(i)
+            rounds.append((time.perf_counter() - start) / n * 1e6)
+        return min(rounds)
+
+    reseed = per_call_us(lambda i: seed_sample(0, 0, i))
+    dataset = NoisySamples()
+    # ~7 us measured on a quiet machine: about half of this tiny __getitem__, a tenth of
+    # torch.manual_seed (which seeds every accelerator too).
+    assert reseed < 2 * per_call_us(lambda i: dataset[i % 96]), reseed
+    assert reseed < per_call_us(torch.manual_seed), reseed
