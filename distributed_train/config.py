@@ -83,10 +83,13 @@ class DataConfig:
 class EvalConfig:
     every_steps: int = opt(0, "evaluate every N steps; 0 = only at the end")
     batch_size: Optional[int] = opt(None, "GLOBAL eval batch; default: train.batch_size")
+    max_samples: Optional[int] = opt(
+        None, "evaluate a fixed random subset of this many samples (the same on any world size)")
 
     def __post_init__(self) -> None:
         _positive("eval.every_steps", self.every_steps, allow_zero=True)
         _positive("eval.batch_size", self.batch_size)
+        _positive("eval.max_samples", self.max_samples)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from distributed_train.errors import UsageError
 BUILTIN_TASKS = {
     "digits": "distributed_train.tasks.digits:DigitsTask",
     "charlm": "distributed_train.tasks.charlm:CharLMTask",
+    "lm": "distributed_train.tasks.lm:LMTask",
 }
 REQUIRED_METHODS = ("train_dataset", "model", "loss")
 
