@@ -73,11 +73,12 @@ def _import_module(where: str) -> Any:
     try:
         return importlib.import_module(where)
     except ImportError as exc:
-        raise UsageError(
-            f"task module {where!r} cannot be imported: {type(exc).__name__}: {exc} (looked in the "
-            f"current folder {cwd} and the installed packages; run from the folder that holds the "
-            "package, or pip install it)"
-        ) from exc
+        missing = getattr(exc, "name", None) or ""
+        hint = ""
+        if missing and (where == missing or where.startswith(missing + ".")):  # not a dependency of it
+            hint = (f" (looked in the current folder {cwd} and the installed packages; run from the "
+                    "folder that holds the package, or pip install it)")
+        raise UsageError(f"task module {where!r} cannot be imported: {type(exc).__name__}: {exc}{hint}") from exc
 
 
 @functools.lru_cache(maxsize=None)

@@ -104,3 +104,14 @@ def test_missing_package_says_where_it_looked(tmp_path, monkeypatch, isolated_im
     with pytest.raises(UsageError, match=rf"task module 'nopkg_xyz.tasks' cannot be imported: "
                                          rf"ModuleNotFoundError: .* \(looked in the current folder {tmp_path}"):
         load_task("nopkg_xyz.tasks:Task")
+
+
+def test_a_missing_dependency_of_the_package_is_named_without_the_folder_hint(tmp_path, monkeypatch,
+                                                                              isolated_imports):
+    (tmp_path / "deppkg").mkdir()
+    (tmp_path / "deppkg" / "__init__.py").write_text("")
+    (tmp_path / "deppkg" / "tasks.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=r"task module 'deppkg.tasks' cannot be imported: ModuleNotFoundError: "
+                                         r"No module named 'no_such_dependency_xyz'$"):
+        load_task("deppkg.tasks:Task")
