@@ -1,7 +1,8 @@
 """The two ways users organise their code train in every process of a job: a task file that imports
 a file next to it (`from model import TinyNet`, as nanoGPT's train.py imports model.py), and a
 package in a project folder that is not installed. Both under `dtrain launch`, plain `torchrun
-launcher/train.py` and with DataLoader worker processes started by fork and by spawn."""
+launcher/train.py`, `accelerate launch`, and with DataLoader worker processes started by fork and by
+spawn."""
 
 import json
 import shutil
@@ -10,7 +11,7 @@ import textwrap
 
 import pytest
 
-from tests.helpers import REPO, clean_env, run_cmd, torchrun
+from tests.helpers import REPO, clean_env, free_port, run_cmd, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -117,6 +118,14 @@ def test_both_layouts_train_under_every_launcher(tmp_path):
     torchrun("--standalone", "--nproc-per-node", "2", str(REPO / "launcher" / "train.py"),
              "mypkg.tasks:Task", *JOB, "--run_dir=pkg-torchrun", cwd=project)
     check_trained(project / "pkg-torchrun", world_size=2)
+
+    # The task file under `accelerate launch` (its workers run launcher/train.py).
+    run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+             "--main_process_port", str(free_port()), str(REPO / "launcher" / "train.py"),
+             "project/mytask.py:Task", *JOB, "--engine=accelerate", "--run_dir=file-accelerate"],
+            cwd=tmp_path, env=clean_env(HF_HOME=str(tmp_path / "hf")))
+    check_trained(tmp_path / "file-accelerate", world_size=2)
 
     # A DataLoader worker started by spawn imports the task file's module by its name.
     run_cmd([sys.executable, "-c", SPAWN, "train", "project/mytask.py:Task", *JOB, "--data.num_workers=1",
