@@ -8,6 +8,7 @@ UsageError naming the key (`train.lr`) and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,3 +363,23 @@ def describe() -> list[tuple[str, str, str]]:
 
     walk(Config, "")
     return rows
+
+
+TABLE_START, TABLE_END = "<!-- config-table:start -->", "<!-- config-table:end -->"
+
+
+def markdown_table() -> str:
+    """The config keys as the Markdown table in docs/configuration.md."""
+    rows = [f"| `{key}` | `{default}` | {help_text} |" for key, default, help_text in describe()]
+    return "\n".join(["| key | default | meaning |", "| --- | --- | --- |", *rows]) + "\n"
+
+
+if __name__ == "__main__":
+    # `python3 -m distributed_train.config` prints the table; `... --write docs/configuration.md`
+    # replaces the one between the markers in that file (a test checks it is current).
+    if sys.argv[1:2] == ["--write"]:
+        page = Path(sys.argv[2])
+        head, rest = page.read_text().split(TABLE_START)
+        page.write_text(f"{head}{TABLE_START}\n{markdown_table()}{TABLE_END}{rest.split(TABLE_END)[1]}")
+    else:
+        print(markdown_table(), end="")
