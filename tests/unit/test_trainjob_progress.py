@@ -140,7 +140,8 @@ def test_payload_estimates_remaining_time_from_the_measured_step_rate(files):
 def test_server_errors_are_logged_once_per_kind_and_training_goes_on(server, files, caplog):
     ca_file, token = files
     server.code = 500
-    reporter = TrainJobProgress(server.url, str(ca_file), str(token), total_steps=10, every_s=60)
+    # A generous timeout: on a loaded machine a slow answer must not add a "timed out" warning.
+    reporter = TrainJobProgress(server.url, str(ca_file), str(token), total_steps=10, every_s=60, timeout_s=60)
     with caplog.at_level(logging.WARNING, logger="distributed_train"):
         assert reporter.post(reporter.payload()) is False
         assert reporter.post(reporter.payload()) is False
