@@ -84,3 +84,16 @@ def test_no_module_imports_another_modules_private_names():
 ])
 def test_layer_of_reads_the_folder(module, expected):
     assert layer_of(module) == expected
+
+
+def test_no_function_is_longer_than_50_lines_and_the_trainer_stays_short():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 50:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}() has {lines} lines")
+    assert not long, "split these into named steps:\n" + "\n".join(long)
+    trainer = (PACKAGE / "training" / "trainer.py").read_text().count("\n")
+    assert trainer <= 230, f"training/trainer.py has {trainer} lines: move side jobs into components"
