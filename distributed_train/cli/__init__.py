@@ -17,13 +17,16 @@ commands:
   runs [DIR]                                  table of the runs in a folder
   k8s ...                                     render Kubernetes manifests for a multi-node job
   doctor [--nproc-per-node N]                 preflight: environment, all-reduce bandwidth, matmul speed
+  export CHECKPOINT_OR_RUN_DIR -o FILE        the consolidated model of a checkpoint (.pt or .safetensors)
+  estimate [CONFIG] [--nproc-per-node N] [--nnodes M] [--gpu-memory-gib G]
+                                              per-rank memory of ddp, fsdp and HSDP (model on the meta device)
 
 `dtrain train --help` lists every config key; `dtrain COMMAND --help` for the others.
 """
 
 # Every command lives in its own module of this package, imported only when used (keeps
 # `dtrain train` lean); each has `main(argv) -> exit code`.
-COMMANDS = ("train", "launch", "plot", "runs", "k8s", "doctor")
+COMMANDS = ("train", "launch", "plot", "runs", "k8s", "doctor", "export", "estimate")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,10 +88,14 @@ def read_train_state(path: Path) -> dict:
 
 def read_model(path: Path) -> dict[str, torch.Tensor]:
     """The full model state of a checkpoint, in one process without a process group (export)."""
+    # DCP's own offline loader (what format_utils.dcp_to_torch_save uses): it builds the state
+    # dict from the checkpoint's metadata, so no model is needed; only the model's keys are read.
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict = {}
-    dcp.load(state, checkpoint_id=str(path), planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(str(path)),
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
     return state["model"]
 
 

@@ -55,28 +55,50 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+# Resume: a 4-rank fsdp run of 12 steps with checkpoints at 4, 8 and 12 is the reference.
+RESUME = [*REGRESSION, "--train.max_steps=12", "--checkpoint.every_steps=4", "--checkpoint.keep_last=3",
+          "--train.grad_clip=0"]
+
+
+def from_checkpoint(run_dir, step):
+    return f"--checkpoint.resume={run_dir}/checkpoints/step-{step:08d}"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    results = {"single-regression": single_process(tmp / "s1", REGRESSION),
-               "single-gpt": single_process(tmp / "s2", GPT),
-               "fsdp1-gpt": single_process(tmp / "f1", [*GPT, "--engine=fsdp"])}
-    # 2 ranks: accumulation (2 micro-batches of 6), activation checkpointing; BatchNorm under both engines.
+    results = {}
+    # 4 ranks: micro-batches; HSDP 2x2; the resume reference and its same-world-size resume.
+    results.update(run_jobs(4, [
+        ("fsdp4-regression", [*REGRESSION, "--engine=fsdp", "--train.micro_batch_size=3", f"--run_dir={tmp}/f4"]),
+        ("hsdp4-gpt", [*GPT, "--engine=fsdp", "--fsdp.replicate=2", f"--run_dir={tmp}/h4"]),
+        ("ref4", [*RESUME, "--engine=fsdp", f"--run_dir={tmp}/ref4"]),
+        ("same4", [*RESUME, "--engine=fsdp", f"--run_dir={tmp}/same4", from_checkpoint(tmp / "ref4", 4)]),
+    ]))
+    # 2 ranks: accumulation and activation checkpointing; BatchNorm under both engines; 4 -> 2,
+    # fsdp -> ddp, and a ddp checkpoint for ddp -> fsdp.
     results.update(run_jobs(2, [
         ("fsdp2-gpt", [*GPT, "--engine=fsdp", "--train.micro_batch_size=3", f"--run_dir={tmp}/f2",
                        "--train.activation_checkpointing=units"]),
         ("ddp2-gpt-ac", [*GPT, "--train.activation_checkpointing=units", f"--run_dir={tmp}/d2"]),
         ("fsdp2-bn", [*BATCHNORM, "--engine=fsdp", f"--run_dir={tmp}/f2bn"]),
         ("ddp2-bn", [*BATCHNORM, f"--run_dir={tmp}/d2bn"]),
+        ("4to2", [*RESUME, "--engine=fsdp", f"--run_dir={tmp}/4to2", from_checkpoint(tmp / "ref4", 4)]),
+        ("fsdp-to-ddp", [*RESUME, f"--run_dir={tmp}/f2d", from_checkpoint(tmp / "ref4", 8)]),
+        ("ddp4steps", [*RESUME, "--train.max_steps=4", f"--run_dir={tmp}/ddp4"]),
     ]))
+    # 3 ranks: uneven shards; 4 -> 3 (writes step 8 for 3 -> 1) and ddp -> fsdp.
     results.update(run_jobs(3, [
         ("fsdp3-regression", [*REGRESSION, "--engine=fsdp", f"--run_dir={tmp}/f3"]),
         ("fsdp3-gpt", [*GPT, "--engine=fsdp", f"--run_dir={tmp}/f3g"]),
+        ("4to3", [*RESUME, "--engine=fsdp", f"--run_dir={tmp}/4to3", from_checkpoint(tmp / "ref4", 4)]),
+        ("ddp-to-fsdp", [*RESUME, "--engine=fsdp", f"--run_dir={tmp}/d2f", from_checkpoint(tmp / "ddp4", 4)]),
     ]))
-    results.update(run_jobs(4, [
-        ("fsdp4-regression", [*REGRESSION, "--engine=fsdp", "--train.micro_batch_size=3", f"--run_dir={tmp}/f4"]),
-        ("hsdp4-gpt", [*GPT, "--engine=fsdp", "--fsdp.replicate=2", f"--run_dir={tmp}/h4"]),
-    ]))
+    results.update({"single-regression": single_process(tmp / "s1", REGRESSION),
+                    "single-gpt": single_process(tmp / "s2", GPT),
+                    "fsdp1-gpt": single_process(tmp / "f1", [*GPT, "--engine=fsdp"]),
+                    "3to1": single_process(tmp / "3to1", [*RESUME, "--engine=fsdp", from_checkpoint(tmp / "4to3", 8)]),
+                    "tmp": tmp})
     return results
 
 
@@ -105,3 +127,50 @@ def test_batchnorm_buffers_match_ddp(runs):
     assert fsdp_state["1.num_batches_tracked"].item() == 5
     assert max_diff(fsdp_state, ddp_state) <= 1e-5
     assert fsdp_summary["eval"]["mse"] == pytest.approx(ddp_summary["eval"]["mse"], rel=1e-5)
+
+
+def test_resume_on_the_same_world_size_is_bit_identical(runs):
+    reference, same = runs["ref4"][1], runs["same4"][1]
+    assert runs["same4"][0]["resumed_from"].endswith("step-00000004")
+    assert all(torch.equal(same[k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize("name", ["4to2", "4to3", "3to1", "fsdp-to-ddp", "ddp-to-fsdp"])
+def test_resume_on_other_world_sizes_and_engines(runs, name):
+    state = runs[name] if isinstance(runs[name], dict) else runs[name][1]
+    assert max_diff(state, runs["ref4"][1]) <= 1e-5, name
+
+
+def test_sharded_checkpoint_layout_and_export(runs, tmp_path):
+    from distributed_train.cli import export
+    from distributed_train.training.checkpoint import verify
+
+    step = runs["tmp"] / "ref4" / "checkpoints" / "step-00000012"
+    assert {p.name for p in step.iterdir()} == {".metadata", "COMMITTED", "train_state.pt",
+                                                 *(f"__{r}_0.distcp" for r in range(4))}
+    assert verify(step) is None
+    assert export.main([str(runs["tmp"] / "ref4"), "-o", str(tmp_path / "model.pt")]) == 0
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    final = torch.load(runs["tmp"] / "ref4" / "final_model.pt", weights_only=True)
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+
+
+def test_state_bytes_per_rank_is_sharded_and_estimated(runs):
+    import json
+
+    from distributed_train.cli.estimate import model_summary
+    from distributed_train.engines.memory import predicted_state_bytes
+    from distributed_train.task import load_task
+
+    def measured(run):
+        events = [json.loads(line) for line in open(runs["tmp"] / run / "metrics.jsonl")]
+        return next(e for e in events if e["kind"] == "start")["state_bytes_per_rank"]
+
+    ddp, fsdp = measured("d2"), measured("f2")  # the same GPT on 2 ranks
+    config = resolve_config(None, GPT)
+    model, slots, units = model_summary(load_task(config.task, config), config)
+    largest_unit = max(sum(p.numel() for p in u.parameters()) for u in units) * 4 * (2 + slots)
+    assert fsdp <= ddp / 2 + largest_unit
+    for run, shards in (("d2", 1), ("f2", 2), ("f3g", 3)):
+        predicted = sum(predicted_state_bytes(model, slots, shards).values())
+        assert abs(predicted - measured(run)) <= 0.1 * measured(run), run
