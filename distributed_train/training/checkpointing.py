@@ -92,8 +92,8 @@ class Checkpointer:
                 log.warning("SIGTERM: a collective failed, so the shards cannot be saved together; "
                             "the job continues from the last committed checkpoint")
                 return
-            self.writer.submit(step, self.engine, state(dist.all_gather_object(rng_state())) if self.env.is_main
-                               else None, blocking=True)
+            rngs = dist.all_gather_object(rng_state())
+            self.writer.submit(step, self.engine, state(rngs) if self.env.is_main else None, blocking=True)
         elif not self.env.is_main:
             return
         elif poisoned:
