@@ -35,6 +35,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def all_gather(value: int) -> list[int]:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def mean_across_ranks(value: torch.Tensor) -> float:
     value = value.detach().clone()
     dist.all_reduce(value)
@@ -57,7 +63,17 @@ def evaluate(task, model, batch_size: int) -> float:
     return (sums[0] / sums[1]).item()
 
 
-def main() -> None:
+def local_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Parameters + gradients + optimizer state this rank holds (its shards under FSDP2)."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    # Gradients are as large as the trainable parameters while a step runs (freed between steps).
+    tensors = [*model.parameters(), *(p for p in model.parameters() if p.requires_grad),
+               *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())]
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
+
+
+def main(wrap=DDP, unwrap=lambda model: model.module) -> None:
+    """The loop; `wrap` makes the model distributed (plain_fsdp.py passes FSDP2's)."""
     args = parse_args()
     workload = WORKLOADS[args.workload]
     steps, log_every = args.steps or workload.steps, args.log_every or workload.log_every
@@ -73,7 +89,7 @@ def main() -> None:
     # DistributedSampler's seed + epoch: the same sample order, so the same math.
     sampler = DistributedSampler(dataset, shuffle=True, seed=SEED * 100_003, drop_last=True)
     loader = DataLoader(dataset, batch_size=workload.batch_per_rank, sampler=sampler, drop_last=True)
-    model = DDP(task.model())
+    model = wrap(task.model())
     optimizer = torch.optim.AdamW(model.parameters(), lr=workload.lr, weight_decay=0.0)
 
     out = open(os.path.join(args.out, "plain.jsonl"), "w") if rank == 0 else None
@@ -98,11 +114,14 @@ def main() -> None:
                 break
         epoch += 1
     train_s = time.perf_counter() - start
-    eval_loss = evaluate(task, model.module, workload.batch_per_rank)
+    eval_loss = evaluate(task, unwrap(model), workload.batch_per_rank)
+    state_bytes = max(all_gather(local_state_bytes(model, optimizer)))
+    state = unwrap(model).state_dict()  # full tensors; under FSDP2 gathering them is a collective
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
     if rank == 0:
-        torch.save(model.module.state_dict(), os.path.join(args.out, "final_model.pt"))
+        torch.save(state, os.path.join(args.out, "final_model.pt"))
         summary = {"train_loss": mean, "eval_loss": eval_loss, "global_step": step,
-                   "samples_per_s": step * workload.batch_per_rank * dist.get_world_size() / train_s}
+                   "state_bytes_per_rank": state_bytes, "samples_per_s": step * workload.batch_per_rank * dist.get_world_size() / train_s}
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f)
         out.close()

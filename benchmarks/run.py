@@ -47,6 +47,7 @@ class Result:
     cpu_s: float  # CPU time of every process of the run (agent and ranks), robust to a busy machine
     final_loss: float
     first_step_s: float  # from starting the command to the first log line's time
+    state_bytes: int | None = None  # parameters + gradients + optimizer state of the largest rank
 
 
 def _env() -> dict:
@@ -56,10 +57,10 @@ def _env() -> dict:
     return env
 
 
-def plain_command(w: Workload, steps: int, log_every: int, out: Path, flush: bool) -> list[str]:
+def plain_command(w: Workload, steps: int, log_every: int, out: Path, flush: bool, engine: str = "ddp") -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
-            str(HERE / w.plain_script), f"--workload={w.name}", f"--steps={steps}",
-            f"--log-every={log_every}", f"--out={out}"] + (["--flush-denormal"] if flush else [])
+            str(HERE / ("plain_fsdp.py" if engine == "fsdp" else w.plain_script)), f"--workload={w.name}",
+            f"--steps={steps}", f"--log-every={log_every}", f"--out={out}"] + (["--flush-denormal"] if flush else [])
 
 
 def ours_command(w: Workload, steps: int, log_every: int, out: Path, extra: list[str]) -> list[str]:
@@ -102,7 +103,16 @@ def run_once(command: list[str], out: Path, log_name: str, batch: int, retries: 
     first, last = events[0], events[-1]
     in_loop = (last["step"] - first["step"]) * batch / (last["time"] - first["time"]) \
         if len(events) > 1 else float("nan")
-    return Result(in_loop, wall, cpu, last["loss"], first["time"] - start)
+    return Result(in_loop, wall, cpu, last["loss"], first["time"] - start, read_state_bytes(out, log_name))
+
+
+def read_state_bytes(out: Path, log_name: str) -> int | None:
+    """Per-rank state bytes: our start event, or the plain loop's summary.json."""
+    if log_name == "metrics.jsonl":
+        start = json.loads((out / log_name).read_text().splitlines()[0])
+        return start.get("state_bytes_per_rank")
+    summary = out / "summary.json"
+    return json.loads(summary.read_text()).get("state_bytes_per_rank") if summary.is_file() else None
 
 
 def _children_cpu_s() -> float:
@@ -117,9 +127,10 @@ def run_pairs(w: Workload, pairs: int, steps: int, log_every: int, work: Path, a
     for i in range(pairs):
         out = work / f"{w.name}-{steps}-{i}"
         results["plain"].append(run_once(plain_command(w, steps, log_every, out / "plain",
-                                                       args.plain_flush_denormal),
+                                                       args.plain_flush_denormal, args.engine),
                                          out / "plain", "plain.jsonl", batch))
-        results["ours"].append(run_once(ours_command(w, steps, log_every, out / "ours", args.ours),
+        results["ours"].append(run_once(ours_command(w, steps, log_every, out / "ours",
+                                                     [f"--engine={args.engine}", *args.ours]),
                                         out / "ours", "metrics.jsonl", batch))
         print(f"  {w.name} pair {i + 1}/{pairs}: plain {results['plain'][-1].samples_per_s:.0f}/s, "
               f"ours {results['ours'][-1].samples_per_s:.0f}/s", file=sys.stderr, flush=True)
@@ -144,8 +155,13 @@ def table_row(w: Workload, steps: int, results: dict) -> tuple[str, bool]:
            f"| {med(plain, 'wall_s'):.1f} | {med(ours, 'wall_s'):.1f} "
            f"| {median_ratio([r.wall_s for r in plain], [r.wall_s for r in ours]):.2f}x "
            f"| {med(plain, 'cpu_s'):.1f} | {med(ours, 'cpu_s'):.1f} "
-           f"| {plain[-1].final_loss:.4f} / {ours[-1].final_loss:.4f}{'' if agree else ' DIFFER'} |")
+           f"| {plain[-1].final_loss:.4f} / {ours[-1].final_loss:.4f}{'' if agree else ' DIFFER'} "
+           f"| {_mib(plain[-1].state_bytes)} / {_mib(ours[-1].state_bytes)} |")
     return row, agree
+
+
+def _mib(value: int | None) -> str:
+    return f"{value / 2**20:.1f}" if value else "?"
 
 
 def machine_line(pairs: int) -> str:
@@ -171,6 +187,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="pairs of 1-step digits runs that time the start to the first step (0 = skip)")
     parser.add_argument("--plain-flush-denormal", action="store_true",
                         help="let the plain loop flush denormals too (the tutorial loop does not)")
+    parser.add_argument("--engine", choices=["ddp", "fsdp"], default="ddp",
+                        help="fsdp: plain_fsdp.py (fully_shard per block) against dtrain --engine=fsdp")
     parser.add_argument("--ours", nargs=argparse.REMAINDER, default=[],
                         help="extra dtrain overrides for our side, e.g. --ours --engine=accelerate")
     parser.add_argument("--keep", help="keep run folders here (default: a temporary folder)")
@@ -206,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                        f"plain torchrun {plain_s:.2f} s, `dtrain launch` {ours_s:.2f} s "
                        f"({ours_s - plain_s:+.2f} s).\n")
     flush = " (plain loop with flush_denormal)" if args.plain_flush_denormal else ""
-    print(f"{machine_line(args.pairs)}{flush}.\n")
+    print(f"{machine_line(args.pairs)}{flush}; engine {args.engine}.\n")
     print("| workload | global batch | steps | plain samples/s | ours samples/s | in-loop ratio "
-          "| plain wall s | ours wall s | wall ratio | plain CPU s | ours CPU s | final loss plain / ours |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          "| plain wall s | ours wall s | wall ratio | plain CPU s | ours CPU s | final loss plain / ours "
+          "| state MiB/rank plain / ours |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     print("\n".join(rows))
     print(startup)
     if not all_agree:

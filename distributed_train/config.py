@@ -21,8 +21,8 @@ from distributed_train.errors import UsageError
 
 def opt(default: Any, help: str) -> Any:
     """A config field with a default and a one-line help text (shown by `dtrain train --help`)."""
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -52,6 +52,8 @@ class TrainConfig:
     nonfinite: Literal["error", "skip"] = opt("error", "what a NaN/inf loss does: stop, or skip the step")
     flush_denormal: bool = opt(True, "CPU: flush denormal floats to zero (denormals slow steps up to 100x)")
     profile_steps: int = opt(0, "record a torch.profiler trace of N steps (after the first) in run_dir/profile/")
+    activation_checkpointing: Literal["none", "units"] = opt(
+        "none", "units: recompute each unit's activations in backward (less memory, ~1/3 more compute)")
 
     def __post_init__(self) -> None:
         _positive("train.batch_size", self.batch_size)
@@ -157,6 +159,27 @@ class DDPConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """engine=fsdp: torch's FSDP2 (fully_shard) on each unit, then on the whole model."""
+
+    units: list = opt([], "module class names to shard as units; default: the task's shard_units(), "
+                          "else the blocks of the model's ModuleLists")
+    reshard_after_forward: bool = opt(True, "free a unit's gathered parameters after its forward "
+                                            "(less memory, one more all-gather in backward)")
+    replicate: int = opt(1, "HSDP: replicate groups (e.g. nodes); parameters are sharded within each "
+                            "group of world_size/replicate ranks; 1 = shard over all ranks")
+    reduce_dtype: Literal["fp32", "bf16", "param"] = opt(
+        "fp32", "dtype of the gradient reduce-scatter with train.precision=bf16/fp16 (param: the compute dtype)")
+    cpu_offload: bool = opt(False, "keep sharded parameters, gradients and optimizer state in CPU memory (CUDA only)")
+
+    def __post_init__(self) -> None:
+        _positive("fsdp.replicate", self.replicate)
+        bad = [u for u in self.units if not (isinstance(u, str) and u.isidentifier())]
+        if bad:
+            raise UsageError(f"fsdp.units must be module class names (e.g. [Block]); got {bad[0]!r}")
+
+
+@dataclass
 class AccelerateConfig:
     """Plugin settings for engine=accelerate on CUDA GPUs, passed as keyword arguments."""
 
@@ -178,7 +201,7 @@ class Config:
     task_args: dict = opt({}, "free-form options passed to the task (its own keys)")
     seed: int = opt(0, "one seed for model init, data order and everything random")
     run_dir: Optional[str] = opt(None, "where this run writes everything; default runs/<task>-<time>")
-    engine: Literal["ddp", "accelerate"] = opt("ddp", "ddp (torch DDP) or accelerate")
+    engine: Literal["ddp", "fsdp", "accelerate"] = opt("ddp", "ddp (torch DDP), fsdp (FSDP2 sharding) or accelerate")
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -186,6 +209,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     accelerate: AccelerateConfig = field(default_factory=AccelerateConfig)
 
     def __post_init__(self) -> None:
@@ -193,6 +217,9 @@ class Config:
             raise UsageError("task must name a built-in task, module:attr or file.py:attr")
         if (self.accelerate.fsdp or self.accelerate.deepspeed) and self.engine != "accelerate":
             raise UsageError("accelerate.fsdp / accelerate.deepspeed need engine=accelerate")
+        # fsdp.units also names the units of train.activation_checkpointing under ddp.
+        if dataclasses.replace(self.fsdp, units=[]) != FSDPConfig() and self.engine != "fsdp":
+            raise UsageError("fsdp.reshard_after_forward / replicate / reduce_dtype / cpu_offload need engine=fsdp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +269,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is dict:
         if isinstance(value, dict):
             return dict(value)
+    elif hint is list:
+        if isinstance(value, list):
+            return list(value)
+        if isinstance(value, str):  # from the command line: A,B or [A, B]
+            return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
     name = getattr(hint, "__name__", str(hint))
     raise UsageError(f"{key} must be {'a' if name != 'int' else 'an'} {name}; got {value!r}")
 

@@ -278,6 +278,15 @@ class Task:
             raise UsageError(f"task.optimizer() must return a torch.optim.Optimizer, got {type(opt).__name__}")
         return opt
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module] | None:
+        """The task's own fsdp / activation-checkpointing units of `model`, or None."""
+        if not callable(getattr(self.obj, "shard_units", None)):
+            return None
+        units = self._call("shard_units", model)
+        if not isinstance(units, (list, tuple)) or not all(isinstance(u, nn.Module) for u in units):
+            raise UsageError("task.shard_units(model) must return a list of submodules of the model")
+        return list(units)
+
     @property
     def tokens_per_sample(self) -> int | None:
         return getattr(self.obj, "tokens_per_sample", None)

@@ -18,13 +18,16 @@ commands:
   k8s ...                                     render Kubernetes manifests for a multi-node job
   doctor [--nproc-per-node N]                 preflight: environment, all-reduce bandwidth, matmul speed
   prepare-tokens INPUT... -o DIR              text -> token shards + meta.json for `--task=lm --task_args.data=DIR`
+  export CHECKPOINT_OR_RUN_DIR -o FILE        the consolidated model of a checkpoint (.pt or .safetensors)
+  estimate [CONFIG] [--nproc-per-node N] [--nnodes M] [--gpu-memory-gib G]
+                                              per-rank memory of ddp, fsdp and HSDP (model on the meta device)
 
 `dtrain train --help` lists every config key; `dtrain COMMAND --help` for the others.
 """
 
 # Every command lives in its own module of this package, imported only when used (keeps
 # `dtrain train` lean); each has `main(argv) -> exit code`.
-COMMANDS = ("train", "launch", "plot", "runs", "k8s", "doctor", "prepare-tokens")
+COMMANDS = ("train", "launch", "plot", "runs", "k8s", "doctor", "prepare-tokens", "export", "estimate")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""Engines: how one optimizer step runs across ranks. `ddp` (torch DDP, the default) and
-`accelerate` (Hugging Face Accelerate) implement `base.Engine`; the trainer builds one here."""
+"""Engines: how one optimizer step runs across ranks. `ddp` (torch DDP, the default), `fsdp`
+(torch FSDP2 sharding) and `accelerate` (Hugging Face Accelerate) implement `base.Engine`; the
+trainer builds one here."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def build_engine(task: Task, config: Config, env: DistEnv, device: torch.device,
         from distributed_train.engines.accelerate import AccelerateEngine
 
         return AccelerateEngine(task, config, env, device, plan, total_steps)
+    if config.engine == "fsdp":
+        from distributed_train.engines.fsdp import FSDPEngine
+
+        return FSDPEngine(task, config, env, device, plan, total_steps)
     from distributed_train.engines.ddp import DDPEngine
 
     return DDPEngine(task, config, env, device, plan, total_steps)

@@ -26,6 +26,7 @@ from distributed_train.training.data import BatchPlan, move_to_device
 from distributed_train.dist import DistEnv
 from distributed_train.engines.base import (EngineState, attach_shm_allreduce, autocast_context, build_optimizer,
                                            check_comm_hook, lr_factor)
+from distributed_train.engines.units import checkpoint_activations
 from distributed_train.errors import UsageError
 from distributed_train.task import Task
 
@@ -141,6 +142,7 @@ class AccelerateEngine(EngineState):
                              "use engine=ddp, or train.nonfinite=error")
         self.accelerator = make_accelerator(config, env, device, plan)
         self.raw_model = task.model().to(device)
+        checkpoint_activations(task, self.raw_model, config)
         optimizer = build_optimizer(task, self.raw_model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, config, total_steps)

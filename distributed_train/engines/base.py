@@ -13,6 +13,7 @@ from typing import Any, ContextManager, Iterable, Protocol
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distributed_train.config import Config
@@ -22,10 +23,10 @@ from distributed_train.task import Task
 
 
 class Engine(Protocol):
-    """What the trainer needs from an engine (ddp, accelerate)."""
+    """What the trainer needs from an engine (ddp, fsdp, accelerate)."""
 
     model: nn.Module  # what task.loss() sees in training (maybe wrapped in DDP)
-    raw_model: nn.Module  # the task's own module
+    raw_model: nn.Module  # the task's own module (under fsdp: sharded in place, parameters are DTensors)
     optimizer: torch.optim.Optimizer
     non_blocking: bool  # host-to-device copies may be asynchronous (CUDA)
     shm_allreduce: shm_allreduce.SharedMemoryAllReduce | None  # set when gradients go through /dev/shm
@@ -49,10 +50,17 @@ class Engine(Protocol):
         """Give every rank rank 0's buffers (collective)."""
 
     def model_state_dict(self) -> dict:
-        """The consolidated model state as CPU tensors (what final_model.pt holds)."""
+        """The consolidated model state as CPU tensors (what final_model.pt holds); every rank
+        calls it (a collective under fsdp), rank 0's result is the one written."""
+
+    def extra_state(self) -> dict:
+        """What a checkpoint needs beyond model and optimizer (LR schedule, scaler): the same on every rank."""
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore `extra_state()` output."""
 
     def state_dict(self) -> dict:
-        """Everything the engine needs to continue exactly (model, optimizer, schedule, scaler)."""
+        """Model, optimizer, schedule and scaler in one dict (single-file checkpoints of older versions)."""
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()` output."""
@@ -66,14 +74,14 @@ def build_optimizer(task: Task, model: nn.Module, config: Config) -> torch.optim
     if own is not None:
         return own
     train = config.train
-    kernel = optimizer_kernel(model)
+    kernel = optimizer_kernel(model, train.optimizer)
     if train.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
                                weight_decay=train.weight_decay, **kernel)
     return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, **kernel)
 
 
-def optimizer_kernel(model: nn.Module) -> dict:
+def optimizer_kernel(model: nn.Module, optimizer: str = "adamw") -> dict:
     """{"fused": True} where torch has a fused kernel for every parameter, else {"foreach": True}.
 
     The fused AdamW update is one kernel over all parameters: on CPU it takes a third of the
@@ -81,6 +89,8 @@ def optimizer_kernel(model: nn.Module) -> dict:
     """
     fused_devices = {"cpu", "cuda", "xpu", "mps"}
     params = list(model.parameters())
+    if optimizer == "sgd" and any(isinstance(p, DTensor) for p in params):
+        return {"foreach": True}  # torch has no fused SGD for sharded (fsdp) parameters
     if params and all(p.is_floating_point() and p.device.type in fused_devices for p in params):
         return {"fused": True}
     return {"foreach": True}
@@ -167,20 +177,24 @@ class EngineState:
         """The whole model's parameters and buffers as CPU tensors, no wrapper prefixes."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}
 
-    def state_dict(self) -> dict:
-        """Model, optimizer, scheduler and scaler state (model keys without `module.`)."""
-        state = {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
+    def extra_state(self) -> dict:
+        """LR scheduler and scaler state: small, the same on every rank."""
+        state = {"scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_extra_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+    def state_dict(self) -> dict:
+        """Model, optimizer, scheduler and scaler state (model keys without `module.`)."""
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                **self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_extra_state(state)

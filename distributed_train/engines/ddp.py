@@ -18,6 +18,7 @@ from distributed_train.config import Config
 from distributed_train.dist import DistEnv, all_reduce_sum, diagnose
 from distributed_train.engines.base import (EngineState, attach_shm_allreduce, autocast_context, build_optimizer,
                                            check_comm_hook, lr_factor)
+from distributed_train.engines.units import checkpoint_activations
 from distributed_train.errors import UsageError
 from distributed_train.task import Task
 from distributed_train.training.data import BatchPlan, move_to_device
@@ -32,6 +33,7 @@ class DDPEngine(EngineState):
         autocast_context(config.train.precision, device)  # fail early on fp16 without CUDA
         check_comm_hook(config.ddp.comm_hook, device)
         self.raw_model = task.model().to(device)
+        checkpoint_activations(task, self.raw_model, config)
         self.optimizer = build_optimizer(task, self.raw_model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, config, total_steps)

@@ -1,7 +1,10 @@
 """The checkpoint policy: when to save, what a checkpoint holds, where a run resumes from.
 
-`checkpoint.py` implements the commit protocol and knows nothing about ranks; this module
-decides which rank does what: every rank gathers its RNG state, rank 0 writes in the background.
+`checkpoint.py` finds, verifies and rotates committed checkpoints and knows nothing about ranks;
+`sharded_checkpoint.py` writes them. This module decides which rank does what: every rank
+gathers its RNG state and writes its shard of model and optimizer in the background; rank 0
+writes the rest and commits. After SIGTERM rank 0 saves alone where it holds the whole model
+(ddp); under fsdp the ranks first agree to stop at the same step, then save together.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+import torch.distributed as torch_dist
+
 from distributed_train import dist
 from distributed_train.config import Config, to_dict
 from distributed_train.dist import diagnose
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
-from distributed_train.training import checkpoint
+from distributed_train.training import checkpoint, sharded_checkpoint
 from distributed_train.training.metrics import MetricsLogger, log
 from distributed_train.training.rng import rng_state, set_rng_state
 
@@ -38,12 +44,17 @@ class Resumed:
 class Checkpointer:
     """Saves committed checkpoints of one run and finds the one to resume from."""
 
-    def __init__(self, config: Config, env: dist.DistEnv, run_dir: Path, logger: MetricsLogger):
-        self.config, self.env, self.logger = config, env, logger
+    def __init__(self, config: Config, env: dist.DistEnv, run_dir: Path, logger: MetricsLogger, engine: Engine):
+        self.config, self.env, self.logger, self.engine = config, env, logger, engine
         self.settings = config.checkpoint
         self.directory = run_dir / "checkpoints"
         self.run_dir = run_dir
-        self.writer = checkpoint.AsyncWriter()
+        self.writer = sharded_checkpoint.ShardedWriter(
+            self.directory, env.is_main, lambda: checkpoint.rotate(self.directory, self.settings.keep_last))
+        self.sharded = sharded_checkpoint.is_sharded_engine(engine)
+        # Sharded ranks vote on stopping at every step (a tiny gloo all-reduce, no GPU sync).
+        self.stop_group = torch_dist.new_group(backend="gloo") if self.sharded and config.checkpoint.on_sigterm \
+            else None
 
     def should_save(self, step: int, last_step: bool) -> bool:
         """Every `checkpoint.every_steps`, and at the last step (so raising train.max_steps later
@@ -51,28 +62,48 @@ class Checkpointer:
         every = self.settings.every_steps
         return bool(every) and (step % every == 0 or last_step)
 
+    def stop_agreed(self, requested: bool) -> bool:
+        """Whether to stop after this step. Sharded ranks must save together, so they stop at the
+        same step: any rank's SIGTERM stops all. Elsewhere rank 0 saves alone, on its own signal."""
+        if self.stop_group is None:
+            return requested
+        vote = torch.tensor([int(requested)])
+        torch_dist.all_reduce(vote, group=self.stop_group)
+        return bool(vote.item())
+
     def save(self, step: int, state: StateFn) -> None:
-        """Collective save at a step boundary: gather RNG states, rank 0 commits in the background."""
+        """Collective save at a step boundary: every rank stages its shard, the write is in the background."""
         start = time.perf_counter()
         rngs = dist.all_gather_object(rng_state())
-        if self.env.is_main:
-            copy = checkpoint.to_cpu_copy(state(rngs))
-            self.writer.submit(self.directory, step, copy, self.settings.keep_last)
+        self.engine.sync_buffers()  # the buffers rank 0 holds are the ones every rank continues with
+        self.writer.submit(step, self.engine, state(rngs) if self.env.is_main else None)
         self.logger.log({"kind": "checkpoint", "step": step, "stall_s": time.perf_counter() - start,
                          "previous_write_s": self.writer.last_write_s})
 
-    def save_on_preemption(self, step: int, state: StateFn, poisoned: bool) -> None:
-        """After SIGTERM: rank 0 commits its local state synchronously; no collectives."""
+    def save_on_preemption(self, step: int, state: StateFn, poisoned: bool, agreed: bool = True) -> None:
+        """After SIGTERM: rank 0 commits its local state synchronously with no collectives; sharded
+        ranks that agreed to stop at this step save together."""
         self.writer.wait()
         diagnose.at("committing a checkpoint after SIGTERM", may_take_long=True)
-        if not self.env.is_main or step == 0:
+        if step == 0:
             return
-        if poisoned:
+        if self.sharded:
+            if not agreed:
+                log.warning("SIGTERM: a collective failed, so the shards cannot be saved together; "
+                            "the job continues from the last committed checkpoint")
+                return
+            rngs = dist.all_gather_object(rng_state())
+            self.writer.submit(step, self.engine, state(rngs) if self.env.is_main else None, blocking=True)
+        elif not self.env.is_main:
+            return
+        elif poisoned:
             log.warning("SIGTERM: the loss or the parameters are NaN/inf: no checkpoint committed")
             return
-        path = checkpoint.write_checkpoint(self.directory, step, state([rng_state()]))
-        checkpoint.rotate(self.directory, self.settings.keep_last)
-        log.warning("SIGTERM: committed %s; rerun the same command to continue", path)
+        else:
+            self.writer.save_alone(step, self.engine, state([rng_state()]))
+        if self.env.is_main:
+            log.warning("SIGTERM: committed %s; rerun the same command to continue",
+                        self.directory / sharded_checkpoint.checkpoint_name(step))
 
     def finish_pending(self) -> None:
         """Wait for the checkpoint being written; raises if its write failed."""
@@ -84,13 +115,18 @@ class Checkpointer:
                                   self.settings.overwrite)
         if path is None:
             return None
-        state = checkpoint.load_state(path)
+        sharded = sharded_checkpoint.is_sharded(path)
+        state = sharded_checkpoint.read_train_state(path) if sharded else checkpoint.load_state(path)
         changed = checkpoint.incompatibilities(state["config"], to_dict(self.config))
         if changed and not self.settings.allow_changes:
             raise UsageError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}); "
                              "resume with the same settings, or set checkpoint.allow_changes=true")
         try:
-            engine.load_state_dict(state["engine"])
+            if sharded:
+                sharded_checkpoint.load_model_and_optimizer(engine, path)
+                engine.load_extra_state(state["engine"])
+            else:  # a single-file checkpoint of an older version (not under fsdp)
+                engine.load_state_dict(state["engine"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise UsageError(f"checkpoint {path} does not fit this model/optimizer: "
                              f"{str(exc).splitlines()[0]}") from exc
@@ -104,12 +140,12 @@ class Checkpointer:
 
 def training_state(engine: Engine, global_step: int, position: dict, rngs: list, world_size: int,
                    config: Config, wandb_id: str | None) -> dict:
-    """Everything needed to continue exactly; the data position never mentions ranks."""
-    return {
-        "engine": engine.state_dict(),
+    """What rank 0 saves beside the shards; the data position never mentions ranks."""
+    return checkpoint.to_cpu_copy({
+        "engine": engine.extra_state(),
         "progress": {"global_step": global_step, **position},
         "rng": rngs,
         "world_size": world_size,
         "config": to_dict(config),
         "wandb_id": wandb_id,
-    }
+    })

@@ -146,15 +146,15 @@ class MetricsLogger:
         self.trainjob: TrainJobProgress | None = None  # posts to a Kubeflow TrainJob's status
         self._file = None
 
-    def start(self, wandb_id: str | None = None, resumed_step: int = 0) -> None:
+    def start(self, wandb_id: str | None = None, resumed_step: int = 0, **start_fields: object) -> None:
         """Open metrics.jsonl (appending) and wandb on rank 0; every rank learns the wandb run id.
 
         `wandb_id` is the id stored in the checkpoint: a resumed job logs to the same wandb run,
         its steps continuing from `resumed_step`. Every rank must call this (one broadcast).
         """
-        self.wandb_id = main_computes(self.env, self._open, wandb_id, resumed_step)
+        self.wandb_id = main_computes(self.env, self._open, wandb_id, resumed_step, start_fields)
 
-    def _open(self, wandb_id: str | None, resumed_step: int) -> str | None:
+    def _open(self, wandb_id: str | None, resumed_step: int, start_fields: dict) -> str | None:
         mode = wandb_mode(self.config.log.wandb)
         self.wandb_id = wandb_id  # kept through checkpoints even while wandb is off or failing
         path = self.run_dir / "metrics.jsonl"
@@ -166,7 +166,8 @@ class MetricsLogger:
             self._start_wandb(mode, wandb_id)
         self._write({"kind": "start", "step": resumed_step, "total_steps": self.total_steps,
                      "resumed": resumed_step > 0, "world_size": self.env.world_size,
-                     "task": self.config.task, "wandb_id": self.wandb_id, "versions": versions()})
+                     "task": self.config.task, "wandb_id": self.wandb_id, "versions": versions(),
+                     **start_fields})
         self.progress = Progress(self.total_steps, resumed_step)
         self.trainjob = TrainJobProgress.from_environ(os.environ, self.total_steps, resumed_step,
                                                       self.config.log.progress_every_s)

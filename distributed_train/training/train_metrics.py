@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from distributed_train import dist
 from distributed_train.config import Config
@@ -98,4 +99,6 @@ class TrainMetrics:
     def poisoned(self, engine: Engine) -> bool:
         """This rank's state holds NaN/inf (a local check, no collective: the SIGTERM path's guard)."""
         losses = self.window.losses if self.config.train.nonfinite == "error" else []
-        return any(not torch.isfinite(t).all() for t in [*losses, *engine.raw_model.parameters()])
+        # This rank's shard only (fsdp): a check of the whole DTensor would be a collective.
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in engine.raw_model.parameters()]
+        return any(not torch.isfinite(t).all() for t in [*losses, *local])

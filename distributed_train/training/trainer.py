@@ -16,6 +16,7 @@ from distributed_train.dist import diagnose
 from distributed_train.dist.preemption import Preempted, StopFlag
 from distributed_train.engines import build_engine
 from distributed_train.engines.base import Engine
+from distributed_train.engines.memory import state_bytes_per_rank
 from distributed_train.errors import NonFiniteLoss, UsageError
 from distributed_train.task import Task, load_task
 from distributed_train.training.checkpointing import Checkpointer, Resumed, training_state
@@ -79,7 +80,7 @@ class Trainer:
         mfu = MFUMeter(self.task, train_set, collate, device, config.train.precision, env.world_size,
                        config.log.peak_tflops)
         self.metrics = TrainMetrics(config, env, device, self.task, self.logger, mfu, self.total_steps)
-        self.checkpointer = Checkpointer(config, env, self.run_dir, self.logger)
+        self.checkpointer = Checkpointer(config, env, self.run_dir, self.logger, self.engine)
         self.stop = StopFlag(config.checkpoint.on_sigterm)
         self.profiler = StepProfiler(config.train.profile_steps, self.run_dir, env.rank, device)
         self.global_step, self.resumed, self.stepped = 0, None, False
@@ -89,7 +90,8 @@ class Trainer:
         start = time.perf_counter()
         self.prepare_run_dir()
         self.resume()
-        self.logger.start(wandb_id=self.resumed and self.resumed.wandb_id, resumed_step=self.global_step)
+        self.logger.start(wandb_id=self.resumed and self.resumed.wandb_id, resumed_step=self.global_step,
+                          state_bytes_per_rank=state_bytes_per_rank(self.engine))
         log.info("training %s: %d steps, global batch %d on %d rank(s) (%d micro-batch(es) of %d per rank)%s",
                  self.task.name, self.total_steps, self.plan.global_batch, self.env.world_size,
                  self.plan.accumulation_steps, self.plan.micro_batch,
@@ -98,7 +100,8 @@ class Trainer:
             train_s = self.train()
         eval_metrics = self.evaluate()
         summary = self.summary(eval_metrics, train_s, time.perf_counter() - start)
-        dist.on_main(self.env, self.write_outputs, summary)
+        model_state = self.engine.model_state_dict()  # every rank: a collective under fsdp
+        dist.on_main(self.env, self.write_outputs, summary, model_state)
         # wandb.finish takes a second or two on rank 0: do it before the barrier so all ranks
         # leave (and tear the process group down) together.
         self.logger.close(summary)
@@ -123,7 +126,7 @@ class Trainer:
             if not self.stop.requested:
                 raise
             # A peer stopped first and our collective failed: keep the last completed step.
-            self.save_on_preemption()
+            self.save_on_preemption(agreed=False)
             raise Preempted(self.global_step) from None
         self.checkpointer.finish_pending()
         return time.perf_counter() - start
@@ -156,7 +159,7 @@ class Trainer:
         if self.checkpointer.should_save(step, last):
             self.metrics.check_finite(step)  # never commit a NaN state
             self.checkpointer.save(step, self.state)
-        if self.stop.requested:
+        if self.checkpointer.stop_agreed(self.stop.requested):
             raise Preempted(step)
 
     def evaluate(self) -> dict[str, float]:
@@ -193,10 +196,10 @@ class Trainer:
         return training_state(self.engine, self.global_step, self.data.state_dict(), rngs,
                               self.env.world_size, self.config, self.logger.wandb_id)
 
-    def save_on_preemption(self) -> None:
-        """After SIGTERM: rank 0 commits its local state (no collectives), unless it holds NaN/inf."""
+    def save_on_preemption(self, agreed: bool = True) -> None:
+        """After SIGTERM: commit the last completed step, unless rank 0 holds NaN/inf."""
         poisoned = self.env.is_main and self.metrics.poisoned(self.engine)
-        self.checkpointer.save_on_preemption(self.global_step, self.state, poisoned)
+        self.checkpointer.save_on_preemption(self.global_step, self.state, poisoned, agreed)
 
     def summary(self, eval_metrics: dict, train_s: float, wall_s: float) -> dict:
         """summary.json: the contract in the architecture notes."""
@@ -213,10 +216,10 @@ class Trainer:
             "resumed_from": str(self.resumed.path) if self.resumed else None,
         }
 
-    def write_outputs(self, summary: dict) -> None:
+    def write_outputs(self, summary: dict, model_state: dict) -> None:
         """final_model.pt (plain CPU state_dict, no `module.` prefix) and summary.json, atomically."""
         model_path = self.run_dir / "final_model.pt"
-        torch.save(self.engine.model_state_dict(), model_path.with_suffix(".tmp"))
+        torch.save(model_state, model_path.with_suffix(".tmp"))
         model_path.with_suffix(".tmp").replace(model_path)
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,155 @@
+"""`dtrain estimate [CONFIG] [--nproc-per-node N] [--nnodes M] [--gpu-memory-gib G] [overrides]`:
+per-rank memory of the task's model under ddp, fsdp and HSDP, without allocating it.
+
+The model is built on the meta device (shapes only, seconds even for 7B parameters); the state
+(parameters, gradients, optimizer) follows the rules `state_bytes_per_rank` measures with. The
+activations of one micro-batch come from one forward traced under FakeTensorMode: the bytes
+autograd saves for backward, with and without activation checkpointing of the units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from distributed_train.cli.train import resolve_config
+from distributed_train.config import Config
+from distributed_train.engines.memory import optimizer_slots, predicted_state_bytes
+from distributed_train.engines.units import find_units, outermost
+from distributed_train.errors import EXIT_OK, UsageError
+from distributed_train.task import Task, load_task
+from distributed_train.training.data import BatchPlan, batch_fetcher
+
+GIB = 2**30
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="dtrain estimate", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", help="config file (YAML); overrides follow as --section.key=value")
+    parser.add_argument("--nproc-per-node", type=int, default=8, help="ranks (GPUs) per node")
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes; HSDP replicates across them")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_known_args(argv)
+
+
+@dataclass
+class Activations:
+    """Bytes autograd keeps for backward in one micro-batch's forward."""
+
+    full: int
+    checkpointed: int  # train.activation_checkpointing=units
+
+
+def trace_activations(task: Task, config: Config, micro_batch: int, precision: str) -> Activations | None:
+    """Trace one forward under FakeTensorMode (no memory); None when the model cannot be traced."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    batch = sample_batch(task, micro_batch)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            model = task.model()
+            units = outermost(find_units(task, model, config.fsdp.units))
+            fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
+            return _saved_bytes(task, model, units, fake, precision)
+    except Exception:  # noqa: BLE001 - an estimate without activations is still useful
+        return None
+
+
+def _saved_bytes(task: Task, model: nn.Module, units: list[nn.Module], batch: Any, precision: str) -> Activations:
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    per_unit, inputs = [], []
+    for unit in units:  # bytes saved inside each unit, and its input (what checkpointing keeps)
+        unit.register_forward_pre_hook(lambda m, a: per_unit.append(-sum(saved.values())) or
+                                       inputs.append(sum(t.nbytes for t in a if isinstance(t, torch.Tensor))))
+        unit.register_forward_hook(lambda m, a, o: per_unit.append(per_unit.pop() + sum(saved.values())))
+    autocast = torch.autocast("cpu", dtype=_DTYPES[precision]) if precision != "fp32" else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        task.loss(model, batch)
+    full = sum(saved.values())
+    if not per_unit:
+        return Activations(full, full)
+    return Activations(full, full - sum(per_unit) + sum(inputs) + max(per_unit))
+
+
+def sample_batch(task: Task, size: int) -> Any:
+    """The first `size` training samples as one batch, as the trainer would collate them."""
+    dataset = task.train_dataset()
+    indices = list(range(min(size, len(dataset))))
+    fetch = batch_fetcher(dataset) if task.collate_fn() is None else None
+    if fetch is not None:
+        return fetch(indices)
+    from torch.utils.data import default_collate
+
+    return (task.collate_fn() or default_collate)([dataset[i] for i in indices])
+
+
+def model_summary(task: Task, config: Config) -> tuple[nn.Module, int, list[nn.Module]]:
+    """The model on the meta device, the optimizer's states per parameter, and the units."""
+    with torch.device("meta"):
+        model = task.model()
+    own = task.optimizer(model.parameters(), config)
+    if own is not None:
+        slots = optimizer_slots(type(own).__name__, own.param_groups[0])
+    else:
+        slots = optimizer_slots("SGD" if config.train.optimizer == "sgd" else "AdamW",
+                                {"momentum": config.train.momentum})
+    return model, slots, find_units(task, model, config.fsdp.units)
+
+
+def rows(model: nn.Module, slots: int, units: list[nn.Module], nproc: int, nnodes: int) -> list[tuple[str, int, dict]]:
+    """(engine, shards, state bytes of rank 0) for ddp, fsdp over every rank, and HSDP."""
+    world = nproc * nnodes
+    out = [("ddp", 1, predicted_state_bytes(model, slots, 1)),
+           (f"fsdp ({world} shards)", world, predicted_state_bytes(model, slots, world))]
+    if nnodes > 1:
+        out.append((f"hsdp ({nnodes}x{nproc})", nproc, predicted_state_bytes(model, slots, nproc)))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = parse_args(argv)
+    if args.nproc_per_node < 1 or args.nnodes < 1:
+        raise UsageError("--nproc-per-node and --nnodes must be >= 1")
+    config = resolve_config(args.config, overrides)
+    task = load_task(config.task, config)
+    model, slots, units = model_summary(task, config)
+    world = args.nproc_per_node * args.nnodes
+    plan = BatchPlan.make(config.train.batch_size, world, config.train.micro_batch_size)
+    n_params = sum(p.numel() for p in model.parameters())
+    largest_unit = max((sum(p.numel() for p in u.parameters()) for u in units), default=n_params)
+    print(f"{task.name}: {n_params:,} parameters (largest unit {largest_unit:,}), {slots} optimizer "
+          f"state(s) per parameter; {world} rank(s) ({args.nnodes} node(s) x {args.nproc_per_node}), "
+          f"micro-batch {plan.micro_batch}")
+    print(f"{'engine':<18} {'precision':<9} {'params':>9} {'grads':>9} {'optimizer':>9} "
+          f"{'activations':>11} {'act. ckpt':>9} {'total':>9}  fits {args.gpu_memory_gib:g} GiB")
+    for precision in dict.fromkeys([config.train.precision, "bf16"]):
+        activations = trace_activations(task, config, plan.micro_batch, precision)
+        for engine, shards, state in rows(model, slots, units, args.nproc_per_node, args.nnodes):
+            # fsdp also holds the gathered parameters of about two units at a time (compute dtype).
+            gathered = 0 if shards == 1 else 2 * largest_unit * _DTYPES[precision].itemsize
+            total = sum(state.values()) + gathered + (activations.full if activations else 0)
+            least = sum(state.values()) + gathered + (activations.checkpointed if activations else 0)
+            fits = "yes" if total <= args.gpu_memory_gib * GIB else \
+                "with act. ckpt" if least <= args.gpu_memory_gib * GIB else "no"
+            act = f"{activations.full / GIB:.2f}" if activations else "n/a"
+            ckpt = f"{activations.checkpointed / GIB:.2f}" if activations else "n/a"
+            print(f"{engine:<18} {precision:<9} {state['parameters'] / GIB:>9.2f} {state['gradients'] / GIB:>9.2f} "
+                  f"{state['optimizer'] / GIB:>9.2f} {act:>11} {ckpt:>9} {total / GIB:>9.2f}  {fits}")
+    print("GiB per rank; total = state + activations of one micro-batch (+ gathered units under fsdp)")
+    return EXIT_OK

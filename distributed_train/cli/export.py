@@ -1,0 +1,72 @@
+"""`dtrain export CHECKPOINT_OR_RUN_DIR -o FILE`: the consolidated model of a committed checkpoint.
+
+Works on one process with no GPU, whatever engine and world size wrote the checkpoint: the
+shards are read by parameter name and assembled into full CPU tensors. FILE.pt is a plain
+state_dict (like final_model.pt, loadable with weights_only=True); FILE.safetensors needs the
+`safetensors` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from distributed_train.errors import EXIT_OK, UsageError
+from distributed_train.training import checkpoint, sharded_checkpoint
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dtrain export", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="a committed checkpoint directory, or a run directory (its latest one)")
+    parser.add_argument("-o", "--output", required=True, help="FILE.pt or FILE.safetensors")
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def find_checkpoint(source: Path) -> Path:
+    """The checkpoint `source` names: a run directory means its latest valid committed one."""
+    if not source.exists():
+        raise UsageError(f"{str(source)!r} does not exist")
+    return checkpoint.resolve_resume(source, str(source), overwrite=False)
+
+
+def model_state(path: Path) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the checkpoint's model, keyed like the task's own model."""
+    if sharded_checkpoint.is_sharded(path):
+        state = sharded_checkpoint.read_model(path)
+    else:  # a single-file checkpoint of an older version
+        state = checkpoint.load_state(path)["engine"]["model"]
+    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
+
+
+def write(state: dict[str, torch.Tensor], output: Path) -> None:
+    """Write atomically: a reader never sees half a file."""
+    tmp = output.with_name(output.name + ".tmp")
+    if output.suffix == ".safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise UsageError("writing .safetensors needs the safetensors package (pip install safetensors); "
+                             "or write a .pt file") from None
+        # Tied weights share storage in the model; safetensors stores each name separately.
+        save_file({k: v.clone() for k, v in state.items()}, str(tmp))
+    elif output.suffix == ".pt":
+        torch.save(state, tmp)
+    else:
+        raise UsageError(f"-o {str(output)!r}: the file must end in .pt or .safetensors")
+    tmp.replace(output)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    output = Path(args.output)
+    if output.suffix not in (".pt", ".safetensors"):
+        raise UsageError(f"-o {args.output!r}: the file must end in .pt or .safetensors")
+    path = find_checkpoint(Path(args.source))
+    state = model_state(path)
+    write(state, output)
+    total = sum(t.numel() for t in state.values())
+    print(f"wrote {output}: {len(state)} tensors, {total:,} values, from {path}")
+    return EXIT_OK

@@ -1,0 +1,212 @@
+"""The `fsdp` engine: torch's FSDP2 (`fully_shard`) on each unit, then on the whole model.
+
+Every rank holds 1/W of the parameters, gradients and optimizer state. A unit's parameters are
+all-gathered just before its forward (and again before its backward when
+`fsdp.reshard_after_forward`), and its gradients are reduce-scattered, averaged, right after its
+backward: the same mean over the global batch as `ddp`. With `fsdp.replicate=R` (HSDP) ranks
+form R groups; parameters are sharded within a group and gradients also all-reduced across groups.
+
+The step itself (micro-batches, no communication before the last one, clipping, non-finite
+handling) is the `ddp` engine's: only wrapping, synchronisation, norms and state differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import contextlib
+import warnings
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from distributed_train.config import Config
+from distributed_train.dist import DistEnv
+from distributed_train.engines.base import autocast_context, build_optimizer, lr_factor
+from distributed_train.engines.ddp import DDPEngine
+from distributed_train.engines.units import check_tied_weights, checkpoint_units, find_units, outermost
+from distributed_train.errors import UsageError
+from distributed_train.task import Task
+from distributed_train.training.data import BatchPlan
+
+log = logging.getLogger("distributed_train")
+
+_REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "param": None}
+_COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_settings(config: Config, world_size: int, device: torch.device) -> None:
+    """The fsdp.* combinations torch would reject later with a long traceback."""
+    replicate = config.fsdp.replicate
+    if world_size % replicate:
+        raise UsageError(f"fsdp.replicate={replicate} must divide the world size ({world_size} ranks)")
+    if config.fsdp.cpu_offload and device.type != "cuda":
+        raise UsageError("fsdp.cpu_offload needs CUDA GPUs (on CPU the state already lives in host memory); "
+                         "remove it")
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP needs a process group, also as one process without torchrun: a local group of one."""
+    if not torch_dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+
+
+def device_mesh(device: torch.device, replicate: int) -> DeviceMesh:
+    """1-D mesh over every rank, or replicate x shard (consecutive ranks, e.g. one node, share a shard group)."""
+    world_size = torch_dist.get_world_size()
+    if replicate == 1:
+        return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def mixed_precision(config: Config) -> MixedPrecisionPolicy:
+    """train.precision as FSDP casts: parameters gathered and computed in bf16/fp16, gradients
+    reduced in `fsdp.reduce_dtype` (fp32 by default, so the average loses no digits)."""
+    if config.train.precision == "fp32":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=_COMPUTE_DTYPES[config.train.precision],
+                                reduce_dtype=_REDUCE_DTYPES[config.fsdp.reduce_dtype])
+
+
+def shard(model: nn.Module, units: list[nn.Module], mesh: DeviceMesh, config: Config) -> None:
+    """fully_shard every unit (innermost first, as FSDP requires), then the root."""
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": config.fsdp.reshard_after_forward,
+                              "mp_policy": mixed_precision(config)}
+    if config.fsdp.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for unit in reversed(units):
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+class FSDPEngine(DDPEngine):
+    """Model sharded with FSDP2, its optimizer over the shards, the LR schedule; `train_step` is ddp's."""
+
+    def __init__(self, task: Task, config: Config, env: DistEnv, device: torch.device,
+                 plan: BatchPlan, total_steps: int):
+        self.task, self.config, self.env, self.device, self.plan = task, config, env, device, plan
+        autocast_context(config.train.precision, device)  # fail early on fp16 without CUDA
+        check_settings(config, env.world_size, device)
+        ensure_process_group(device)
+        model = task.model().to(device)
+        units = find_units(task, model, config.fsdp.units)
+        check_tied_weights(model, units)
+        if config.train.activation_checkpointing == "units":
+            checkpoint_units(model, units)
+        if config.train.compile:  # in place, per unit: names stay, FSDP's hooks stay outside the graphs
+            for unit in outermost(units) or [model]:
+                unit.compile()
+        self.units = units
+        self.mesh = device_mesh(device, config.fsdp.replicate)
+        shard(model, units, self.mesh, config)
+        self.model = self.raw_model = model
+        self.optimizer = build_optimizer(task, model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda step: lr_factor(step, config, total_steps))
+        use_scaler = config.train.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+        self.non_blocking = device.type == "cuda"
+        self.skipped_steps = 0
+        self.checked_unused = True  # FSDP2 accepts parameters without gradients
+        self.shm_allreduce = None
+        self.stepped = False
+        self._last_backward = "backward (FSDP gradient reduce-scatter)"
+        self._buffers = list(model.buffers())
+
+    # -- the step ------------------------------------------------------------------------------
+    def train_step(self, micro_batches: Iterable[Any], measure_grad_norm: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ddp's step; buffers come from rank 0 first, as DDP's forward does."""
+        self.sync_buffers()
+        with self._mistakes_explained():
+            result = super().train_step(micro_batches, measure_grad_norm)
+        self.stepped = True
+        return result
+
+    @contextlib.contextmanager
+    def _mistakes_explained(self) -> Iterator[None]:
+        """The FSDP mistakes torch reports obscurely, in one line (checked on the first step only)."""
+        if self.stepped:
+            yield
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            except RuntimeError as exc:
+                if "mixed torch.Tensor and DTensor" not in str(exc):  # torch gives no narrower type
+                    raise
+                raise UsageError("engine=fsdp: the model uses a unit's parameter outside that unit's forward "
+                                 "(there it is a shard); compute with it inside the unit, or make the module "
+                                 "that uses it part of the unit (task.shard_units / fsdp.units)") from exc
+        for warning in caught:
+            if "returned a view tensor" in str(warning.message):
+                log.warning("engine=fsdp: a unit returns a view of a tensor; an in-place op on it (x += y) skips "
+                            "FSDP's all-gather and gives wrong gradients: use x = x + y or .clone() it")
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+    def _sync_context(self, last_micro_step: bool) -> Any:
+        # Gradients are reduce-scattered on the last micro-step only; earlier ones accumulate
+        # unsharded gradients locally (more memory, no communication).
+        self.model.set_requires_gradient_sync(last_micro_step)
+        return contextlib.nullcontext()
+
+    def _clip(self, measure: bool = False) -> torch.Tensor | None:
+        """The global gradient norm over every shard (a DTensor reduction), clipped to train.grad_clip."""
+        clip = self.config.train.grad_clip
+        if clip <= 0 and not measure:
+            return None
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    # -- evaluation and state ------------------------------------------------------------------
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running stats): FSDP shards parameters only."""
+        if torch_dist.get_world_size() > 1:
+            for buffer in self._buffers:
+                torch_dist.broadcast(buffer, src=0)
+
+    def eval_model(self) -> nn.Module:
+        """The sharded model itself; `eval_context` gathers its parameters for the whole evaluation."""
+        return self.model
+
+    @contextlib.contextmanager
+    def eval_context(self) -> Iterator[None]:
+        """Gather every unit's parameters once (collective) and keep them until the end of the
+        evaluation: ranks then evaluate their shards of the eval set, of different lengths,
+        without collectives per batch. Costs the full parameters in memory while it lasts."""
+        modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for module in modules:
+            module.set_reshard_after_forward(False, recurse=False)
+            module.unshard()
+        try:
+            with autocast_context(self.config.train.precision, self.device):
+                yield
+        finally:
+            for module in modules:
+                module.reshard()
+                module.set_reshard_after_forward(self.config.fsdp.reshard_after_forward, recurse=False)
+
+    def model_state_dict(self) -> dict:
+        """The consolidated model on rank 0 as CPU tensors ({} on the others). Collective."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def state_dict(self) -> dict:
+        raise UsageError("engine=fsdp saves sharded checkpoints only")
+
+    def load_state_dict(self, state: dict) -> None:
+        raise UsageError("engine=fsdp cannot resume a single-file checkpoint (state.pt) of an older version; "
+                         "resume it once with engine=ddp")
