@@ -8,6 +8,7 @@ UsageError naming the key (`train.lr`) and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,18 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+SEED_MAX = 2**32 - 1  # numpy's range; torch's generators also take seed * 100_003 + epoch
+
+
+def _finite(key: str, value: float | int | None) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{key} must be a finite number, got {value}")
+
+
 def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
+    _finite(key, value)
     if value < 0 or (value == 0 and not allow_zero):
         raise UsageError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
@@ -63,6 +73,9 @@ class TrainConfig:
         _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive("train.min_lr", self.min_lr, allow_zero=True)
         _positive("train.profile_steps", self.profile_steps, allow_zero=True)
+        _positive("train.momentum", self.momentum, allow_zero=True)
+        if self.min_lr > self.lr:
+            raise UsageError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise UsageError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of "
@@ -184,6 +197,8 @@ class Config:
     def __post_init__(self) -> None:
         if not self.task:
             raise UsageError("task must name a built-in task, module:attr or file.py:attr")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise UsageError(f"seed must be an integer from 0 to {SEED_MAX} (2**32-1), got {self.seed}")
         if (self.accelerate.fsdp or self.accelerate.deepspeed) and self.engine != "accelerate":
             raise UsageError("accelerate.fsdp / accelerate.deepspeed need engine=accelerate")
 
@@ -222,13 +237,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             except ValueError:
                 pass
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            _finite(key, number)
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -299,17 +318,53 @@ def parse_overrides(args: list[str]) -> dict:
     return tree
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise UsageError(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line L, column C: problem` from a PyYAML error (its str() spreads over several lines)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "'\\t'" in problem:
+        problem += " (YAML indents with spaces, not tabs)"
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + problem
+
+
 def read_config_file(path: str | Path) -> dict:
     """Read a YAML config file into a nested dict."""
     path = Path(path)
+    name = repr(str(path))
+    if path.is_dir():
+        raise UsageError(f"config file {name} is a directory; pass a YAML file")
     if not path.is_file():
-        raise UsageError(f"config file {str(path)!r} does not exist")
+        raise UsageError(f"config file {name} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {name} is not UTF-8 text (byte {exc.start}: "
+                         f"{exc.object[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"config file {name} cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except UsageError as exc:
+        raise UsageError(f"config file {name}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"config file {str(path)!r} is not valid YAML: {exc}".splitlines()[0]) from None
+        raise UsageError(f"config file {name} is not valid YAML at {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
-        raise UsageError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+        raise UsageError(f"config file {name} must hold a mapping of keys, got {type(data).__name__}")
     return data
 
 
