@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from distributed_train.errors import EXIT_USAGE
+from distributed_train.errors import EXIT_USAGE, UsageError
 
 # Restarts reuse the agent's rendezvous store unless this is set, and then fail or hang in
 # init_process_group (pytorch/pytorch#135712; ../shared/PITFALLS.md).
@@ -66,12 +66,12 @@ def _validate_before_spawn(train: list[str]):
 
     Returns the workers' arguments and the resolved config."""
     from distributed_train.cli.train import resolve_config, split_config_args
-    from distributed_train.task import resolve_attr
+    from distributed_train.task import check_model_before_spawn
     from distributed_train.training.trainer import default_run_dir
 
     config_path, overrides, _ = split_config_args(train)
     config = resolve_config(config_path, overrides)
-    resolve_attr(config.task)
+    check_model_before_spawn(config.task, config)
     if config.run_dir is None:
         train = [*train, f"--run_dir={default_run_dir(config.task)}"]
     return train, config
@@ -92,8 +92,14 @@ def _check_batch_split(parsed, config) -> None:
 
     min_nodes, _, max_nodes = str(parsed.nnodes).partition(":")
     try:
-        world_size = int(min_nodes) * int(parsed.nproc_per_node)
+        nproc = int(parsed.nproc_per_node)
     except ValueError:  # nproc "gpu"/"auto": the world size is not known yet
+        return
+    if nproc < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1, got {nproc}")
+    try:
+        world_size = int(min_nodes) * nproc
+    except ValueError:
         return
     if max_nodes and max_nodes != min_nodes:  # elastic "1:4": neither is it
         return

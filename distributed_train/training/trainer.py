@@ -4,7 +4,6 @@ schedule."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from distributed_train.training.data import BatchPlan, TrainBatchSampler, make_l
 from distributed_train.training.evaluation import Evaluator
 from distributed_train.training.flops import MFUMeter
 from distributed_train.training.metrics import MetricsLogger, log
+from distributed_train.training.outputs import RunOutputs
 from distributed_train.training.profiling import StepProfiler
 from distributed_train.training.rng import reseed_step, seed_everything
 from distributed_train.training.stream import TrainStream
@@ -53,6 +53,7 @@ class Trainer:
     logger: MetricsLogger
     metrics: TrainMetrics
     checkpointer: Checkpointer
+    outputs: RunOutputs
     stop: StopFlag
     profiler: StepProfiler
     # runtime state
@@ -80,6 +81,7 @@ class Trainer:
                        config.log.peak_tflops)
         self.metrics = TrainMetrics(config, env, device, self.task, self.logger, mfu, self.total_steps)
         self.checkpointer = Checkpointer(config, env, self.run_dir, self.logger)
+        self.outputs = RunOutputs(env, self.run_dir)
         self.stop = StopFlag(config.checkpoint.on_sigterm)
         self.profiler = StepProfiler(config.train.profile_steps, self.run_dir, env.rank, device)
         self.global_step, self.resumed, self.stepped = 0, None, False
@@ -94,11 +96,16 @@ class Trainer:
                  self.task.name, self.total_steps, self.plan.global_batch, self.env.world_size,
                  self.plan.accumulation_steps, self.plan.micro_batch,
                  "; gradients averaged through shared memory" if self.engine.shm_allreduce else "")
+        self.evaluator.check_methods(self.engine)  # a metrics() mistake shows now, not after training
         with self.stop:
             train_s = self.train()
-        eval_metrics = self.evaluate()
-        summary = self.summary(eval_metrics, train_s, time.perf_counter() - start)
-        dist.on_main(self.env, self.write_outputs, summary)
+        self.outputs.write_model(self.engine)  # first: nothing that runs after the last step can lose it
+        try:
+            summary = self.summary(self.evaluate(), train_s, time.perf_counter() - start)
+            self.outputs.write_summary(summary)
+        except Exception as exc:
+            self.outputs.write_failed(self.summary({}, train_s, time.perf_counter() - start), exc)
+            raise
         # wandb.finish takes a second or two on rank 0: do it before the barrier so all ranks
         # leave (and tear the process group down) together.
         self.logger.close(summary)
@@ -212,12 +219,3 @@ class Trainer:
             "final_model": str(self.run_dir / "final_model.pt"),
             "resumed_from": str(self.resumed.path) if self.resumed else None,
         }
-
-    def write_outputs(self, summary: dict) -> None:
-        """final_model.pt (plain CPU state_dict, no `module.` prefix) and summary.json, atomically."""
-        model_path = self.run_dir / "final_model.pt"
-        torch.save(self.engine.model_state_dict(), model_path.with_suffix(".tmp"))
-        model_path.with_suffix(".tmp").replace(model_path)
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(self.run_dir / "summary.json")
