@@ -45,13 +45,15 @@ class Evaluator:
 
     @torch.no_grad()
     def _check_first_batch(self, engine: Engine) -> None:
+        batch = next(iter(self.loader), None)
+        if batch is None:  # an eval set smaller than the world size can leave rank 0 nothing
+            return
         model, saved = engine.eval_model(), rng_state()
         was_training = model.training
         model.eval()
         try:
             with engine.eval_context():
-                batch = move_to_device(next(iter(self.loader)), self.device, engine.non_blocking)
-                self.batch_sums(model, batch)
+                self.batch_sums(model, move_to_device(batch, self.device, engine.non_blocking))
         except UsageError:
             raise
         except Exception as exc:  # noqa: BLE001 - the task's code: say which method, in one line
