@@ -120,12 +120,13 @@ def read_events(path: str | Path) -> list[dict]:
     if path.is_dir():
         path = path / "metrics.jsonl"
     events: list[dict] = []
-    for line in path.read_text().splitlines():
+    # A damaged byte spoils one line, not the file: it fails to parse and is skipped below.
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by a kill
-        if not isinstance(event, dict) or "step" not in event:
+        if not isinstance(event, dict) or type(event.get("step")) is not int:
             continue
         if event.get("kind") == "start":
             # A restart from step s replaces everything a previous attempt logged after s.
@@ -144,15 +145,16 @@ class MetricsLogger:
         self.progress: Progress | None = None
         self._file = None
 
-    def start(self, wandb_id: str | None = None, resumed_step: int = 0) -> None:
+    def start(self, wandb_id: str | None = None, resumed_step: int = 0, changed: list | None = None) -> None:
         """Open metrics.jsonl (appending) and wandb on rank 0; every rank learns the wandb run id.
 
         `wandb_id` is the id stored in the checkpoint: a resumed job logs to the same wandb run,
-        its steps continuing from `resumed_step`. Every rank must call this (one broadcast).
+        its steps continuing from `resumed_step`; `changed` lists the settings that differ from the
+        checkpoint's (`key: old -> new`). Every rank must call this (one broadcast).
         """
-        self.wandb_id = main_computes(self.env, self._open, wandb_id, resumed_step)
+        self.wandb_id = main_computes(self.env, self._open, wandb_id, resumed_step, changed or [])
 
-    def _open(self, wandb_id: str | None, resumed_step: int) -> str | None:
+    def _open(self, wandb_id: str | None, resumed_step: int, changed: list) -> str | None:
         mode = wandb_mode(self.config.log.wandb)
         self.wandb_id = wandb_id  # kept through checkpoints even while wandb is off or failing
         path = self.run_dir / "metrics.jsonl"
@@ -164,7 +166,8 @@ class MetricsLogger:
             self._start_wandb(mode, wandb_id)
         self._write({"kind": "start", "step": resumed_step, "total_steps": self.total_steps,
                      "resumed": resumed_step > 0, "world_size": self.env.world_size,
-                     "task": self.config.task, "wandb_id": self.wandb_id, "versions": versions()})
+                     "task": self.config.task, "wandb_id": self.wandb_id, "changed": changed,
+                     "versions": versions()})
         self.progress = Progress(self.total_steps, resumed_step)
         return self.wandb_id
 

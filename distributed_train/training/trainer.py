@@ -24,6 +24,7 @@ from distributed_train.training.flops import MFUMeter
 from distributed_train.training.metrics import MetricsLogger, log
 from distributed_train.training.outputs import RunOutputs
 from distributed_train.training.profiling import StepProfiler
+from distributed_train.training.run_lock import RunLock
 from distributed_train.training.rng import reseed_step, seed_everything
 from distributed_train.training.stream import TrainStream
 from distributed_train.training.train_metrics import TrainMetrics
@@ -89,27 +90,29 @@ class Trainer:
     def fit(self) -> dict:
         """Train to `total_steps`, evaluating and logging on the way; returns the summary."""
         start = time.perf_counter()
-        self.prepare_run_dir()
-        self.resume()
-        self.logger.start(wandb_id=self.resumed and self.resumed.wandb_id, resumed_step=self.global_step)
-        log.info("training %s: %d steps, global batch %d on %d rank(s) (%d micro-batch(es) of %d per rank)%s",
-                 self.task.name, self.total_steps, self.plan.global_batch, self.env.world_size,
-                 self.plan.accumulation_steps, self.plan.micro_batch,
-                 "; gradients averaged through shared memory" if self.engine.shm_allreduce else "")
-        self.evaluator.check_methods(self.engine)  # a metrics() mistake shows now, not after training
-        with self.stop:
-            train_s = self.train()
-        self.outputs.write_model(self.engine)  # first: nothing that runs after the last step can lose it
-        try:
-            summary = self.summary(self.evaluate(), train_s, time.perf_counter() - start)
-            self.outputs.write_summary(summary)
-        except Exception as exc:
-            self.outputs.write_failed(self.summary({}, train_s, time.perf_counter() - start), exc)
-            raise
-        # wandb.finish takes a second or two on rank 0: do it before the barrier so all ranks
-        # leave (and tear the process group down) together.
-        self.logger.close(summary)
-        dist.barrier()
+        with RunLock(self.run_dir, self.env):  # one job per run directory, for as long as this one runs
+            self.prepare_run_dir()
+            self.resume()
+            self.logger.start(wandb_id=self.resumed and self.resumed.wandb_id, resumed_step=self.global_step,
+                              changed=self.resumed.changed if self.resumed else [])
+            log.info("training %s: %d steps, global batch %d on %d rank(s) (%d micro-batch(es) of %d per rank)%s",
+                     self.task.name, self.total_steps, self.plan.global_batch, self.env.world_size,
+                     self.plan.accumulation_steps, self.plan.micro_batch,
+                     "; gradients averaged through shared memory" if self.engine.shm_allreduce else "")
+            self.evaluator.check_methods(self.engine)  # a metrics() mistake shows now, not after training
+            with self.stop:
+                train_s = self.train()
+            self.outputs.write_model(self.engine)  # first: nothing that runs after the last step can lose it
+            try:
+                summary = self.summary(self.evaluate(), train_s, time.perf_counter() - start)
+                self.outputs.write_summary(summary)
+            except Exception as exc:
+                self.outputs.write_failed(self.summary({}, train_s, time.perf_counter() - start), exc)
+                raise
+            # wandb.finish takes a second or two on rank 0: do it before the barrier so all ranks
+            # leave (and tear the process group down) together.
+            self.logger.close(summary)
+            dist.barrier()
         return summary
 
     def train(self) -> float:
@@ -160,6 +163,7 @@ class Trainer:
             self.metrics.log(step, self.data.epoch, self.engine)
         if self.evaluator.should_evaluate(step, last):
             self.evaluate()
+        self.checkpointer.check_writes()  # a failed background write stops the run at once
         if self.checkpointer.should_save(step, last):
             self.metrics.check_finite(step)  # never commit a NaN state
             self.checkpointer.save(step, self.state)
