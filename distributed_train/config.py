@@ -353,8 +353,9 @@ def read_config_file(path: str | Path) -> dict:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UsageError(f"config file {name} is not UTF-8 text (byte {exc.start}: "
-                         f"{exc.object[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise UsageError(f"config file {name} is not UTF-8 text (line {line} has the byte "
+                         f"0x{exc.object[exc.start]:02x}); save it as UTF-8") from None
     except OSError as exc:
         raise UsageError(f"config file {name} cannot be read: {exc.strerror}") from None
     try:
