@@ -35,7 +35,8 @@ def test_dataset_of_objects_the_collate_cannot_batch(tmp_path):
 def test_shape_error_in_the_first_step(tmp_path):
     line = _one_error_line(dtrain("train", BAD + "ShapeMismatch", *SMALL, f"--run_dir={tmp_path}",
                                   check=False), 2)
-    assert "task.loss() failed on the first step with RuntimeError: mat1 and mat2 shapes" in line
+    # The evaluation methods run on one eval batch before training, so metrics() meets it first.
+    assert "task.metrics() failed on the first eval batch with RuntimeError: mat1 and mat2 shapes" in line
 
 
 def test_nonfinite_loss_stops_with_exit_code_3(tmp_path):
