@@ -5,7 +5,8 @@
 #
 # 1. the NCCL path (dtrain launch, world size 1) of the digits task;
 # 2. bf16 and fp16 training steps (charlm tiny) that must end with a finite, falling loss;
-# 3. charlm at GPT-2-small size (12 layers, d768, ctx 1024) in bf16, eager and with
+# 3. the lm task at GPT-2-small size (12 layers, d768, seq_len 1024, GPT-2's 50257-token
+#    vocabulary) on a memory-mapped token file (the KJV text as byte tokens) in bf16, eager and with
 #    train.compile, printing tokens/s and MFU against the GPU's dense bf16 peak (989 TFLOP/s for
 #    an H100 SXM; set PEAK_TFLOPS=... for a GPU the table in distributed_train/flops.py lacks).
 # GPU_CHECK_DRY=1 runs the same steps small on CPU (gloo, no fp16, no compile) to test the script.
@@ -21,7 +22,7 @@ COMMON=(--log.wandb=disabled --checkpoint.every_steps=0)
 [ -n "${PEAK_TFLOPS:-}" ] && COMMON+=("--log.peak_tflops=$PEAK_TFLOPS")
 
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
-  BACKEND=auto; PRECISIONS="bf16"; GPT=(--task_args.preset=tiny --train.batch_size=8); GPT_STEPS=12
+  BACKEND=auto; PRECISIONS="bf16"; GPT=(--task_args.preset=tiny --task_args.seq_len=64 --train.batch_size=8); GPT_STEPS=12
   COMPILE_MODES="false"; SMALL_STEPS=12; LOG_EVERY=4
 else
   BACKEND=nccl; PRECISIONS="bf16 fp16"; GPT=(--task_args.preset=gpt2-small --train.batch_size=32); GPT_STEPS=80
@@ -74,13 +75,15 @@ for precision in $PRECISIONS; do
   record "$WORK/$precision" "charlm tiny, $precision"
 done
 
-# 3. GPT-2 small in bf16, eager and compiled: throughput and MFU.
+# 3. GPT-2 small (lm task over a memory-mapped token file) in bf16, eager and compiled: throughput and MFU.
+TOKENS=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from workloads import ensure_lm_tokens; print(ensure_lm_tokens())')
 for compile in $COMPILE_MODES; do
-  "$PY" -m distributed_train train --task=charlm "${GPT[@]}" --train.precision=bf16 \
+  "$PY" -m distributed_train train --task=lm "${GPT[@]}" --task_args.train="$TOKENS" \
+    --task_args.dtype=uint16 --task_args.vocab_size=50257 --eval.max_samples=256 --train.precision=bf16 \
     --train.compile=$compile --train.max_steps=$GPT_STEPS --log.every_steps=$LOG_EVERY --eval.batch_size=64 \
     --run_dir="$WORK/gpt-$compile" "${COMMON[@]}" > "$WORK/gpt-$compile.log" 2>&1 \
     || { tail -30 "$WORK/gpt-$compile.log"; exit 1; }
-  record "$WORK/gpt-$compile" "charlm ${GPT[0]#--task_args.preset=}, bf16, compile=$compile"
+  record "$WORK/gpt-$compile" "lm ${GPT[0]#--task_args.preset=}, bf16, compile=$compile"
 done
 
 say ""

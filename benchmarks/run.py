@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from workloads import SEED, WORKLOADS, Workload  # noqa: E402
+from workloads import SEED, WORKLOADS, Workload, ensure_lm_tokens  # noqa: E402
 
 NPROC = 2
 LOSS_TOLERANCE = 1e-3  # relative; both sides run the same math, only rounding may differ
@@ -58,7 +58,7 @@ def _env() -> dict:
 
 def plain_command(w: Workload, steps: int, log_every: int, out: Path, flush: bool) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
-            str(HERE / "plain_ddp.py"), f"--workload={w.name}", f"--steps={steps}",
+            str(HERE / w.plain_script), f"--workload={w.name}", f"--steps={steps}",
             f"--log-every={log_every}", f"--out={out}"] + (["--flush-denormal"] if flush else [])
 
 
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         rows, all_agree = [], True
         for name in names:
             w = WORKLOADS[name]
+            if name == "lm":
+                ensure_lm_tokens(w.task_args["train"])
             steps = max(2, round(w.steps * args.scale))
             log_every = max(1, min(w.log_every, steps // 2))
             row, agree = table_row(w, steps, run_pairs(w, args.pairs, steps, log_every, work, args))

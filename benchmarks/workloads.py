@@ -7,9 +7,13 @@ so they run the same math and must end at the same loss.
 
 from __future__ import annotations
 
+import gzip
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,23 @@ class Workload:
     steps: int
     log_every: int
     task_args: dict = field(default_factory=dict)
+    plain_script: str = "plain_ddp.py"  # the plain loop it is compared with
+
+
+# The lm workload's corpus: the KJV text as byte tokens (uint16, nanoGPT's flat layout), written
+# once under the temp folder; both sides memory-map the same file.
+LM_TOKENS = os.path.join(tempfile.gettempdir(), "dtrain-bench-lm", "kjv-bytes-uint16.bin")
+
+
+def ensure_lm_tokens(path: str = LM_TOKENS) -> str:
+    """Write the lm workload's token file if it is missing (atomically: both ranks may ask)."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        text = gzip.open(os.path.join(REPO, "distributed_train", "tasks", "data", "kjv_pentateuch.txt.gz")).read()
+        tmp = f"{path}.{os.getpid()}.tmp"
+        np.frombuffer(text, dtype=np.uint8).astype(np.uint16).tofile(tmp)
+        os.replace(tmp, path)
+    return path
 
 
 WORKLOADS = {
@@ -41,6 +62,10 @@ WORKLOADS = {
                        task_args={"preset": "tiny"}),
     "cnn": Workload("cnn", os.path.join(HERE, "workloads.py") + ":CNNTask", batch_per_rank=64,
                     lr=1e-3, steps=60, log_every=10),
+    "lm": Workload("lm", "lm", batch_per_rank=16, lr=1e-3, steps=40, log_every=8,
+                   task_args={"train": LM_TOKENS, "dtype": "uint16", "vocab_size": 256, "preset": "tiny",
+                              "seq_len": 128},
+                   plain_script="lm_plain.py"),
 }
 SEED = 0
 
@@ -58,6 +83,11 @@ def build_task(workload: Workload):
         from distributed_train.tasks.digits import DigitsTask
 
         return DigitsTask(_TaskConfig(workload.task_args))
+    if workload.name == "lm":
+        from distributed_train.tasks.lm import LMTask
+
+        ensure_lm_tokens(workload.task_args["train"])
+        return LMTask(_TaskConfig(workload.task_args))
     if workload.name == "charlm":
         from distributed_train.tasks.charlm import CharLMTask
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,10 +97,13 @@ class DataConfig:
 class EvalConfig:
     every_steps: int = opt(0, "evaluate every N steps; 0 = only at the end")
     batch_size: Optional[int] = opt(None, "GLOBAL eval batch; default: train.batch_size")
+    max_samples: Optional[int] = opt(
+        None, "evaluate a fixed random subset of this many samples (the same on any world size)")
 
     def __post_init__(self) -> None:
         _positive("eval.every_steps", self.every_steps, allow_zero=True)
         _positive("eval.batch_size", self.batch_size)
+        _positive("eval.max_samples", self.max_samples)
 
 
 @dataclass
@@ -109,12 +113,15 @@ class LogConfig:
         "auto", "auto = online with an API key, else offline; never a login prompt"
     )
     wandb_project: str = opt("distributed_train", "wandb project name")
+    progress_every_s: float = opt(10.0, "seconds between progress posts to a Kubeflow TrainJob (when its "
+                                        "KUBEFLOW_TRAINER_SERVER_* variables are set)")
     peak_tflops: Optional[float] = opt(
         None, "peak TFLOP/s of one device for mfu; default: data sheet of known GPUs, none on CPU"
     )
 
     def __post_init__(self) -> None:
         _positive("log.every_steps", self.every_steps)
+        _positive("log.progress_every_s", self.progress_every_s)
         _positive("log.peak_tflops", self.peak_tflops)
 
 
@@ -412,3 +419,23 @@ def describe() -> list[tuple[str, str, str]]:
 
     walk(Config, "")
     return rows
+
+
+TABLE_START, TABLE_END = "<!-- config-table:start -->", "<!-- config-table:end -->"
+
+
+def markdown_table() -> str:
+    """The config keys as the Markdown table in docs/configuration.md."""
+    rows = [f"| `{key}` | `{default}` | {help_text} |" for key, default, help_text in describe()]
+    return "\n".join(["| key | default | meaning |", "| --- | --- | --- |", *rows]) + "\n"
+
+
+if __name__ == "__main__":
+    # `python3 -m distributed_train.config` prints the table; `... --write docs/configuration.md`
+    # replaces the one between the markers in that file (a test checks it is current).
+    if sys.argv[1:2] == ["--write"]:
+        page = Path(sys.argv[2])
+        head, rest = page.read_text().split(TABLE_START)
+        page.write_text(f"{head}{TABLE_START}\n{markdown_table()}{TABLE_END}{rest.split(TABLE_END)[1]}")
+    else:
+        print(markdown_table(), end="")

@@ -1,15 +1,20 @@
 """The task protocol and loading tasks by built-in name, `package.module:attr` or `file.py:attr`.
 
-A task supplies a Dataset, a model and a loss (see README). `Task` wraps the user's object and
-checks what each method returns, so a mistake is reported as the method that made it.
+A task supplies a Dataset, a model and a loss, or a criterion for (inputs, targets) batches (see
+README). `Task` wraps the user's object and checks what each method returns, so a mistake is
+reported as the method that made it. Tasks load the way Python runs code: `path/to/file.py:attr`
+like `python path/to/file.py` (its folder first on sys.path), `package.module:attr` like
+`python -m` (the current folder first on sys.path).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,15 +27,34 @@ from distributed_train.errors import UsageError
 BUILTIN_TASKS = {
     "digits": "distributed_train.tasks.digits:DigitsTask",
     "charlm": "distributed_train.tasks.charlm:CharLMTask",
+    "lm": "distributed_train.tasks.lm:LMTask",
 }
 REQUIRED_METHODS = ("train_dataset", "model", "loss")
 
 
+def _put_first_on_sys_path(folder: str) -> None:
+    # Workers resolve the task themselves, and DataLoader workers (fork, spawn, forkserver) inherit
+    # sys.path, so doing this where the task is resolved covers every process of a job.
+    if sys.path[0] != folder:
+        sys.path.insert(0, folder)
+
+
 def _import_module_from_file(path: Path) -> Any:
-    # A stable module name keeps the task's classes picklable for DataLoader worker processes.
-    name = "dtrain_task_" + "".join(c if c.isalnum() else "_" for c in str(path.resolve()))
-    if name in sys.modules:
-        return sys.modules[name]
+    """Import `path` the way `python path` sees it: its folder first on sys.path, so it can import
+    its neighbours (`from model import GPT`), under its own name (`mytask`), so that what it defines
+    pickles by reference into spawned DataLoader workers."""
+    path = path.resolve()
+    _put_first_on_sys_path(str(path.parent))
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == path:
+        return loaded
+    if loaded is not None or not name.isidentifier():
+        # Another module already has this name (or the name is no identifier): a private name
+        # still trains, but classes in the file only pickle into forked DataLoader workers.
+        name = "dtrain_task_" + "".join(c if c.isalnum() else "_" for c in str(path))
+        if name in sys.modules:
+            return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     sys.modules[name] = module
@@ -40,6 +64,22 @@ def _import_module_from_file(path: Path) -> Any:
         del sys.modules[name]
         raise UsageError(f"task file {str(path)!r} failed to import: {type(exc).__name__}: {exc}") from exc
     return module
+
+
+def _import_module(where: str) -> Any:
+    """Import `package.module` the way `python -m` sees it: the current folder first on sys.path."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        _put_first_on_sys_path(cwd)
+    try:
+        return importlib.import_module(where)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or ""
+        hint = ""
+        if missing and (where == missing or where.startswith(missing + ".")):  # not a dependency of it
+            hint = (f" (looked in the current folder {cwd} and the installed packages; run from the "
+                    "folder that holds the package, or pip install it)")
+        raise UsageError(f"task module {where!r} cannot be imported: {type(exc).__name__}: {exc}{hint}") from exc
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,11 +95,10 @@ def resolve_attr(spec: str) -> Any:
         if not path.is_file():
             raise UsageError(f"task file {where!r} does not exist (task={spec!r})")
         module = _import_module_from_file(path)
+    elif spec in BUILTIN_TASKS:
+        module = importlib.import_module(where)
     else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as exc:
-            raise UsageError(f"task module {where!r} cannot be imported: {exc}") from exc
+        module = _import_module(where)
     try:
         return functools.reduce(getattr, attr.split("."), module)
     except AttributeError:
@@ -85,7 +124,7 @@ def _takes_argument(fn: Any) -> bool:
 def load_task(spec: str, config: Any = None) -> "Task":
     """Load and check the task `spec`; a class or factory is called (with the config if it takes one)."""
     obj = resolve_attr(spec)
-    if inspect.isclass(obj) or (callable(obj) and not hasattr(obj, "loss")):
+    if inspect.isclass(obj) or (callable(obj) and not (hasattr(obj, "loss") or hasattr(obj, "criterion"))):
         try:
             obj = obj(config) if _takes_argument(obj) else obj()
         except UsageError:
@@ -93,10 +132,13 @@ def load_task(spec: str, config: Any = None) -> "Task":
         except Exception as exc:
             raise UsageError(f"task {spec!r} failed to construct: {type(exc).__name__}: {exc}") from exc
     missing = [m for m in REQUIRED_METHODS if not callable(getattr(obj, m, None))]
+    if "loss" in missing and getattr(obj, "criterion", None) is not None:
+        missing.remove("loss")
     if missing:
         raise UsageError(
             f"task {spec!r} has no {', '.join(m + '()' for m in missing)}; a task needs "
-            "train_dataset(), model() and loss(model, batch)"
+            "train_dataset(), model() and loss(model, batch) (or a criterion, for batches of "
+            "(inputs, targets))"
         )
     return Task(obj, spec)
 
@@ -124,12 +166,50 @@ def check_model_before_spawn(spec: str, config: Any) -> None:
     check_model(model)
 
 
+def _check_criterion(obj: Any) -> Any:
+    """The task's criterion: an nn.Module or a function of (outputs, targets), maybe from criterion()."""
+    criterion = obj.criterion
+    if callable(criterion) and not isinstance(criterion, nn.Module) and not _takes_argument(criterion):
+        criterion = criterion()  # `def criterion(self): return nn.CrossEntropyLoss()`, like model()
+    if not callable(criterion):
+        raise UsageError("task.criterion must be an nn.Module or a function of (outputs, targets), "
+                         f"got {type(criterion).__name__}")
+    if isinstance(criterion, nn.Module):
+        names = [name for name, _ in criterion.named_parameters()]
+        if names:
+            # They would be in no optimizer and never synchronised across ranks.
+            raise UsageError(
+                f"task.criterion ({type(criterion).__name__}) has parameters ({', '.join(names)}) that "
+                "dtrain would neither train nor keep in sync across ranks: move them into the model "
+                "(or make constants buffers), or write loss(model, batch) instead"
+            )
+    return criterion
+
+
+def _describe_batch(batch: Any) -> str:
+    if isinstance(batch, dict):
+        return f"a dict with keys {sorted(map(str, batch))}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)}"
+    return f"a {type(batch).__name__}"
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return next((t for t in map(_first_tensor, items) if t is not None), None)
+
+
 class Task:
     """The user's task with every result checked; the rest of the package only talks to this."""
 
     def __init__(self, obj: Any, name: str):
         self.obj = obj
         self.name = name
+        # loss(model, batch) wins when a task has both (its loss may use its own criterion).
+        self.criterion = None if callable(getattr(obj, "loss", None)) else _check_criterion(obj)
+        self._criterion_on: dict[torch.device, nn.Module] = {}  # a criterion's buffers, per device
 
     def _call(self, method: str, *args: Any) -> Any:
         try:
@@ -163,12 +243,35 @@ class Task:
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The mean loss over `batch`; checked for shape (no host sync)."""
-        loss = self.obj.loss(model, batch)
+        if self.criterion is None:
+            return self._checked_loss(self.obj.loss(model, batch), "task.loss()")
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise UsageError(
+                f"task.criterion needs batches of (inputs, targets), got {_describe_batch(batch)}: "
+                "make train_dataset()[i] an (input, target) pair, or write loss(model, batch) instead"
+            )
+        inputs, targets = batch
+        outputs = model(inputs)
+        return self._checked_loss(self._criterion_for(outputs)(outputs, targets), "task.criterion")
+
+    def _criterion_for(self, outputs: Any) -> Any:
+        """The criterion with its buffers (class weights, ...) on the outputs' device."""
+        criterion = self.criterion
+        if not isinstance(criterion, nn.Module) or next(criterion.buffers(), None) is None:
+            return criterion
+        tensor = _first_tensor(outputs)
+        device = tensor.device if tensor is not None else torch.device("cpu")
+        if device not in self._criterion_on:  # a copy: FLOP counting runs it on the meta device
+            self._criterion_on[device] = copy.deepcopy(criterion).to(device)
+        return self._criterion_on[device]
+
+    @staticmethod
+    def _checked_loss(loss: Any, what: str) -> torch.Tensor:
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise UsageError(f"task.loss() must return a scalar tensor (the mean loss), got {shape}")
+            raise UsageError(f"{what} must return a scalar tensor (the mean loss), got {shape}")
         if not loss.requires_grad and torch.is_grad_enabled():
-            raise UsageError("task.loss() returned a tensor without grad: compute it from model(batch)")
+            raise UsageError(f"{what} returned a tensor without grad: compute it from model(batch)")
         return loss
 
     @property

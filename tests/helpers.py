@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
+TASKS = REPO / "tests" / "tasks"  # test task files, loaded by path (`--task=TASKS/toy.py:Regression`)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
 

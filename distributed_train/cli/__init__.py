@@ -17,13 +17,14 @@ commands:
   runs [DIR]                                  table of the runs in a folder
   k8s ...                                     render Kubernetes manifests for a multi-node job
   doctor [--nproc-per-node N]                 preflight: environment, all-reduce bandwidth, matmul speed
+  prepare-tokens INPUT... -o DIR              text -> token shards + meta.json for `--task=lm --task_args.data=DIR`
 
 `dtrain train --help` lists every config key; `dtrain COMMAND --help` for the others.
 """
 
 # Every command lives in its own module of this package, imported only when used (keeps
 # `dtrain train` lean); each has `main(argv) -> exit code`.
-COMMANDS = ("train", "launch", "plot", "runs", "k8s", "doctor")
+COMMANDS = ("train", "launch", "plot", "runs", "k8s", "doctor", "prepare-tokens")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print_error(f"unknown command {command!r}; run `dtrain --help`")
         return EXIT_USAGE
-    module = importlib.import_module(f"{__name__}.{command}")
+    module = importlib.import_module(f"{__name__}.{command.replace('-', '_')}")
     with user_errors("--debug" in rest):
         return module.main(rest)

@@ -2,6 +2,9 @@
 
     dtrain k8s --nodes 2 --gpus-per-node 8 --image REGISTRY/dtrain:0.1.0 [CONFIG] [--key=value ...]
 
+Kinds: an Indexed Job (default), a Kubeflow Trainer TrainJob, or the legacy Kubeflow PyTorchJob;
+docs/kubernetes.md compares them.
+
 The config is validated here first (a bad one exits 2 before anything is printed); the
 manifests carry it in a ConfigMap and the overrides on the container's command line.
 `--write-examples DIR` regenerates the checked-in examples under k8s/.
@@ -16,7 +19,8 @@ from pathlib import Path
 import yaml
 
 from distributed_train.errors import UsageError
-from .k8s_render import JobSpec, render, to_yaml
+from .k8s_kinds import render
+from .k8s_render import KINDS, JobSpec, to_yaml
 
 EXAMPLE_IMAGE = "ghcr.io/example/distributed-train:0.1.0"
 EXAMPLE_CONFIG = {"task": "digits", "train": {"epochs": 20, "batch_size": 64, "lr": 0.002},
@@ -25,7 +29,9 @@ EXAMPLE_CONFIG = {"task": "digits", "train": {"epochs": 20, "batch_size": 64, "l
 EXAMPLES = {
     "job-gpu.yaml": ["--nodes", "2", "--gpus-per-node", "8"],
     "job-cpu.yaml": ["--nodes", "2", "--cpu", "--procs-per-node", "2"],
+    "trainjob-gpu.yaml": ["--nodes", "2", "--gpus-per-node", "8", "--kind", "trainjob"],
     "pytorchjob-gpu.yaml": ["--nodes", "2", "--gpus-per-node", "8", "--kind", "pytorchjob"],
+    "job-cpu-elastic.yaml": ["--nodes", "1:3", "--cpu", "--queue", "team-a"],
 }
 
 
@@ -41,13 +47,24 @@ def _parser() -> _Parser:
                 epilog="Anything else on the command line is CONFIG and --section.key=value overrides, "
                        "validated now and passed to every node.")
     p.add_argument("--image", help="the image every node runs, with a fixed tag or digest (required)")
-    p.add_argument("--nodes", type=int, default=1, help="pods (machines) in the job (default 1)")
+    p.add_argument("--nodes", default="1",
+                   help="pods (machines) in the job: N, or MIN:MAX to go on with fewer when a node is "
+                        "lost and grow when it returns (job, pytorchjob; default 1)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per pod = processes per pod (default 1; 0 = --cpu)")
     p.add_argument("--cpu", action="store_true", help="no GPUs: gloo; the job to try on kind/minikube")
     p.add_argument("--procs-per-node", type=int, default=1, help="with --cpu: processes per pod (default 1)")
     p.add_argument("--name", default="dtrain", help="job name, a DNS-1123 label (default dtrain)")
-    p.add_argument("--kind", choices=["job", "pytorchjob"], default="job",
-                   help="job: batch/v1 Indexed Job + headless Service; pytorchjob: Kubeflow PyTorchJob")
+    p.add_argument("--kind", choices=KINDS, default="job",
+                   help="job: batch/v1 Indexed Job + headless Service; trainjob: Kubeflow Trainer v2 "
+                        "TrainJob; pytorchjob: Kubeflow training operator PyTorchJob (legacy)")
+    p.add_argument("--runtime", default="torch-distributed",
+                   help="trainjob: the ClusterTrainingRuntime to run on (default torch-distributed)")
+    p.add_argument("--namespace", help="namespace of every object (default: kubectl's current one)")
+    p.add_argument("--queue", help="Kueue LocalQueue: labels the workload kueue.x-k8s.io/queue-name")
+    p.add_argument("--priority-class", help="PriorityClass of the pods (trainjob: a Kueue "
+                                            "WorkloadPriorityClass, as label kueue.x-k8s.io/priority-class)")
+    p.add_argument("--rdma", action="store_true",
+                   help="add the IPC_LOCK capability RDMA NICs need to pin memory (nothing else)")
     p.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts of a node's workers")
     p.add_argument("--grace-period", type=int, default=120, dest="grace_period_s",
                    help="seconds from SIGTERM to SIGKILL: the SIGTERM checkpoint must fit (default 120)")

@@ -1,8 +1,8 @@
-"""Kubernetes objects for a multi-node job, as plain dicts: `dtrain k8s` validates and prints them.
+"""What every kind of manifest shares: the checked request (JobSpec), the node's command and pod.
 
-The engine is torchrun's c10d rendezvous on node 0 (`<job>-0.<svc>:29400`) and Kubernetes'
-Indexed Job; nothing here runs at training time. Restarts resume because run_dir is on a
-PersistentVolumeClaim and `checkpoint.resume=auto` is the default.
+The engine is torchrun's c10d rendezvous on node 0 and Kubernetes (an Indexed Job, a Kubeflow
+TrainJob or the legacy PyTorchJob: k8s_kinds.py); nothing here runs at training time. Restarts
+resume because run_dir is on a PersistentVolumeClaim and `checkpoint.resume=auto` is the default.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from distributed_train.cli import k8s_security as security
 from distributed_train.errors import UsageError
 
 RDZV_PORT = 29400
@@ -22,9 +23,11 @@ CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
 RUNS_DIR = "/runs"
 CONTAINER = "trainer"
 ENTRYPOINT = "dtrain-entrypoint"  # docker/entrypoint.sh in the image: waits for DNS, then `dtrain launch`
-USER_ID = 1000  # the image's non-root user; fsGroup makes the PVC writable for it
+KINDS = ("job", "trainjob", "pytorchjob")
+TRAINJOB_NODE = "node"  # the torch runtime's replicated job and container name: pods `<job>-node-0-<i>`
 MAX_NAME = 50  # leaves room for "-worker-NN" and "-runs" inside a 63-character label
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _EXIT_BAD_CONFIG = 2  # errors.EXIT_USAGE: retrying cannot fix it
 
 
@@ -33,7 +36,7 @@ class JobSpec:
     """What `dtrain k8s` was asked for; checks every value and names the flag to change."""
 
     image: str
-    nodes: int = 1
+    nodes: int | str = 1  # N, or MIN:MAX (torchrun's elastic range); becomes the maximum
     gpus_per_node: int = 1
     procs_per_node: int = 1  # CPU mode only; with GPUs it is one process per GPU
     cpu: bool = False
@@ -47,11 +50,21 @@ class JobSpec:
     storage_class: str | None = None
     cpus_per_node: str | None = None
     memory_per_node: str | None = None
+    runtime: str = "torch-distributed"  # TrainJob only: the ClusterTrainingRuntime
+    namespace: str | None = None  # None: kubectl's current namespace
+    queue: str | None = None  # Kueue LocalQueue
+    priority_class: str | None = None
+    rdma: bool = False  # adds the IPC_LOCK capability RDMA NICs need to pin memory, nothing else
     overrides: list[str] = field(default_factory=list)
+    min_nodes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.nodes < 1:
-            raise UsageError(f"--nodes must be >= 1, got {self.nodes}")
+        self.min_nodes, self.nodes = parse_nodes(self.nodes)
+        if self.kind not in KINDS:
+            raise UsageError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind == "trainjob" and self.elastic:
+            raise UsageError("--nodes MIN:MAX needs --kind job or pytorchjob: a TrainJob has a fixed "
+                             "numNodes (its JobSet restarts every pod when one fails)")
         if self.gpus_per_node < 0:
             raise UsageError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
         if self.procs_per_node < 1:
@@ -72,6 +85,22 @@ class JobSpec:
         if self.pvc_access_mode not in (None, "ReadWriteOnce", "ReadWriteMany"):
             raise UsageError(f"--pvc-access-mode must be ReadWriteOnce or ReadWriteMany, "
                              f"got {self.pvc_access_mode!r}")
+        for flag, value in [("--namespace", self.namespace), ("--runtime", self.runtime)]:
+            if value is not None and (not _DNS_LABEL.match(value) or len(value) > 63):
+                raise UsageError(f"{flag} {value!r} is not a DNS-1123 label: lowercase letters, digits, '-'")
+        for flag, value in [("--queue", self.queue), ("--priority-class", self.priority_class)]:
+            if value is not None and not _LABEL_VALUE.match(value):
+                raise UsageError(f"{flag} {value!r} is not a valid label value: letters, digits, "
+                                 "'-', '_', '.', at most 63 characters")
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes != self.nodes
+
+    @property
+    def nnodes(self) -> str:
+        """torchrun's --nnodes: N, or MIN:MAX."""
+        return f"{self.min_nodes}:{self.nodes}" if self.elastic else str(self.nodes)
 
     @property
     def nproc_per_node(self) -> int:
@@ -79,8 +108,12 @@ class JobSpec:
 
     @property
     def rdzv_host(self) -> str:
-        """Node 0's DNS name: the Job's pod hostname under the headless Service, or the operator's."""
-        return f"{self.name}-worker-0" if self.kind == "pytorchjob" else f"{self.name}-0.{self.name}"
+        """Node 0's DNS name under the headless Service of the Job, the JobSet, or the operator."""
+        if self.kind == "pytorchjob":
+            return f"{self.name}-worker-0"
+        if self.kind == "trainjob":
+            return f"{self.name}-{TRAINJOB_NODE}-0-0.{self.name}"
+        return f"{self.name}-0.{self.name}"
 
     @property
     def backoff_limit(self) -> int:
@@ -103,6 +136,19 @@ def check_name(name: str) -> None:
                          f"starting and ending with a letter or digit, at most {MAX_NAME} characters")
 
 
+def parse_nodes(nodes: int | str) -> tuple[int, int]:
+    """(minimum, maximum) from `--nodes N` or `--nodes MIN:MAX`."""
+    text = str(nodes)
+    low, _, high = text.partition(":")
+    try:
+        minimum, maximum = int(low), int(high or low)
+    except ValueError:
+        raise UsageError(f"--nodes must be N or MIN:MAX (whole numbers), got {text!r}") from None
+    if minimum < 1 or maximum < minimum:
+        raise UsageError(f"--nodes must be >= 1 with MIN <= MAX, got {text!r}")
+    return minimum, maximum
+
+
 def check_image(image: str) -> None:
     """Raise UsageError unless `image` names a tag (not `latest`) or a digest: every node runs the same code."""
     if "@" in image:
@@ -116,10 +162,14 @@ def check_image(image: str) -> None:
 
 
 def container_args(spec: JobSpec) -> list[str]:
-    """The container's arguments after the entrypoint: torchrun options, the config, overrides."""
+    """The container's arguments after the entrypoint: torchrun options, the config, overrides.
+
+    A TrainJob's runtime sets PET_NNODES and PET_NPROC_PER_NODE from numNodes / numProcPerNode,
+    which torchrun reads as its defaults, so the count lives in one place there."""
+    counts = [] if spec.kind == "trainjob" else \
+        ["--nnodes", spec.nnodes, "--nproc-per-node", str(spec.nproc_per_node)]
     return [
-        "--nnodes", str(spec.nodes),
-        "--nproc-per-node", str(spec.nproc_per_node),
+        *counts,
         "--rdzv-backend", "c10d",
         "--rdzv-endpoint", f"{spec.rdzv_host}:{RDZV_PORT}",
         "--rdzv-id", spec.name,
@@ -138,6 +188,7 @@ def container_env(spec: JobSpec) -> list[dict]:
         # Restarts must not reuse the agent's rendezvous store (pytorch/pytorch#135712).
         {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"},
         {"name": "DTRAIN_WAIT_FOR_HOST", "value": spec.rdzv_host},
+        *security.writable_env(),
     ]
     cpus = _cpu_request(spec)
     if cpus.isdigit():  # else `dtrain launch` would split every core of the machine, not the request
@@ -145,27 +196,48 @@ def container_env(spec: JobSpec) -> list[dict]:
     return env
 
 
-def _labels(spec: JobSpec) -> dict:
+def labels(spec: JobSpec) -> dict:
     return {"app.kubernetes.io/name": "distributed-train", "app.kubernetes.io/instance": spec.name}
+
+
+def metadata(spec: JobSpec, name: str) -> dict:
+    """name, the namespace when given, and the labels every object carries."""
+    meta: dict[str, Any] = {"name": name}
+    if spec.namespace:
+        meta["namespace"] = spec.namespace
+    meta["labels"] = labels(spec)
+    return meta
 
 
 def _cpu_request(spec: JobSpec) -> str:
     return spec.cpus_per_node or (str(spec.procs_per_node) if spec.cpu else str(8 * spec.gpus_per_node))
 
 
-def _resources(spec: JobSpec) -> dict:
+def resources(spec: JobSpec) -> dict:
+    """Requests per node; memory (and GPUs) also as limits. No CPU limit: it throttles the whole job."""
     cpus = _cpu_request(spec)
     memory = spec.memory_per_node or (f"{2 * spec.procs_per_node}Gi" if spec.cpu
                                       else f"{32 * spec.gpus_per_node}Gi")
-    resources: dict[str, Any] = {"requests": {"cpu": cpus, "memory": memory}, "limits": {"memory": memory}}
+    result: dict[str, Any] = {"requests": {"cpu": cpus, "memory": memory}, "limits": {"memory": memory}}
     if not spec.cpu:
-        resources["requests"]["nvidia.com/gpu"] = spec.gpus_per_node
-        resources["limits"]["nvidia.com/gpu"] = spec.gpus_per_node
-    return resources
+        result["requests"]["nvidia.com/gpu"] = spec.gpus_per_node
+        result["limits"]["nvidia.com/gpu"] = spec.gpus_per_node
+    return result
+
+
+def volume_mounts() -> list[dict]:
+    return [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "runs", "mountPath": RUNS_DIR}, *security.writable_mounts()]
+
+
+def volumes(spec: JobSpec) -> list[dict]:
+    return [{"name": "config", "configMap": {"name": f"{spec.name}-config"}},
+            {"name": "runs", "persistentVolumeClaim": {"claimName": spec.claim_name}},
+            *security.writable_volumes()]
 
 
 def pod_spec(spec: JobSpec, container_name: str = CONTAINER) -> dict:
-    """The pod every node runs: one container, config from a ConfigMap, run_dir on the claim."""
+    """The hardened pod every node runs: one container, config from a ConfigMap, run_dir on the claim."""
     container = {
         "name": container_name,
         "image": spec.image,
@@ -175,101 +247,37 @@ def pod_spec(spec: JobSpec, container_name: str = CONTAINER) -> dict:
         "envFrom": [{"configMapRef": {"name": f"{spec.name}-env"}}],
         "ports": [{"name": "pytorchjob-port" if spec.kind == "pytorchjob" else "rdzv",
                    "containerPort": RDZV_PORT}],
-        "resources": _resources(spec),
-        "securityContext": {"allowPrivilegeEscalation": False},
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "runs", "mountPath": RUNS_DIR},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ],
+        "resources": resources(spec),
+        "securityContext": security.container_security_context(spec.rdma),
+        "volumeMounts": volume_mounts(),
     }
-    return {
+    pod: dict[str, Any] = {
         "terminationGracePeriodSeconds": spec.grace_period_s,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": USER_ID, "runAsGroup": USER_ID,
-                            "fsGroup": USER_ID},
+        "automountServiceAccountToken": False,  # training never calls the Kubernetes API
+        "securityContext": security.pod_security_context(),
         "containers": [container],
-        "volumes": [
-            {"name": "config", "configMap": {"name": f"{spec.name}-config"}},
-            {"name": "runs", "persistentVolumeClaim": {"claimName": spec.claim_name}},
-            # DataLoader workers and NCCL share memory through /dev/shm; the default is 64 MiB.
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-        ],
+        "volumes": volumes(spec),
     }
+    if spec.priority_class:
+        pod["priorityClassName"] = spec.priority_class
+    return pod
 
 
-def indexed_job(spec: JobSpec) -> dict:
-    """batch/v1 Indexed Job: one pod per node, hostnames `<name>-<index>` under the Service."""
-    pod = pod_spec(spec)
-    pod.update(restartPolicy="Never", subdomain=spec.name)
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": spec.name, "labels": _labels(spec)},
-        "spec": {
-            "completionMode": "Indexed",
-            "completions": spec.nodes,
-            "parallelism": spec.nodes,
-            "backoffLimit": spec.backoff_limit,
-            "podFailurePolicy": {"rules": [
-                {"action": "FailJob",
-                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [_EXIT_BAD_CONFIG]}},
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            ]},
-            "template": {"metadata": {"labels": _labels(spec)}, "spec": pod},
-        },
-    }
-
-
-def headless_service(spec: JobSpec) -> dict:
-    """Gives pod `<name>-<i>` the DNS name `<name>-<i>.<name>`, before it is ready."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": spec.name, "labels": _labels(spec)},
-        "spec": {
-            "clusterIP": "None",
-            "publishNotReadyAddresses": True,
-            "selector": _labels(spec),
-            "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT}],
-        },
-    }
-
-
-def pytorch_job(spec: JobSpec) -> dict:
-    """Kubeflow PyTorchJob (kubeflow.org/v1): the operator makes `<name>-worker-<i>` pods and Services."""
-    return {
-        "apiVersion": "kubeflow.org/v1",
-        "kind": "PyTorchJob",
-        "metadata": {"name": spec.name, "labels": _labels(spec)},
-        "spec": {
-            "elasticPolicy": {"rdzvBackend": "c10d", "rdzvPort": RDZV_PORT, "rdzvId": spec.name,
-                              "minReplicas": spec.nodes, "maxReplicas": spec.nodes,
-                              "maxRestarts": spec.max_restarts},
-            "nprocPerNode": str(spec.nproc_per_node),
-            "runPolicy": {"backoffLimit": spec.backoff_limit, "cleanPodPolicy": "None"},
-            "pytorchReplicaSpecs": {"Worker": {
-                "replicas": spec.nodes,
-                # Not ExitCode: it would make exit 4 (a peer node was lost) permanent. A bad config
-                # (exit 2) fails before any worker starts, so its retries up to backoffLimit are cheap.
-                "restartPolicy": "OnFailure",
-                "template": {"metadata": {"labels": _labels(spec)}, "spec": pod_spec(spec, "pytorch")},
-            }},
-        },
-    }
+def env_config(spec: JobSpec) -> dict:
+    """The `<name>-env` ConfigMap's data: network settings a user may edit per cluster."""
+    env = {"GLOO_SOCKET_IFNAME": "eth0"}  # the pod network; gloo may otherwise pick an unroutable one
+    if not spec.cpu:
+        env.update(NCCL_DEBUG="WARN", NCCL_SOCKET_IFNAME="eth0")
+    return env
 
 
 def config_maps(spec: JobSpec, config_text: str) -> list[dict]:
     """`<name>-config` holds config.yaml; every key of `<name>-env` becomes an environment variable."""
-    env = {"GLOO_SOCKET_IFNAME": "eth0"}  # the pod network; gloo may otherwise pick an unroutable one
-    if not spec.cpu:
-        env.update(NCCL_DEBUG="WARN", NCCL_SOCKET_IFNAME="eth0")
     return [
-        {"apiVersion": "v1", "kind": "ConfigMap",
-         "metadata": {"name": f"{spec.name}-config", "labels": _labels(spec)},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(spec, f"{spec.name}-config"),
          "data": {"config.yaml": config_text}},
-        {"apiVersion": "v1", "kind": "ConfigMap",
-         "metadata": {"name": f"{spec.name}-env", "labels": _labels(spec)},
-         "data": env},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(spec, f"{spec.name}-env"),
+         "data": env_config(spec)},
     ]
 
 
@@ -279,22 +287,12 @@ def run_claim(spec: JobSpec) -> dict:
     claim: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {"name": spec.claim_name, "labels": _labels(spec)},
+        "metadata": metadata(spec, spec.claim_name),
         "spec": {"accessModes": [mode], "resources": {"requests": {"storage": spec.pvc_size}}},
     }
     if spec.storage_class:
         claim["spec"]["storageClassName"] = spec.storage_class
     return claim
-
-
-def render(spec: JobSpec, config_text: str) -> list[dict]:
-    """Every object to apply, in the order `kubectl apply -f` should create them."""
-    objects = config_maps(spec, config_text)
-    if spec.pvc is None:
-        objects.append(run_claim(spec))
-    if spec.kind == "pytorchjob":
-        return objects + [pytorch_job(spec)]
-    return objects + [headless_service(spec), indexed_job(spec)]
 
 
 class _IndentedDumper(yaml.SafeDumper):

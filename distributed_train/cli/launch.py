@@ -49,9 +49,18 @@ def default_nproc() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
-def build_torchrun_args(torchrun: list[str], train: list[str]) -> list[str]:
+def options_from_environ(environ=None) -> set[str]:
+    """torchrun options given as PET_* variables (torchrun reads PET_NNODES as --nnodes, ...), as a
+    Kubeflow TrainJob's runtime sets them."""
+    environ = os.environ if environ is None else environ
+    return {"--" + key[4:].lower().replace("_", "-") for key, value in environ.items()
+            if key.startswith("PET_") and value}
+
+
+def build_torchrun_args(torchrun: list[str], train: list[str], environ=None) -> list[str]:
     """torchrun's argument list: ours plus defaults (nproc, standalone rendezvous), then the worker."""
     given = {a.split("=", 1)[0].replace("_", "-") for a in torchrun if a.startswith("--")}
+    given |= options_from_environ(environ)
     args = list(torchrun)
     if "--nproc-per-node" not in given:
         args += ["--nproc-per-node", str(default_nproc())]

@@ -41,7 +41,8 @@ MAX_SLOT_BYTES = 4 * 2**20
 SHM_BUDGET_BYTES = 32 * 2**20  # Docker's default /dev/shm is 64 MiB: leave room for DataLoader workers
 SPIN_ITERATIONS = 200  # busy checks before yielding the core (a peer usually arrives within microseconds)
 LIVENESS_EVERY_S = 0.02  # how often a waiting rank checks that the late ranks' processes still exist
-LEFT = -1  # a rank's sequence number once it has left the job with an error
+# A rank that leaves the job with an error publishes -(its last sequence number + 1): peers fail
+# at once, yet a peer still finishing a barrier this rank did reach does not see a false failure.
 # Words in every error this module raises, so diagnose.is_communication_failure recognises them
 # (autograd re-raises an exception from a DDP comm hook as a plain RuntimeError with the same text).
 ERROR_SIGN = SHM_ALLREDUCE_SIGN
@@ -164,8 +165,10 @@ class SharedMemoryAllReduce:
                 return
         start = last_check = time.monotonic()
         while (lowest := sequence.min()) < call:
-            if lowest == LEFT:
-                self._raise_left()
+            if lowest < 0:
+                self._check_left(call)  # raises unless every rank that left had reached `call`
+                if min(map(self._arrived, range(self.world_size))) >= call:
+                    return
             now = time.monotonic()
             waited = now - start
             if waited < 0.005:
@@ -176,13 +179,21 @@ class SharedMemoryAllReduce:
                 last_check = now
                 self._check_peers(call, waited)
 
-    def _raise_left(self) -> None:
-        rank = next(r for r in range(self.world_size) if self.sequence[r] == LEFT)
-        raise RuntimeError(f"rank {rank} (pid {self.pids[rank]}) left the job during the {ERROR_SIGN} "
-                           "(Connection closed by peer)")
+    def _check_left(self, call: int) -> None:
+        """Raise if a rank left before reaching `call`; one that left after it did arrive."""
+        for rank in range(self.world_size):
+            value = int(self.sequence[rank])
+            if value < 0 and -value - 1 < call:
+                raise RuntimeError(f"rank {rank} (pid {self.pids[rank]}) left the job during the {ERROR_SIGN} "
+                                   "(Connection closed by peer)")
+
+    def _arrived(self, rank: int) -> int:
+        """The last sequence number `rank` published (also after it left)."""
+        value = int(self.sequence[rank])
+        return -value - 1 if value < 0 else value
 
     def _check_peers(self, call: int, waited: float) -> None:
-        late = [r for r in range(self.world_size) if self.sequence[r] < call]
+        late = [r for r in range(self.world_size) if self._arrived(r) < call]
         gone = [r for r in late if not _alive(self.pids[r])]
         if gone:
             raise RuntimeError(f"rank {gone[0]} (pid {self.pids[gone[0]]}) exited during the {ERROR_SIGN} "
@@ -193,7 +204,7 @@ class SharedMemoryAllReduce:
 
     def leave(self) -> None:
         """Tell the peers this rank will not come (they fail at once instead of at the timeout)."""
-        self.sequence[self.rank] = LEFT
+        self.sequence[self.rank] = -(self.calls + 1)
 
 
 _open_reducers: "weakref.WeakSet[SharedMemoryAllReduce]" = weakref.WeakSet()

@@ -5,25 +5,37 @@ step s of the epoch covers positions [s*B, (s+1)*B) of that permutation, whateve
 size; rank r takes every W-th of them (DistributedSampler's stride) and cuts its share into
 micro-batches. So the data position is just (epoch, samples consumed in the epoch).
 
-Evaluation: each rank takes a contiguous slice of the eval set without padding, so every sample
-is counted exactly once (DistributedSampler pads with duplicates to equalise ranks).
+Evaluation: each rank takes a contiguous slice of the eval set (or of a fixed subset of it,
+`eval.max_samples`) without padding, so every sample is counted exactly once
+(DistributedSampler pads with duplicates to equalise ranks).
+
+Randomness inside `__getitem__` is seeded per sample from (seed, epoch, index): see sample_seed.py.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset, default_collate
 
 from distributed_train.errors import UsageError
+from distributed_train.training.sample_seed import SeededKeys, SeededSamples, seeds_each_sample
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the n samples in `epoch` (same on every rank and every world size), as a
+    tensor: 4 bytes per sample where int32 suffices (the same permutation as int64), rather than
+    ~36 bytes per Python int, so a corpus of millions of windows costs little memory and time."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator, dtype=torch.int32 if n < 2**31 else torch.int64)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
-    """The order of the n samples in `epoch` (same on every rank and every world size)."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
+    """`epoch_order` as a list."""
+    return epoch_order(n, seed, epoch).tolist()
 
 
 @dataclass(frozen=True)
@@ -80,10 +92,10 @@ class TrainBatchSampler(Sampler[list[int]]):
         self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = epoch_permutation(self.dataset_len, self.seed, self.epoch)
+        order = epoch_order(self.dataset_len, self.seed, self.epoch)
         B, W, m = self.plan.global_batch, self.plan.world_size, self.plan.micro_batch
         for step in range(self.start_step, self.steps_per_epoch):
-            share = order[step * B + self.rank : (step + 1) * B : W]
+            share = order[step * B + self.rank : (step + 1) * B : W].tolist()
             for start in range(0, len(share), m):
                 yield share[start : start + m]
 
@@ -96,12 +108,26 @@ def eval_shard(dataset_len: int, rank: int, world_size: int) -> range:
     return range(rank * dataset_len // world_size, (rank + 1) * dataset_len // world_size)
 
 
-class EvalBatchSampler(Sampler[list[int]]):
-    """This rank's eval batches: its shard in order, the last batch possibly short."""
+def eval_subset(dataset_len: int, max_samples: int | None, seed: int) -> Sequence[int]:
+    """The eval samples: all of them, or a fixed sorted random subset of `max_samples` that
+    depends only on (n, max_samples, seed), so every world size evaluates the same samples."""
+    if max_samples is None or max_samples >= dataset_len:
+        return range(dataset_len)
+    # random.sample over a range keeps only the chosen indices: O(max_samples) for any n.
+    return sorted(random.Random(seed).sample(range(dataset_len), max_samples))
 
-    def __init__(self, dataset_len: int, rank: int, world_size: int, batch_size: int):
-        self.shard = eval_shard(dataset_len, rank, world_size)
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """This rank's eval batches: its shard of `subset` (default: every sample) in order, the last
+    batch possibly short."""
+
+    def __init__(self, dataset_len: int, rank: int, world_size: int, batch_size: int,
+                 subset: Sequence[int] | None = None, seed: int = 0):
+        subset = range(dataset_len) if subset is None else subset
+        positions = eval_shard(len(subset), rank, world_size)
+        self.shard = subset[positions.start:positions.stop]
         self.batch_size = batch_size
+        self.seed = seed  # of the samples' randomness (sample_seed.py)
 
     def __iter__(self) -> Iterator[list[int]]:
         for start in range(0, len(self.shard), self.batch_size):
@@ -182,12 +208,16 @@ class DirectBatches:
 def make_loader(dataset: Any, batch_sampler: Sampler, collate: Callable | None,
                 num_workers: int, pin_memory: bool, seed: int) -> DataLoader | DirectBatches:
     """Batches in `batch_sampler` order; batch-fetching datasets skip per-sample collation, and
-    without workers or pinning also the DataLoader machinery (~50 us per batch on a small step)."""
+    without workers or pinning also the DataLoader machinery (~50 us per batch on a small step).
+    Samples fetched one at a time are seeded from (sampler's seed, epoch, index) when the
+    sampler has a `seed` (the train and eval samplers do)."""
     fetch = batch_fetcher(dataset) if collate is None else None
     if fetch is not None and num_workers == 0 and not pin_memory:
         return DirectBatches(fetch, batch_sampler)
     if fetch is not None:
         dataset, collate = _BatchFetch(fetch, len(dataset)), _already_batched
+    elif getattr(batch_sampler, "seed", None) is not None and seeds_each_sample(dataset):
+        dataset, batch_sampler = SeededSamples(dataset), SeededKeys(batch_sampler, batch_sampler.seed)
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,

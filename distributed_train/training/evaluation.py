@@ -12,7 +12,7 @@ from distributed_train.config import Config
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
 from distributed_train.task import Task
-from distributed_train.training.data import EvalBatchSampler, batch_len, make_loader, move_to_device
+from distributed_train.training.data import EvalBatchSampler, batch_len, eval_subset, make_loader, move_to_device
 from distributed_train.training.metrics import log
 from distributed_train.training.rng import rng_state, set_rng_state
 
@@ -29,7 +29,8 @@ class Evaluator:
         if eval_set is not None:
             global_batch = config.eval.batch_size or config.train.batch_size
             per_rank = max(1, global_batch // env.world_size)
-            sampler = EvalBatchSampler(len(eval_set), env.rank, env.world_size, per_rank)
+            subset = eval_subset(len(eval_set), config.eval.max_samples, config.seed)
+            sampler = EvalBatchSampler(len(eval_set), env.rank, env.world_size, per_rank, subset, config.seed)
             self.loader = make_loader(eval_set, sampler, collate, 0, pin_memory, config.seed)
 
     def should_evaluate(self, step: int, last_step: bool) -> bool:

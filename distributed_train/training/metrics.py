@@ -23,6 +23,7 @@ from distributed_train.config import Config, to_dict
 from distributed_train.dist import DistEnv, main_computes
 from distributed_train.errors import UsageError
 from distributed_train.training.progress import Progress, active_bar
+from distributed_train.training.trainjob_progress import TrainJobProgress
 
 log = logging.getLogger("distributed_train")
 
@@ -143,6 +144,7 @@ class MetricsLogger:
         self.wandb_run = None
         self.wandb_id: str | None = None
         self.progress: Progress | None = None
+        self.trainjob: TrainJobProgress | None = None  # posts to a Kubeflow TrainJob's status
         self._file = None
 
     def start(self, wandb_id: str | None = None, resumed_step: int = 0, changed: list | None = None) -> None:
@@ -169,6 +171,10 @@ class MetricsLogger:
                      "task": self.config.task, "wandb_id": self.wandb_id, "changed": changed,
                      "versions": versions()})
         self.progress = Progress(self.total_steps, resumed_step)
+        self.trainjob = TrainJobProgress.from_environ(os.environ, self.total_steps, resumed_step,
+                                                      self.config.log.progress_every_s)
+        if self.trainjob is not None:
+            self.trainjob.start()
         return self.wandb_id
 
     def _start_wandb(self, mode: str, wandb_id: str | None) -> None:
@@ -200,6 +206,8 @@ class MetricsLogger:
         """Called every step: moves the progress bar (host-side only, no device sync)."""
         if self.progress is not None:
             self.progress.advance(step)
+        if self.trainjob is not None:
+            self.trainjob.update(step)
 
     def log(self, event: dict) -> None:
         """Record one event (must contain `step` and `kind`): file, wandb, console."""
@@ -214,6 +222,17 @@ class MetricsLogger:
             self.wandb_run.log(payload, step=event["step"])
         if self.progress is not None:
             self.progress.show(event)
+        if self.trainjob is not None:
+            self._update_trainjob(event)
+
+    def _update_trainjob(self, event: dict) -> None:
+        kind = event.get("kind")
+        if kind == "train":
+            self.trainjob.update(event["step"], event.get("epoch"), train_loss=event.get("loss"))
+        elif kind == "eval":
+            numbers = {k: v for k, v in event.items() if k not in {"step", "epoch", "time", "kind"}
+                       and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.trainjob.update(event["step"], event.get("epoch"), eval_metrics=numbers)
 
     def _write(self, event: dict) -> dict:
         event = _clean({"time": round(time.time(), 3), **event})
@@ -228,6 +247,9 @@ class MetricsLogger:
         if self.progress is not None:
             self.progress.close()
             self.progress = None
+        if self.trainjob is not None:
+            self.trainjob.close()  # the last post: 100% when training finished
+            self.trainjob = None
         if self._file:
             self._file.close()
             self._file = None

@@ -210,3 +210,22 @@ def test_killed_node_restarts_and_the_job_completes(tmp_path, launch_reference):
     assert summary["resumed_from"], f"the restarted job did not resume from a checkpoint: {summary}"
     # Resume is exact: the interrupted run ends where the uninterrupted one does (same math, slower task).
     assert_same_parameters(final_parameters(run_dir), launch_reference())
+
+
+def test_dtrain_launch_takes_its_node_layout_from_the_runtimes_pet_variables(tmp_path, launch_reference):
+    """Two agents configured only by PET_* variables, as a TrainJob's torch runtime sets them."""
+    config = tmp_path / "user.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    port = free_port()
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    nodes = []
+    for rank in (0, 1):
+        env = clean_env(PET_NNODES="2", PET_NPROC_PER_NODE="1", PET_NODE_RANK=str(rank),
+                        PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        nodes.append(start_node(["python3", "-m", "distributed_train", "launch", str(config),
+                                 f"--run_dir={tmp_path / 'run'}"], env, logs[rank]))
+    wait_nodes(nodes, logs, timeout=120)
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 40
+    assert_same_parameters(final_parameters(tmp_path / "run"), launch_reference())

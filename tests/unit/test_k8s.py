@@ -1,12 +1,14 @@
 """`dtrain k8s`, the k8s/ examples and the Dockerfile, validated offline (no cluster, no Docker engine).
 
 Kubernetes versions the manifests are validated for: 1.29 to 1.33 (kubernetes-validate --strict
-schemas). The PyTorchJob is validated against the Kubeflow CRD in ../shared/schemas/.
+schemas). The TrainJob and PyTorchJob are validated against the Kubeflow CRDs in tests/data/schemas/.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -17,13 +19,18 @@ import yaml
 
 from distributed_train import cli
 from distributed_train.cli import k8s
+from distributed_train.cli import k8s_security
 from distributed_train.cli.k8s_render import CONFIG_PATH, RDZV_PORT
 from tests.helpers import REPO, dtrain
 
 K8S_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
-CRD = REPO.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
+SCHEMAS = REPO / "tests" / "data" / "schemas"
+CRDS = {"PyTorchJob": SCHEMAS / "kubeflow.org_pytorchjobs.yaml",
+        "TrainJob": SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml"}
 IMAGE = "registry.example.com/team/distributed-train:0.1.0"
-VARIANTS = [(kind, cpu, nodes) for kind in ("job", "pytorchjob") for cpu in (False, True) for nodes in (1, 2, 3, 4)]
+KINDS = ("job", "trainjob", "pytorchjob")
+VARIANTS = [(kind, cpu, nodes) for kind in KINDS for cpu in (False, True) for nodes in (1, 2, 3, 4)]
+WORKLOAD = {"job": "Job", "trainjob": "TrainJob", "pytorchjob": "PyTorchJob"}
 
 
 def render(*args: str) -> list[dict]:
@@ -58,7 +65,7 @@ def kubernetes_errors(kubernetes_validate, objects: list[dict]) -> list[str]:
     """kubernetes-validate --strict on every core object for every claimed version."""
     errors = []
     for obj in objects:
-        if obj["apiVersion"].startswith("kubeflow.org/"):
+        if obj["kind"] in CRDS:
             continue
         for version in K8S_VERSIONS:
             try:
@@ -68,28 +75,29 @@ def kubernetes_errors(kubernetes_validate, objects: list[dict]) -> list[str]:
     return errors
 
 
+def _closed(node):
+    """The schema with additionalProperties: false wherever properties are listed (misspellings fail)."""
+    if isinstance(node, dict):
+        if "properties" in node and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        for value in node.values():
+            _closed(value)
+    elif isinstance(node, list):
+        for value in node:
+            _closed(value)
+    return node
+
+
 @pytest.fixture(scope="module")
-def pytorchjob_schema():
-    """A validator for the CRD's OpenAPI schema with additionalProperties: false (misspellings fail)."""
-    if not CRD.is_file():
-        pytest.skip(f"PyTorchJob CRD not found at {CRD} (a checkout outside this workspace)")
-    crd = yaml.safe_load(CRD.read_text())
-    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-
-    def close(node):
-        if isinstance(node, dict):
-            if "properties" in node and "additionalProperties" not in node:
-                node["additionalProperties"] = False
-            for value in node.values():
-                close(value)
-        elif isinstance(node, list):
-            for value in node:
-                close(value)
-
-    close(schema)
+def crd_validators():
+    """kind -> a jsonschema validator for the Kubeflow CRD of that kind, closed to unknown fields."""
     import jsonschema
 
-    return jsonschema.Draft7Validator(schema)
+    validators = {}
+    for kind, path in CRDS.items():
+        crd = yaml.safe_load(path.read_text())
+        validators[kind] = jsonschema.Draft7Validator(_closed(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]))
+    return validators
 
 
 @pytest.mark.parametrize("kind,cpu,nodes", VARIANTS)
@@ -98,16 +106,186 @@ def test_every_variant_is_valid_kubernetes_and_lint_clean(kubernetes_validate, k
     assert yamllint_problems(text) == []
     objects = list(yaml.safe_load_all(text))
     assert kubernetes_errors(kubernetes_validate, objects) == []
-    expected = {"ConfigMap", "PersistentVolumeClaim", *(("PyTorchJob",) if kind == "pytorchjob" else ("Service", "Job"))}
-    assert {o["kind"] for o in objects} == expected
+    extra = {"job": {"Service", "Job"}, "trainjob": {"ServiceAccount", "TrainJob"}, "pytorchjob": {"PyTorchJob"}}
+    assert {o["kind"] for o in objects} == {"ConfigMap", "PersistentVolumeClaim", "NetworkPolicy", *extra[kind]}
 
 
-@pytest.mark.parametrize("cpu,nodes", [(False, 1), (False, 4), (True, 2)])
-def test_pytorchjob_matches_the_crd_schema(pytorchjob_schema, cpu, nodes):
-    job = by_kind(render(*variant_args("pytorchjob", cpu, nodes)), "PyTorchJob")
-    assert [e.message for e in pytorchjob_schema.iter_errors(job)] == []
-    job["spec"]["elasticPolicy"]["rdzvBakend"] = "c10d"  # the schema must catch a misspelling
-    assert any("rdzvBakend" in e.message for e in pytorchjob_schema.iter_errors(job))
+@pytest.mark.parametrize("kind,cpu,nodes", [("pytorchjob", False, 1), ("pytorchjob", False, 4),
+                                            ("pytorchjob", True, 2), ("trainjob", False, 1),
+                                            ("trainjob", False, 4), ("trainjob", True, 2)])
+def test_kubeflow_kinds_match_their_crd_schema(crd_validators, kind, cpu, nodes):
+    extra = ["--queue", "team-a", "--priority-class", "high", "--namespace", "ml", "--rdma"]
+    job = by_kind(render(*variant_args(kind, cpu, nodes), *extra), WORKLOAD[kind])
+    validator = crd_validators[WORKLOAD[kind]]
+    assert [e.message for e in validator.iter_errors(job)] == []
+    misspelled = job["spec"]["elasticPolicy"] if kind == "pytorchjob" else job["spec"]["trainer"]
+    misspelled["numNodez"] = 2  # the closed schema must catch a misspelling
+    assert any("numNodez" in e.message for e in validator.iter_errors(job))
+
+
+def test_trainjob_runs_dtrain_launch_on_the_torch_runtime():
+    objects = render("--kind", "trainjob", "--nodes", "3", "--gpus-per-node", "4", "--name", "llm",
+                     "--runtime", "torch-distributed-custom", "--train.lr=0.01")
+    job = by_kind(objects, "TrainJob")
+    trainer = job["spec"]["trainer"]
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                         "name": "torch-distributed-custom"}
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (3, 4)
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 4
+    assert trainer["command"] == ["dtrain-entrypoint"] and trainer["image"] == IMAGE
+    args = trainer["args"]
+    # Node and process counts come from the runtime's PET_NNODES / PET_NPROC_PER_NODE.
+    assert "--nnodes" not in args and "--nproc-per-node" not in args
+    assert args[args.index("--rdzv-endpoint") + 1] == f"llm-node-0-0.llm:{RDZV_PORT}"
+    assert args[-3:] == [CONFIG_PATH, "--run_dir=/runs/llm", "--train.lr=0.01"]
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["DTRAIN_WAIT_FOR_HOST"]["value"] == "llm-node-0-0.llm"
+    assert env["NCCL_SOCKET_IFNAME"]["valueFrom"]["configMapKeyRef"] == {"name": "llm-env", "key": "NCCL_SOCKET_IFNAME"}
+    pod = effective_pods(objects)[0]
+    assert pod["serviceAccountName"] == "llm" and pod["terminationGracePeriodSeconds"] == 120
+    # What torchrun makes of these arguments in a pod where the runtime set its PET_* variables.
+    from distributed_train.cli.launch import build_torchrun_args, torchrun_parser
+
+    runtime_env = {"PET_NNODES": "3", "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "1",
+                   "PET_MASTER_ADDR": "llm-node-0-0.llm", "PET_MASTER_PORT": "29500"}
+    torchrun_args = build_torchrun_args(args[:args.index(CONFIG_PATH)], [], environ=runtime_env)
+    assert "--standalone" not in torchrun_args and "--nproc-per-node" not in torchrun_args
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in runtime_env.items():
+            patch.setenv(key, value)
+        parsed = torchrun_parser().parse_args(torchrun_args)
+    assert (parsed.nnodes, parsed.nproc_per_node, parsed.rdzv_backend) == ("3", "4", "c10d")
+    assert parsed.rdzv_endpoint == f"llm-node-0-0.llm:{RDZV_PORT}"
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["llm-runs"]
+
+
+def test_queue_priority_and_namespace_on_every_kind():
+    for kind in KINDS:
+        objects = render("--kind", kind, "--nodes", "2", "--queue", "team-a", "--priority-class", "high",
+                         "--namespace", "ml")
+        workload = by_kind(objects, WORKLOAD[kind])
+        assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a", kind
+        assert {o["metadata"]["namespace"] for o in objects} == {"ml"}, kind
+        if kind == "trainjob":  # Kueue's WorkloadPriorityClass: no pod priority in the runtime patch
+            assert workload["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+        else:
+            assert effective_pods(objects)[0]["priorityClassName"] == "high", kind
+        plain = render("--kind", kind)
+        assert "kueue.x-k8s.io/queue-name" not in by_kind(plain, WORKLOAD[kind])["metadata"]["labels"]
+        assert all("namespace" not in o["metadata"] for o in plain)
+
+
+def test_elastic_node_range_where_the_kind_allows_it():
+    job = by_kind(render("--kind", "job", "--nodes", "2:4"), "Job")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--nnodes") + 1] == "2:4"
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (4, 4)
+    pytorchjob = by_kind(render("--kind", "pytorchjob", "--nodes", "2:4"), "PyTorchJob")
+    policy = pytorchjob["spec"]["elasticPolicy"]
+    assert (policy["minReplicas"], policy["maxReplicas"]) == (2, 4)
+    assert pytorchjob["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 4
+    with pytest.raises(k8s.UsageError, match="--nodes"):
+        render("--kind", "trainjob", "--nodes", "2:4")
+
+
+def effective_pods(objects: list[dict]) -> list[dict]:
+    """The pod spec each workload's pods get; a TrainJob's is the runtime patch plus the trainer fields."""
+    pods = []
+    for obj in objects:
+        if obj["kind"] == "Job":
+            pods.append(obj["spec"]["template"]["spec"])
+        elif obj["kind"] == "PyTorchJob":
+            pods.append(obj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"])
+        elif obj["kind"] == "TrainJob":
+            patch = obj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]
+            pod = json.loads(json.dumps(patch["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]))
+            trainer = obj["spec"]["trainer"]
+            pod["containers"][0].update(image=trainer["image"], command=trainer["command"], args=trainer["args"],
+                                        env=trainer["env"], resources=trainer["resourcesPerNode"])
+            account = next(o for o in objects if o["kind"] == "ServiceAccount")
+            assert pod["serviceAccountName"] == account["metadata"]["name"]
+            pod["automountServiceAccountToken"] = account["automountServiceAccountToken"]
+            pods.append(pod)
+    return pods
+
+
+def hardening_problems(pod: dict, rdma: bool) -> list[str]:
+    """What a pod misses of the hardening: the properties the security scan checks, in plain Python."""
+    problems = []
+    context = pod.get("securityContext", {})
+    if pod.get("automountServiceAccountToken") is not False:
+        problems.append("service-account token mounted")
+    if context.get("seccompProfile") != {"type": "RuntimeDefault"}:
+        problems.append("pod seccomp profile")
+    if context.get("runAsNonRoot") is not True or context.get("runAsUser", 0) < 10000:
+        problems.append("pod user root or low UID")
+    writable = {"/tmp", "/dev/shm", "/runs"}
+    for container in pod["containers"]:
+        sc = container.get("securityContext", {})
+        expected_caps = {"drop": ["ALL"], **({"add": ["IPC_LOCK"]} if rdma else {})}
+        checks = {"allowPrivilegeEscalation": sc.get("allowPrivilegeEscalation") is False,
+                  "privileged": sc.get("privileged") is False,
+                  "readOnlyRootFilesystem": sc.get("readOnlyRootFilesystem") is True,
+                  "capabilities": sc.get("capabilities") == expected_caps,
+                  "seccompProfile": sc.get("seccompProfile") == {"type": "RuntimeDefault"},
+                  "runAsUser": sc.get("runAsUser", 0) >= 10000 and sc.get("runAsNonRoot") is True,
+                  "writable mounts": writable <= {m["mountPath"] for m in container["volumeMounts"]}}
+        problems += [f"{container['name']}: {name}" for name, ok in checks.items() if not ok]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        if not env.get("HOME", "").startswith("/tmp"):
+            problems.append(f"{container['name']}: HOME on the read-only root")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    if volumes.get("dshm", {}).get("emptyDir") != {"medium": "Memory"} or "emptyDir" not in volumes.get("tmp", {}):
+        problems.append("emptyDirs for /tmp and /dev/shm")
+    return problems
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_renders_a_hardened_pod(kind):
+    for cpu, rdma in [(True, False), (False, False), (False, True)]:
+        args = [*variant_args(kind, cpu, 2), *(["--rdma"] if rdma else [])]
+        pods = effective_pods(render(*args))
+        assert len(pods) == 1
+        assert hardening_problems(pods[0], rdma) == [], args
+    # The checker itself must notice a weakened pod.
+    pod = effective_pods(render(*variant_args(kind, True, 2)))[0]
+    pod["containers"][0]["securityContext"]["capabilities"] = {"drop": ["NET_RAW"]}
+    pod["automountServiceAccountToken"] = True
+    assert hardening_problems(pod, False) == ["service-account token mounted", f"{pod['containers'][0]['name']}: capabilities"]
+
+
+def checkov_executable() -> str | None:
+    """checkov from PATH, or DTRAIN_CHECKOV (it pins old dependencies: keep it in its own venv)."""
+    return os.environ.get("DTRAIN_CHECKOV") or shutil.which("checkov")
+
+
+def test_security_scan_finds_only_the_documented_exceptions(tmp_path):
+    checkov = checkov_executable()
+    if checkov is None:
+        pytest.skip("checkov not installed (pipx install checkov, or DTRAIN_CHECKOV=/path/to/checkov)")
+    for kind, cpu, nodes in [(k, cpu, n) for k in KINDS for cpu in (False, True) for n in ("1", "2:3")]:
+        if kind == "trainjob" and ":" in nodes:
+            continue
+        objects = render(*variant_args(kind, cpu, 1), "--nodes", nodes, "--namespace", "ml")
+        # checkov reads pods inside built-in kinds only: scan each kind's effective pod as a Pod too.
+        pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{kind}-pod", "namespace": "ml",
+                                                                 "labels": by_kind(objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]},
+                 "spec": pod} for pod in effective_pods(objects)]
+        name = f"{kind}-{'cpu' if cpu else 'gpu'}-{nodes.replace(':', 'to')}.yaml"
+        (tmp_path / name).write_text(yaml.safe_dump_all(objects + pods))
+    (tmp_path / "no-namespace.yaml").write_text(k8s.manifests(["--image", IMAGE]))
+    proc = subprocess.run([checkov, "-d", str(tmp_path), "--framework", "kubernetes", "--quiet", "--compact",
+                           "--skip-download", "-o", "json"], capture_output=True, text=True, timeout=180)
+    report = json.loads(proc.stdout)
+    report = report[0] if isinstance(report, list) else report
+    failed = {(c["check_id"], Path(c["file_path"]).name) for c in report["results"]["failed_checks"]}
+    allowed = set(k8s_security.DELIBERATE_EXCEPTIONS)
+    unexpected = sorted((check, file) for check, file in failed if check not in allowed
+                        and not (check == k8s_security.WITHOUT_NAMESPACE and file == "no-namespace.yaml"))
+    assert unexpected == [], unexpected
+    assert report["summary"]["passed"] > 100  # the scan looked at the pods
+    assert (k8s_security.WITHOUT_NAMESPACE, "no-namespace.yaml") in failed
 
 
 def test_job_contract_rendezvous_restarts_and_resources():
@@ -161,6 +339,10 @@ def test_cpu_mode_has_no_gpus_and_an_existing_claim_is_not_rendered(tmp_path):
 
 @pytest.mark.parametrize("args,flag", [
     (["--nodes", "0"], "--nodes"),
+    (["--nodes", "3:1"], "--nodes"),
+    (["--kind", "trainjob", "--nodes", "1:2"], "--nodes"),
+    (["--namespace", "Team_A"], "--namespace"),
+    (["--queue", "team a"], "--queue"),
     (["--gpus-per-node", "-1"], "--gpus-per-node"),
     (["--name", "My_Job"], "--name"),
     (["--name", "-job"], "--name"),

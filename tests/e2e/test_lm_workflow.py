@@ -1,0 +1,47 @@
+"""The language-model workflow end to end: text -> `dtrain prepare-tokens` -> `dtrain launch lm`
+on 2 ranks, stopped, resumed on 1 rank: equal to an uninterrupted run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distributed_train.tasks.charlm import load_text
+from tests.helpers import clean_env, dtrain
+
+pytestmark = pytest.mark.slow
+
+MODEL = ["--task_args.n_layer=1", "--task_args.n_head=2", "--task_args.d_model=32", "--task_args.seq_len=32"]
+TRAIN = ["--train.batch_size=8", "--checkpoint.every_steps=4", "--log.every_steps=2", "--log.wandb=disabled",
+         "--eval.max_samples=40"]
+
+
+def test_prepare_tokens_then_launch_lm_and_resume_on_another_world_size(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text(load_text()[:200_000])
+    data = tmp_path / "tokens"
+    dtrain("prepare-tokens", str(text), "-o", str(data), "--val-fraction", "0.05", timeout=60)
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == len(text.read_bytes())
+    common = ["lm", f"--task_args.data={data}", *MODEL, *TRAIN]
+
+    # The uninterrupted reference runs beside the first part of the interrupted run.
+    reference = subprocess.Popen([sys.executable, "-m", "distributed_train", "train", *common,
+                                  "--train.max_steps=8", f"--run_dir={tmp_path / 'ref'}"],
+                                 env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    dtrain("launch", "--nproc-per-node", "2", *common, "--train.max_steps=4", f"--run_dir={run}", timeout=180)
+    out, err = reference.communicate(timeout=180)
+    assert reference.returncode == 0, err
+    resumed = dtrain("train", *common, "--train.max_steps=8", f"--run_dir={run}", timeout=180)
+    assert "resuming from" in resumed.stderr
+
+    summary = json.loads((run / "summary.json").read_text())
+    expected = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["resumed_from"].endswith("step-00000004")
+    assert abs(summary["eval"]["loss"] - expected["eval"]["loss"]) <= 1e-5
+    a = torch.load(run / "final_model.pt", weights_only=True)
+    b = torch.load(tmp_path / "ref" / "final_model.pt", weights_only=True)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
