@@ -8,6 +8,7 @@ UsageError naming the key (`train.lr`) and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -26,9 +27,18 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+SEED_MAX = 2**32 - 1  # numpy's range; torch's generators also take seed * 100_003 + epoch
+
+
+def _finite(key: str, value: float | int | None) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{key} must be a finite number, got {value}")
+
+
 def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
+    _finite(key, value)
     if value < 0 or (value == 0 and not allow_zero):
         raise UsageError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
@@ -66,6 +76,9 @@ class TrainConfig:
         _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive("train.min_lr", self.min_lr, allow_zero=True)
         _positive("train.profile_steps", self.profile_steps, allow_zero=True)
+        _positive("train.momentum", self.momentum, allow_zero=True)
+        if self.min_lr > self.lr:
+            raise UsageError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise UsageError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of "
@@ -215,6 +228,8 @@ class Config:
     def __post_init__(self) -> None:
         if not self.task:
             raise UsageError("task must name a built-in task, module:attr or file.py:attr")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise UsageError(f"seed must be an integer from 0 to {SEED_MAX} (2**32-1), got {self.seed}")
         if (self.accelerate.fsdp or self.accelerate.deepspeed) and self.engine != "accelerate":
             raise UsageError("accelerate.fsdp / accelerate.deepspeed need engine=accelerate")
         # fsdp.units also names the units of train.activation_checkpointing under ddp.
@@ -227,6 +242,52 @@ class Config:
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+
+
+_NOT_CONVERTED = object()  # a converter's answer for a value of the wrong type
+
+
+def _to_bool(key: str, value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    return _NOT_CONVERTED
+
+
+def _to_int(key: str, value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(value.replace("_", "")) if isinstance(value, str) else _NOT_CONVERTED
+    except ValueError:
+        return _NOT_CONVERTED
+
+
+def _to_float(key: str, value: Any) -> Any:
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return _NOT_CONVERTED
+        number = float(value)
+    except ValueError:
+        return _NOT_CONVERTED
+    _finite(key, number)
+    return number
+
+
+def _to_list(key: str, value: Any) -> Any:
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, str):  # from the command line: A,B or [A, B]
+        return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    return _NOT_CONVERTED
+
+
+_CONVERTERS = {
+    bool: _to_bool, int: _to_int, float: _to_float, list: _to_list,
+    str: lambda key, value: value if isinstance(value, str) else _NOT_CONVERTED,
+    dict: lambda key, value: dict(value) if isinstance(value, dict) else _NOT_CONVERTED,
+}
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -242,38 +303,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value not in choices:
             raise UsageError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
         return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif hint is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif hint is list:
-        if isinstance(value, list):
-            return list(value)
-        if isinstance(value, str):  # from the command line: A,B or [A, B]
-            return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    converted = _CONVERTERS[hint](key, value) if hint in _CONVERTERS else _NOT_CONVERTED
+    if converted is not _NOT_CONVERTED:
+        return converted
     name = getattr(hint, "__name__", str(hint))
     raise UsageError(f"{key} must be {'a' if name != 'int' else 'an'} {name}; got {value!r}")
 
@@ -338,17 +370,54 @@ def parse_overrides(args: list[str]) -> dict:
     return tree
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise UsageError(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line L, column C: problem` from a PyYAML error (its str() spreads over several lines)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "'\\t'" in problem:
+        problem += " (YAML indents with spaces, not tabs)"
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + problem
+
+
 def read_config_file(path: str | Path) -> dict:
     """Read a YAML config file into a nested dict."""
     path = Path(path)
+    name = repr(str(path))
+    if path.is_dir():
+        raise UsageError(f"config file {name} is a directory; pass a YAML file")
     if not path.is_file():
-        raise UsageError(f"config file {str(path)!r} does not exist")
+        raise UsageError(f"config file {name} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise UsageError(f"config file {name} is not UTF-8 text (line {line} has the byte "
+                         f"0x{exc.object[exc.start]:02x}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"config file {name} cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except UsageError as exc:
+        raise UsageError(f"config file {name}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"config file {str(path)!r} is not valid YAML: {exc}".splitlines()[0]) from None
+        raise UsageError(f"config file {name} is not valid YAML at {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
-        raise UsageError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+        raise UsageError(f"config file {name} must hold a mapping of keys, got {type(data).__name__}")
     return data
 
 

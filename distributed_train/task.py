@@ -143,6 +143,29 @@ def load_task(spec: str, config: Any = None) -> "Task":
     return Task(obj, spec)
 
 
+def check_model(model: Any) -> nn.Module:
+    """`model` if it is a Module with something to train, else a UsageError saying what it is."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"task.model() must return a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UsageError("task.model() returned a model without trainable parameters (none with "
+                         "requires_grad=True): there is nothing to train")
+    return model
+
+
+def check_model_before_spawn(spec: str, config: Any) -> None:
+    """Build the task's model on the meta device (no memory, no weights) so that a model without
+    trainable parameters stops `dtrain launch` before any worker starts. Other failures here are
+    left to the workers, which report them with the full context."""
+    task = load_task(spec, config)
+    try:
+        with torch.device("meta"):
+            model = task.obj.model()
+    except Exception:  # noqa: BLE001 - a model that needs a real device: the workers build it
+        return
+    check_model(model)
+
+
 def _check_criterion(obj: Any) -> Any:
     """The task's criterion: an nn.Module or a function of (outputs, targets), maybe from criterion()."""
     criterion = obj.criterion
@@ -216,10 +239,7 @@ class Task:
         return None if dataset is None else self._check_dataset(dataset, "eval_dataset")
 
     def model(self) -> nn.Module:
-        model = self._call("model")
-        if not isinstance(model, nn.Module):
-            raise UsageError(f"task.model() must return a torch.nn.Module, got {type(model).__name__}")
-        return model
+        return check_model(self._call("model"))
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The mean loss over `batch`; checked for shape (no host sync)."""

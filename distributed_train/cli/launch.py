@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from distributed_train.errors import EXIT_USAGE
+from distributed_train.errors import EXIT_USAGE, UsageError
 
 # Restarts reuse the agent's rendezvous store unless this is set, and then fail or hang in
 # init_process_group (pytorch/pytorch#135712; ../shared/PITFALLS.md).
@@ -75,12 +75,12 @@ def _validate_before_spawn(train: list[str]):
 
     Returns the workers' arguments and the resolved config."""
     from distributed_train.cli.train import resolve_config, split_config_args
-    from distributed_train.task import resolve_attr
+    from distributed_train.task import check_model_before_spawn
     from distributed_train.training.trainer import default_run_dir
 
     config_path, overrides, _ = split_config_args(train)
     config = resolve_config(config_path, overrides)
-    resolve_attr(config.task)
+    check_model_before_spawn(config.task, config)
     if config.run_dir is None:
         train = [*train, f"--run_dir={default_run_dir(config.task)}"]
     return train, config
@@ -101,8 +101,14 @@ def _check_batch_split(parsed, config) -> None:
 
     min_nodes, _, max_nodes = str(parsed.nnodes).partition(":")
     try:
-        world_size = int(min_nodes) * int(parsed.nproc_per_node)
+        nproc = int(parsed.nproc_per_node)
     except ValueError:  # nproc "gpu"/"auto": the world size is not known yet
+        return
+    if nproc < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1, got {nproc}")
+    try:
+        world_size = int(min_nodes) * nproc
+    except ValueError:
         return
     if max_nodes and max_nodes != min_nodes:  # elastic "1:4": neither is it
         return
@@ -141,6 +147,25 @@ def _nproc(parsed) -> int:
         return os.cpu_count() or 1
 
 
+def describe_exit(exitcode: int) -> str:
+    """How a worker ended, with advice that fits: a signal names itself, an exit code points above."""
+    import signal
+
+    if exitcode >= 0:
+        return f"exited with code {exitcode}; its error is above"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    advice = {
+        "SIGKILL": "killed: out of memory (check `dmesg` for the OOM killer, or lower the batch size) or kill -9",
+        "SIGSEGV": "a native crash (torch, a C extension or the driver); rerun with --debug and check versions",
+        "SIGABRT": "aborted in native code (see the message above it; gloo can abort at exit, see the docs)",
+        "SIGBUS": "a bus error: often /dev/shm too small (docker --shm-size) or a file truncated under mmap",
+    }.get(name, "ended by a signal")
+    return f"died from {name} ({advice})"
+
+
 def run_torchrun(parsed) -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -169,11 +194,14 @@ def run_torchrun(parsed) -> int:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         if EXIT_USAGE in codes:
             return EXIT_USAGE
-        first_code = exc.get_first_failure()[1].exitcode
-        if set(codes) <= {EXIT_NONFINITE, EXIT_COMMUNICATION}:  # the workers already said why
-            return first_code
-        ranks = ", ".join(str(r) for r in sorted(exc.failures))
-        print(f"dtrain launch: worker rank(s) {ranks} failed (exit code {', '.join(map(str, codes))}); "
-              "see their output above", file=sys.stderr)
+        explained = [f.exitcode for _, f in sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+                     if f.exitcode in (EXIT_NONFINITE, EXIT_COMMUNICATION)]
+        # The workers already said why; ranks killed by a signal (SIGKILLed after that, or a
+        # stopped rank a peer ended) are part of the same failure.
+        if explained and all(c in (EXIT_NONFINITE, EXIT_COMMUNICATION) or c < 0 for c in codes):
+            return explained[0]
+        for rank, failure in sorted(exc.failures.items()):
+            print(f"dtrain launch: worker rank {rank} (pid {failure.pid}) {describe_exit(failure.exitcode)}",
+                  file=sys.stderr)
         return 1
     return 0

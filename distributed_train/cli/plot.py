@@ -52,6 +52,13 @@ def _series(events: list[dict], kind: str, key: str) -> tuple[list[int], list[fl
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _line(ax: Any, xs: list, ys: list, style: str = "-", **kwargs: Any) -> None:
+    """A line, with markers when there are too few points to draw one (a single train row)."""
+    if len(xs) <= 2 and "o" not in style:
+        style += "o"
+    ax.plot(xs, ys, style, **kwargs)
+
+
 def _eval_names(events: list[dict]) -> list[str]:
     names = {k for e in events if e.get("kind") == "eval" for k in e
              if k not in {"kind", "step", "epoch", "time", "loss"}}
@@ -64,14 +71,14 @@ def draw(events: list[dict], title: str) -> Any:
     fig, ((loss_ax, eval_ax), (speed_ax, lr_ax)) = plt.subplots(2, 2, figsize=(11, 7.5))
     fig.suptitle(title)
 
-    loss_ax.plot(*_series(events, "train", "loss"), label="train (mean over ranks)")
-    loss_ax.plot(*_series(events, "eval", "loss"), "o-", label="eval")
+    _line(loss_ax, *_series(events, "train", "loss"), label="train (mean over ranks)")
+    _line(loss_ax, *_series(events, "eval", "loss"), "o-", label="eval")
     loss_ax.set(title="loss", xlabel="step")
     loss_ax.legend()
 
     names = _eval_names(events)
     for name in names:
-        eval_ax.plot(*_series(events, "eval", name), "o-", label=name)
+        _line(eval_ax, *_series(events, "eval", name), "o-", label=name)
     eval_ax.set(title="eval metrics", xlabel="step")
     if names:
         eval_ax.legend()
@@ -79,21 +86,21 @@ def draw(events: list[dict], title: str) -> Any:
         eval_ax.text(0.5, 0.5, "no eval metrics besides loss", ha="center", va="center",
                      transform=eval_ax.transAxes)
 
-    speed_ax.plot(*_series(events, "train", "samples_per_s"), color="tab:green")
+    _line(speed_ax, *_series(events, "train", "samples_per_s"), color="tab:green")
     speed_ax.set(title="throughput", xlabel="step", ylabel="samples/s")
     speed_ax.set_ylim(bottom=0)
     steps, mfu = _series(events, "train", "mfu")
     if mfu:
         twin = speed_ax.twinx()
-        twin.plot(steps, [100 * m for m in mfu], color="tab:purple", alpha=0.6)
+        _line(twin, steps, [100 * m for m in mfu], color="tab:purple", alpha=0.6)
         twin.set_ylabel("MFU %", color="tab:purple")
 
-    lr_ax.plot(*_series(events, "train", "lr"), color="tab:orange")
+    _line(lr_ax, *_series(events, "train", "lr"), color="tab:orange")
     lr_ax.set(title="learning rate and grad norm", xlabel="step", ylabel="lr")
     steps, norms = _series(events, "train", "grad_norm")
     if norms:
         twin = lr_ax.twinx()
-        twin.plot(steps, norms, color="tab:gray", alpha=0.7)
+        _line(twin, steps, norms, color="tab:gray", alpha=0.7)
         twin.set_ylabel("grad norm", color="tab:gray")
     fig.tight_layout()
     return fig

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,8 @@ def describe(run_dir: Path, root: Path) -> dict[str, Any]:
     evals = [e for e in events if e.get("kind") == "eval"]
     step = max([e["step"] for e in events] + [summary.get("global_step") or 0])
     total = start.get("total_steps") or summary.get("global_step")
-    done = bool(summary) and summary.get("global_step") == step
+    done = bool(summary) and summary.get("global_step") == step and summary.get("status") != "failed"
+    status = "done" if done else "failed" if summary.get("status") == "failed" else "incomplete"
     speeds = [e["samples_per_s"] for e in train if isinstance(e.get("samples_per_s"), (int, float))]
     eval_metrics = summary.get("eval") if done and summary.get("eval") else \
         {k: v for k, v in (evals[-1] if evals else {}).items() if k not in {"kind", "step", "epoch", "time"}}
@@ -90,7 +92,7 @@ def describe(run_dir: Path, root: Path) -> dict[str, Any]:
         "run": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
         "task": _task_name(run_dir, start),
         "step": step, "total_steps": total,
-        "status": "done" if done else "incomplete",
+        "status": status,
         "world_size": summary.get("world_size") or start.get("world_size"),
         "resumed": bool(summary.get("resumed_from")) or any(s.get("resumed") for s in starts),
         "samples_per_s": summary.get("samples_per_s") if done else (statistics.median(speeds) if speeds else None),
@@ -128,7 +130,13 @@ def main(argv: list[str]) -> int:
     root = Path(args.dir)
     if not root.is_dir():
         raise UsageError(f"folder {str(root)!r} does not exist; pass the folder that holds your run directories")
-    runs = [describe(path, root) for path in find_runs(root)]
+    runs = []
+    for path in find_runs(root):
+        try:
+            runs.append(describe(path, root))
+        except Exception as exc:  # noqa: BLE001 - one damaged run must not hide the others
+            print(f"dtrain runs: skipping {path}: cannot read it ({type(exc).__name__}: "
+                  f"{(str(exc).splitlines() or [''])[0][:120]})", file=sys.stderr)
     if not runs:
         print(f"no runs under {root} (a run directory holds metrics.jsonl)")
         return 0

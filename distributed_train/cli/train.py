@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # a usage error, a non-finite loss, lost peers: already explained
         return _exit_worker(env, exc.code if isinstance(exc.code, int) else 1)
     if env.is_main:
-        evals = " ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items())
+        evals = " ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in summary["eval"].items())
         loss = summary["train_loss"]  # None when a resumed run had no step left to train
         print(f"done: {summary['global_step']} steps, train loss {'-' if loss is None else f'{loss:.4f}'}"
               f"{', eval ' + evals if evals else ''}; run dir {os.path.dirname(summary['final_model'])}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -164,6 +165,29 @@ def is_communication_failure(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _COMMUNICATION_SIGNS))
 
 
+def process_state(host: str, pid: int) -> str | None:
+    """A local process's state: "dead", "stopped" (SIGSTOP, Ctrl-Z) or "running"; None when it runs
+    on another host (nothing to check from here)."""
+    if host != socket.gethostname():
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "dead"
+    return {"Z": "dead", "X": "dead", "T": "stopped"}.get(state, "running")
+
+
+def _end_stopped_peer(pid: int) -> bool:
+    """SIGKILL a stopped peer of this job: the job is failing, and a stopped process would hold
+    torchrun's shutdown for its whole grace period (it cannot act on the SIGTERM it gets)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+
+
 def _describe_peer(rank: int, beat: dict | None, mine: tuple[int, str]) -> str | None:
     """Why peer `rank` is not where this rank is, or None when it is in the same operation."""
     if beat is None:
@@ -172,6 +196,12 @@ def _describe_peer(rank: int, beat: dict | None, mine: tuple[int, str]) -> str |
     who = f"pid {beat['pid']} on {beat['host']}"
     if beat.get("left"):
         return f"rank {rank} left the job in {where} ({beat['left']})"
+    state = process_state(beat["host"], beat["pid"])
+    if state == "dead":
+        return f"rank {rank} died in {where} ({who} is gone: killed, e.g. by the OOM killer or kill -9)"
+    if state == "stopped":
+        ended = "; ended it with SIGKILL" if _end_stopped_peer(beat["pid"]) else ""
+        return f"rank {rank} is stopped in {where} ({who}: SIGSTOP or Ctrl-Z{ended})"
     silent = time.time() - beat["time"]
     if silent > STALE_S:
         return f"rank {rank} stopped responding {silent:.0f} s ago in {where} ({who}: dead or stuck)"
@@ -189,6 +219,8 @@ def explain_communication_failure(exc: BaseException, rank: int, world_size: int
     beats = read_positions(world_size)
     peers = [_describe_peer(r, beats.get(r), mine) for r in range(world_size) if r != rank and beats is not None]
     peers = [p for p in peers if p]
+    crashed = [p for p in peers if " died in " in p]
+    stopped = [p for p in peers if " is stopped in " in p]
     timed_out = "Timed out" in str(exc) or "timeout" in str(exc).lower()
     what = f"timed out after dist.timeout_s={timeout_s:g} s" if timed_out else "failed"
     if beats is None:
@@ -198,12 +230,14 @@ def explain_communication_failure(exc: BaseException, rank: int, world_size: int
                  "(rerun with TORCH_DISTRIBUTED_DEBUG=DETAIL to compare them)")
     elif any("left the job" in p for p in peers):
         cause = "; ".join(peers) + ": see that rank's own error"
+    elif crashed or stopped:
+        cause = "; ".join(peers) + (": see the launcher's report of its exit" if crashed else "")
     else:
         cause = "; ".join(peers) + (": find out why it is slow (py-spy dump --pid PID), or raise "
                                     "dist.timeout_s if it is legitimately slow")
     detail = first_line(exc).split(". ")[0]  # gloo adds "This is typically caused by ..."
     # A peer that crashed is the cause, not the network: exit like it did, whichever rank ends first.
-    kind = PeerCrashed if peers and any("left the job" in p for p in peers) else CommunicationFailure
+    kind = PeerCrashed if crashed or any("left the job" in p for p in peers) else CommunicationFailure
     return kind(f"rank {rank}: {mine[1]} of step {mine[0]} {what} ({detail}): {cause}")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 import threading
 
-from distributed_train.errors import EXIT_PREEMPTED  # noqa: F401 - where the trainer looks for it
 
 
 class Preempted(Exception):

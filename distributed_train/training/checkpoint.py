@@ -2,10 +2,13 @@
 
 Layout: run_dir/checkpoints/step-00000120/{state.pt, COMMITTED}. A save writes state.pt into
 `.tmp-step-...`, fsyncs it and the directory, renames it into place and only then writes the
-COMMITTED marker (sizes and sha256 of every file), fsynced through a rename of its own.
-Rotation deletes old checkpoints only after the new one is committed. Loading considers
-committed checkpoints only, verifies them, and falls back to the previous one if the newest is
-damaged. Files are read with `torch.load(weights_only=True)`: a checkpoint cannot run code.
+COMMITTED marker (the commit record: this program's name, the step, sizes and sha256 of every
+file), fsynced through a rename of its own. A failed write removes its temporary folder.
+Only folders whose commit record this program wrote, for the step their name says, are
+checkpoints: found, ordered (by the recorded step) and rotated; anything else in checkpoints/
+is left alone with one warning. Rotation deletes old checkpoints only after the new one is
+committed, and never one newer than the one just written. Loading verifies the newest and falls
+back to the previous one if it is damaged. Files are read with `torch.load(weights_only=True)`: a checkpoint cannot run code.
 
 This module knows nothing about process groups: the trainer decides which rank writes.
 """
@@ -20,17 +23,23 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from distributed_train.errors import UsageError
+from distributed_train.errors import TrainingFailure, UsageError
 
 log = logging.getLogger("distributed_train")
 
 MARKER = "COMMITTED"
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
+PROGRAM = "distributed_train"  # in every commit record: the record was written by this program
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointWriteFailed(TrainingFailure):
+    """Writing a checkpoint failed (a full disk, say); the previous committed checkpoint is intact."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -65,23 +74,61 @@ def to_cpu_copy(obj: Any) -> Any:
 
 
 def write_checkpoint(directory: Path, step: int, state: dict) -> Path:
-    """Write and commit `state` as checkpoint `step` under `directory`; returns its path."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write and commit `state` as checkpoint `step` under `directory` (one file); returns its path."""
+    tmp = directory / f"{TMP_PREFIX}{checkpoint_name(step)}"
+
+    def write() -> None:
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return commit_directory(directory, step, write)
+
+
+def commit_directory(directory: Path, step: int, write: Callable[[], None], fresh: bool = True) -> Path:
+    """The commit protocol: `write()` fills `.tmp-step-N`, which is fsynced, renamed to `step-N`
+    and committed with a record of its files' sizes and checksums. On failure nothing of this write
+    is left behind and CheckpointWriteFailed names the path; the previous checkpoints are untouched.
+    `fresh=False`: the temporary folder already holds files written by every rank."""
     final = directory / checkpoint_name(step)
-    tmp = directory / f".tmp-{checkpoint_name(step)}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_path(tmp)
-    if final.exists():  # an uncommitted leftover, or a re-save of the same step after a restart
-        shutil.rmtree(final)
-    tmp.rename(final)
-    _fsync_path(directory)
+    tmp = directory / f"{TMP_PREFIX}{checkpoint_name(step)}"
+    try:
+        if fresh:
+            directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        write()
+        for file in tmp.iterdir():  # cheap when the writer fsynced already; required when not
+            _fsync_path(file)
+        _fsync_path(tmp)
+        if final.exists():  # an uncommitted leftover, or a re-save of the same step after a restart
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync_path(directory)
+        _commit(final, step)
+    except OSError as exc:
+        discard_failed_write(directory, step)
+        reason = (exc.strerror or str(exc)).lower()
+        raise CheckpointWriteFailed(f"writing checkpoint {final} failed: {reason}; nothing of it was "
+                                    "kept and the previous committed checkpoint is intact") from exc
+    return final
+
+
+def discard_failed_write(directory: Path, step: int) -> None:
+    """Remove what a failed write of checkpoint `step` left: its temporary folder, and the folder
+    itself if it was renamed but never committed (then it is not a checkpoint)."""
+    final = directory / checkpoint_name(step)
+    shutil.rmtree(directory / f"{TMP_PREFIX}{checkpoint_name(step)}", ignore_errors=True)
+    if final.is_dir() and not (final / MARKER).is_file():
+        shutil.rmtree(final, ignore_errors=True)
+
+
+def _commit(final: Path, step: int) -> None:
+    """Write the commit record (through a rename, so it is whole or absent)."""
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(final.iterdir())}
-    marker = {"step": step, "format": FORMAT_VERSION, "time": time.time(), "files": files}
+    marker = {"program": PROGRAM, "step": step, "format": FORMAT_VERSION, "time": time.time(),
+              "files": files}
     marker_tmp = final / f".{MARKER}.tmp"
     with open(marker_tmp, "w") as f:
         json.dump(marker, f, indent=1)
@@ -89,21 +136,63 @@ def write_checkpoint(directory: Path, step: int, state: dict) -> Path:
         os.fsync(f.fileno())
     marker_tmp.rename(final / MARKER)
     _fsync_path(final)
-    return final
+
+
+def commit_record(path: Path, check_name: bool = True) -> dict | None:
+    """The commit record of checkpoint folder `path` if this program wrote it, else None.
+
+    Records from before the `program` field was added are accepted; `check_name` also requires
+    the folder's name to be the one this program gives that step (a renamed copy is not one)."""
+    try:
+        record = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("program", PROGRAM) != PROGRAM:
+        return None
+    step, files = record.get("step"), record.get("files")
+    if type(step) is not int or step < 0 or record.get("format") != FORMAT_VERSION:
+        return None
+    if not isinstance(files, dict) or STATE_FILE not in files:
+        return None
+    if check_name and path.name != checkpoint_name(step):
+        return None
+    return record
+
+
+_warned: set[str] = set()  # foreign entries already reported by this process
+
+
+def checkpoint_steps(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint this program committed under `directory`, oldest first
+    (not yet verified). Other entries get one warning line per process and are never touched."""
+    if not directory.is_dir():
+        return []
+    found, foreign = [], []
+    for path in sorted(directory.iterdir()):
+        record = commit_record(path) if path.is_dir() else None
+        if record is not None:
+            found.append((record["step"], path))
+        elif not path.name.startswith("."):  # our own temporary folders, hidden files
+            foreign.append(path.name)
+    new = [name for name in foreign if str(directory / name) not in _warned]
+    if new:
+        _warned.update(str(directory / name) for name in new)
+        log.warning("%s: ignoring %s (not a checkpoint this program committed; never used or deleted)",
+                    directory, ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else ""))
+    return sorted(found, key=lambda pair: pair[0])
 
 
 def committed_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoints that carry a commit marker, oldest first (not yet verified)."""
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.glob("step-*") if (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    """Checkpoints this program committed under `directory`, oldest first (not yet verified)."""
+    return [path for _, path in checkpoint_steps(directory)]
 
 
 def verify(path: Path) -> str | None:
     """None if the checkpoint is intact, else why not (missing marker, size or checksum)."""
+    marker = commit_record(path, check_name=False)
+    if marker is None:
+        return f"no commit record written by this program ({MARKER})"
     try:
-        marker = json.loads((path / MARKER).read_text())
         for name, meta in marker["files"].items():
             file = path / name
             if not file.is_file():
@@ -112,7 +201,7 @@ def verify(path: Path) -> str | None:
                 return f"{name} has {file.stat().st_size} bytes, the marker says {meta['size']}"
             if _sha256(file) != meta["sha256"]:
                 return f"{name} fails its checksum"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, KeyError, TypeError) as exc:
         return f"unreadable commit marker ({exc})"
     return None
 
@@ -135,15 +224,15 @@ def load_state(path: Path) -> dict:
         raise UsageError(f"checkpoint {path} cannot be loaded: {type(exc).__name__}: {exc}") from exc
 
 
-def rotate(directory: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` committed checkpoints, and stale uncommitted leftovers."""
-    committed = committed_checkpoints(directory)
-    for old in committed[: max(0, len(committed) - keep_last)]:
+def rotate(directory: Path, keep_last: int, kept_step: int) -> None:
+    """Keep checkpoint `kept_step` (just committed) and the `keep_last - 1` before it: delete older
+    checkpoints of this program and its own stale temporary folders, nothing else, and never a
+    checkpoint newer than the kept one."""
+    older = [path for step, path in checkpoint_steps(directory) if step <= kept_step]
+    for old in older[: max(0, len(older) - keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
-    newest = committed[-1].name if committed else None
-    for leftover in directory.glob("*step-*"):
-        if leftover not in committed and newest and leftover.name.removeprefix(".tmp-") < newest:
-            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in directory.glob(f"{TMP_PREFIX}step-*"):  # a write killed half-way (one at a time)
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def resolve_resume(run_dir: Path, resume: str, overwrite: bool) -> Path | None:
@@ -164,8 +253,9 @@ def resolve_resume(run_dir: Path, resume: str, overwrite: bool) -> Path | None:
         if found is None:
             raise UsageError(f"checkpoint.resume={resume!r}: that run has no valid committed checkpoint")
         return found
-    if not (path / MARKER).is_file():
-        raise UsageError(f"checkpoint.resume={resume!r} is not a committed checkpoint directory (no {MARKER})")
+    if commit_record(path, check_name=False) is None:
+        raise UsageError(f"checkpoint.resume={resume!r} is not a committed checkpoint directory (no {MARKER} "
+                         "written by this program)")
     problem = verify(path)
     if problem:
         raise UsageError(f"checkpoint.resume={resume!r} is damaged: {problem}")
@@ -189,7 +279,8 @@ def incompatibilities(saved: dict, current: dict) -> list[str]:
 
 
 class AsyncWriter:
-    """Writes committed checkpoints in a background thread, one at a time; errors surface on wait()."""
+    """Runs checkpoint writes in a background thread, one at a time. A failed write is raised by
+    `raise_if_failed()` at the next step boundary after it (or by `wait()`), naming its path."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
@@ -197,19 +288,32 @@ class AsyncWriter:
         self.last_write_s = 0.0
 
     def submit(self, directory: Path, step: int, state: dict, keep_last: int) -> None:
+        """Write and commit one single-file checkpoint, then rotate, in the background."""
+        def work() -> None:
+            write_checkpoint(directory, step, state)
+            rotate(directory, keep_last, step)
+
+        self.run(step, work)
+
+    def run(self, step: int, work: Callable[[], None]) -> None:
+        """Run `work` (the write of checkpoint `step`) in the background, after the previous one."""
         self.wait()
 
-        def work() -> None:
+        def background() -> None:
             start = time.perf_counter()
             try:
-                write_checkpoint(directory, step, state)
-                rotate(directory, keep_last)
+                work()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
                 self._error = exc
             self.last_write_s = time.perf_counter() - start
 
-        self._thread = threading.Thread(target=work, name=f"checkpoint-{step}", daemon=True)
+        self._thread = threading.Thread(target=background, name=f"checkpoint-{step}", daemon=True)
         self._thread.start()
+
+    def raise_if_failed(self) -> None:
+        """Raise the error of a write that has already ended; never blocks."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
 
     def wait(self) -> None:
         """Block until the pending write is committed; raise if it failed."""
@@ -218,5 +322,7 @@ class AsyncWriter:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise RuntimeError(f"writing a checkpoint failed ({error}); the previous committed "
-                               "checkpoint is intact") from error
+            if isinstance(error, TrainingFailure):
+                raise error
+            raise CheckpointWriteFailed(f"writing a checkpoint failed ({type(error).__name__}: {error}); "
+                                        "the previous committed checkpoint is intact") from error

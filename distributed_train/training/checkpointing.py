@@ -39,6 +39,7 @@ class Resumed:
     position: dict  # {"epoch", "samples_in_epoch"}: world-size free
     wandb_id: str | None
     world_size: int
+    changed: list[str]  # `key: saved -> current` for settings changed since the checkpoint (applied)
 
 
 class Checkpointer:
@@ -50,7 +51,7 @@ class Checkpointer:
         self.directory = run_dir / "checkpoints"
         self.run_dir = run_dir
         self.writer = sharded_checkpoint.ShardedWriter(
-            self.directory, env.is_main, lambda: checkpoint.rotate(self.directory, self.settings.keep_last))
+            self.directory, env.is_main, lambda step: checkpoint.rotate(self.directory, self.settings.keep_last, step))
         self.sharded = sharded_checkpoint.is_sharded_engine(engine)
         # Sharded ranks vote on stopping at every step (a tiny gloo all-reduce, no GPU sync).
         self.stop_group = torch_dist.new_group(backend="gloo") if self.sharded and config.checkpoint.on_sigterm \
@@ -103,7 +104,11 @@ class Checkpointer:
             self.writer.save_alone(step, self.engine, state([rng_state()]))
         if self.env.is_main:
             log.warning("SIGTERM: committed %s; rerun the same command to continue",
-                        self.directory / sharded_checkpoint.checkpoint_name(step))
+                        self.directory / checkpoint.checkpoint_name(step))
+
+    def check_writes(self) -> None:
+        """At a step boundary: raise if a background write has failed (never waits for one)."""
+        self.writer.raise_if_failed()
 
     def finish_pending(self) -> None:
         """Wait for the checkpoint being written; raises if its write failed."""
@@ -121,6 +126,7 @@ class Checkpointer:
         if changed and not self.settings.allow_changes:
             raise UsageError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}); "
                              "resume with the same settings, or set checkpoint.allow_changes=true")
+        current_groups = hyperparameters(engine.optimizer)
         try:
             if sharded:
                 sharded_checkpoint.load_model_and_optimizer(engine, path)
@@ -130,12 +136,68 @@ class Checkpointer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise UsageError(f"checkpoint {path} does not fit this model/optimizer: "
                              f"{str(exc).splitlines()[0]}") from exc
+        apply_hyperparameters(engine, current_groups)
+        changed = changed_settings(state["config"], to_dict(self.config))
+        if changed and self.env.is_main:
+            log.warning("resuming with changed settings (applied from step %d on): %s",
+                        state["progress"]["global_step"], "; ".join(changed))
         rngs = state["rng"]
         if state["world_size"] == self.env.world_size and self.env.rank < len(rngs):
             set_rng_state(rngs[self.env.rank])
         progress = state["progress"]
         position = {"epoch": progress["epoch"], "samples_in_epoch": progress["samples_in_epoch"]}
-        return Resumed(path, progress["global_step"], position, state.get("wandb_id"), state["world_size"])
+        return Resumed(path, progress["global_step"], position, state.get("wandb_id"), state["world_size"],
+                       changed)
+
+
+# Settings that name the attempt rather than the run: they differ between attempts by design.
+_NOT_SETTINGS = {"run_dir", "checkpoint.resume", "checkpoint.overwrite", "checkpoint.allow_changes"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict) and key != "task_args":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """`key: saved -> current` for every setting that differs from the checkpoint's (applied on
+    resume), besides the math-changing ones `checkpoint.incompatibilities` refuses."""
+    old, new = _flatten(saved), _flatten(current)
+    math = {".".join(key) for key in checkpoint.MATH_KEYS}
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key) and key not in _NOT_SETTINGS and key not in math]
+
+
+def hyperparameters(optimizer) -> list[dict]:
+    """Every param group's settings (lr, weight decay, betas, ...) without its parameters."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def apply_hyperparameters(engine: Engine, groups: list[dict]) -> None:
+    """After loading a checkpoint: the optimizer settings of the current configuration, and the
+    learning rate recomputed from it at the resumed step.
+
+    Loading restores the checkpoint's param-group settings and the scheduler's base LRs, which
+    would silently keep the old `train.lr` / `train.weight_decay`; the schedule's factor function
+    already reads the current config. With unchanged settings this recomputes the same floats."""
+    optimizer, scheduler = engine.optimizer, getattr(engine, "scheduler", None)
+    if len(groups) != len(optimizer.param_groups):
+        return  # the task's own optimizer changed its groups: the checkpoint's settings stay
+    for group, settings in zip(optimizer.param_groups, groups):
+        group.update(settings)
+    if scheduler is None:
+        return
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    factors = getattr(scheduler, "lr_lambdas", None)
+    if factors:
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, factors):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def training_state(engine: Engine, global_step: int, position: dict, rngs: list, world_size: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -9,8 +10,11 @@ import torch
 from distributed_train import dist
 from distributed_train.config import Config
 from distributed_train.engines.base import Engine
+from distributed_train.errors import UsageError
 from distributed_train.task import Task
 from distributed_train.training.data import EvalBatchSampler, batch_len, eval_subset, make_loader, move_to_device
+from distributed_train.training.metrics import log
+from distributed_train.training.rng import rng_state, set_rng_state
 
 
 class Evaluator:
@@ -32,6 +36,35 @@ class Evaluator:
     def should_evaluate(self, step: int, last_step: bool) -> bool:
         """Every `eval.every_steps` during training; the final evaluation runs after the last step."""
         return bool(self.every_steps) and step % self.every_steps == 0 and not last_step
+
+    def check_methods(self, engine: Engine) -> None:
+        """Run the evaluation methods on rank 0's first eval batch before training, so that a
+        mistake in metrics() is a one-line error now, not a crash after all the training
+        (collective: every rank calls it; the RNG states are left as they were)."""
+        if self.loader is not None:
+            dist.main_computes(self.env, self._check_first_batch, engine)
+
+    @torch.no_grad()
+    def _check_first_batch(self, engine: Engine) -> None:
+        batch = next(iter(self.loader), None)
+        if batch is None:  # an eval set smaller than the world size can leave rank 0 nothing
+            return
+        model, saved = engine.eval_model(), rng_state()
+        was_training = model.training
+        model.eval()
+        try:
+            with engine.eval_context():
+                self.batch_sums(model, move_to_device(batch, self.device, engine.non_blocking))
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the task's code: say which method, in one line
+            method = "metrics" if self.task.has_metrics else "loss"
+            text = (str(exc).strip().splitlines() or [""])[0]
+            raise UsageError(f"task.{method}() failed on the first eval batch with {type(exc).__name__}: "
+                             f"{text}; fix the task (dtrain train --debug shows the traceback)") from exc
+        finally:
+            model.train(was_training)
+            set_rng_state(saved)
 
     @torch.no_grad()
     def evaluate(self, engine: Engine) -> dict[str, float]:
@@ -56,23 +89,36 @@ class Evaluator:
         if "loss" not in pairs:
             n = batch_len(batch)
             pairs["loss"] = (self.task.loss(model, batch).double() * n, n)
-        return {name: torch.stack([_on_device(total, self.device), _on_device(count, self.device)])
+        return {name: torch.stack([_on_device(name, "sum", total, self.device),
+                                   _on_device(name, "count", count, self.device)])
                 for name, (total, count) in pairs.items()}
 
-    def reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Sum every rank's pairs; a rank whose shard is empty joins with zeros for every name."""
+    def reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float | None]:
+        """Sum every rank's pairs; a rank whose shard is empty joins with zeros for every name.
+        A metric no sample counted (count 0 on every rank) is None, with a warning, not dropped."""
         names = sorted(set().union(*dist.all_gather_object(sorted(sums))))
         if not names:
             return {}
         zero = torch.zeros(2, dtype=torch.float64, device=self.device)
         vector = torch.cat([sums.get(name, zero) for name in names])  # on the device, as NCCL needs
         values = dist.all_reduce_sum(vector).tolist()
-        return {name: values[2 * i] / values[2 * i + 1] for i, name in enumerate(names)
-                if values[2 * i + 1] > 0}
+        metrics = {name: values[2 * i] / values[2 * i + 1] if values[2 * i + 1] > 0 else None
+                   for i, name in enumerate(names)}
+        empty = [name for name, value in metrics.items() if value is None]
+        if empty:
+            log.warning("eval metric(s) %s counted no samples (count 0): reported as null",
+                        ", ".join(empty))
+        return metrics
 
 
-def _on_device(value: Any, device: torch.device) -> torch.Tensor:
-    """A float64 0-d tensor on `device`; a Python number is filled in on the device (no host copy)."""
-    if isinstance(value, torch.Tensor):
+def _on_device(name: str, part: str, value: Any, device: torch.device) -> torch.Tensor:
+    """A float64 0-d tensor on `device`; a Python number is filled in on the device (no host copy).
+    Anything but a number or a one-element tensor names the metric (a shape check: no host sync)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.to(device=device, dtype=torch.float64).reshape(())
-    return torch.full((), float(value), dtype=torch.float64, device=device)
+    if isinstance(value, numbers.Real):  # Python and NumPy numbers
+        return torch.full((), float(value), dtype=torch.float64, device=device)
+    got = f"a tensor of shape {tuple(value.shape)} (sum it over the batch)" \
+        if isinstance(value, torch.Tensor) else f"a {type(value).__name__}: {value!r:.40}"
+    raise UsageError(f"task.metrics()[{name!r}] must be (sum, count) of numbers or one-element tensors; "
+                     f"its {part} is {got}")

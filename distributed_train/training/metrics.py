@@ -121,12 +121,13 @@ def read_events(path: str | Path) -> list[dict]:
     if path.is_dir():
         path = path / "metrics.jsonl"
     events: list[dict] = []
-    for line in path.read_text().splitlines():
+    # A damaged byte spoils one line, not the file: it fails to parse and is skipped below.
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by a kill
-        if not isinstance(event, dict) or "step" not in event:
+        if not isinstance(event, dict) or type(event.get("step")) is not int:
             continue
         if event.get("kind") == "start":
             # A restart from step s replaces everything a previous attempt logged after s.
@@ -150,7 +151,8 @@ class MetricsLogger:
         """Open metrics.jsonl (appending) and wandb on rank 0; every rank learns the wandb run id.
 
         `wandb_id` is the id stored in the checkpoint: a resumed job logs to the same wandb run,
-        its steps continuing from `resumed_step`. Every rank must call this (one broadcast).
+        its steps continuing from `resumed_step`; `start_fields` go into the `start` event (e.g. `changed`:
+        the settings that differ from the checkpoint's, `key: old -> new`). Every rank must call this.
         """
         self.wandb_id = main_computes(self.env, self._open, wandb_id, resumed_step, start_fields)
 

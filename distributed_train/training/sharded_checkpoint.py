@@ -20,15 +20,11 @@ reshards) and into any engine: ddp's full tensors and fsdp's shards are the same
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
-import threading
-import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as torch_dist
@@ -37,15 +33,11 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from distributed_train.errors import UsageError
+from distributed_train.training import checkpoint
 
-MARKER = "COMMITTED"  # the commit record; the same name and fields as checkpoint.py's
 TRAIN_STATE = "train_state.pt"
 DCP_METADATA = ".metadata"
-FORMAT_VERSION = 2
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
+checkpoint_name = checkpoint.checkpoint_name
 
 
 def is_sharded(path: Path) -> bool:
@@ -99,23 +91,7 @@ def read_model(path: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-# -- the commit protocol -----------------------------------------------------------------------
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
+# -- the commit protocol (checkpoint.py's, shared with single-file checkpoints) -----------------
 def write_train_state(directory: Path, train_state: dict) -> None:
     with open(directory / TRAIN_STATE, "wb") as f:
         torch.save(train_state, f)
@@ -123,54 +99,37 @@ def write_train_state(directory: Path, train_state: dict) -> None:
         os.fsync(f.fileno())
 
 
-def commit(tmp: Path, final: Path, step: int) -> Path:
-    """Rename the written `tmp` directory to `final` and write its commit record (rank 0 only,
-    after every rank's files are durable)."""
-    for file in tmp.iterdir():  # DCP fsyncs its files; make sure, cheaply, before they count
-        _fsync(file)
-    _fsync(tmp)
-    if final.exists():  # an uncommitted leftover, or a re-save of the same step after a restart
-        shutil.rmtree(final)
-    tmp.rename(final)
-    _fsync(final.parent)
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(final.iterdir())}
-    record = {"step": step, "format": FORMAT_VERSION, "time": time.time(), "files": files}
-    record_tmp = final / f".{MARKER}.tmp"
-    with open(record_tmp, "w") as f:
-        json.dump(record, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    record_tmp.rename(final / MARKER)
-    _fsync(final)
-    return final
-
-
 class ShardedWriter:
     """Writes one checkpoint at a time in the background on every rank; rank 0 commits and
-    rotates. Errors surface on `wait()`. Its own gloo group keeps checkpoint traffic apart from
-    training's collectives (and works next to NCCL)."""
+    rotates. A failed write surfaces at the next step boundary (`raise_if_failed`) or `wait()`.
+    Its own gloo group keeps checkpoint traffic apart from training's collectives (and works next
+    to NCCL)."""
 
-    def __init__(self, directory: Path, is_main: bool, rotate: Any):
+    def __init__(self, directory: Path, is_main: bool, rotate: Callable[[int], None]):
         self.directory, self.is_main, self.rotate = directory, is_main, rotate
         self.group = torch_dist.new_group(backend="gloo") if torch_dist.is_initialized() else None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self.last_write_s = 0.0
+        self.background = checkpoint.AsyncWriter()
+
+    @property
+    def last_write_s(self) -> float:
+        return self.background.last_write_s
 
     def submit(self, step: int, engine: Any, train_state: dict | None, blocking: bool = False) -> None:
         """Collective: every rank stages its shard now; the write and the commit follow in the
         background (`blocking`: before returning). `train_state` matters on rank 0 only."""
         self.wait()
-        tmp = self.directory / f".tmp-{checkpoint_name(step)}"
+        tmp = self.directory / f"{checkpoint.TMP_PREFIX}{checkpoint_name(step)}"
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as exc:
+                raise checkpoint.CheckpointWriteFailed(f"cannot create {tmp}: {exc.strerror or exc}") from exc
         if self.group is not None:
             torch_dist.barrier(group=self.group)  # the directory is empty before anyone writes
-        start = time.perf_counter()
         future = dcp.async_save(model_and_optimizer(engine), checkpoint_id=str(tmp), process_group=self.group,
                                 no_dist=self.group is None)
-        self._start(lambda: self._finish(future, tmp, step, train_state), step, start)
+        self.background.run(step, lambda: self._finish(future, step, train_state))
         if blocking:
             self.wait()
 
@@ -178,39 +137,45 @@ class ShardedWriter:
         """Rank 0 writes and commits the whole state with no collective (after SIGTERM, when every
         rank holds the full model: ddp, accelerate, or one rank)."""
         self.wait()
-        tmp = self.directory / f".tmp-{checkpoint_name(step)}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        dcp.save(model_and_optimizer(engine), checkpoint_id=str(tmp), no_dist=True)
-        write_train_state(tmp, train_state)
-        final = commit(tmp, self.directory / checkpoint_name(step), step)
-        self.rotate()
+        tmp = self.directory / f"{checkpoint.TMP_PREFIX}{checkpoint_name(step)}"
+
+        def write() -> None:
+            dcp.save(model_and_optimizer(engine), checkpoint_id=str(tmp), no_dist=True)
+            write_train_state(tmp, train_state)
+
+        final = checkpoint.commit_directory(self.directory, step, write)
+        self.rotate(step)
         return final
 
-    def _finish(self, future: Future, tmp: Path, step: int, train_state: dict | None) -> None:
-        future.result()  # every rank's shard is written and fsynced once this returns on rank 0
+    def _finish(self, future: Future, step: int, train_state: dict | None) -> None:
+        try:
+            future.result()  # every rank's shard is written and fsynced once this returns on rank 0
+        except Exception as exc:  # DCP wraps a rank's OSError (a full disk) in its own exception
+            if self.is_main:
+                checkpoint.discard_failed_write(self.directory, step)
+            raise checkpoint.CheckpointWriteFailed(
+                f"writing checkpoint {self.directory / checkpoint_name(step)} failed: {_reason(exc)}; "
+                "nothing of it was kept and the previous committed checkpoint is intact") from exc
         if self.is_main:
-            write_train_state(tmp, train_state)
-            commit(tmp, self.directory / checkpoint_name(step), step)
-            self.rotate()
+            tmp = self.directory / f"{checkpoint.TMP_PREFIX}{checkpoint_name(step)}"
+            checkpoint.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),
+                                        fresh=False)
+            self.rotate(step)
 
-    def _start(self, work: Any, step: int, start: float) -> None:
-        def run() -> None:
-            try:
-                work()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
-                self._error = exc
-            self.last_write_s = time.perf_counter() - start
-
-        self._thread = threading.Thread(target=run, name=f"checkpoint-{step}", daemon=True)
-        self._thread.start()
+    def raise_if_failed(self) -> None:
+        """At a step boundary: raise if a background write has failed (never waits for one)."""
+        self.background.raise_if_failed()
 
     def wait(self) -> None:
         """Block until the pending checkpoint is committed; raise if it failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"writing a checkpoint failed ({error}); the previous committed "
-                               "checkpoint is intact") from error
+        self.background.wait()
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost OSError's text ("no space left on device"), else the exception's first line."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return (seen.strerror or str(seen)).lower()
+        seen = seen.__cause__ or seen.__context__
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -4,7 +4,6 @@ schedule."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -24,7 +23,9 @@ from distributed_train.training.data import BatchPlan, TrainBatchSampler, make_l
 from distributed_train.training.evaluation import Evaluator
 from distributed_train.training.flops import MFUMeter
 from distributed_train.training.metrics import MetricsLogger, log
+from distributed_train.training.outputs import RunOutputs
 from distributed_train.training.profiling import StepProfiler
+from distributed_train.training.run_lock import RunLock
 from distributed_train.training.rng import reseed_step, seed_everything
 from distributed_train.training.stream import TrainStream
 from distributed_train.training.train_metrics import TrainMetrics
@@ -54,6 +55,7 @@ class Trainer:
     logger: MetricsLogger
     metrics: TrainMetrics
     checkpointer: Checkpointer
+    outputs: RunOutputs
     stop: StopFlag
     profiler: StepProfiler
     # runtime state
@@ -81,6 +83,7 @@ class Trainer:
                        config.log.peak_tflops)
         self.metrics = TrainMetrics(config, env, device, self.task, self.logger, mfu, self.total_steps)
         self.checkpointer = Checkpointer(config, env, self.run_dir, self.logger, self.engine)
+        self.outputs = RunOutputs(env, self.run_dir)
         self.stop = StopFlag(config.checkpoint.on_sigterm)
         self.profiler = StepProfiler(config.train.profile_steps, self.run_dir, env.rank, device)
         self.global_step, self.resumed, self.stepped = 0, None, False
@@ -88,24 +91,30 @@ class Trainer:
     def fit(self) -> dict:
         """Train to `total_steps`, evaluating and logging on the way; returns the summary."""
         start = time.perf_counter()
-        self.prepare_run_dir()
-        self.resume()
-        self.logger.start(wandb_id=self.resumed and self.resumed.wandb_id, resumed_step=self.global_step,
-                          state_bytes_per_rank=state_bytes_per_rank(self.engine))
-        log.info("training %s: %d steps, global batch %d on %d rank(s) (%d micro-batch(es) of %d per rank)%s",
-                 self.task.name, self.total_steps, self.plan.global_batch, self.env.world_size,
-                 self.plan.accumulation_steps, self.plan.micro_batch,
-                 "; gradients averaged through shared memory" if self.engine.shm_allreduce else "")
-        with self.stop:
-            train_s = self.train()
-        eval_metrics = self.evaluate()
-        summary = self.summary(eval_metrics, train_s, time.perf_counter() - start)
-        model_state = self.engine.model_state_dict()  # every rank: a collective under fsdp
-        dist.on_main(self.env, self.write_outputs, summary, model_state)
-        # wandb.finish takes a second or two on rank 0: do it before the barrier so all ranks
-        # leave (and tear the process group down) together.
-        self.logger.close(summary)
-        dist.barrier()
+        with RunLock(self.run_dir, self.env):  # one job per run directory, for as long as this one runs
+            self.prepare_run_dir()
+            self.resume()
+            self.logger.start(wandb_id=self.resumed and self.resumed.wandb_id, resumed_step=self.global_step,
+                              changed=self.resumed.changed if self.resumed else [],
+                              state_bytes_per_rank=state_bytes_per_rank(self.engine))
+            log.info("training %s: %d steps, global batch %d on %d rank(s) (%d micro-batch(es) of %d per rank)%s",
+                     self.task.name, self.total_steps, self.plan.global_batch, self.env.world_size,
+                     self.plan.accumulation_steps, self.plan.micro_batch,
+                     "; gradients averaged through shared memory" if self.engine.shm_allreduce else "")
+            self.evaluator.check_methods(self.engine)  # a metrics() mistake shows now, not after training
+            with self.stop:
+                train_s = self.train()
+            self.outputs.write_model(self.engine)  # first: nothing that runs after the last step can lose it
+            try:
+                summary = self.summary(self.evaluate(), train_s, time.perf_counter() - start)
+                self.outputs.write_summary(summary)
+            except Exception as exc:
+                self.outputs.write_failed(self.summary({}, train_s, time.perf_counter() - start), exc)
+                raise
+            # wandb.finish takes a second or two on rank 0: do it before the barrier so all ranks
+            # leave (and tear the process group down) together.
+            self.logger.close(summary)
+            dist.barrier()
         return summary
 
     def train(self) -> float:
@@ -156,6 +165,7 @@ class Trainer:
             self.metrics.log(step, self.data.epoch, self.engine)
         if self.evaluator.should_evaluate(step, last):
             self.evaluate()
+        self.checkpointer.check_writes()  # a failed background write stops the run at once
         if self.checkpointer.should_save(step, last):
             self.metrics.check_finite(step)  # never commit a NaN state
             self.checkpointer.save(step, self.state)
@@ -215,12 +225,3 @@ class Trainer:
             "final_model": str(self.run_dir / "final_model.pt"),
             "resumed_from": str(self.resumed.path) if self.resumed else None,
         }
-
-    def write_outputs(self, summary: dict, model_state: dict) -> None:
-        """final_model.pt (plain CPU state_dict, no `module.` prefix) and summary.json, atomically."""
-        model_path = self.run_dir / "final_model.pt"
-        torch.save(model_state, model_path.with_suffix(".tmp"))
-        model_path.with_suffix(".tmp").replace(model_path)
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(self.run_dir / "summary.json")

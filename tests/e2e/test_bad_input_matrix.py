@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.helpers import clean_env, dtrain, free_port
+from tests.helpers import REPO, clean_env, dtrain, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,8 @@ def test_dataset_of_objects_the_collate_cannot_batch(tmp_path):
 def test_shape_error_in_the_first_step(tmp_path):
     line = _one_error_line(dtrain("train", BAD + "ShapeMismatch", *SMALL, f"--run_dir={tmp_path}",
                                   check=False), 2)
-    assert "task.loss() failed on the first step with RuntimeError: mat1 and mat2 shapes" in line
+    # The evaluation methods run on one eval batch before training, so metrics() meets it first.
+    assert "task.metrics() failed on the first eval batch with RuntimeError: mat1 and mat2 shapes" in line
 
 
 def test_nonfinite_loss_stops_with_exit_code_3(tmp_path):
@@ -100,3 +101,69 @@ def test_a_rank_that_raises_takes_the_job_down_promptly(tmp_path):
     assert "RuntimeError: simulated crash" in proc.stderr  # an unknown error keeps its traceback
     assert "rank 1 left the job in task.loss() of step 3" in proc.stderr, proc.stderr
     assert elapsed < 75, f"the job took {elapsed:.0f} s; peers must not wait for dist.timeout_s=120"
+
+
+# ---- every value checked: one line, exit 2, before any worker starts (docs/faults.md) ----------
+
+FAULTS = "--task=tests/tasks/fault_tasks.py:"
+CONFIG_FILES = {
+    "duplicate key": ("train:\n  lr: 0.1\n  batch_size: 8\n  lr: 0.2\n", "key 'lr' appears twice (lines 2 and 4)"),
+    "tab": ("train:\n\tlr: 0.1\n", "is not valid YAML at line 2, column 1: found character '\\t'"),
+    "not utf-8": (b"task: digits\nrun_dir: caf\xe9\n", "is not UTF-8 text (line 2 has the byte 0xe9)"),
+    "directory": (None, "is a directory; pass a YAML file"),
+}
+ONE_LINERS = {
+    "nan lr": (["--train.lr=nan"], "train.lr must be a finite number, got nan"),
+    "inf lr": (["--train.lr=inf"], "train.lr must be a finite number, got inf"),
+    "nan timeout": (["--dist.timeout_s=nan"], "dist.timeout_s must be a finite number"),
+    "seed too large": (["--seed=18446744073709551616"], "seed must be an integer from 0 to 4294967295"),
+    "no parameters": ([FAULTS + "NoParameters"], "task.model() returned a model without trainable parameters"),
+}
+# Runs `dtrain ARGS` once per case in ONE fresh process (one `import torch` for all of them):
+# the same entry point as the console script, each case's stderr captured on its own.
+DRIVER = """
+import contextlib, io, json, sys
+from distributed_train import cli
+results = {}
+for name, args in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(args)
+        except SystemExit as exc:
+            code = exc.code
+    results[name] = [code, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def test_every_bad_value_is_one_line_and_exit_2(tmp_path):
+    import json
+    import sys
+
+    from tests.helpers import run_cmd
+
+    cases, needles = {}, {}
+    for name, (text, needle) in CONFIG_FILES.items():
+        path = tmp_path / name.replace(" ", "_")
+        path.mkdir() if text is None else path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        cases[name], needles[name] = [str(path)], needle
+    for name, (args, needle) in ONE_LINERS.items():
+        cases[name], needles[name] = args, needle
+    cases = {name: ["train", *args, *SMALL, f"--run_dir={tmp_path}/run"] for name, args in cases.items()}
+    proc = run_cmd([sys.executable, "-c", DRIVER, json.dumps(cases)], cwd=REPO, timeout=120)
+    for name, (code, stderr) in json.loads(proc.stdout.splitlines()[-1]).items():
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, (name, stderr)
+        assert lines[0].startswith("dtrain: error: ") and needles[name] in lines[0], (name, lines[0])
+    assert not (tmp_path / "run").exists()  # nothing started: not even the run directory
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--nproc-per-node=0"], "--nproc-per-node must be at least 1, got 0"),
+    (["--nproc-per-node=2", FAULTS + "FrozenModel"], "task.model() returned a model without trainable parameters"),
+])
+def test_launch_refuses_before_spawning(tmp_path, args, needle):
+    proc = dtrain("launch", *args, *SMALL, f"--run_dir={tmp_path}/run", cwd=REPO, check=False, timeout=120)
+    assert needle in _one_error_line(proc, 2)
+    assert "torch.distributed.elastic" not in proc.stderr and not (tmp_path / "run").exists()

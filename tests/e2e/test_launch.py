@@ -23,7 +23,7 @@ TRAIN_EVENT_KEYS = {"step", "epoch", "loss", "lr", "samples_per_s"}
 def check_run_dir(run_dir, steps, cwd, world_size=2):
     """Assert the contract (files, config, metrics, summary, final model); returns (summary, events)."""
     assert sorted(p.name for p in run_dir.iterdir()) == \
-        ["config.yaml", "final_model.pt", "metrics.jsonl", "summary.json"]  # no checkpoints/wandb
+        [".dtrain.lock", "config.yaml", "final_model.pt", "metrics.jsonl", "summary.json"]  # no checkpoints/wandb
     config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert run_dir.samefile(cwd / config.run_dir)  # the resolved run_dir, relative to the cwd
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -43,7 +43,7 @@ def test_crash_between_write_and_commit_keeps_previous(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.json, "dump", crash)  # dies while writing the marker
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.CheckpointWriteFailed):
         checkpoint.write_checkpoint(tmp_path, 2, _state(2.0))
     monkeypatch.undo()
     latest = checkpoint.latest_valid(tmp_path)
@@ -60,9 +60,11 @@ def test_full_disk_during_save_surfaces_and_keeps_previous(tmp_path, monkeypatch
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     writer.submit(tmp_path, 2, _state(2.0), keep_last=1)
-    with pytest.raises(RuntimeError, match="No space left on device.*previous committed checkpoint is intact"):
+    with pytest.raises(checkpoint.CheckpointWriteFailed,
+                       match="step-00000002 failed: no space left on device.*previous committed checkpoint is intact"):
         writer.wait()
     assert [p.name for p in checkpoint.committed_checkpoints(tmp_path)] == ["step-00000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]  # no .tmp-* left behind
     assert checkpoint.verify(tmp_path / "step-00000001") is None
 
 
@@ -93,7 +95,7 @@ def test_rotation_only_removes_older_committed(tmp_path):
     for step in (1, 2, 3):
         checkpoint.write_checkpoint(tmp_path, step, _state(float(step)))
     (tmp_path / ".tmp-step-00000002").mkdir()  # stale leftover, older than the newest
-    checkpoint.rotate(tmp_path, keep_last=2)
+    checkpoint.rotate(tmp_path, keep_last=2, kept_step=3)
     assert [p.name for p in checkpoint.committed_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
     assert not (tmp_path / ".tmp-step-00000002").exists()
 
@@ -145,3 +147,79 @@ def test_incompatibilities_name_the_key():
     assert checkpoint.incompatibilities(saved, same_math) == []
     changed = {**saved, "seed": 1, "train": {"batch_size": 32}}
     assert checkpoint.incompatibilities(saved, changed) == ["seed: 0 -> 1", "train.batch_size: 64 -> 32"]
+
+
+def _warnings(monkeypatch) -> list[str]:
+    found: list[str] = []
+    monkeypatch.setattr(checkpoint.log, "warning", lambda msg, *args: found.append(msg % args))
+    return found
+
+
+def test_only_folders_with_this_programs_commit_record_are_checkpoints(tmp_path, monkeypatch):
+    import shutil
+
+    warnings = _warnings(monkeypatch)
+    checkpoint.write_checkpoint(tmp_path, 5, _state(5.0))
+    newest = checkpoint.write_checkpoint(tmp_path, 10, _state(10.0))
+    shutil.copytree(newest, tmp_path / "step-00000099")  # a user's copy: its record says step 10
+    (tmp_path / "step-00000500").mkdir()  # looks like a step, has no record
+    (tmp_path / "backup").mkdir()
+    other = tmp_path / "step-00000200"  # a record another program wrote
+    other.mkdir()
+    (other / checkpoint.MARKER).write_text(json.dumps({"program": "other", "step": 200, "format": 1,
+                                                       "files": {"state.pt": {}}}))
+    assert checkpoint.latest_valid(tmp_path) == newest
+    assert [p.name for p in checkpoint.committed_checkpoints(tmp_path)] == ["step-00000005", "step-00000010"]
+    assert len(warnings) == 1  # one line, once per process, naming every foreign entry
+    assert all(name in warnings[0] for name in ("backup", "step-00000099", "step-00000200", "step-00000500"))
+    checkpoint.write_checkpoint(tmp_path, 15, _state(15.0))
+    checkpoint.rotate(tmp_path, keep_last=1, kept_step=15)  # deletes step 5 and 10, nothing foreign
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "backup", "step-00000015", "step-00000099", "step-00000200", "step-00000500"]
+    assert len(warnings) == 1
+
+
+def test_checkpoints_are_ordered_by_the_recorded_step(tmp_path):
+    for step in (9, 10, 100):  # names sort the same as numbers here, records decide anyway
+        checkpoint.write_checkpoint(tmp_path, step, _state(float(step)))
+    assert [s for s, _ in checkpoint.checkpoint_steps(tmp_path)] == [9, 10, 100]
+    big = checkpoint.write_checkpoint(tmp_path, 123_456_789, _state(1.0))  # wider than the name's 8 digits
+    assert checkpoint.latest_valid(tmp_path) == big
+
+
+def test_rotation_never_deletes_a_checkpoint_newer_than_the_kept_one(tmp_path):
+    for step in (2, 4, 6, 8):
+        checkpoint.write_checkpoint(tmp_path, step, _state(float(step)))
+    # A run resumed from step 4 (checkpoint.resume=PATH) commits step 5 with keep_last=2.
+    checkpoint.write_checkpoint(tmp_path, 5, _state(5.0))
+    checkpoint.rotate(tmp_path, keep_last=2, kept_step=5)
+    assert [s for s, _ in checkpoint.checkpoint_steps(tmp_path)] == [4, 5, 6, 8]
+
+
+def test_a_failed_commit_leaves_nothing_and_names_the_path(tmp_path, monkeypatch):
+    checkpoint.write_checkpoint(tmp_path, 1, _state(1.0))
+
+    def full_disk(final, step):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_commit", full_disk)  # fails after the rename, before the record
+    with pytest.raises(checkpoint.CheckpointWriteFailed, match=r"step-00000002 failed: no space left on device"):
+        checkpoint.write_checkpoint(tmp_path, 2, _state(2.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
+    assert checkpoint.verify(tmp_path / "step-00000001") is None
+
+
+def test_full_disk_on_a_real_device_is_one_clean_error(tmp_path, monkeypatch):
+    real_open = open
+
+    def open_full(path, mode="r", *args, **kwargs):  # /dev/full: every write fails with ENOSPC
+        return real_open("/dev/full", mode, *args, **kwargs) if str(path).endswith("state.pt") else \
+            real_open(path, mode, *args, **kwargs)
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    monkeypatch.setattr("builtins.open", open_full)
+    with pytest.raises(checkpoint.CheckpointWriteFailed, match="no space left on device") as info:
+        checkpoint.write_checkpoint(tmp_path, 3, _state(3.0))
+    assert isinstance(info.value.__cause__, OSError)
+    assert list(tmp_path.iterdir()) == []

@@ -23,6 +23,20 @@ STATUS_PATH = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainjobs/llm/s
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 
+@pytest.fixture
+def caplog(caplog):
+    """pytest's caplog, attached to the package logger itself: after setup_logging() (run by
+    earlier tests in this process) that logger does not propagate to the root."""
+    logger = logging.getLogger("distributed_train")
+    logger.addHandler(caplog.handler)
+    previous = logger.level
+    logger.setLevel(logging.WARNING)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(previous)
+
+
+
 class StatusServer:
     """The Trainer's status endpoint: records every request; answers `code`, or hangs `delay_s` first."""
 

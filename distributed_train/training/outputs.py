@@ -1,0 +1,63 @@
+"""What a run leaves behind: final_model.pt as soon as training ends, then summary.json.
+
+The model is written before the final evaluation (and anything else that runs after the last
+step), so a late failure never loses the training: summary.json then says `"status": "failed"`
+with the error, next to a final_model.pt that is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from distributed_train import dist
+from distributed_train.dist.diagnose import describe
+from distributed_train.engines.base import Engine
+from distributed_train.errors import UsageError
+from distributed_train.training.metrics import log
+
+
+class RunOutputs:
+    """Rank 0 writes run_dir/final_model.pt and run_dir/summary.json, each atomically."""
+
+    def __init__(self, env: dist.DistEnv, run_dir: Path):
+        self.env, self.run_dir = env, run_dir
+        self.model_path = run_dir / "final_model.pt"
+
+    def write_model(self, engine: Engine) -> None:
+        """final_model.pt: plain CPU state_dict, no `module.` prefix (collective: every rank calls it,
+        so a full disk stops every rank with one line instead of leaving peers waiting)."""
+        model_state = engine.model_state_dict()  # every rank: gathering the shards is a collective under fsdp
+        dist.main_computes(self.env, self._write_model, model_state)
+
+    def _write_model(self, model_state: dict) -> None:
+        tmp = self.model_path.with_suffix(".tmp")
+        try:
+            torch.save(model_state, tmp)
+            tmp.replace(self.model_path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UsageError(f"cannot write {self.model_path}: {exc.strerror or exc}") from exc
+
+    def write_summary(self, summary: dict) -> None:
+        """summary.json with `"status": "done"` (rank 0 only)."""
+        dist.on_main(self.env, self._write_json, {**summary, "status": "done"})
+
+    def write_failed(self, summary: dict, error: BaseException) -> None:
+        """summary.json marked failed, with the error; the model written before stays (rank 0 only)."""
+        if not self.env.is_main:
+            return
+        try:
+            self._write_json({**summary, "status": "failed", "error": describe(error)})
+        except OSError:  # the disk that failed may fail this write too; the error still reaches the user
+            return
+        log.warning("training finished but a later step failed; the trained model is in %s and "
+                    "summary.json records the error", self.model_path)
+
+    def _write_json(self, summary: dict) -> None:
+        tmp = self.run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, self.run_dir / "summary.json")

@@ -1,0 +1,162 @@
+"""Faults survived (docs/faults.md): what is injected, what the user sees, what is kept.
+
+Each test runs the real `dtrain` command; world size 1 where the fault does not need peers."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import REPO, clean_env, dtrain, run_cmd
+
+pytestmark = pytest.mark.slow
+
+FAULTS = "--task=tests/tasks/fault_tasks.py:"
+SMALL = ["--train.batch_size=8", "--log.wandb=disabled", "--log.every_steps=1"]
+
+
+def _errors(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("dtrain: error:")]
+
+
+def _events(run_dir, kind):
+    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["kind"] == kind]
+
+
+def test_a_per_sample_metric_stops_before_training(tmp_path):
+    run = tmp_path / "run"
+    proc = dtrain("train", FAULTS + "PerSampleMetric", *SMALL, "--train.max_steps=50", "--checkpoint.every_steps=1",
+                  f"--run_dir={run}", cwd=REPO, check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert _errors(proc) == [f"dtrain: error: task.metrics()['mse'] must be (sum, count) of numbers or one-element "
+                             "tensors; its sum is a tensor of shape (8,) (sum it over the batch)"]
+    assert _events(run, "train") == [] and not (run / "checkpoints").exists()  # not one step trained
+
+
+def test_a_late_failure_keeps_the_model_and_a_zero_count_metric_is_reported(tmp_path):
+    run = tmp_path / "late"
+    proc = dtrain("train", FAULTS + "FinalEvalFails", *SMALL, "--train.max_steps=3", f"--run_dir={run}",
+                  cwd=REPO, check=False, timeout=120)
+    assert proc.returncode == 1 and "simulated failure in the final evaluation" in proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("RuntimeError: simulated failure")
+    assert summary["global_step"] == 3 and (run / "final_model.pt").stat().st_size > 0
+    import torch
+
+    assert set(torch.load(run / "final_model.pt", weights_only=True)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+    run = tmp_path / "zero"
+    proc = dtrain("train", FAULTS + "ZeroCountMetric", *SMALL, "--train.max_steps=2", f"--run_dir={run}",
+                  cwd=REPO, timeout=120)
+    assert "eval metric(s) never counted no samples (count 0): reported as null" in proc.stderr
+    assert _events(run, "eval")[-1]["never"] is None and json.loads((run / "summary.json").read_text())["eval"]["never"] is None
+
+
+def test_a_second_job_on_the_same_run_dir_exits_2_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "distributed_train", "train", FAULTS + "SlowSteps", *SMALL,
+            "--train.max_steps=400", f"--run_dir={run}"]
+    first = subprocess.Popen(args, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:  # it holds the lock by then
+            time.sleep(0.2)
+        proc = dtrain("train", FAULTS + "SlowSteps", *SMALL, "--train.max_steps=4", f"--run_dir={run}",
+                      cwd=REPO, check=False, timeout=120)
+        assert first.poll() is None, first.stderr.read()
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        errors = _errors(proc)
+        assert len(errors) == 1 and f"run_dir '{run}' is in use by another job (pid {first.pid} on " in errors[0]
+        assert ", started 20" in errors[0] and "give this job another run_dir" in errors[0]
+        assert len(_events(run, "start")) == 1  # the second job wrote nothing into metrics.jsonl
+    finally:
+        first.kill()  # its lock goes with it (tests/unit/test_fault_reporting.py: a stale lock never blocks)
+        first.wait()
+
+
+def test_resume_applies_a_changed_lr_and_ignores_foreign_checkpoint_folders(tmp_path):
+    run = tmp_path / "run"
+    base = ["train", "--task=tests/tasks/toy.py:Regression", *SMALL, "--checkpoint.every_steps=2",
+            "--checkpoint.keep_last=1", f"--run_dir={run}"]
+    dtrain(*base, "--train.max_steps=4", cwd=REPO, timeout=120)
+    checkpoints = run / "checkpoints"
+    (checkpoints / "step-99999999").mkdir()  # a name that looks newer, written by someone else
+    (checkpoints / "step-99999999" / "state.pt").write_bytes(b"not ours")
+    (checkpoints / "my-backup").mkdir()
+    proc = dtrain(*base, "--train.max_steps=6", "--train.lr=0.01", cwd=REPO, timeout=120)
+    assert f"resuming from {checkpoints / 'step-00000004'}" in proc.stderr
+    ignored = [line for line in proc.stderr.splitlines() if "ignoring" in line]
+    assert len(ignored) == 1 and "my-backup" in ignored[0] and "step-99999999" in ignored[0]
+    assert "resuming with changed settings (applied from step 4 on): train.lr: 0.001 -> 0.01; " \
+           "train.max_steps: 4 -> 6" in proc.stderr
+    start = _events(run, "start")[-1]
+    assert start["step"] == 4 and start["changed"] == ["train.lr: 0.001 -> 0.01", "train.max_steps: 4 -> 6"]
+    assert [e["lr"] for e in _events(run, "train") if e["step"] > 4] == [0.01, 0.01]  # not the old 0.001
+    # Rotation (keep_last=1) deleted step 4 for step 6 and left the foreign entries alone.
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["my-backup", "step-00000006", "step-99999999"]
+
+
+FULL_DISK = """
+import errno, sys
+from distributed_train import cli
+from distributed_train.training import checkpoint
+real_save = checkpoint.torch.save
+def save(obj, f, *args, **kwargs):
+    if obj["progress"]["global_step"] == 4:
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(obj, f, *args, **kwargs)
+checkpoint.torch.save = save
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cmd([sys.executable, "-c", FULL_DISK, "train", "--task=tests/tasks/toy.py:Regression", *SMALL,
+                    "--train.max_steps=8", "--checkpoint.every_steps=2", f"--run_dir={run}"],
+                   cwd=REPO, check=False, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert _errors(proc) == [f"dtrain: error: writing checkpoint {run / 'checkpoints' / 'step-00000004'} failed: "
+                             "no space left on device; nothing of it was kept and the previous committed "
+                             "checkpoint is intact"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]  # no .tmp-* left
+    # Stopped at the write that failed (seen at the next step boundary, or the next save at the latest).
+    assert max(e["step"] for e in _events(run, "train")) <= 6
+
+
+def test_runs_and_plot_survive_a_damaged_and_a_one_step_run(tmp_path):
+    from tests.unit.test_plot_runs import write_run
+
+    one = write_run(tmp_path / "runs" / "one-step", steps=1, total=1, eval_every=1)
+    damaged = write_run(tmp_path / "runs" / "damaged", steps=3, total=3)
+    with open(damaged / "metrics.jsonl", "ab") as f:
+        f.write(b'{"kind": "train", "step": 4, "loss": \xff\xfe}\n')  # one bad byte: that line is dropped
+    unreadable = write_run(tmp_path / "runs" / "unreadable", steps=3, total=3)
+    (unreadable / "summary.json").write_text('{"global_step": "x"}')
+    proc = dtrain("runs", str(tmp_path / "runs"), cwd=REPO, timeout=120)
+    assert "one-step" in proc.stdout and "damaged" in proc.stdout and "unreadable" not in proc.stdout
+    assert f"dtrain runs: skipping {unreadable}: cannot read it" in proc.stderr
+    pytest.importorskip("matplotlib")
+    dtrain("plot", str(one), "-o", str(tmp_path / "one.png"), cwd=REPO, timeout=120)
+    assert (tmp_path / "one.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("signal, code, needle", [
+    ("SIGSTOP", 4, "rank 1 is stopped in"),
+    ("SIGKILL", 1, "dtrain launch: worker rank 1 (pid"),
+])
+def test_a_stopped_or_killed_rank_ends_the_job_promptly_and_honestly(tmp_path, signal, code, needle):
+    start = time.monotonic()
+    proc = dtrain("launch", "--nproc-per-node", "2", FAULTS + "StopsItself", f"--task_args.signal={signal}",
+                  "--dist.timeout_s=4", *SMALL, "--train.max_steps=6", f"--run_dir={tmp_path}/run",
+                  cwd=REPO, check=False, timeout=150)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == code and needle in proc.stderr, proc.stderr
+    assert "py-spy" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    if signal == "SIGKILL":
+        assert "died from SIGKILL (killed: out of memory" in proc.stderr
+    assert elapsed < 4 + 25, f"took {elapsed:.0f} s: torchrun's 30 s shutdown wait was not avoided"

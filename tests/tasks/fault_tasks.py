@@ -1,0 +1,96 @@
+"""Tasks with one fault each, for the fault matrix (docs/faults.md).
+
+Load by file: `--task=tests/tasks/fault_tasks.py:PerSampleMetric`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from tests.tasks.toy import Regression, regression_metrics
+
+
+class NoParameters(Regression):
+    """A model without parameters: nothing to train."""
+
+    def model(self) -> nn.Module:
+        return nn.Tanh()
+
+
+class FrozenModel(Regression):
+    """Every parameter frozen (requires_grad=False)."""
+
+    def model(self) -> nn.Module:
+        model = super().model()
+        model.requires_grad_(False)
+        return model
+
+
+class PerSampleMetric(Regression):
+    """metrics() forgets to sum: a per-sample vector as the metric's sum."""
+
+    def metrics(self, model: nn.Module, batch) -> dict:
+        x, y = batch[0], batch[1]
+        return {"mse": ((model(x).squeeze(-1) - y) ** 2, len(y))}
+
+
+class StringMetric(Regression):
+    """metrics() returns text where a number belongs."""
+
+    def metrics(self, model: nn.Module, batch) -> dict:
+        return {"mse": ("low", len(batch[1]))}
+
+
+class ZeroCountMetric(Regression):
+    """A metric that no eval sample contributes to (count 0): reported, not dropped."""
+
+    def metrics(self, model: nn.Module, batch) -> dict:
+        return {**regression_metrics(model, batch), "never": (0.0, 0)}
+
+
+class FinalEvalFails(Regression):
+    """metrics() works on the start-up check but raises in the final evaluation."""
+
+    calls = 0
+
+    def metrics(self, model: nn.Module, batch) -> dict:
+        type(self).calls += 1
+        if type(self).calls > 1:
+            raise RuntimeError("simulated failure in the final evaluation")
+        return regression_metrics(model, batch)
+
+
+class SlowSteps(Regression):
+    """Every training loss() sleeps `task_args.sleep_s` (default 0.2 s): a job that runs a while."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.sleep_s = dict(getattr(config, "task_args", None) or {}).get("sleep_s", 0.2)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            time.sleep(self.sleep_s)
+        return super().loss(model, batch)
+
+
+class StopsItself(Regression):
+    """Rank `task_args.rank` sends itself `task_args.signal` (SIGSTOP, SIGKILL) at step `task_args.step`."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        args = dict(getattr(config, "task_args", None) or {})
+        self.step, self.rank, self.signal = args.get("step", 3), args.get("rank", 1), args.get("signal", "SIGSTOP")
+        self.calls = 0
+
+    def loss(self, model, batch) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.step and int(os.environ.get("RANK", "0")) == self.rank:
+                import signal
+
+                os.kill(os.getpid(), getattr(signal, self.signal))
+        return super().loss(model, batch)

@@ -1,0 +1,143 @@
+"""Fault reporting without processes: the run lock, resume settings, eval metric checks, and what
+`dtrain runs` / `dtrain plot` make of damaged or tiny runs (docs/faults.md)."""
+
+import json
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+from distributed_train import cli, dist
+from distributed_train.config import load_config
+from distributed_train.errors import UsageError
+from distributed_train.training import run_lock
+from distributed_train.training.checkpointing import apply_hyperparameters, changed_settings, hyperparameters
+from distributed_train.training.evaluation import _on_device
+from tests.unit.test_plot_runs import write_run
+
+ONE = dist.DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)
+
+
+def test_second_lock_on_a_run_dir_names_the_holder_and_a_released_lock_never_blocks(tmp_path):
+    first = run_lock.RunLock(tmp_path / "run", ONE)
+    first.acquire()
+    second = run_lock.RunLock(tmp_path / "run", ONE)
+    with pytest.raises(UsageError, match=rf"run_dir '{tmp_path}/run' is in use by another job "
+                                         rf"\(pid {os.getpid()} on .+, started \d{{4}}-"):
+        second.acquire()
+    first.release()  # what the kernel does when the holder dies: the file stays, the lock goes
+    second.acquire()
+    second.release()
+
+
+def _lock_and_die(path):
+    run_lock.RunLock(path, ONE).acquire()
+    os._exit(0)  # no release(): only the kernel frees the lock
+
+
+def test_a_stale_lock_file_of_a_dead_job_does_not_block(tmp_path):
+    proc = multiprocessing.get_context("fork").Process(target=_lock_and_die, args=(tmp_path,))
+    proc.start()
+    proc.join(30)
+    holder = json.loads((tmp_path / run_lock.LOCK_FILE).read_text())
+    assert holder["pid"] == proc.pid  # the dead job's record is still there
+    lock = run_lock.RunLock(tmp_path, ONE)
+    lock.acquire()
+    lock.release()
+
+
+def test_no_locks_on_the_file_system_falls_back_to_the_holder_record(tmp_path, monkeypatch):
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    warnings = []
+    monkeypatch.setattr(run_lock.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    run_lock.RunLock(tmp_path, ONE).acquire()  # nobody recorded: goes on, with a warning
+    assert len(warnings) == 1 and "does not support locks" in warnings[0]
+    record = {"host": run_lock.socket.gethostname(), "pid": os.getppid(), "started": 0}
+    (tmp_path / run_lock.LOCK_FILE).write_text(json.dumps(record))  # a live process on this host
+    with pytest.raises(UsageError, match="is in use by another job"):
+        run_lock.RunLock(tmp_path, ONE).acquire()
+
+
+def test_resume_lists_changed_settings_but_not_the_refused_or_per_attempt_ones():
+    saved = {"seed": 0, "run_dir": "a", "train": {"lr": 0.1, "batch_size": 8}, "checkpoint": {"resume": "auto"}}
+    current = {"seed": 1, "run_dir": "a", "train": {"lr": 0.2, "batch_size": 8}, "checkpoint": {"resume": "x"}}
+    assert changed_settings(saved, current) == ["train.lr: 0.1 -> 0.2"]
+
+
+def test_loaded_optimizer_gets_the_current_lr_and_the_schedule_recomputed_at_the_resumed_step():
+    from distributed_train.engines.base import lr_factor
+
+    class Engine:
+        def __init__(self, overrides):
+            self.config = load_config(None, ["--train.schedule=cosine", "--train.max_steps=10", *overrides])
+            self.model = torch.nn.Linear(2, 1)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.train.lr,
+                                               weight_decay=self.config.train.weight_decay)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda step: lr_factor(step, self.config, 10))
+
+    old = Engine(["--train.lr=0.1"])
+    for _ in range(4):
+        old.optimizer.step()
+        old.scheduler.step()
+    state = {"optimizer": old.optimizer.state_dict(), "scheduler": old.scheduler.state_dict()}
+    same = Engine(["--train.lr=0.1"])
+    new = Engine(["--train.lr=0.5", "--train.weight_decay=0.3"])
+    for engine in (same, new):
+        groups = hyperparameters(engine.optimizer)
+        engine.optimizer.load_state_dict(state["optimizer"])
+        engine.scheduler.load_state_dict(state["scheduler"])
+        apply_hyperparameters(engine, groups)
+    assert same.optimizer.param_groups[0]["lr"] == old.optimizer.param_groups[0]["lr"]  # bit-identical
+    assert new.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * lr_factor(4, new.config, 10))
+    assert new.optimizer.param_groups[0]["weight_decay"] == 0.3
+    new.optimizer.step()
+    new.scheduler.step()
+    assert new.scheduler.get_last_lr()[0] == pytest.approx(0.5 * lr_factor(5, new.config, 10))
+
+
+@pytest.mark.parametrize("value, needle", [
+    (torch.ones(8), "its sum is a tensor of shape (8,) (sum it over the batch)"),
+    ("low", "its sum is a str: 'low'"),
+    (None, "its sum is a NoneType"),
+])
+def test_a_metric_that_is_not_a_number_names_the_metric(value, needle):
+    with pytest.raises(UsageError) as info:
+        _on_device("mse", "sum", value, torch.device("cpu"))
+    assert "task.metrics()['mse'] must be (sum, count)" in str(info.value) and needle in str(info.value)
+    assert _on_device("n", "count", torch.tensor([3]), torch.device("cpu")).item() == 3.0
+
+
+def test_runs_skips_and_names_an_unreadable_run(tmp_path, capsys):
+    write_run(tmp_path / "good", steps=10, total=10)
+    bad = write_run(tmp_path / "bad", steps=10, total=10)
+    with open(bad / "metrics.jsonl", "ab") as f:
+        f.write(b'{"kind": "train", "step": 11, "loss": \xff}\n')  # one bad byte: that line only
+    broken = write_run(tmp_path / "broken", steps=10, total=10)
+    (broken / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": "x"}\n')
+    (broken / "summary.json").write_text(json.dumps({"global_step": "ten"}))  # cannot be compared
+    failed = write_run(tmp_path / "failed", steps=10, total=10)
+    summary = json.loads((failed / "summary.json").read_text())
+    (failed / "summary.json").write_text(json.dumps({**summary, "status": "failed", "error": "RuntimeError: x"}))
+    assert cli.main(["runs", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert set(rows) == {"good", "bad", "failed"} and " done " in rows["bad"] and " failed " in rows["failed"]
+    assert err.count("dtrain runs: skipping") == 1 and "broken" in err
+
+
+def test_plot_of_a_single_train_row_draws_markers(tmp_path):
+    pytest.importorskip("matplotlib")
+    from distributed_train.cli import plot
+
+    run_dir = write_run(tmp_path / "run", steps=1, total=1, eval_every=1)
+    fig = plot.draw(plot.load_run(run_dir), "one step")
+    lines = [line for ax in fig.axes for line in ax.lines]
+    assert lines and all(line.get_marker() == "o" for line in lines)
+    assert all(len(line.get_xdata()) == 1 for line in lines)
