@@ -32,7 +32,8 @@ from distributed_train.errors import TrainingFailure, UsageError
 log = logging.getLogger("distributed_train")
 
 MARKER = "COMMITTED"
-STATE_FILE = "state.pt"
+STATE_FILE = "state.pt"  # a single-file checkpoint's whole state
+TRAIN_STATE = "train_state.pt"  # a sharded checkpoint's rank-0 state beside the DCP shards
 FORMAT_VERSION = 1
 PROGRAM = "distributed_train"  # in every commit record: the record was written by this program
 TMP_PREFIX = ".tmp-"
@@ -152,7 +153,7 @@ def commit_record(path: Path, check_name: bool = True) -> dict | None:
     step, files = record.get("step"), record.get("files")
     if type(step) is not int or step < 0 or record.get("format") != FORMAT_VERSION:
         return None
-    if not isinstance(files, dict) or STATE_FILE not in files:
+    if not isinstance(files, dict) or not {STATE_FILE, TRAIN_STATE} & files.keys():
         return None
     if check_name and path.name != checkpoint_name(step):
         return None

@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 from distributed_train.errors import UsageError
 from distributed_train.training import checkpoint
 
-TRAIN_STATE = "train_state.pt"
+TRAIN_STATE = checkpoint.TRAIN_STATE
 DCP_METADATA = ".metadata"
 checkpoint_name = checkpoint.checkpoint_name
 

@@ -8,6 +8,7 @@ import torch
 
 from distributed_train.training import checkpoint
 from distributed_train.errors import UsageError
+from tests.helpers import TASKS
 
 
 def _state(value: float) -> dict:
@@ -223,3 +224,27 @@ def test_full_disk_on_a_real_device_is_one_clean_error(tmp_path, monkeypatch):
         checkpoint.write_checkpoint(tmp_path, 3, _state(3.0))
     assert isinstance(info.value.__cause__, OSError)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sharded_writer_rotates_only_after_the_new_checkpoint_is_committed(tmp_path):
+    from distributed_train.config import load_config
+    from distributed_train.dist import DistEnv
+    from distributed_train.engines.ddp import DDPEngine
+    from distributed_train.task import load_task
+    from distributed_train.training.data import BatchPlan
+    from distributed_train.training.sharded_checkpoint import ShardedWriter
+
+    config = load_config(None, [f"--task={TASKS}/toy.py:Regression", "--train.batch_size=8"])
+    engine = DDPEngine(load_task(config.task, config), config, DistEnv(), torch.device("cpu"),
+                       BatchPlan.make(8, 1, None), total_steps=10)
+    seen = []
+
+    def rotate(step):  # what the rotation finds when it runs: the new checkpoint must be there
+        seen.append([p.name for p in checkpoint.committed_checkpoints(tmp_path)])
+        checkpoint.rotate(tmp_path, 1, step)
+
+    writer = ShardedWriter(tmp_path, is_main=True, rotate=rotate)
+    for step in (1, 2, 3):
+        writer.submit(step, engine, {"step": step}, blocking=True)
+        assert [p.name for p in checkpoint.committed_checkpoints(tmp_path)] == [f"step-{step:08d}"]
+    assert seen == [["step-00000001"], ["step-00000001", "step-00000002"], ["step-00000002", "step-00000003"]]
