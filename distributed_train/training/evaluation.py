@@ -38,33 +38,41 @@ class Evaluator:
         return bool(self.every_steps) and step % self.every_steps == 0 and not last_step
 
     def check_methods(self, engine: Engine) -> None:
-        """Run the evaluation methods on rank 0's first eval batch before training, so that a
+        """Run the evaluation methods on each rank's first eval batch before training, so that a
         mistake in metrics() is a one-line error now, not a crash after all the training
-        (collective: every rank calls it; the RNG states are left as they were)."""
-        if self.loader is not None:
-            dist.main_computes(self.env, self._check_first_batch, engine)
+        (collective: every rank calls it, as a sharded model's forward needs; the RNG states are
+        left as they were)."""
+        if self.loader is None:  # no eval set: the same on every rank
+            return
+        cause = self._check_first_batch(engine)
+        problems = [p for p in dist.all_gather_object(cause and str(cause)) if p]
+        if problems:  # this rank's own exception stays chained, for --debug
+            raise UsageError(problems[0]) from (cause.__cause__ if cause else None)
 
     @torch.no_grad()
-    def _check_first_batch(self, engine: Engine) -> None:
-        batch = next(iter(self.loader), None)
-        if batch is None:  # an eval set smaller than the world size can leave rank 0 nothing
-            return
+    def _check_first_batch(self, engine: Engine) -> UsageError | None:
+        """Why the first eval batch fails on this rank, or None (also when its shard is empty)."""
         model, saved = engine.eval_model(), rng_state()
         was_training = model.training
         model.eval()
         try:
-            with engine.eval_context():
-                self.batch_sums(model, move_to_device(batch, self.device, engine.non_blocking))
-        except UsageError:
-            raise
+            with engine.eval_context():  # entered on every rank: it gathers a sharded model's parameters
+                batch = next(iter(self.loader), None)
+                if batch is not None:
+                    self.batch_sums(model, move_to_device(batch, self.device, engine.non_blocking))
+        except UsageError as exc:
+            return exc
         except Exception as exc:  # noqa: BLE001 - the task's code: say which method, in one line
             method = "metrics" if self.task.has_metrics else "loss"
             text = (str(exc).strip().splitlines() or [""])[0]
-            raise UsageError(f"task.{method}() failed on the first eval batch with {type(exc).__name__}: "
-                             f"{text}; fix the task (dtrain train --debug shows the traceback)") from exc
+            problem = UsageError(f"task.{method}() failed on the first eval batch with {type(exc).__name__}: "
+                                 f"{text}; fix the task (dtrain train --debug shows the traceback)")
+            problem.__cause__ = exc
+            return problem
         finally:
             model.train(was_training)
             set_rng_state(saved)
+        return None
 
     @torch.no_grad()
     def evaluate(self, engine: Engine) -> dict[str, float]:

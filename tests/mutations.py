@@ -1,0 +1,77 @@
+"""The catalogue of tests/mutation_check.py: each mechanism a documented guarantee rests on, the
+exact code that implements it, that code with the mechanism removed, and the tests that must fail.
+
+Randomness: every step reseeds torch, Python and NumPy from (seed, rank, step) (training/rng.py),
+so the generator states a checkpoint also stores are not what exact resume rests on (a SIGTERM
+checkpoint holds rank 0's alone); the reseeds are the mechanism removed here.
+"""
+
+from mutation_check import Mutation
+
+RESUME_MIDRUN = "tests/distributed/test_resume_midrun.py"
+MECHANISMS = "tests/distributed/test_mechanisms.py"
+
+MUTATIONS = [
+    Mutation(
+        "LR scheduler restore on resume", "distributed_train/engines/base.py",
+        '        self.scheduler.load_state_dict(state["scheduler"])\n', "        pass\n",
+        (RESUME_MIDRUN,)),
+    Mutation(
+        "optimizer state restore on resume", "distributed_train/training/sharded_checkpoint.py",
+        'optim_state_dict=state["optimizer"])',
+        "optim_state_dict=get_state_dict(engine.raw_model, _optimizer(engine))[1])",
+        (RESUME_MIDRUN,)),
+    Mutation(
+        "per-step reseed of torch's generator", "distributed_train/training/rng.py",
+        "    torch.default_generator.manual_seed(value)\n", "",
+        (RESUME_MIDRUN,)),
+    Mutation(
+        "per-step reseed of Python's and NumPy's generators", "distributed_train/training/rng.py",
+        "    random.seed(value)\n    np.random.seed(value % 2**32)\n", "",
+        (RESUME_MIDRUN,)),
+    Mutation(
+        "a new permutation every epoch", "distributed_train/training/data.py",
+        "manual_seed(seed * 100_003 + epoch)", "manual_seed(seed * 100_003)",
+        ("tests/unit/test_data.py::test_permutation_depends_only_on_seed_and_epoch",)),
+    Mutation(
+        "the sampler positioned at the current epoch and step (set_epoch)", "distributed_train/training/stream.py",
+        "self.sampler.set_position(self.epoch, self.step_in_epoch)", "self.sampler.set_position(self.epoch, 0)",
+        (RESUME_MIDRUN,)),
+    Mutation(
+        "rank 0's buffers broadcast before evaluation", "distributed_train/engines/base.py",
+        "            for buffer in self.raw_model.buffers():\n                torch.distributed.broadcast(buffer, src=0)\n",
+        "            pass\n",
+        ("tests/distributed/test_equivalence.py::test_batchnorm_model_trains_and_keeps_buffers_in_sync",)),
+    Mutation(
+        "no all-reduce (no_sync) on non-final micro-steps", "distributed_train/engines/ddp.py",
+        "        if isinstance(self.model, DDP) and not last_micro_step:\n            return self.model.no_sync()\n",
+        "",
+        (MECHANISMS,)),
+    Mutation(
+        "unpadded eval shards (no sample counted twice)", "distributed_train/training/data.py",
+        "    return range(rank * dataset_len // world_size, (rank + 1) * dataset_len // world_size)",
+        "    return range(rank * dataset_len // world_size, min(dataset_len, (rank + 1) * dataset_len // world_size + 1))",
+        ("tests/unit/test_data.py", "tests/distributed/test_eval_exact.py")),
+    Mutation(
+        "commit-record verification on load", "distributed_train/training/checkpoint.py",
+        '    marker = commit_record(path, check_name=False)\n    if marker is None:\n',
+        '    marker = commit_record(path, check_name=False)\n    return None\n    if marker is None:\n',
+        ("tests/unit/test_checkpoint.py",)),
+    Mutation(
+        "rotation only after the new checkpoint is committed", "distributed_train/training/sharded_checkpoint.py",
+        "            checkpoint.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),\n"
+        "                                        fresh=False)\n            self.rotate(step)\n",
+        "            self.rotate(step)\n"
+        "            checkpoint.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),\n"
+        "                                        fresh=False)\n",
+        ("tests/unit/test_checkpoint.py::test_sharded_writer_rotates_only_after_the_new_checkpoint_is_committed",)),
+    Mutation(
+        "rotation never deletes the kept checkpoint or a newer one", "distributed_train/training/checkpoint.py",
+        "if step <= kept_step]", "]",
+        ("tests/unit/test_checkpoint.py",)),
+    Mutation(
+        "rank 0's run_dir broadcast to every rank", "distributed_train/training/run.py",
+        "config.run_dir = dist.broadcast_object(config.run_dir or default_run_dir(config.task))",
+        "config.run_dir = config.run_dir or default_run_dir(config.task)",
+        (MECHANISMS,)),
+]
