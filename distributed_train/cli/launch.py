@@ -7,6 +7,7 @@ Our arguments (CONFIG, --section.key=value) and torchrun's (--nproc-per-node, --
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from distributed_train.errors import EXIT_USAGE
@@ -73,7 +74,8 @@ def _validate_before_spawn(train: list[str]):
     config = resolve_config(config_path, overrides)
     resolve_attr(config.task)
     if config.run_dir is None:
-        train = [*train, f"--run_dir={default_run_dir(config.task)}"]
+        config.run_dir = default_run_dir(config.task)
+        train = [*train, f"--run_dir={config.run_dir}"]
     return train, config
 
 
@@ -118,11 +120,14 @@ def main(argv: list[str]) -> int:
         _warn_restarts_without_checkpoints(parsed, config)
     for key, value in RESTART_SAFE_ENV.items():
         os.environ.setdefault(key, value)
+    from distributed_train.cli.train import LAUNCHER_PID_VAR
+
+    os.environ[LAUNCHER_PID_VAR] = str(os.getpid())  # workers die with this process (parent-death signal)
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would force 1 thread per worker
         from distributed_train.dist import cpu_count
 
         os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_count() // _nproc(parsed)))
-    return run_torchrun(parsed)
+    return run_torchrun(parsed, config.run_dir)
 
 
 def _nproc(parsed) -> int:
@@ -132,7 +137,7 @@ def _nproc(parsed) -> int:
         return os.cpu_count() or 1
 
 
-def run_torchrun(parsed) -> int:
+def run_torchrun(parsed, run_dir: str | None = None) -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -141,15 +146,13 @@ def run_torchrun(parsed) -> int:
 
     from distributed_train.dist.diagnose import describe
     from distributed_train.errors import EXIT_COMMUNICATION, EXIT_NONFINITE
-    from distributed_train.errors import EXIT_PREEMPTED
 
     try:
         run(parsed)
     except SignalException as exc:
-        # torchrun forwarded the signal; each worker stops at a step boundary and rank 0 commits.
-        print(f"dtrain launch: stopped by signal {exc.sigval.name}; rerun the same command to resume",
-              file=sys.stderr)
-        return EXIT_PREEMPTED
+        # torchrun forwarded the signal; every worker stops after the same step and rank 0 commits.
+        print(f"dtrain launch: stopped by {exc.sigval.name}{_resume_hint(run_dir)}", file=sys.stderr)
+        return 128 + int(exc.sigval)
     except (RendezvousError, DistError) as exc:
         where = parsed.rdzv_endpoint or f"{parsed.master_addr}:{parsed.master_port}"
         print(f"dtrain: error: could not join the rendezvous at {where} ({describe(exc)}): "
@@ -163,8 +166,39 @@ def run_torchrun(parsed) -> int:
         first_code = exc.get_first_failure()[1].exitcode
         if set(codes) <= {EXIT_NONFINITE, EXIT_COMMUNICATION}:  # the workers already said why
             return first_code
+        stops = {128 + signal.SIGTERM, 128 + signal.SIGINT}
+        if set(codes) <= stops:  # a signal reached some workers: all stopped after the same step
+            print(f"dtrain launch: workers stopped by a signal{_resume_hint(run_dir)}", file=sys.stderr)
+            return max(codes)
         ranks = ", ".join(str(r) for r in sorted(exc.failures))
-        print(f"dtrain launch: worker rank(s) {ranks} failed (exit code {', '.join(map(str, codes))}); "
-              "see their output above", file=sys.stderr)
+        print(f"dtrain launch: worker rank(s) {ranks} failed (exit code "
+              f"{', '.join(_describe_code(c) for c in codes)}); see their output above", file=sys.stderr)
         return 1
     return 0
+
+
+def _resume_hint(run_dir: str | None) -> str:
+    """'; rerun ... to continue' when a committed checkpoint exists to resume from."""
+    from pathlib import Path
+
+    from distributed_train.training.checkpoint import committed_checkpoints
+
+    if run_dir and committed_checkpoints(Path(run_dir) / "checkpoints"):
+        return "; rerun the same command to continue from the last committed checkpoint"
+    return " (no checkpoint to resume from)"
+
+
+def _describe_code(code: int) -> str:
+    """An exit code as a user reads it: -6 is 'killed by SIGABRT', with the likely cause."""
+    if code >= 0:
+        return str(code)
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return str(code)
+    if name == "SIGABRT":
+        return (f"{code}, killed by SIGABRT: a C++ abort, e.g. NCCL's watchdog after a collective "
+                "timed out with TORCH_NCCL_ASYNC_ERROR_HANDLING=1 or 3, or gloo at exit")
+    if name == "SIGKILL":
+        return f"{code}, killed by SIGKILL: out of memory (see dmesg) or killed from outside"
+    return f"{code}, killed by {name}"

@@ -1,42 +1,153 @@
-"""Stop cleanly on SIGTERM (what Kubernetes and torchrun send before they kill).
+"""Stop cleanly on SIGTERM (what Kubernetes and torchrun send before they kill) and on Ctrl-C.
 
-The handler only sets a flag: no I/O and no collectives inside a signal handler. The trainer
-checks the flag at every step boundary, writes a checkpoint from local state and exits.
+The handler only sets a flag: no I/O and no collectives inside a signal handler. A signal may
+reach one rank only (one node of several, a `kill` of one process), and under NCCL the ranks'
+hosts are not in lock-step, so each rank deciding alone would stop the ranks at different steps:
+the one that enqueued one more all-reduce would then wait for peers that never join it. So every
+rank contributes its flag to a one-number all-reduce launched at each step boundary, and reads
+the result one step later: every rank reads the same number after the same step and stops
+there. Reading a result that is a step old never makes the host wait for the step in flight
+(on CUDA the number comes back through pinned memory behind an event).
+
+The first SIGINT (Ctrl-C) stops like SIGTERM, with exit code 130; a second one ends the process
+at once.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+
+import torch
 
 from distributed_train.errors import EXIT_PREEMPTED  # noqa: F401 - where the trainer looks for it
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What each rank adds to the agreement: the largest wins, so SIGTERM (a scheduler's stop) beats
+# Ctrl-C when both arrive.
+_SIGNAL_CODE = {signal.SIGINT: 1, signal.SIGTERM: 2}
+_CODE_SIGNAL = {code: signum for signum, code in _SIGNAL_CODE.items()}
+
 
 class Preempted(Exception):
-    """Raised at a step boundary after SIGTERM; carries the step the run stopped at."""
+    """Raised at a step boundary after a stop signal; carries the step and the signal."""
 
-    def __init__(self, step: int):
-        super().__init__(f"stopped by SIGTERM after step {step}")
-        self.step = step
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.step, self.signum = step, signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal: 143 for SIGTERM, 130 for SIGINT, as a shell reports them."""
+        return 128 + self.signum
+
+
+class _PendingVote:
+    """One step's all-reduced stop vote, readable without waiting for later work (CUDA: pinned)."""
+
+    def __init__(self, vote: int, device: torch.device, group_active: bool):
+        import torch.distributed as tdist
+
+        self.flag = torch.full((1,), vote, dtype=torch.int32, device=device)
+        self.work = tdist.all_reduce(self.flag, op=tdist.ReduceOp.MAX, async_op=True) if group_active else None
+        self.host, self.event = self.flag, None
+        if device.type == "cuda":
+            if self.work is not None:
+                self.work.wait()  # orders the copy after the all-reduce on the device; the host goes on
+            self.host = torch.empty((1,), dtype=torch.int32, pin_memory=True)
+            self.host.copy_(self.flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self) -> int:
+        """The largest vote of any rank (waits for this vote only, launched a step ago)."""
+        if self.event is not None:
+            self.event.synchronize()
+        elif self.work is not None:
+            self.work.wait()
+        return int(self.host.item())
 
 
 class StopFlag:
-    """Context manager that turns SIGTERM into `requested = True` while training runs."""
+    """Context manager that turns SIGTERM/SIGINT into a stop every rank takes after the same step."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, device: torch.device | None = None):
         self.enabled = enabled
-        self.requested = False
-        self._previous = None
+        self.device = device or torch.device("cpu")
+        self.signum: int | None = None  # the first stop signal this process received
+        self.agreed_signum: int | None = None  # the signal every rank stops for, once agreed
+        self._pending: _PendingVote | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        """This rank received a stop signal (or agreed to a peer's)."""
+        return self.signum is not None or self.agreed_signum is not None
+
+    @property
+    def stop_signum(self) -> int:
+        """The signal the run stops for: the agreed one, else this rank's own (SIGTERM if none)."""
+        return self.agreed_signum or self.signum or signal.SIGTERM
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            os.write(2, b"dtrain: second Ctrl-C: stopping now, without a checkpoint\n")
+            os._exit(128 + signal.SIGINT)
+        if self.signum is None or _SIGNAL_CODE[signum] > _SIGNAL_CODE[self.signum]:
+            self.signum = signum
+
+    def should_stop(self, step: int) -> bool:  # noqa: ARG002 - the step names the boundary for readers
+        """Called by every rank at every step boundary: True on all ranks after the same step."""
+        if not self.enabled:
+            return False
+        active = _group_active()
+        if not active:
+            self.agreed_signum = self.signum
+            return self.signum is not None
+        decided = self._pending.result() if self._pending is not None else 0
+        self._pending = None
+        if decided:
+            self.agreed_signum = _CODE_SIGNAL[decided]
+            return True
+        self._pending = _PendingVote(_SIGNAL_CODE.get(self.signum, 0), self.device, active)
+        return False
+
+    def after_commit(self) -> None:
+        """Every rank waits until rank 0 committed the stop checkpoint, so none exits earlier (and
+        makes torchrun tear the group down while rank 0 still writes). Best effort: a peer that
+        has gone makes the barrier fail, and the stop goes on."""
+        if self.agreed_signum is None or not _group_active():
+            return
+        try:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+        except Exception:  # noqa: BLE001 - the checkpoint is committed or not; exiting is right either way
+            pass
 
     def __enter__(self) -> "StopFlag":
         if self.enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+        self._pending = None  # a vote launched after the last step: its work completes on its own
+
+
+def _group_active() -> bool:
+    """A process group with more than one rank exists (else a rank decides alone)."""
+    import torch.distributed as tdist
+
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def print_stop(exc: Preempted, committed: bool) -> None:
+    """The one line a stopped run prints; 'rerun' only when there is a checkpoint to resume from."""
+    resume = "; rerun the same command to continue" if committed else " (no checkpoint to resume from)"
+    print(f"dtrain: {exc}{resume}", file=sys.stderr, flush=True)
