@@ -3,11 +3,14 @@
 The handler only sets a flag: no I/O and no collectives inside a signal handler. A signal may
 reach one rank only (one node of several, a `kill` of one process), and under NCCL the ranks'
 hosts are not in lock-step, so each rank deciding alone would stop the ranks at different steps:
-the one that enqueued one more all-reduce would then wait for peers that never join it. So every
-rank contributes its flag to a one-number all-reduce launched at each step boundary, and reads
-the result one step later: every rank reads the same number after the same step and stops
-there. Reading a result that is a step old never makes the host wait for the step in flight
-(on CUDA the number comes back through pinned memory behind an event).
+the one that enqueued one more all-reduce would then wait for peers that never join it. So the
+ranks vote: every rank adds its flag to a two-number all-reduce launched at a step boundary and
+reads the result at the next voting boundary: every rank reads the same numbers after the same
+step and stops there. Reading a result that is a vote old never makes the host wait for the step
+in flight (on CUDA the numbers come back through pinned memory behind an event). The second
+number is each rank's proposal for the steps until the next vote, so that a vote happens about
+every VOTE_EVERY_S seconds: on every step of a GPU model, every few dozen steps of a CPU model
+whose step takes a millisecond (where a vote per step would cost several percent).
 
 The first SIGINT (Ctrl-C) stops like SIGTERM, with exit code 130; a second one ends the process
 at once.
@@ -19,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import torch
 
@@ -44,30 +48,36 @@ class Preempted(Exception):
         return 128 + self.signum
 
 
-class _PendingVote:
-    """One step's all-reduced stop vote, readable without waiting for later work (CUDA: pinned)."""
+VOTE_EVERY_S = 0.05  # seconds between votes; a stop is taken within about two of them
 
-    def __init__(self, vote: int, device: torch.device, group_active: bool):
+
+class _PendingVote:
+    """One vote's all-reduced (stop code, steps to the next vote), readable without waiting for
+    later work (on CUDA through pinned memory)."""
+
+    def __init__(self, stop_code: int, next_interval: int, device: torch.device):
         import torch.distributed as tdist
 
-        self.flag = torch.full((1,), vote, dtype=torch.int32, device=device)
-        self.work = tdist.all_reduce(self.flag, op=tdist.ReduceOp.MAX, async_op=True) if group_active else None
-        self.host, self.event = self.flag, None
+        # Filled on the device: a copy from pageable host memory would wait for the GPU's stream.
+        self.vote = torch.full((2,), stop_code, dtype=torch.int64, device=device)
+        self.vote[1].fill_(next_interval)
+        self.work = tdist.all_reduce(self.vote, op=tdist.ReduceOp.MAX, async_op=True)
+        self.host, self.event = self.vote, None
         if device.type == "cuda":
-            if self.work is not None:
-                self.work.wait()  # orders the copy after the all-reduce on the device; the host goes on
-            self.host = torch.empty((1,), dtype=torch.int32, pin_memory=True)
-            self.host.copy_(self.flag, non_blocking=True)
+            self.work.wait()  # orders the copy after the all-reduce on the device; the host goes on
+            self.host = torch.empty((2,), dtype=torch.int64, pin_memory=True)
+            self.host.copy_(self.vote, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
 
-    def result(self) -> int:
-        """The largest vote of any rank (waits for this vote only, launched a step ago)."""
+    def result(self) -> tuple[int, int]:
+        """The largest stop code and interval any rank voted (waits for this vote only)."""
         if self.event is not None:
             self.event.synchronize()
-        elif self.work is not None:
+        else:
             self.work.wait()
-        return int(self.host.item())
+        code, interval = self.host.tolist()
+        return int(code), max(1, int(interval))
 
 
 class StopFlag:
@@ -79,6 +89,8 @@ class StopFlag:
         self.signum: int | None = None  # the first stop signal this process received
         self.agreed_signum: int | None = None  # the signal every rank stops for, once agreed
         self._pending: _PendingVote | None = None
+        self._next_vote_step = 0  # the boundary where the pending vote is read and the next launched
+        self._vote_started: tuple[int, float] = (0, 0.0)  # (step, time) of the last vote
         self._previous: dict[int, object] = {}
 
     @property
@@ -98,21 +110,33 @@ class StopFlag:
         if self.signum is None or _SIGNAL_CODE[signum] > _SIGNAL_CODE[self.signum]:
             self.signum = signum
 
-    def should_stop(self, step: int) -> bool:  # noqa: ARG002 - the step names the boundary for readers
+    def should_stop(self, step: int) -> bool:
         """Called by every rank at every step boundary: True on all ranks after the same step."""
         if not self.enabled:
             return False
-        active = _group_active()
-        if not active:
+        if not _group_active():
             self.agreed_signum = self.signum
             return self.signum is not None
-        decided = self._pending.result() if self._pending is not None else 0
-        self._pending = None
-        if decided:
-            self.agreed_signum = _CODE_SIGNAL[decided]
+        if step < self._next_vote_step:
+            return False  # the cheap path: most steps of a fast model
+        code, interval = self._pending.result() if self._pending is not None else (0, 1)
+        if code:
+            self._pending = None
+            self.agreed_signum = _CODE_SIGNAL[code]
             return True
-        self._pending = _PendingVote(_SIGNAL_CODE.get(self.signum, 0), self.device, active)
+        self._pending = _PendingVote(_SIGNAL_CODE.get(self.signum, 0), self._propose_interval(step), self.device)
+        self._next_vote_step = step + interval
         return False
+
+    def _propose_interval(self, step: int) -> int:
+        """Steps that take about VOTE_EVERY_S at this rank's pace since the last vote."""
+        now = time.perf_counter()
+        last_step, last_time = self._vote_started
+        self._vote_started = (step, now)
+        if step <= last_step or not last_time:
+            return 1
+        step_s = (now - last_time) / (step - last_step)
+        return max(1, min(1000, int(VOTE_EVERY_S / step_s))) if step_s > 0 else 1000
 
     def after_commit(self) -> None:
         """Every rank waits until rank 0 committed the stop checkpoint, so none exits earlier (and

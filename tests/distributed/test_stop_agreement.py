@@ -22,7 +22,7 @@ from tests.tasks.stop_signal import PIDS_VAR, SPEC_VAR
 pytestmark = pytest.mark.distributed
 
 TASK = f"--task={REPO / 'tests' / 'tasks' / 'stop_signal.py'}:SignalledRegression"
-STEPS = 12  # 96 samples, global batch 24: 4 steps per epoch; 2 micro-batches per rank and step
+STEPS = 40  # 96 samples, global batch 24: 4 steps per epoch; 2 micro-batches per rank and step
 COMMON = [TASK, "--train.batch_size=24", "--train.micro_batch_size=6", f"--train.max_steps={STEPS}",
           "--train.optimizer=sgd", "--train.lr=0.05", "--seed=5", "--log.every_steps=4",
           "--checkpoint.every_steps=0", "--eval.batch_size=8", "--log.wandb=disabled"]
@@ -56,8 +56,22 @@ def _train(run_dir: Path, port: int, extra: list[str]):
 GRADIENT_PATHS = {"shared memory": [], "backend": ["--ddp.shm_allreduce=never"]}
 
 
+def _vote_every_step(flag, step):
+    return 1
+
+
+def _uneven_intervals(flag, step):
+    """Ranks propose different intervals (1 to 3 steps) that change as the run goes: they must
+    still agree on when to vote (the largest proposal wins)."""
+    return 1 + (step + int(os.environ["RANK"])) % 3
+
+
+INTERVALS = {"shared memory": _vote_every_step, "backend": _uneven_intervals}
+
+
 def stop_then_resume(rank: int, world_size: int, tmp: Path, ports: list[int]) -> dict:
     """Every scenario on both gradient paths (one spawn: the jobs take ~0.3 s, spawning ~10 s)."""
+    from distributed_train.dist import preemption
     from distributed_train.training.checkpoint import committed_checkpoints
 
     pids = tmp / "pids"
@@ -70,6 +84,7 @@ def stop_then_resume(rank: int, world_size: int, tmp: Path, ports: list[int]) ->
     ports = iter(ports)
     outcomes = {}
     for path, extra in GRADIENT_PATHS.items():
+        preemption.StopFlag._propose_interval = INTERVALS[path]  # timing-free, so never flaky
         reference, _ = _train(tmp / path / "reference", next(ports), extra)
         for i, (name, target, sender, call) in enumerate(SCENARIOS):
             run_dir = tmp / path / f"scenario-{i}"
