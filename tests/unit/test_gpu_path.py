@@ -73,3 +73,82 @@ def test_tf32_switches_matmuls_and_convolutions_together():
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+@pytest.mark.parametrize("name, model, bf16_tflops", [
+    ("NVIDIA H100 80GB HBM3", "H100", 989),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756),
+    ("NVIDIA H100 NVL", "H100 NVL", 835),
+    ("NVIDIA H200", "H200", 989),
+    ("NVIDIA H200 NVL", "H200 NVL", 835),  # a PCIe card, not the SXM part
+    ("NVIDIA H800", "H800", 989),
+    ("NVIDIA H800 PCIe", "H800 PCIe", 756),
+    ("NVIDIA GH200 480GB", "GH200", 989),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312),
+    ("NVIDIA A100-PCIE-40GB", "A100 PCIe", 312),
+    ("NVIDIA A100 80GB PCIe", "A100 PCIe", 312),
+    ("NVIDIA A800-SXM4-80GB", "A800", 312),
+    ("NVIDIA A800 80GB PCIe", "A800 PCIe", 312),
+    ("NVIDIA L40S", "L40S", 362),
+    ("NVIDIA L40", "L40", 181),  # not an L4
+    ("NVIDIA L4", "L4", 121),
+    ("NVIDIA A10", "A10", 125),
+    ("NVIDIA A10G", "A10G", None),  # not an A10, and no data sheet: no MFU rather than a wrong one
+    ("NVIDIA GeForce RTX 4090", "RTX 4090", 165),
+    ("NVIDIA RTX 6000 Ada Generation", "RTX 6000", None),
+    ("NVIDIA RTX A6000", "RTX A6000", None),
+    ("NVIDIA B200", "B200", 2250),
+    ("NVIDIA GB200", "GB200", 2500),
+    ("Tesla V100-SXM2-16GB", "V100", None),  # no bf16 tensor cores
+    ("Tesla V100-PCIE-32GB", "V100 PCIe", None),
+    ("Tesla T4", "T4", None),
+])
+def test_the_peak_table_matches_exact_gpu_models(name, model, bf16_tflops):
+    from distributed_train.training import flops
+
+    assert flops.gpu_model(name) == model
+    assert flops.peak_flops_for_name(name, "bf16", tf32=False) == (bf16_tflops * 1e12 if bf16_tflops else None)
+
+
+def test_fp32_is_measured_against_the_tf32_peak_while_cudnn_may_use_tf32():
+    from distributed_train.training import flops
+
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = True  # torch's default: convolutions run TF32
+        assert flops.tf32_enabled()
+        torch.backends.cudnn.allow_tf32 = False
+        assert not flops.tf32_enabled()
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+    assert flops.peak_flops_for_name("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == 156e12
+
+
+def test_the_checkpoint_copy_is_a_detached_cpu_copy_of_every_tensor():
+    from collections import OrderedDict
+
+    from distributed_train.training.checkpoint import to_cpu_copy
+
+    weight = torch.nn.Parameter(torch.ones(2, 3))
+    state = {"model": OrderedDict(w=weight), "rng": [torch.arange(3), (1, "x")], "step": 7,
+             "strided": torch.arange(6.0).view(2, 3).t()}
+    copy = to_cpu_copy(state)
+    with torch.no_grad():
+        weight.add_(1)
+    assert torch.equal(copy["model"]["w"], torch.ones(2, 3)) and not copy["model"]["w"].requires_grad
+    assert isinstance(copy["rng"][1], tuple) and copy["step"] == 7
+    assert torch.equal(copy["strided"], state["strided"]) and copy["strided"].data_ptr() != state["strided"].data_ptr()
+    assert all(t.device.type == "cpu" for t in (copy["model"]["w"], copy["rng"][0], copy["strided"]))
+
+
+def test_final_model_state_is_built_by_the_same_copy_path(monkeypatch):
+    from distributed_train.engines.base import EngineState
+    from distributed_train.training import checkpoint
+
+    calls = []
+    monkeypatch.setattr(checkpoint, "to_cpu_copy", lambda obj: calls.append(obj) or obj)
+    engine = EngineState()
+    engine.raw_model = torch.nn.Linear(2, 1)
+    assert set(engine.model_state_dict()) == {"weight", "bias"} and len(calls) == 1
