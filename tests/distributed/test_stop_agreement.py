@@ -25,7 +25,8 @@ TASK = f"--task={REPO / 'tests' / 'tasks' / 'stop_signal.py'}:SignalledRegressio
 STEPS = 40  # 96 samples, global batch 24: 4 steps per epoch; 2 micro-batches per rank and step
 COMMON = [TASK, "--train.batch_size=24", "--train.micro_batch_size=6", f"--train.max_steps={STEPS}",
           "--train.optimizer=sgd", "--train.lr=0.05", "--seed=5", "--log.every_steps=4",
-          "--checkpoint.every_steps=0", "--eval.batch_size=8", "--log.wandb=disabled"]
+          "--checkpoint.every_steps=0", "--eval.batch_size=8", "--log.wandb=disabled",
+          "--dist.timeout_s=60"]  # a hang fails with its diagnosis, inside the test's timeout
 # (signal, rank that receives it, rank that sends it, the sender's loss call: 2 per step)
 SCENARIOS = [
     ("SIGTERM", 0, 0, 1),  # during the very first micro-batch: before any step is done
@@ -36,6 +37,18 @@ SCENARIOS = [
     ("SIGINT", 0, 1, 10),  # from the peer
 ]
 EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}
+
+
+def _fresh_port(rank: int, ports: Path, job: str) -> int:
+    """Rank 0 picks a free port right before the job and tells the others through a file (a port
+    picked long before could be taken by then on a busy machine)."""
+    path = ports / job
+    if rank == 0:
+        path.with_suffix(".tmp").write_text(str(free_port()))
+        path.with_suffix(".tmp").replace(path)
+    while not path.is_file():
+        time.sleep(0.01)
+    return int(path.read_text())
 
 
 def _train(run_dir: Path, port: int, extra: list[str]):
@@ -69,7 +82,7 @@ def _uneven_intervals(flag, step):
 INTERVALS = {"shared memory": _vote_every_step, "backend": _uneven_intervals}
 
 
-def stop_then_resume(rank: int, world_size: int, tmp: Path, ports: list[int]) -> dict:
+def stop_then_resume(rank: int, world_size: int, tmp: Path) -> dict:
     """Every scenario on both gradient paths (one spawn: the jobs take ~0.3 s, spawning ~10 s)."""
     from distributed_train.dist import preemption
     from distributed_train.training.checkpoint import committed_checkpoints
@@ -81,18 +94,20 @@ def stop_then_resume(rank: int, world_size: int, tmp: Path, ports: list[int]) ->
     while len(list(pids.iterdir())) < world_size:
         time.sleep(0.01)
     load = lambda summary: torch.load(summary["final_model"], weights_only=True)  # noqa: E731
-    ports = iter(ports)
+    (tmp / "ports").mkdir(exist_ok=True)
+    jobs = iter(range(1000))
+    port = lambda: _fresh_port(rank, tmp / "ports", f"job-{next(jobs)}")  # noqa: E731
     outcomes = {}
     for path, extra in GRADIENT_PATHS.items():
         preemption.StopFlag._propose_interval = INTERVALS[path]  # timing-free, so never flaky
-        reference, _ = _train(tmp / path / "reference", next(ports), extra)
+        reference, _ = _train(tmp / path / "reference", port(), extra)
         for i, (name, target, sender, call) in enumerate(SCENARIOS):
             run_dir = tmp / path / f"scenario-{i}"
             os.environ[SPEC_VAR] = f"{name}:{target}:{sender}:{call}"
-            finished, stopped = _train(run_dir, next(ports), extra)
+            finished, stopped = _train(run_dir, port(), extra)
             del os.environ[SPEC_VAR]
             committed = [p.name for p in committed_checkpoints(run_dir / "checkpoints")]
-            resumed, _ = _train(run_dir, next(ports), extra)  # "rerun the same command"
+            resumed, _ = _train(run_dir, port(), extra)  # "rerun the same command"
             outcomes[path, i] = {
                 "finished": finished is not None,
                 "step": stopped and stopped.step, "code": stopped and stopped.exit_code,
@@ -104,8 +119,7 @@ def stop_then_resume(rank: int, world_size: int, tmp: Path, ports: list[int]) ->
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    ports = [free_port() for _ in range(len(GRADIENT_PATHS) * (1 + 2 * len(SCENARIOS)))]
-    ranks = run_ranks(stop_then_resume, 2, tmp_path, ports, timeout=240)
+    ranks = run_ranks(stop_then_resume, 2, tmp_path, timeout=240)
     for path in GRADIENT_PATHS:
         for i, (name, target, sender, call) in enumerate(SCENARIOS):
             seen = [r[path, i] for r in ranks]

@@ -152,3 +152,25 @@ def test_final_model_state_is_built_by_the_same_copy_path(monkeypatch):
     engine = EngineState()
     engine.raw_model = torch.nn.Linear(2, 1)
     assert set(engine.model_state_dict()) == {"weight", "bias"} and len(calls) == 1
+
+
+def test_accelerate_sharded_evaluates_the_prepared_model_and_saves_the_whole_model():
+    pytest.importorskip("accelerate")
+    from types import SimpleNamespace
+
+    from distributed_train.engines.accelerate import AccelerateEngine
+
+    whole = {"weight": torch.ones(4, 2)}
+    accelerator = SimpleNamespace(get_state_dict=lambda model: whole,
+                                  clip_grad_norm_=lambda params, clip: None)  # as under DeepSpeed
+    engine = object.__new__(AccelerateEngine)
+    engine.model, engine.raw_model = torch.nn.Linear(2, 4), torch.nn.Linear(2, 1)  # prepared / a shard
+    engine.accelerator, engine.device = accelerator, torch.device("cpu")
+    engine.config = SimpleNamespace(train=SimpleNamespace(grad_clip=1.0))
+    engine.sharded, engine._full_state = True, None
+    assert engine.eval_model() is engine.model
+    engine.sync_buffers()  # every rank, before the final evaluation
+    assert torch.equal(engine.model_state_dict()["weight"], whole["weight"])
+    assert engine._clip(measure=True) is None
+    engine.sharded = False
+    assert engine.eval_model() is engine.raw_model and set(engine.model_state_dict()) == {"weight", "bias"}
