@@ -157,11 +157,24 @@ class StopFlag:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
-        self._pending = None  # a vote launched after the last step: its work completes on its own
+        # The vote launched after the last step: gloo must be done with its tensor long before the
+        # process group is destroyed. A gloo thread that drops the last reference to a tensor made in
+        # Python needs the GIL, and the group's destructor holds the GIL while it joins those threads:
+        # a deadlock (seen when one process runs several jobs). After a failure the vote may never
+        # complete: it is kept alive instead, so no gloo thread ever frees it.
+        if self._pending is not None:
+            if exc_type is None:
+                self._pending.result()
+            else:
+                _UNFINISHED_VOTES.append(self._pending)
+        self._pending = None
+
+
+_UNFINISHED_VOTES: list = []  # votes abandoned after a failure (a few bytes each; the process ends)
 
 
 def _group_active() -> bool:

@@ -7,6 +7,7 @@ from distributed_train.task import load_task
 from tests.helpers import REPO
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64)  # one GPU up to eight nodes of eight
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
@@ -14,6 +15,19 @@ def test_example_config_resolves_and_its_task_loads(path):
     config = resolve_config(str(path), [])
     task = load_task(config.task, config)
     assert task.model() is not None
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_config_starts_on_any_common_world_size(path):
+    from distributed_train.training.data import BatchPlan, steps_per_epoch
+
+    config = resolve_config(str(path), [])
+    train_samples = len(load_task(config.task, config).train_dataset())
+    for world_size in WORLD_SIZES:
+        plan = BatchPlan.make(config.train.batch_size, world_size, config.train.micro_batch_size)
+        assert plan.world_size * plan.micro_batch * plan.accumulation_steps == config.train.batch_size
+        assert config.eval.every_steps == 0 or (config.eval.batch_size or config.train.batch_size) >= world_size
+    assert steps_per_epoch(train_samples, config.train.batch_size) >= 1
 
 
 def test_example_task_learns(tmp_path):
