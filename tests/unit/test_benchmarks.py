@@ -113,3 +113,14 @@ def test_the_benchmark_compares_like_with_like_on_a_gpu_machine():
     assert "--dist.backend=nccl" in ours and "--nproc-per-node=1" in ours
     assert "--device=cuda" in plain and "--nproc-per-node=1" in plain
     assert f"--train.batch_size={workload.batch_per_rank}" in ours
+
+
+def test_the_gpu_acceptance_script_parses_and_covers_every_check():
+    import subprocess
+
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    for check in ("doctor", "collectives", '"$precision"', "resume", '"cpu load"', '"exact eval"',
+                  '"gpt2 compile=$compile"', "exit $FAILED"):
+        assert check in text, check
