@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -46,6 +47,10 @@ def run_training(config: Config, env: dist.DistEnv, debug: bool = False) -> dict
         raise
     finally:
         dist.teardown()
+        # A gloo thread may still be freeing the last collective's tensors, which needs the GIL;
+        # the group's destructor (when the trainer goes, right after this) joins those threads
+        # while holding it. Let them finish first, or a process that trains again can deadlock.
+        time.sleep(0.02)
 
 
 def set_tf32(enabled: bool) -> None:
