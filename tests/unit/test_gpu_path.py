@@ -174,3 +174,20 @@ def test_accelerate_sharded_evaluates_the_prepared_model_and_saves_the_whole_mod
     assert engine._clip(measure=True) is None
     engine.sharded = False
     assert engine.eval_model() is engine.raw_model and set(engine.model_state_dict()) == {"weight", "bias"}
+
+
+def test_the_launcher_explains_a_worker_killed_by_a_signal():
+    from distributed_train.cli.launch import _describe_code
+
+    assert "SIGABRT" in _describe_code(-6) and "TORCH_NCCL_ASYNC_ERROR_HANDLING" in _describe_code(-6)
+    assert "out of memory" in _describe_code(-9) and _describe_code(1) == "1"
+
+
+def test_charlm_eval_counts_are_python_numbers_not_per_batch_copies():
+    from distributed_train.tasks.charlm import CharLMTask
+    from types import SimpleNamespace
+
+    task = CharLMTask(SimpleNamespace(task_args={"preset": "tiny", "n_layer": 1}))
+    x, y = task.eval_dataset()[0]
+    pairs = task.metrics(task.model(), (x[None], y[None]))
+    assert all(isinstance(count, int) and count == y.numel() for _, count in pairs.values())
