@@ -144,6 +144,10 @@ class StopFlag:
         has gone makes the barrier fail, and the stop goes on."""
         if self.agreed_signum is None or not _group_active():
             return
+        from distributed_train.dist import diagnose
+
+        # A large checkpoint may take longer than dist.timeout_s: the stuck-rank watchdog waits.
+        diagnose.at("waiting for rank 0 to commit the stop checkpoint", may_take_long=True)
         try:
             import torch.distributed as tdist
 
