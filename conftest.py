@@ -1,4 +1,5 @@
-"""Fixtures for every test: no leaked process group, no leaked torchrun variables."""
+"""Fixtures for every test: the same environment whatever the caller's shell holds, no leaked
+process group, no leaked torchrun variables."""
 
 import os
 
@@ -6,11 +7,22 @@ import pytest
 
 from tests.helpers import TORCHRUN_VARS
 
+# Variables a user's shell often sets that change what the program does (wandb mode, thread
+# counts, visible GPUs, torch and torchrun settings, a Kubeflow or Accelerate launcher's hints).
+# The suite clears them once, before any test or subprocess starts; tests set what they rely on.
+CALLER_PREFIXES = ("WANDB_", "TORCH_", "TORCHELASTIC_", "PET_", "ACCELERATE_", "KUBEFLOW_TRAINER_",
+                   "NCCL_", "GLOO_", "DTRAIN_")
+CALLER_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NETRC", "GROUP_RANK",
+               "ROLE_RANK", *TORCHRUN_VARS)
+KEEP = {"DTRAIN_CHECKOV"}  # where the optional security scanner lives: a setting of the test run itself
+for _name in [n for n in os.environ if (n.startswith(CALLER_PREFIXES) or n in CALLER_VARS) and n not in KEEP]:
+    del os.environ[_name]
+os.environ["WANDB_MODE"] = "disabled"
+
 
 @pytest.fixture(autouse=True)
 def _no_distributed_leaks():
     before = {k: os.environ.get(k) for k in TORCHRUN_VARS}
-    os.environ.setdefault("WANDB_MODE", "disabled")
     yield
     import torch.distributed as dist
 

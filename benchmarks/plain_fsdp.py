@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 from plain_ddp import main
 
 
-def shard(model: nn.Module) -> nn.Module:
+def shard(model: nn.Module, device: torch.device) -> nn.Module:
     """fully_shard per block (the children of every ModuleList), then the root: the FSDP2 recipe."""
     for module in list(model.modules()):
         if isinstance(module, nn.ModuleList):

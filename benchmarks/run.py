@@ -9,6 +9,16 @@ from each side's own output: plain.jsonl (plain) and metrics.jsonl (ours), each 
 step with a wall-clock time, so "in-loop samples/s" is measured the same way on both: samples
 between the first and the last log step over the time between them (the first window, with
 its warm-up, is left out).
+
+Same math: before the timed pairs, a check pass runs both sides with the same kernels (the plain
+loop also gets the fused AdamW and flushes denormals, as dtrain does) and compares the loss of
+every log window: they must agree to LOSS_TOLERANCE. The timed pairs then run the plain loop as
+the tutorial writes it; their final losses are shown, and only a gross difference fails (other
+optimizer kernels round differently, and over hundreds of steps near a zero loss the
+difference compounds, by a few percent on some CPUs).
+
+On a machine with GPUs, `--device cuda` runs both sides on NCCL with one GPU per rank (default:
+every visible GPU); the default `--device cpu` keeps both on gloo, even where GPUs exist.
 """
 
 from __future__ import annotations
@@ -33,8 +43,10 @@ sys.path.insert(0, str(HERE))
 
 from workloads import SEED, WORKLOADS, Workload, ensure_lm_tokens  # noqa: E402
 
-NPROC = 2
-LOSS_TOLERANCE = 1e-3  # relative; both sides run the same math, only rounding may differ
+CPU_NPROC = 2
+LOSS_TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3}  # check pass, per window; relative (GPU kernels may use atomics)
+FINAL_LOSS_SANITY = 0.1  # timed pairs: relative; beyond this the two sides did not train alike
+CHECK_STEPS = 100
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -47,6 +59,7 @@ class Result:
     cpu_s: float  # CPU time of every process of the run (agent and ranks), robust to a busy machine
     final_loss: float
     first_step_s: float  # from starting the command to the first log line's time
+    window_losses: list  # (step, loss) of every log window
     state_bytes: int | None = None  # parameters + gradients + optimizer state of the largest rank
 
 
@@ -57,19 +70,36 @@ def _env() -> dict:
     return env
 
 
-def plain_command(w: Workload, steps: int, log_every: int, out: Path, flush: bool, engine: str = "ddp") -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
-            str(HERE / ("plain_fsdp.py" if engine == "fsdp" else w.plain_script)), f"--workload={w.name}",
-            f"--steps={steps}", f"--log-every={log_every}", f"--out={out}"] + (["--flush-denormal"] if flush else [])
+@dataclass
+class Machine:
+    """Where both sides run: the device kind and the ranks per side."""
+
+    device: str  # cpu (gloo) or cuda (nccl, one GPU per rank)
+    nproc: int
+    engine: str = "ddp"  # ddp: plain_ddp.py (or the workload's own loop); fsdp: plain_fsdp.py
 
 
-def ours_command(w: Workload, steps: int, log_every: int, out: Path, extra: list[str]) -> list[str]:
+def plain_command(w: Workload, steps: int, log_every: int, out: Path, flags: list[str],
+                  machine: Machine) -> list[str]:
+    script = "plain_fsdp.py" if machine.engine == "fsdp" else w.plain_script
+    if script == "lm_plain.py":  # its own loop: no device or kernel choice
+        flags = [f for f in flags if f == "--flush-denormal"]
+    else:
+        flags = [*flags, f"--device={machine.device}"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={machine.nproc}",
+            str(HERE / script), f"--workload={w.name}", f"--steps={steps}",
+            f"--log-every={log_every}", f"--out={out}", *flags]
+
+
+def ours_command(w: Workload, steps: int, log_every: int, out: Path, extra: list[str],
+                 machine: Machine) -> list[str]:
     task_args = [f"--task_args.{k}={v}" for k, v in w.task_args.items()]
-    return [sys.executable, "-m", "distributed_train", "launch", f"--nproc-per-node={NPROC}",
+    backend = "nccl" if machine.device == "cuda" else "gloo"  # gloo keeps a GPU machine's ranks on CPU
+    return [sys.executable, "-m", "distributed_train", "launch", f"--nproc-per-node={machine.nproc}",
             f"--task={w.task}", *task_args, f"--seed={SEED}", f"--run_dir={out}",
-            f"--train.batch_size={w.batch_per_rank * NPROC}", f"--train.lr={w.lr}",
+            f"--train.batch_size={w.batch_per_rank * machine.nproc}", f"--train.lr={w.lr}",
             f"--train.max_steps={steps}", f"--log.every_steps={log_every}", "--log.wandb=disabled",
-            *extra]
+            f"--dist.backend={backend}", f"--engine={machine.engine}", *extra]
 
 
 def read_events(path: Path) -> list[dict]:
@@ -103,7 +133,8 @@ def run_once(command: list[str], out: Path, log_name: str, batch: int, retries: 
     first, last = events[0], events[-1]
     in_loop = (last["step"] - first["step"]) * batch / (last["time"] - first["time"]) \
         if len(events) > 1 else float("nan")
-    return Result(in_loop, wall, cpu, last["loss"], first["time"] - start, read_state_bytes(out, log_name))
+    return Result(in_loop, wall, cpu, last["loss"], first["time"] - start,
+                  [(e["step"], e["loss"]) for e in events], read_state_bytes(out, log_name))
 
 
 def read_state_bytes(out: Path, log_name: str) -> int | None:
@@ -120,17 +151,17 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_pairs(w: Workload, pairs: int, steps: int, log_every: int, work: Path, args) -> dict:
+def run_pairs(w: Workload, pairs: int, steps: int, log_every: int, work: Path, args,
+              machine: Machine) -> dict:
     """Alternate plain / ours `pairs` times; returns each side's results in run order."""
-    batch = w.batch_per_rank * NPROC
+    batch = w.batch_per_rank * machine.nproc
+    flags = ["--flush-denormal"] if args.plain_flush_denormal else []
     results: dict[str, list[Result]] = {"plain": [], "ours": []}
     for i in range(pairs):
         out = work / f"{w.name}-{steps}-{i}"
-        results["plain"].append(run_once(plain_command(w, steps, log_every, out / "plain",
-                                                       args.plain_flush_denormal, args.engine),
+        results["plain"].append(run_once(plain_command(w, steps, log_every, out / "plain", flags, machine),
                                          out / "plain", "plain.jsonl", batch))
-        results["ours"].append(run_once(ours_command(w, steps, log_every, out / "ours",
-                                                     [f"--engine={args.engine}", *args.ours]),
+        results["ours"].append(run_once(ours_command(w, steps, log_every, out / "ours", args.ours, machine),
                                         out / "ours", "metrics.jsonl", batch))
         print(f"  {w.name} pair {i + 1}/{pairs}: plain {results['plain'][-1].samples_per_s:.0f}/s, "
               f"ours {results['ours'][-1].samples_per_s:.0f}/s", file=sys.stderr, flush=True)
@@ -141,15 +172,40 @@ def median_ratio(top: list[float], bottom: list[float]) -> float:
     return statistics.median(t / b for t, b in zip(top, bottom))
 
 
-def losses_agree(a: float, b: float) -> bool:
-    return abs(a - b) <= LOSS_TOLERANCE * max(abs(a), abs(b)) + 1e-6
+def losses_agree(a: float, b: float, tolerance: float) -> bool:
+    return abs(a - b) <= tolerance * max(abs(a), abs(b)) + 1e-7
 
 
-def table_row(w: Workload, steps: int, results: dict) -> tuple[str, bool]:
+def same_math_problem(w: Workload, work: Path, args, machine: Machine) -> str | None:
+    """Run both sides once with the same kernels; None if every log window's loss agrees."""
+    steps = min(w.steps, args.check_steps)
+    log_every = max(1, min(w.log_every, steps // 10))
+    batch = w.batch_per_rank * machine.nproc
+    flags = ["--fused"] + (["--flush-denormal"] if machine.device == "cpu" else [])
+    out = work / f"{w.name}-check"
+    plain = run_once(plain_command(w, steps, log_every, out / "plain", flags, machine),
+                     out / "plain", "plain.jsonl", batch)
+    ours = run_once(ours_command(w, steps, log_every, out / "ours", args.ours, machine),
+                    out / "ours", "metrics.jsonl", batch)
+    return window_mismatch(w.name, plain.window_losses, ours.window_losses, LOSS_TOLERANCE[machine.device])
+
+
+def window_mismatch(name: str, plain: list, ours: list, tolerance: float) -> str | None:
+    """The first log window whose loss differs between the sides, or None when all agree."""
+    if [s for s, _ in plain] != [s for s, _ in ours]:
+        return f"{name}: the two sides logged different steps"
+    for (step, a), (_, b) in zip(plain, ours):
+        if not losses_agree(a, b, tolerance):
+            return (f"{name}: with the same kernels the losses differ at step {step}: "
+                    f"plain {a:.8g}, ours {b:.8g} (tolerance {tolerance:g} relative)")
+    return None
+
+
+def table_row(w: Workload, steps: int, results: dict, nproc: int) -> tuple[str, bool]:
     plain, ours = results["plain"], results["ours"]
     med = lambda rs, f: statistics.median(getattr(r, f) for r in rs)  # noqa: E731
-    agree = all(losses_agree(p.final_loss, o.final_loss) for p, o in zip(plain, ours))
-    row = (f"| {w.name} | {w.batch_per_rank * NPROC} | {steps} "
+    agree = all(losses_agree(p.final_loss, o.final_loss, FINAL_LOSS_SANITY) for p, o in zip(plain, ours))
+    row = (f"| {w.name} | {w.batch_per_rank * nproc} | {steps} "
            f"| {med(plain, 'samples_per_s'):,.0f} | {med(ours, 'samples_per_s'):,.0f} "
            f"| **{median_ratio([r.samples_per_s for r in ours], [r.samples_per_s for r in plain]):.2f}x** "
            f"| {med(plain, 'wall_s'):.1f} | {med(ours, 'wall_s'):.1f} "
@@ -164,7 +220,7 @@ def _mib(value: int | None) -> str:
     return f"{value / 2**20:.1f}" if value else "?"
 
 
-def machine_line(pairs: int) -> str:
+def machine_line(pairs: int, machine: Machine) -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -174,8 +230,25 @@ def machine_line(pairs: int) -> str:
     except (OSError, StopIteration):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ranks = f"{machine.nproc} gloo ranks"
+    if machine.device == "cuda":
+        ranks = f"{machine.nproc} NCCL ranks on {torch.cuda.get_device_name(0)}"
     return (f"{datetime.date.today().isoformat()}, {cpu}, {cores} cores, torch {torch.__version__}, "
-            f"Python {platform.python_version()}; {NPROC} gloo ranks, median of {pairs} alternating pairs")
+            f"Python {platform.python_version()}; {ranks}, median of {pairs} alternating pairs")
+
+
+def pick_machine(device: str, nproc: int | None) -> Machine:
+    """cpu: 2 ranks unless told; cuda: one rank per visible GPU unless told (never more)."""
+    if device == "cpu":
+        return Machine("cpu", nproc or CPU_NPROC)
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise SystemExit("run.py: error: --device cuda but no GPU is visible")
+    if nproc and nproc > gpus:
+        raise SystemExit(f"run.py: error: --nproc {nproc} but only {gpus} GPU(s) are visible")
+    return Machine("cuda", nproc or gpus)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -187,11 +260,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="pairs of 1-step digits runs that time the start to the first step (0 = skip)")
     parser.add_argument("--plain-flush-denormal", action="store_true",
                         help="let the plain loop flush denormals too (the tutorial loop does not)")
-    parser.add_argument("--engine", choices=["ddp", "fsdp"], default="ddp",
-                        help="fsdp: plain_fsdp.py (fully_shard per block) against dtrain --engine=fsdp")
     parser.add_argument("--ours", nargs=argparse.REMAINDER, default=[],
                         help="extra dtrain overrides for our side, e.g. --ours --engine=accelerate")
     parser.add_argument("--keep", help="keep run folders here (default: a temporary folder)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: both sides on gloo (default, also on GPU machines); cuda: both on NCCL")
+    parser.add_argument("--nproc", type=int, help="ranks per side (default: 2 on cpu, every GPU on cuda)")
+    parser.add_argument("--engine", choices=["ddp", "fsdp"], default="ddp",
+                        help="fsdp: plain_fsdp.py (fully_shard per block) against dtrain --engine=fsdp")
+    parser.add_argument("--check-steps", type=int, default=CHECK_STEPS,
+                        help="steps of the same-math check pass per workload (0 = skip it)")
     return parser.parse_args(argv)
 
 
@@ -203,39 +281,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run.py: error: unknown workload {unknown[0]!r}" if unknown else "run.py: error: --pairs must be >= 1",
               file=sys.stderr)
         return 2
+    machine = pick_machine(args.device, args.nproc)
+    machine.engine = args.engine
     with tempfile.TemporaryDirectory(prefix="dtrain-bench-") as tmp:
         work = Path(args.keep) / time.strftime("%Y%m%d-%H%M%S") if args.keep else Path(tmp)
-        rows, all_agree = [], True
+        rows, all_agree, problems = [], True, []
         for name in names:
             w = WORKLOADS[name]
             if name == "lm":
                 ensure_lm_tokens(w.task_args["train"])
+            problem = same_math_problem(w, work, args, machine) if args.check_steps else None
+            problems += [problem] if problem else []
             steps = max(2, round(w.steps * args.scale))
             log_every = max(1, min(w.log_every, steps // 2))
-            row, agree = table_row(w, steps, run_pairs(w, args.pairs, steps, log_every, work, args))
+            row, agree = table_row(w, steps, run_pairs(w, args.pairs, steps, log_every, work, args, machine),
+                                   machine.nproc)
             rows.append(row)
             all_agree &= agree
         startup = ""
         if args.startup_pairs:
-            r = run_pairs(WORKLOADS["digits"], args.startup_pairs, 1, 1, work / "startup", args)
+            r = run_pairs(WORKLOADS["digits"], args.startup_pairs, 1, 1, work / "startup", args, machine)
             plain_s = statistics.median(x.first_step_s for x in r["plain"])
             ours_s = statistics.median(x.first_step_s for x in r["ours"])
             startup = (f"\nTime from starting the command to the end of the first step (digits, median): "
                        f"plain torchrun {plain_s:.2f} s, `dtrain launch` {ours_s:.2f} s "
                        f"({ours_s - plain_s:+.2f} s).\n")
     flush = " (plain loop with flush_denormal)" if args.plain_flush_denormal else ""
-    print(f"{machine_line(args.pairs)}{flush}; engine {args.engine}.\n")
+    print(f"{machine_line(args.pairs, machine)}{flush}.\n")
     print("| workload | global batch | steps | plain samples/s | ours samples/s | in-loop ratio "
           "| plain wall s | ours wall s | wall ratio | plain CPU s | ours CPU s | final loss plain / ours "
           "| state MiB/rank plain / ours |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     print("\n".join(rows))
     print(startup)
+    if args.check_steps and not problems:
+        print(f"Same math: with the same kernels both sides logged the same loss at every window of "
+              f"the first {args.check_steps} steps (relative tolerance {LOSS_TOLERANCE[machine.device]:g}).")
+    for problem in problems:
+        print(f"ERROR: {problem}; the two sides did not run the same math", file=sys.stderr)
     if not all_agree:
-        print("ERROR: final losses differ beyond the tolerance; the two sides did not run the same math",
-              file=sys.stderr)
-        return 1
-    return 0
+        print(f"ERROR: final losses differ by more than {FINAL_LOSS_SANITY:.0%}: the two sides did not "
+              "train alike", file=sys.stderr)
+    return 1 if problems or not all_agree else 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,13 @@ wait_for_rendezvous_host() {
     done
 }
 
+# Docker's default /dev/shm is 64 MiB: NCCL between GPUs and DataLoader workers need more.
+shm_kib=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $2}') || shm_kib=""
+if [ -n "$shm_kib" ] && [ "$shm_kib" -lt 1048576 ]; then
+    echo "dtrain-entrypoint: warning: /dev/shm has only $((shm_kib / 1024)) MiB; start the container" \
+         "with --ipc=host or --shm-size=16g (Kubernetes: an emptyDir with medium: Memory on /dev/shm)" >&2
+fi
+
 if [ -n "${DTRAIN_WAIT_FOR_HOST:-}" ]; then
     wait_for_rendezvous_host "$DTRAIN_WAIT_FOR_HOST"
 fi

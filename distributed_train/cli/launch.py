@@ -7,6 +7,7 @@ Our arguments (CONFIG, --section.key=value) and torchrun's (--nproc-per-node, --
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from distributed_train.errors import EXIT_USAGE, UsageError
@@ -82,7 +83,8 @@ def _validate_before_spawn(train: list[str]):
     config = resolve_config(config_path, overrides)
     check_model_before_spawn(config.task, config)
     if config.run_dir is None:
-        train = [*train, f"--run_dir={default_run_dir(config.task)}"]
+        config.run_dir = default_run_dir(config.task)
+        train = [*train, f"--run_dir={config.run_dir}"]
     return train, config
 
 
@@ -133,11 +135,14 @@ def main(argv: list[str]) -> int:
         _warn_restarts_without_checkpoints(parsed, config)
     for key, value in RESTART_SAFE_ENV.items():
         os.environ.setdefault(key, value)
+    from distributed_train.cli.train import LAUNCHER_PID_VAR
+
+    os.environ[LAUNCHER_PID_VAR] = str(os.getpid())  # workers die with this process (parent-death signal)
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would force 1 thread per worker
         from distributed_train.dist import cpu_count
 
         os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_count() // _nproc(parsed)))
-    return run_torchrun(parsed)
+    return run_torchrun(parsed, config.run_dir)
 
 
 def _nproc(parsed) -> int:
@@ -149,8 +154,6 @@ def _nproc(parsed) -> int:
 
 def describe_exit(exitcode: int) -> str:
     """How a worker ended, with advice that fits: a signal names itself, an exit code points above."""
-    import signal
-
     if exitcode >= 0:
         return f"exited with code {exitcode}; its error is above"
     try:
@@ -160,13 +163,14 @@ def describe_exit(exitcode: int) -> str:
     advice = {
         "SIGKILL": "killed: out of memory (check `dmesg` for the OOM killer, or lower the batch size) or kill -9",
         "SIGSEGV": "a native crash (torch, a C extension or the driver); rerun with --debug and check versions",
-        "SIGABRT": "aborted in native code (see the message above it; gloo can abort at exit, see the docs)",
+        "SIGABRT": "aborted in native code: NCCL's watchdog after a collective timed out with "
+                   "TORCH_NCCL_ASYNC_ERROR_HANDLING=1 or 3, or gloo at exit; see the message above it",
         "SIGBUS": "a bus error: often /dev/shm too small (docker --shm-size) or a file truncated under mmap",
     }.get(name, "ended by a signal")
     return f"died from {name} ({advice})"
 
 
-def run_torchrun(parsed) -> int:
+def run_torchrun(parsed, run_dir: str | None = None) -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -175,15 +179,13 @@ def run_torchrun(parsed) -> int:
 
     from distributed_train.dist.diagnose import describe
     from distributed_train.errors import EXIT_COMMUNICATION, EXIT_NONFINITE
-    from distributed_train.errors import EXIT_PREEMPTED
 
     try:
         run(parsed)
     except SignalException as exc:
-        # torchrun forwarded the signal; each worker stops at a step boundary and rank 0 commits.
-        print(f"dtrain launch: stopped by signal {exc.sigval.name}; rerun the same command to resume",
-              file=sys.stderr)
-        return EXIT_PREEMPTED
+        # torchrun forwarded the signal; every worker stops after the same step and rank 0 commits.
+        print(f"dtrain launch: stopped by {exc.sigval.name}{_resume_hint(run_dir)}", file=sys.stderr)
+        return 128 + int(exc.sigval)
     except (RendezvousError, DistError) as exc:
         where = parsed.rdzv_endpoint or f"{parsed.master_addr}:{parsed.master_port}"
         print(f"dtrain: error: could not join the rendezvous at {where} ({describe(exc)}): "
@@ -194,6 +196,10 @@ def run_torchrun(parsed) -> int:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         if EXIT_USAGE in codes:
             return EXIT_USAGE
+        stops = {128 + signal.SIGTERM, 128 + signal.SIGINT}
+        if set(codes) <= stops:  # a signal reached some workers: all stopped after the same step
+            print(f"dtrain launch: workers stopped by a signal{_resume_hint(run_dir)}", file=sys.stderr)
+            return max(codes)
         explained = [f.exitcode for _, f in sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
                      if f.exitcode in (EXIT_NONFINITE, EXIT_COMMUNICATION)]
         # The workers already said why; ranks killed by a signal (SIGKILLed after that, or a
@@ -205,3 +211,14 @@ def run_torchrun(parsed) -> int:
                   file=sys.stderr)
         return 1
     return 0
+
+
+def _resume_hint(run_dir: str | None) -> str:
+    """'; rerun ... to continue' when a committed checkpoint exists to resume from."""
+    from pathlib import Path
+
+    from distributed_train.training.checkpoint import committed_checkpoints
+
+    if run_dir and committed_checkpoints(Path(run_dir) / "checkpoints"):
+        return "; rerun the same command to continue from the last committed checkpoint"
+    return " (no checkpoint to resume from)"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import sys
 
-from distributed_train.errors import EXIT_PREEMPTED, user_errors
+from distributed_train.errors import user_errors
 
 
 def split_config_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
@@ -50,11 +52,13 @@ def main(argv: list[str]) -> int:
         _print_train_help()
         return 0
     config_path, overrides, debug = split_config_args(argv)
+    stop_with_launcher()
     from distributed_train import dist
-    from distributed_train.dist.preemption import Preempted
+    from distributed_train.dist.preemption import Preempted, print_stop
 
     with user_errors(debug):  # a garbage torchrun variable (RANK=x) is this process's own: always say it
         env = dist.read_env()
+    config = None
     try:
         with user_errors(debug, quiet=not env.is_main):
             config = resolve_config(config_path, overrides)
@@ -63,8 +67,12 @@ def main(argv: list[str]) -> int:
             summary = run_training(config, env, debug=debug)
     except Preempted as exc:
         if env.is_main:
-            print(f"dtrain: {exc}; a checkpoint was committed", file=sys.stderr, flush=True)
-        return _exit_worker(env, EXIT_PREEMPTED)
+            print_stop(exc, _committed(config.run_dir, exc.step))
+        return _exit_worker(env, exc.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before training started (or after it ended): nothing to save
+        if env.is_main:
+            print("dtrain: stopped by SIGINT before training started; nothing to resume", file=sys.stderr)
+        return _exit_worker(env, 128 + signal.SIGINT)
     except SystemExit as exc:  # a usage error, a non-finite loss, lost peers: already explained
         return _exit_worker(env, exc.code if isinstance(exc.code, int) else 1)
     if env.is_main:
@@ -74,6 +82,37 @@ def main(argv: list[str]) -> int:
               f"{', eval ' + evals if evals else ''}; run dir {os.path.dirname(summary['final_model'])}",
               flush=True)
     return _exit_worker(env, 0)
+
+
+# Set by `dtrain launch` for its workers: the launcher's pid, to notice it died before we started.
+LAUNCHER_PID_VAR = "DTRAIN_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_launcher() -> None:
+    """A torchrun worker dies with its parent (the `dtrain launch` or torchrun process).
+
+    Workers run in a session of their own: when the launcher is SIGKILLed (OOM killer, kill -9)
+    nothing else would stop them and they would train on, orphaned. Linux only; elsewhere a no-op."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    launcher = os.environ.get(LAUNCHER_PID_VAR)
+    if launcher and launcher.isdigit() and os.getppid() != int(launcher):
+        os._exit(128 + signal.SIGKILL)  # the launcher died before the signal was armed
+
+
+def _committed(run_dir: str | None, step: int) -> bool:
+    """Whether the stop committed checkpoint `step` (what a rerun would resume from)."""
+    from pathlib import Path
+
+    from distributed_train.training.checkpoint import MARKER, checkpoint_name
+
+    return bool(run_dir) and (Path(run_dir) / "checkpoints" / checkpoint_name(step) / MARKER).is_file()
 
 
 def _exit_worker(env, code: int) -> int:

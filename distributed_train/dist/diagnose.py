@@ -33,7 +33,10 @@ SHM_ALLREDUCE_SIGN = "shared-memory all-reduce"  # in every error of shm_allredu
 # Substrings of gloo/NCCL/store errors that mean "the ranks could not talk", not "the task is wrong".
 _COMMUNICATION_SIGNS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
                         "Connection refused", "connectFullMesh", "NCCL error", "Broken pipe",
-                        SHM_ALLREDUCE_SIGN)
+                        SHM_ALLREDUCE_SIGN,
+                        # NCCL (TORCH_NCCL_ASYNC_ERROR_HANDLING=2): the watchdog aborted the communicator
+                        "Watchdog caught collective operation timeout", "communicator was aborted",
+                        "ncclRemoteError", "ncclSystemError", "ncclInternalError", "NCCL communicator")
 
 
 @dataclass
@@ -188,8 +191,11 @@ def _end_stopped_peer(pid: int) -> bool:
         return False
 
 
-def _describe_peer(rank: int, beat: dict | None, mine: tuple[int, str]) -> str | None:
-    """Why peer `rank` is not where this rank is, or None when it is in the same operation."""
+def _describe_peer(rank: int, beat: dict | None, mine: tuple[int, str], timeout_s: float) -> str | None:
+    """Why peer `rank` is not where this rank is, or None when it is in the same operation.
+
+    The heartbeat thread of a rank stuck in a CUDA call or a deadlock keeps beating, so a rank
+    whose main thread has stayed in one phase for longer than dist.timeout_s is called stuck."""
     if beat is None:
         return f"rank {rank} never reported (it did not start or could not reach the store)"
     where = f"{beat['phase']} of step {beat['step']}"
@@ -205,8 +211,13 @@ def _describe_peer(rank: int, beat: dict | None, mine: tuple[int, str]) -> str |
     silent = time.time() - beat["time"]
     if silent > STALE_S:
         return f"rank {rank} stopped responding {silent:.0f} s ago in {where} ({who}: dead or stuck)"
+    in_phase = beat["phase_s"] + silent
+    if (beat["step"], beat["phase"]) != mine and in_phase > timeout_s:
+        return (f"rank {rank} is stuck: its main thread has been in {where} for {in_phase:.0f} s "
+                f"(> dist.timeout_s) although its process still answers ({who}; a hung CUDA call or a "
+                "deadlock)")
     if (beat["step"], beat["phase"]) != mine:
-        return f"rank {rank} did not arrive: it is in {where} for {beat['phase_s'] + silent:.0f} s ({who})"
+        return f"rank {rank} did not arrive: it is in {where} for {in_phase:.0f} s ({who})"
     return None
 
 
@@ -217,7 +228,8 @@ def explain_communication_failure(exc: BaseException, rank: int, world_size: int
         return None
     mine = (position.step, position.phase)
     beats = read_positions(world_size)
-    peers = [_describe_peer(r, beats.get(r), mine) for r in range(world_size) if r != rank and beats is not None]
+    peers = [_describe_peer(r, beats.get(r), mine, timeout_s) for r in range(world_size)
+             if r != rank and beats is not None]
     peers = [p for p in peers if p]
     crashed = [p for p in peers if " died in " in p]
     stopped = [p for p in peers if " is stopped in " in p]

@@ -1,41 +1,193 @@
-"""Stop cleanly on SIGTERM (what Kubernetes and torchrun send before they kill).
+"""Stop cleanly on SIGTERM (what Kubernetes and torchrun send before they kill) and on Ctrl-C.
 
-The handler only sets a flag: no I/O and no collectives inside a signal handler. The trainer
-checks the flag at every step boundary, writes a checkpoint from local state and exits.
+The handler only sets a flag: no I/O and no collectives inside a signal handler. A signal may
+reach one rank only (one node of several, a `kill` of one process), and under NCCL the ranks'
+hosts are not in lock-step, so each rank deciding alone would stop the ranks at different steps:
+the one that enqueued one more all-reduce would then wait for peers that never join it. So the
+ranks vote: every rank adds its flag to a two-number all-reduce launched at a step boundary and
+reads the result at the next voting boundary: every rank reads the same numbers after the same
+step and stops there. Reading a result that is a vote old never makes the host wait for the step
+in flight (on CUDA the numbers come back through pinned memory behind an event). The second
+number is each rank's proposal for the steps until the next vote, so that a vote happens about
+every VOTE_EVERY_S seconds: on every step of a GPU model, every few dozen steps of a CPU model
+whose step takes a millisecond (where a vote per step would cost several percent).
+
+The first SIGINT (Ctrl-C) stops like SIGTERM, with exit code 130; a second one ends the process
+at once.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+import time
 
+import torch
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What each rank adds to the agreement: the largest wins, so SIGTERM (a scheduler's stop) beats
+# Ctrl-C when both arrive.
+_SIGNAL_CODE = {signal.SIGINT: 1, signal.SIGTERM: 2}
+_CODE_SIGNAL = {code: signum for signum, code in _SIGNAL_CODE.items()}
 
 
 class Preempted(Exception):
-    """Raised at a step boundary after SIGTERM; carries the step the run stopped at."""
+    """Raised at a step boundary after a stop signal; carries the step and the signal."""
 
-    def __init__(self, step: int):
-        super().__init__(f"stopped by SIGTERM after step {step}")
-        self.step = step
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.step, self.signum = step, signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal: 143 for SIGTERM, 130 for SIGINT, as a shell reports them."""
+        return 128 + self.signum
+
+
+VOTE_EVERY_S = 0.05  # seconds between votes; a stop is taken within about two of them
+
+
+class _PendingVote:
+    """One vote's all-reduced (stop code, steps to the next vote), readable without waiting for
+    later work (on CUDA through pinned memory)."""
+
+    def __init__(self, stop_code: int, next_interval: int, device: torch.device):
+        import torch.distributed as tdist
+
+        # Filled on the device: a copy from pageable host memory would wait for the GPU's stream.
+        self.vote = torch.full((2,), stop_code, dtype=torch.int64, device=device)
+        self.vote[1].fill_(next_interval)
+        self.work = tdist.all_reduce(self.vote, op=tdist.ReduceOp.MAX, async_op=True)
+        self.host, self.event = self.vote, None
+        if device.type == "cuda":
+            self.work.wait()  # orders the copy after the all-reduce on the device; the host goes on
+            self.host = torch.empty((2,), dtype=torch.int64, pin_memory=True)
+            self.host.copy_(self.vote, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self) -> tuple[int, int]:
+        """The largest stop code and interval any rank voted (waits for this vote only)."""
+        if self.event is not None:
+            self.event.synchronize()
+        else:
+            self.work.wait()
+        code, interval = self.host.tolist()
+        return int(code), max(1, int(interval))
 
 
 class StopFlag:
-    """Context manager that turns SIGTERM into `requested = True` while training runs."""
+    """Context manager that turns SIGTERM/SIGINT into a stop every rank takes after the same step."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, device: torch.device | None = None):
         self.enabled = enabled
-        self.requested = False
-        self._previous = None
+        self.device = device or torch.device("cpu")
+        self.signum: int | None = None  # the first stop signal this process received
+        self.agreed_signum: int | None = None  # the signal every rank stops for, once agreed
+        self._pending: _PendingVote | None = None
+        self._next_vote_step = 0  # the boundary where the pending vote is read and the next launched
+        self._vote_started: tuple[int, float] = (0, 0.0)  # (step, time) of the last vote
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        """This rank received a stop signal (or agreed to a peer's)."""
+        return self.signum is not None or self.agreed_signum is not None
+
+    @property
+    def stop_signum(self) -> int:
+        """The signal the run stops for: the agreed one, else this rank's own (SIGTERM if none)."""
+        return self.agreed_signum or self.signum or signal.SIGTERM
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            os.write(2, b"dtrain: second Ctrl-C: stopping now, without a checkpoint\n")
+            os._exit(128 + signal.SIGINT)
+        if self.signum is None or _SIGNAL_CODE[signum] > _SIGNAL_CODE[self.signum]:
+            self.signum = signum
+
+    def should_stop(self, step: int) -> bool:
+        """Called by every rank at every step boundary: True on all ranks after the same step."""
+        if not self.enabled:
+            return False
+        if not _group_active():
+            self.agreed_signum = self.signum
+            return self.signum is not None
+        if step < self._next_vote_step:
+            return False  # the cheap path: most steps of a fast model
+        code, interval = self._pending.result() if self._pending is not None else (0, 1)
+        if code:
+            self._pending = None
+            self.agreed_signum = _CODE_SIGNAL[code]
+            return True
+        self._pending = _PendingVote(_SIGNAL_CODE.get(self.signum, 0), self._propose_interval(step), self.device)
+        self._next_vote_step = step + interval
+        return False
+
+    def _propose_interval(self, step: int) -> int:
+        """Steps that take about VOTE_EVERY_S at this rank's pace since the last vote."""
+        now = time.perf_counter()
+        last_step, last_time = self._vote_started
+        self._vote_started = (step, now)
+        if step <= last_step or not last_time:
+            return 1
+        step_s = (now - last_time) / (step - last_step)
+        return max(1, min(1000, int(VOTE_EVERY_S / step_s))) if step_s > 0 else 1000
+
+    def after_commit(self) -> None:
+        """Every rank waits until rank 0 committed the stop checkpoint, so none exits earlier (and
+        makes torchrun tear the group down while rank 0 still writes). Best effort: a peer that
+        has gone makes the barrier fail, and the stop goes on."""
+        if self.agreed_signum is None or not _group_active():
+            return
+        from distributed_train.dist import diagnose
+
+        # A large checkpoint may take longer than dist.timeout_s: the stuck-rank watchdog waits.
+        diagnose.at("waiting for rank 0 to commit the stop checkpoint", may_take_long=True)
+        try:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+        except Exception:  # noqa: BLE001 - the checkpoint is committed or not; exiting is right either way
+            pass
 
     def __enter__(self) -> "StopFlag":
         if self.enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+        # The vote launched after the last step: gloo must be done with its tensor long before the
+        # process group is destroyed. A gloo thread that drops the last reference to a tensor made in
+        # Python needs the GIL, and the group's destructor holds the GIL while it joins those threads:
+        # a deadlock (seen when one process runs several jobs). After a failure the vote may never
+        # complete: it is kept alive instead, so no gloo thread ever frees it.
+        if self._pending is not None:
+            if exc_type is None:
+                self._pending.result()
+            else:
+                _UNFINISHED_VOTES.append(self._pending)
+        self._pending = None
+
+
+_UNFINISHED_VOTES: list = []  # votes abandoned after a failure (a few bytes each; the process ends)
+
+
+def _group_active() -> bool:
+    """A process group with more than one rank exists (else a rank decides alone)."""
+    import torch.distributed as tdist
+
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def print_stop(exc: Preempted, committed: bool) -> None:
+    """The one line a stopped run prints; 'rerun' only when there is a checkpoint to resume from."""
+    resume = "; rerun the same command to continue" if committed else " (no checkpoint to resume from)"
+    print(f"dtrain: {exc}{resume}", file=sys.stderr, flush=True)

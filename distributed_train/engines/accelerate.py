@@ -153,6 +153,8 @@ class AccelerateEngine(EngineState):
         self.shm_allreduce = attach_shm_allreduce(self.model, env, device, config)  # MULTI_CPU only
         self.scaler = self.accelerator.scaler  # a GradScaler with fp16, else None
         self.non_blocking = device.type == "cuda"
+        self.sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self._full_state: dict | None = None  # sharded: the consolidated model, gathered by every rank
 
     def train_step(self, micro_batches: Iterable[Any], measure_grad_norm: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -186,7 +188,33 @@ class AccelerateEngine(EngineState):
             return None
         # Unscales fp16 gradients first and knows FSDP shards; the norm is global (gradients are
         # already all-reduced). Clipping to inf only measures: the gradients are scaled by exactly 1.
-        return self.accelerator.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        if norm is None:  # DeepSpeed clips inside its own step (the plugin's gradient_clipping)
+            return None
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the replicated global value
+            norm = norm.full_tensor()
+        return torch.as_tensor(norm, device=self.device) if not isinstance(norm, torch.Tensor) else norm
+
+    def eval_model(self) -> torch.nn.Module:
+        """Under FSDP/DeepSpeed the prepared model (its forward gathers the shards); else the task's own."""
+        return self.model if self.sharded else self.raw_model
+
+    def sync_buffers(self) -> None:
+        """As in `ddp`; sharded, every rank also gathers the consolidated model here (a collective),
+        since final_model.pt is written by rank 0 alone after the final evaluation."""
+        super().sync_buffers()
+        if self.sharded:
+            from distributed_train.training.data import to_cpu_copy
+
+            self._full_state = to_cpu_copy(self.accelerator.get_state_dict(self.model))
+
+    def model_state_dict(self) -> dict:
+        """The whole model as CPU tensors: rank 0's shard alone would be a fraction of it."""
+        if self.sharded:
+            if self._full_state is None:
+                raise RuntimeError("engine=accelerate: the sharded model was not gathered before saving")
+            return self._full_state
+        return super().model_state_dict()
 
     def eval_context(self) -> Any:
         """Accelerate's autocast for evaluation, matching training precision."""

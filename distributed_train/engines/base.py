@@ -175,7 +175,9 @@ class EngineState:
 
     def model_state_dict(self) -> dict:
         """The whole model's parameters and buffers as CPU tensors, no wrapper prefixes."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}
+        from distributed_train.training.data import to_cpu_copy
+
+        return to_cpu_copy(self.raw_model.state_dict())  # the checkpoints' copy path, on any device
 
     def extra_state(self) -> dict:
         """LR scheduler and scaler state: small, the same on every rank."""

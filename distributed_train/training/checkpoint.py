@@ -23,9 +23,10 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
+
 
 from distributed_train.errors import TrainingFailure, UsageError
 
@@ -61,17 +62,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def to_cpu_copy(obj: Any) -> Any:
-    """A deep copy with every tensor cloned to CPU, so training can go on while it is written."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu_copy(v) for v in obj)
-    return obj
 
 
 def write_checkpoint(directory: Path, step: int, state: dict) -> Path:

@@ -3,8 +3,8 @@
 `checkpoint.py` finds, verifies and rotates committed checkpoints and knows nothing about ranks;
 `sharded_checkpoint.py` writes them. This module decides which rank does what: every rank
 gathers its RNG state and writes its shard of model and optimizer in the background; rank 0
-writes the rest and commits. After SIGTERM rank 0 saves alone where it holds the whole model
-(ddp); under fsdp the ranks first agree to stop at the same step, then save together.
+writes the rest and commits. Every rank stops after the same step (preemption.StopFlag); then
+rank 0 saves alone where it holds the whole model (ddp), and under fsdp the ranks save together.
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-import torch.distributed as torch_dist
-
 from distributed_train import dist
 from distributed_train.config import Config, to_dict
 from distributed_train.dist import diagnose
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
 from distributed_train.training import checkpoint, sharded_checkpoint
+from distributed_train.training.data import to_cpu_copy
 from distributed_train.training.metrics import MetricsLogger, log
 from distributed_train.training.rng import rng_state, set_rng_state
 
@@ -53,24 +51,12 @@ class Checkpointer:
         self.writer = sharded_checkpoint.ShardedWriter(
             self.directory, env.is_main, lambda step: checkpoint.rotate(self.directory, self.settings.keep_last, step))
         self.sharded = sharded_checkpoint.is_sharded_engine(engine)
-        # Sharded ranks vote on stopping at every step (a tiny gloo all-reduce, no GPU sync).
-        self.stop_group = torch_dist.new_group(backend="gloo") if self.sharded and config.checkpoint.on_sigterm \
-            else None
 
     def should_save(self, step: int, last_step: bool) -> bool:
         """Every `checkpoint.every_steps`, and at the last step (so raising train.max_steps later
         continues from the very end)."""
         every = self.settings.every_steps
         return bool(every) and (step % every == 0 or last_step)
-
-    def stop_agreed(self, requested: bool) -> bool:
-        """Whether to stop after this step. Sharded ranks must save together, so they stop at the
-        same step: any rank's SIGTERM stops all. Elsewhere rank 0 saves alone, on its own signal."""
-        if self.stop_group is None:
-            return requested
-        vote = torch.tensor([int(requested)])
-        torch_dist.all_reduce(vote, group=self.stop_group)
-        return bool(vote.item())
 
     def save(self, step: int, state: StateFn) -> None:
         """Collective save at a step boundary: every rank stages its shard, the write is in the background."""
@@ -203,7 +189,7 @@ def apply_hyperparameters(engine: Engine, groups: list[dict]) -> None:
 def training_state(engine: Engine, global_step: int, position: dict, rngs: list, world_size: int,
                    config: Config, wandb_id: str | None) -> dict:
     """What rank 0 saves beside the shards; the data position never mentions ranks."""
-    return checkpoint.to_cpu_copy({
+    return to_cpu_copy({
         "engine": engine.extra_state(),
         "progress": {"global_step": global_step, **position},
         "rng": rngs,

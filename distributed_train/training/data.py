@@ -250,3 +250,34 @@ def batch_len(batch: Any) -> int:
     if isinstance(batch, (list, tuple)) and batch:
         return batch_len(batch[0])
     raise UsageError(f"cannot tell the batch size of a {type(batch).__name__}; batches must hold tensors")
+
+
+def to_cpu_copy(obj: Any) -> Any:
+    """A deep copy with every tensor on the CPU, so training can go on while it is written.
+
+    The one copy path for checkpoints and final_model.pt, whatever the device. GPU tensors go
+    into pinned memory without blocking, all queued at once, then one synchronize: one wait for
+    the whole state instead of a blocking copy per tensor into pageable memory (seconds for a
+    large model, while the other ranks wait in the next collective). Pinned buffers return to
+    torch's cache after the write and serve the next checkpoint."""
+    devices: set[torch.device] = set()
+    copy = _cpu_copy(obj, devices)
+    for device in devices:
+        torch.cuda.synchronize(device)
+    return copy
+
+
+def _cpu_copy(obj: Any, cuda_devices: set) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach()
+        if tensor.device.type == "cuda" and type(tensor) is torch.Tensor:
+            host = torch.empty_like(tensor, device="cpu", pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            cuda_devices.add(tensor.device)
+            return host
+        return tensor.to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v, cuda_devices) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v, cuda_devices) for v in obj)
+    return obj

@@ -8,6 +8,7 @@ of the model built on the meta device (no memory, no compute, the real model is 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import torch
@@ -15,25 +16,55 @@ import torch
 log = logging.getLogger("distributed_train")
 
 # Dense (no sparsity) peak TFLOP/s per GPU from the vendors' data sheets, by autocast dtype.
-# "tf32" applies to fp32 training when TF32 matmuls are allowed, "fp32" when they are not.
-# The first entry whose name occurs in torch.cuda.get_device_name() wins: specific names first.
-PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("GB200", {"bf16": 2500, "fp16": 2500, "tf32": 1250, "fp32": 80}),
-    ("B200", {"bf16": 2250, "fp16": 2250, "tf32": 1100, "fp32": 75}),
-    ("H200", {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67}),
-    ("H100 NVL", {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60}),
-    ("H100 PCIe", {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51}),
-    ("H100", {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67}),  # SXM
-    ("GH200", {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67}),
-    ("A100", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
-    ("L40S", {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6}),
-    ("L4", {"bf16": 121, "fp16": 121, "tf32": 60, "fp32": 30.3}),
-    ("A10", {"bf16": 125, "fp16": 125, "tf32": 62.5, "fp32": 31.2}),
-    ("RTX 4090", {"bf16": 165, "fp16": 165, "tf32": 82.6, "fp32": 82.6}),
-    ("RTX 3090", {"bf16": 71, "fp16": 71, "tf32": 35.6, "fp32": 35.6}),
-    ("V100", {"fp16": 125, "fp32": 15.7}),
-    ("T4", {"fp16": 65, "fp32": 8.1}),
-]
+# "tf32" applies to fp32 training when TF32 is allowed (train.tf32), "fp32" when it is not.
+# Keys are exact models as `gpu_model()` reads them from torch.cuda.get_device_name(): "L40" is
+# not "L4", and an H200 NVL (a PCIe card) is not an H200 SXM. An unlisted GPU has no MFU unless
+# log.peak_tflops gives its peak.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "GB200": {"bf16": 2500, "fp16": 2500, "tf32": 1250, "fp32": 80},
+    "B200": {"bf16": 2250, "fp16": 2250, "tf32": 1100, "fp32": 75},
+    "H200": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67},  # SXM
+    "H200 NVL": {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60},
+    "H100": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67},  # SXM
+    "H100 NVL": {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60},
+    "H100 PCIe": {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51},
+    "H800": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67},  # SXM
+    "H800 PCIe": {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51},
+    "GH200": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67},
+    "A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},  # SXM
+    "A100 PCIe": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
+    "A800": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
+    "A800 PCIe": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
+    "L40S": {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6},
+    "L40": {"bf16": 181, "fp16": 181, "tf32": 90.5, "fp32": 90.5},
+    "L4": {"bf16": 121, "fp16": 121, "tf32": 60, "fp32": 30.3},
+    "A10": {"bf16": 125, "fp16": 125, "tf32": 62.5, "fp32": 31.2},
+    "RTX 4090": {"bf16": 165, "fp16": 165, "tf32": 82.6, "fp32": 82.6},
+    "RTX 3090": {"bf16": 71, "fp16": 71, "tf32": 35.6, "fp32": 35.6},
+    "V100": {"fp16": 125, "fp32": 15.7},  # SXM2
+    "V100 PCIe": {"fp16": 112, "fp32": 14},
+    "T4": {"fp16": 65, "fp32": 8.1},
+}
+_BRANDS = {"NVIDIA", "TESLA", "GEFORCE"}
+
+
+def gpu_model(name: str) -> str:
+    """The table key for a device name: the model, and the form factor where it changes the peak.
+
+    'NVIDIA H100 80GB HBM3' -> 'H100', 'NVIDIA A100-SXM4-80GB' -> 'A100', 'NVIDIA H200 NVL' ->
+    'H200 NVL', 'NVIDIA GeForce RTX 4090' -> 'RTX 4090', 'Tesla V100-PCIE-32GB' -> 'V100 PCIe'."""
+    words = [w for w in re.split(r"[\s\-]+", name.strip()) if w and w.upper() not in _BRANDS]
+    if not words:
+        return ""
+    model = words[0].upper()
+    rest = [w.upper() for w in words[1:]]
+    if model == "RTX" and rest:
+        model, rest = f"RTX {rest[0]}", rest[1:]
+    if "NVL" in rest:
+        return f"{model} NVL"
+    if "PCIE" in rest:
+        return f"{model} PCIe"
+    return model
 
 
 def peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> float | None:
@@ -42,18 +73,20 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float | No
         return override_tflops * 1e12
     if device.type != "cuda":
         return None  # CPU peaks depend on cores, clocks and ISA: no honest table exists
-    return peak_flops_for_name(torch.cuda.get_device_name(device), precision,
-                               torch.get_float32_matmul_precision() != "highest")
+    return peak_flops_for_name(torch.cuda.get_device_name(device), precision, tf32_enabled())
+
+
+def tf32_enabled() -> bool:
+    """fp32 runs on TF32 tensor cores somewhere: matmuls (train.tf32) or cuDNN convolutions (on
+    by default in torch), so an fp32 model is measured against the TF32 peak and MFU stays <= 1."""
+    return torch.get_float32_matmul_precision() != "highest" or torch.backends.cudnn.allow_tf32
 
 
 def peak_flops_for_name(name: str, precision: str, tf32: bool) -> float | None:
-    """Table lookup by GPU name; fp32 uses the TF32 peak when TF32 matmuls are allowed."""
+    """Table lookup by exact GPU model; fp32 uses the TF32 peak when TF32 is allowed."""
     key = "tf32" if precision == "fp32" and tf32 else precision
-    for pattern, peaks in PEAK_TFLOPS:
-        if pattern in name:
-            value = peaks.get(key)
-            return value * 1e12 if value else None
-    return None
+    value = PEAK_TFLOPS.get(gpu_model(name), {}).get(key)
+    return value * 1e12 if value else None
 
 
 def task_flops_per_sample(task: Any, dataset: Any, collate: Any, samples: int = 2) -> float | None:

@@ -84,7 +84,7 @@ class Trainer:
         self.metrics = TrainMetrics(config, env, device, self.task, self.logger, mfu, self.total_steps)
         self.checkpointer = Checkpointer(config, env, self.run_dir, self.logger, self.engine)
         self.outputs = RunOutputs(env, self.run_dir)
-        self.stop = StopFlag(config.checkpoint.on_sigterm)
+        self.stop = StopFlag(config.checkpoint.on_sigterm, device)
         self.profiler = StepProfiler(config.train.profile_steps, self.run_dir, env.rank, device)
         self.global_step, self.resumed, self.stepped = 0, None, False
 
@@ -118,8 +118,8 @@ class Trainer:
         return summary
 
     def train(self) -> float:
-        """Steps until `total_steps`; returns the seconds it took. SIGTERM ends it at a step
-        boundary with a committed checkpoint (Preempted)."""
+        """Steps until `total_steps`; returns the seconds it took. SIGTERM or Ctrl-C on any rank
+        ends it on every rank after the same step, with a committed checkpoint (Preempted)."""
         start = time.perf_counter()
         try:
             while self.global_step < self.total_steps:
@@ -127,6 +127,7 @@ class Trainer:
                 self.after_step()
         except Preempted:
             self.save_on_preemption()
+            self.stop.after_commit()  # no rank leaves while rank 0 still writes
             raise
         except NonFiniteLoss:
             self.checkpointer.finish_pending()  # the checkpoint in flight predates the problem
@@ -136,7 +137,7 @@ class Trainer:
                 raise
             # A peer stopped first and our collective failed: keep the last completed step.
             self.save_on_preemption(agreed=False)
-            raise Preempted(self.global_step) from None
+            raise Preempted(self.global_step, self.stop.stop_signum) from None
         self.checkpointer.finish_pending()
         return time.perf_counter() - start
 
@@ -169,8 +170,8 @@ class Trainer:
         if self.checkpointer.should_save(step, last):
             self.metrics.check_finite(step)  # never commit a NaN state
             self.checkpointer.save(step, self.state)
-        if self.checkpointer.stop_agreed(self.stop.requested):
-            raise Preempted(step)
+        if self.stop.should_stop(step):  # the same answer on every rank after the same step
+            raise Preempted(step, self.stop.stop_signum)
 
     def evaluate(self) -> dict[str, float]:
         """Exact metrics over the eval set, logged as one `eval` event (collective)."""

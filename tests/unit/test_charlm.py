@@ -147,14 +147,14 @@ def test_metrics_are_consistent_with_loss():
         loss = task.loss(model, batch)
     metrics = task.metrics(model, batch)
     ce, n = metrics["loss"]
-    assert ce.dtype == n.dtype == torch.float64 and n.item() == 5 * 16
-    assert abs(ce.item() / n.item() - loss.item()) < 1e-5
+    assert ce.dtype == torch.float64 and n == 5 * 16  # the count: a Python number, filled in on the device
+    assert abs(ce.item() / n - loss.item()) < 1e-5
     correct, n_acc = metrics["accuracy"]
-    assert 0 <= correct.item() <= n_acc.item() == 80
+    assert 0 <= correct.item() <= n_acc == 80
     bits, n_bits = metrics["bits_per_char"]
-    assert abs(bits.item() / n_bits.item() - loss.item() / math.log(2)) < 1e-5
-    # Every count is its own tensor: an in-place all-reduce of one must not change another.
-    assert len({id(count) for _, count in metrics.values()}) == len(metrics)
+    assert abs(bits.item() / n_bits - loss.item() / math.log(2)) < 1e-5
+    # Counts are immutable numbers: an in-place all-reduce of one pair cannot change another.
+    assert all(isinstance(count, int) for _, count in metrics.values())
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import torch
 
 from distributed_train.training import checkpoint
 from distributed_train.errors import UsageError
+from distributed_train.training.data import to_cpu_copy
 from tests.helpers import TASKS
 
 
@@ -104,7 +105,7 @@ def test_rotation_only_removes_older_committed(tmp_path):
 def test_async_writer_commits_a_copy_not_live_tensors(tmp_path):
     live = {"w": torch.zeros(3)}
     writer = checkpoint.AsyncWriter()
-    writer.submit(tmp_path, 5, checkpoint.to_cpu_copy(live), keep_last=2)
+    writer.submit(tmp_path, 5, to_cpu_copy(live), keep_last=2)
     live["w"] += 1  # training goes on while the write is in flight
     writer.wait()
     assert torch.equal(checkpoint.load_state(tmp_path / "step-00000005")["w"], torch.zeros(3))

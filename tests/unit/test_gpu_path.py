@@ -1,0 +1,193 @@
+"""What GPUs take, checked without one: NCCL failures explained (exit 4), a stuck rank named, TF32
+and NCCL error handling set before the process group, CPU copies for checkpoints."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from distributed_train.dist import diagnose
+from distributed_train.errors import EXIT_COMMUNICATION, CommunicationFailure, user_errors
+from distributed_train.training import run as worker
+
+# What torch 2.13's ProcessGroupNCCL raises in the training thread after its watchdog aborted the
+# communicator (TORCH_NCCL_ASYNC_ERROR_HANDLING=2).
+NCCL_TIMEOUT = ("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=812, "
+                "OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=300000) ran for 300041 "
+                "milliseconds before timing out.")
+
+
+def _beat(step, phase, phase_s, silent_s=0.5):
+    return {"rank": 1, "host": "node-b", "pid": 4242, "step": step, "phase": phase, "left": None,
+            "phase_s": phase_s, "time": time.time() - silent_s}
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError(NCCL_TIMEOUT),
+    torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1."),
+    RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:2046, remote process exited or there was a "
+                 "network error, NCCL version 2.27.3\nncclRemoteError: A call failed possibly due to a "
+                 "network error or a remote process exiting prematurely."),
+])
+def test_nccl_failures_become_one_line_and_exit_4(monkeypatch, exc):
+    diagnose.at("all_reduce in log()", step=812)
+    monkeypatch.setattr(diagnose, "read_positions", lambda world: {1: _beat(812, "all_reduce in log()", 300)})
+    explained = diagnose.explain_communication_failure(exc, rank=0, world_size=2, timeout_s=300)
+    assert isinstance(explained, CommunicationFailure) and "\n" not in str(explained)
+    assert "rank 0: all_reduce in log() of step 812" in str(explained)
+    with pytest.raises(SystemExit) as code:
+        with user_errors(debug=False):
+            raise explained
+    assert code.value.code == EXIT_COMMUNICATION
+
+
+def test_a_rank_whose_main_thread_hangs_is_called_stuck_although_its_heartbeat_lives():
+    mine = (812, "all_reduce in log()")
+    stuck = diagnose._describe_peer(1, _beat(812, "task.loss()", phase_s=400), mine, timeout_s=300)
+    assert "rank 1 is stuck" in stuck and "task.loss() of step 812" in stuck and "pid 4242" in stuck
+    late = diagnose._describe_peer(1, _beat(812, "task.loss()", phase_s=4), mine, timeout_s=300)
+    assert "did not arrive" in late
+    waiting = diagnose._describe_peer(1, _beat(812, "all_reduce in log()", phase_s=400), mine, timeout_s=300)
+    assert waiting is None  # waits in the same collective: a victim, not the cause
+    dead = diagnose._describe_peer(1, _beat(812, "task.loss()", phase_s=1, silent_s=60), mine, timeout_s=300)
+    assert "stopped responding" in dead
+
+
+def test_nccl_error_handling_is_set_before_the_group_and_a_user_setting_wins(monkeypatch):
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    worker.use_nccl_error_handling()
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    worker.use_nccl_error_handling()
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+
+
+def test_tf32_switches_matmuls_and_convolutions_together():
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        worker.set_tf32(True)
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        worker.set_tf32(False)
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
+@pytest.mark.parametrize("name, model, bf16_tflops", [
+    ("NVIDIA H100 80GB HBM3", "H100", 989),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756),
+    ("NVIDIA H100 NVL", "H100 NVL", 835),
+    ("NVIDIA H200", "H200", 989),
+    ("NVIDIA H200 NVL", "H200 NVL", 835),  # a PCIe card, not the SXM part
+    ("NVIDIA H800", "H800", 989),
+    ("NVIDIA H800 PCIe", "H800 PCIe", 756),
+    ("NVIDIA GH200 480GB", "GH200", 989),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312),
+    ("NVIDIA A100-PCIE-40GB", "A100 PCIe", 312),
+    ("NVIDIA A100 80GB PCIe", "A100 PCIe", 312),
+    ("NVIDIA A800-SXM4-80GB", "A800", 312),
+    ("NVIDIA A800 80GB PCIe", "A800 PCIe", 312),
+    ("NVIDIA L40S", "L40S", 362),
+    ("NVIDIA L40", "L40", 181),  # not an L4
+    ("NVIDIA L4", "L4", 121),
+    ("NVIDIA A10", "A10", 125),
+    ("NVIDIA A10G", "A10G", None),  # not an A10, and no data sheet: no MFU rather than a wrong one
+    ("NVIDIA GeForce RTX 4090", "RTX 4090", 165),
+    ("NVIDIA RTX 6000 Ada Generation", "RTX 6000", None),
+    ("NVIDIA RTX A6000", "RTX A6000", None),
+    ("NVIDIA B200", "B200", 2250),
+    ("NVIDIA GB200", "GB200", 2500),
+    ("Tesla V100-SXM2-16GB", "V100", None),  # no bf16 tensor cores
+    ("Tesla V100-PCIE-32GB", "V100 PCIe", None),
+    ("Tesla T4", "T4", None),
+])
+def test_the_peak_table_matches_exact_gpu_models(name, model, bf16_tflops):
+    from distributed_train.training import flops
+
+    assert flops.gpu_model(name) == model
+    assert flops.peak_flops_for_name(name, "bf16", tf32=False) == (bf16_tflops * 1e12 if bf16_tflops else None)
+
+
+def test_fp32_is_measured_against_the_tf32_peak_while_cudnn_may_use_tf32():
+    from distributed_train.training import flops
+
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = True  # torch's default: convolutions run TF32
+        assert flops.tf32_enabled()
+        torch.backends.cudnn.allow_tf32 = False
+        assert not flops.tf32_enabled()
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+    assert flops.peak_flops_for_name("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == 156e12
+
+
+def test_the_checkpoint_copy_is_a_detached_cpu_copy_of_every_tensor():
+    from collections import OrderedDict
+
+    from distributed_train.training.data import to_cpu_copy
+
+    weight = torch.nn.Parameter(torch.ones(2, 3))
+    state = {"model": OrderedDict(w=weight), "rng": [torch.arange(3), (1, "x")], "step": 7,
+             "strided": torch.arange(6.0).view(2, 3).t()}
+    copy = to_cpu_copy(state)
+    with torch.no_grad():
+        weight.add_(1)
+    assert torch.equal(copy["model"]["w"], torch.ones(2, 3)) and not copy["model"]["w"].requires_grad
+    assert isinstance(copy["rng"][1], tuple) and copy["step"] == 7
+    assert torch.equal(copy["strided"], state["strided"]) and copy["strided"].data_ptr() != state["strided"].data_ptr()
+    assert all(t.device.type == "cpu" for t in (copy["model"]["w"], copy["rng"][0], copy["strided"]))
+
+
+def test_final_model_state_is_built_by_the_same_copy_path(monkeypatch):
+    from distributed_train.engines.base import EngineState
+    from distributed_train.training import data
+
+    calls = []
+    monkeypatch.setattr(data, "to_cpu_copy", lambda obj: calls.append(obj) or obj)
+    engine = EngineState()
+    engine.raw_model = torch.nn.Linear(2, 1)
+    assert set(engine.model_state_dict()) == {"weight", "bias"} and len(calls) == 1
+
+
+def test_accelerate_sharded_evaluates_the_prepared_model_and_saves_the_whole_model():
+    pytest.importorskip("accelerate")
+    from types import SimpleNamespace
+
+    from distributed_train.engines.accelerate import AccelerateEngine
+
+    whole = {"weight": torch.ones(4, 2)}
+    accelerator = SimpleNamespace(get_state_dict=lambda model: whole,
+                                  clip_grad_norm_=lambda params, clip: None)  # as under DeepSpeed
+    engine = object.__new__(AccelerateEngine)
+    engine.model, engine.raw_model = torch.nn.Linear(2, 4), torch.nn.Linear(2, 1)  # prepared / a shard
+    engine.accelerator, engine.device = accelerator, torch.device("cpu")
+    engine.config = SimpleNamespace(train=SimpleNamespace(grad_clip=1.0))
+    engine.sharded, engine._full_state = True, None
+    assert engine.eval_model() is engine.model
+    engine.sync_buffers()  # every rank, before the final evaluation
+    assert torch.equal(engine.model_state_dict()["weight"], whole["weight"])
+    assert engine._clip(measure=True) is None
+    engine.sharded = False
+    assert engine.eval_model() is engine.raw_model and set(engine.model_state_dict()) == {"weight", "bias"}
+
+
+def test_the_launcher_explains_a_worker_killed_by_a_signal():
+    from distributed_train.cli.launch import describe_exit
+
+    assert "SIGABRT" in describe_exit(-6) and "TORCH_NCCL_ASYNC_ERROR_HANDLING" in describe_exit(-6)
+    assert "out of memory" in describe_exit(-9) and describe_exit(1) == "exited with code 1; its error is above"
+
+
+def test_charlm_eval_counts_are_python_numbers_not_per_batch_copies():
+    from distributed_train.tasks.charlm import CharLMTask
+    from types import SimpleNamespace
+
+    task = CharLMTask(SimpleNamespace(task_args={"preset": "tiny", "n_layer": 1}))
+    x, y = task.eval_dataset()[0]
+    pairs = task.metrics(task.model(), (x[None], y[None]))
+    assert all(isinstance(count, int) and count == y.numel() for _, count in pairs.values())
