@@ -70,6 +70,11 @@ MUTATIONS = [
         "if step <= kept_step]", "]",
         ("tests/unit/test_checkpoint.py",)),
     Mutation(
+        "the agreed stop step (every rank stops after the same step)", "distributed_train/dist/preemption.py",
+        "        if not _group_active():\n            self.agreed_signum = self.signum\n",
+        "        if True:  # each rank on its own signal\n            self.agreed_signum = self.signum\n",
+        ("tests/distributed/test_stop_agreement.py",)),
+    Mutation(
         "rank 0's run_dir broadcast to every rank", "distributed_train/training/run.py",
         "config.run_dir = dist.broadcast_object(config.run_dir or default_run_dir(config.task))",
         "config.run_dir = config.run_dir or default_run_dir(config.task)",

@@ -9,7 +9,7 @@ from tests.helpers import REPO, run_ranks, train_in_rank
 
 pytestmark = pytest.mark.distributed
 
-TASK = f"{REPO / 'tests' / 'tasks' / 'obs_rankloss.py'}:RankLoss"
+TASK = f"{REPO / 'tests' / 'tasks' / 'rank_dependent_loss.py'}:RankLoss"
 
 
 def test_logged_loss_is_the_mean_of_the_ranks_losses(tmp_path):
@@ -27,7 +27,7 @@ def test_logged_loss_is_the_mean_of_the_ranks_losses(tmp_path):
         rank0_only = sum(per_rank[0][window]) / 2
         assert abs(rank0_only - expected) > 1e-3, "the task must give the ranks different losses"
         assert event["loss"] == pytest.approx(expected, rel=1e-6)
-    # Every log event carries the fields (grad norm measured without train.grad_clip).
+    # Every log event carries the documented fields (grad norm measured without train.grad_clip).
     for key in ("epoch", "lr", "samples_per_s", "step_time_s", "data_wait", "grad_norm"):
         assert all(key in e for e in train), key
     start = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])

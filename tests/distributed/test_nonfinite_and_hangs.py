@@ -11,13 +11,13 @@ from tests.helpers import run_ranks, train_in_rank
 
 pytestmark = pytest.mark.distributed
 
-NAN_TASK = "--task=tests.tasks.bad8_tasks:NaNLoss"
+NAN_TASK = "--task=tests.tasks.broken_tasks:NaNLoss"
 SMALL = ["--train.batch_size=8", "--train.max_steps=6", "--eval.every_steps=0"]
 
 
 def _train_nan(rank: int, world_size: int, overrides: list[str]) -> dict:
     from distributed_train.errors import NonFiniteLoss
-    from tests.tasks.bad8_tasks import NaNLoss
+    from tests.tasks.broken_tasks import NaNLoss
 
     try:
         out = train_in_rank(rank, world_size, overrides)

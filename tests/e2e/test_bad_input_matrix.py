@@ -1,4 +1,4 @@
-"""Issue 8's bad-input matrix (README: Robustness): each mistake exits with its documented code
+"""The bad-input matrix (docs/robustness.md): each mistake exits with its documented code
 and one `dtrain: error:` line naming the cause and the fix; no traceback unless --debug."""
 
 import time
@@ -9,7 +9,7 @@ from tests.helpers import REPO, clean_env, dtrain, free_port
 
 pytestmark = pytest.mark.slow
 
-BAD = "--task=tests/tasks/bad8_tasks.py:"
+BAD = "--task=tests/tasks/broken_tasks.py:"
 SMALL = ["--train.batch_size=8", "--train.max_steps=4", "--log.wandb=disabled"]
 
 

@@ -1,6 +1,6 @@
-"""Tasks with one mistake each, for issue 8's bad-input matrix (README: Robustness).
+"""Tasks with one mistake each, for the bad-input matrix (docs/robustness.md).
 
-Load by file: `--task=tests/tasks/bad8_tasks.py:NonTensorSamples`. Tasks that misbehave at one
+Load by file: `--task=tests/tasks/broken_tasks.py:NonTensorSamples`. Tasks that misbehave at one
 step count their own loss() calls (one per step: no gradient accumulation in these tests) and
 read the rank from torchrun's RANK variable; `task_args` choose the step, the rank and the delay.
 """
