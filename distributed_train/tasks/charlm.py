@@ -206,25 +206,10 @@ class CharLMTask:
         return GPT(self.vocab_size, a["ctx"], a["n_layer"], a["n_head"], a["d_model"], a["dropout"])
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over every token in the batch."""
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return token_loss(model, batch)
 
-    @torch.no_grad()
     def metrics(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, tuple]:
-        """(sum, count) per metric, so ranks can all-reduce both and divide once."""
-        x, y = batch
-        logits = model(x).reshape(-1, self.vocab_size)
-        y = y.reshape(-1)
-        # Sum in float64: a float32 sum over many tokens and batches loses digits.
-        ce = F.cross_entropy(logits.float(), y, reduction="none").double().sum()
-        correct = (logits.argmax(dim=-1) == y).sum().double()
-
-        # Counts as Python numbers: the evaluator fills them in on the device; a tensor built
-        # from a number here would be a host-to-device copy per batch.
-        n = y.numel()
-        return {"loss": (ce, n), "bits_per_char": (ce / math.log(2), n), "accuracy": (correct, n)}
+        return token_metrics(model, batch, self.vocab_size, "bits_per_char")
 
     def flops_per_sample(self) -> float:
         """Training FLOPs (forward + backward) per window: (6N + 12 L d T) per token, times T."""
@@ -239,3 +224,27 @@ class CharLMTask:
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         """Token ids back to text (padding ids, never in the data, decode as '?')."""
         return "".join(self.vocab[i] if i < len(self.vocab) else "?" for i in torch.as_tensor(ids).tolist())
+
+
+def token_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over every token of a (inputs, next tokens) batch."""
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def token_metrics(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], vocab_size: int,
+                  bits_name: str) -> dict[str, tuple]:
+    """(sum, count) of the token loss, bits per token and accuracy, so ranks can all-reduce both
+    and divide once."""
+    x, y = batch
+    logits = model(x).reshape(-1, vocab_size)
+    y = y.reshape(-1)
+    # Sum in float64: a float32 sum over many tokens and batches loses digits.
+    ce = F.cross_entropy(logits.float(), y, reduction="none").double().sum()
+    correct = (logits.argmax(dim=-1) == y).sum().double()
+    # Counts as Python numbers: the evaluator fills them in on the device; a tensor built from a
+    # number here would be a host-to-device copy per batch.
+    n = y.numel()
+    return {"loss": (ce, n), bits_name: (ce / math.log(2), n), "accuracy": (correct, n)}

@@ -10,16 +10,14 @@ multiple of 64 and the LM head is tied to the token embedding.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distributed_train.errors import UsageError
 from distributed_train.tasks import tokens
-from distributed_train.tasks.charlm import GPT, VOCAB_MULTIPLE
+from distributed_train.tasks.charlm import GPT, VOCAB_MULTIPLE, token_loss, token_metrics
 
 PRESETS = {
     "tiny": {"n_layer": 4, "n_head": 4, "d_model": 128, "seq_len": 256},
@@ -152,25 +150,10 @@ class LMTask:
         return list(model.blocks)
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over every token in the batch."""
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return token_loss(model, batch)
 
-    @torch.no_grad()
     def metrics(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, tuple]:
-        """(sum, count) of the token loss and accuracy, so ranks can all-reduce both and divide once."""
-        x, y = batch
-        logits = model(x).reshape(-1, self.vocab_size)
-        y = y.reshape(-1)
-        ce = F.cross_entropy(logits.float(), y, reduction="none").double().sum()  # float64: many tokens
-        correct = (logits.argmax(dim=-1) == y).sum().double()
-
-        def count() -> torch.Tensor:  # a fresh tensor per metric: pairs may be all-reduced in place
-            return torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)
-
-        return {"loss": (ce, count()), "bits_per_token": (ce / math.log(2), count()),
-                "accuracy": (correct, count())}
+        return token_metrics(model, batch, self.vocab_size, "bits_per_token")
 
     def flops_per_sample(self) -> float:
         """Training FLOPs (forward + backward) per window: (6N + 12 L d T) per token, times T."""

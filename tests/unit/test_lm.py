@@ -77,7 +77,7 @@ def test_raw_files_hold_out_a_fraction_and_padded_vocabulary(tmp_path):
     loss = lm.loss(model, batch)
     assert loss.dim() == 0 and abs(loss.item() - np.log(64)) < 0.5
     metrics = lm.metrics(model, batch)
-    assert metrics["loss"][1].item() == 20
+    assert metrics["loss"][1] == 20  # a Python count: filled in on the device by the evaluator
 
 
 def test_data_directory_checks_meta_against_options_and_files(tmp_path):
