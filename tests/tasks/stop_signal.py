@@ -1,7 +1,7 @@
 """The toy regression task, plus a signal sent from inside `loss` at a chosen moment.
 
 STOP_TEST_SIGNAL="SIGNAL:TARGET_RANK:SENDER_RANK:CALL" makes rank SENDER_RANK, at its CALL-th
-call of `loss` (1-based, micro-batches count), send SIGNAL to rank TARGET_RANK, whose pid it reads
+training call of `loss` (1-based, micro-batches count), send SIGNAL to rank TARGET_RANK, whose pid it reads
 from STOP_TEST_PIDS/rank-TARGET_RANK. Sent to itself, the signal lands at a known point of the
 step; sent to the peer, it lands wherever the peer is (a collective, backward, the optimizer).
 """
@@ -25,6 +25,8 @@ class SignalledRegression(Regression):
         self.calls = 0
 
     def loss(self, model, batch):
+        if not model.training:  # the start-up check of the eval methods, evaluation: not a step
+            return super().loss(model, batch)
         self.calls += 1
         spec = os.environ.get(SPEC_VAR)
         if spec:
