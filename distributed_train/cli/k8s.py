@@ -63,8 +63,11 @@ def _parser() -> _Parser:
     p.add_argument("--queue", help="Kueue LocalQueue: labels the workload kueue.x-k8s.io/queue-name")
     p.add_argument("--priority-class", help="PriorityClass of the pods (trainjob: a Kueue "
                                             "WorkloadPriorityClass, as label kueue.x-k8s.io/priority-class)")
-    p.add_argument("--rdma", action="store_true",
-                   help="add the IPC_LOCK capability RDMA NICs need to pin memory (nothing else)")
+    p.add_argument("--rdma", metavar="RESOURCE=COUNT",
+                   help="request an RDMA device plugin's resource per pod (e.g. rdma/hca_shared_devices_a=1) "
+                        "and add the IPC_LOCK capability RDMA needs to pin memory (InfiniBand, EFA, RoCE)")
+    p.add_argument("--nccl-socket-ifname",
+                   help="NCCL_SOCKET_IFNAME for the pods (default: unset, NCCL picks the interface)")
     p.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts of a node's workers")
     p.add_argument("--grace-period", type=int, default=120, dest="grace_period_s",
                    help="seconds from SIGTERM to SIGKILL: the SIGTERM checkpoint must fit (default 120)")

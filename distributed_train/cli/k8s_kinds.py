@@ -108,7 +108,7 @@ def train_job(spec: JobSpec) -> dict:
         "terminationGracePeriodSeconds": spec.grace_period_s,
         "volumes": volumes(spec),
         "containers": [{"name": TRAINJOB_NODE,
-                        "securityContext": security.container_security_context(spec.rdma),
+                        "securityContext": security.container_security_context(spec.rdma is not None),
                         "volumeMounts": volume_mounts()}],
     }
     node_patch = {"name": TRAINJOB_NODE, "template": {"spec": {"template": {

@@ -54,7 +54,8 @@ class JobSpec:
     namespace: str | None = None  # None: kubectl's current namespace
     queue: str | None = None  # Kueue LocalQueue
     priority_class: str | None = None
-    rdma: bool = False  # adds the IPC_LOCK capability RDMA NICs need to pin memory, nothing else
+    rdma: str | None = None  # RESOURCE=COUNT of an RDMA device plugin: requested, plus IPC_LOCK
+    nccl_socket_ifname: str | None = None  # None: NCCL picks its interface itself
     overrides: list[str] = field(default_factory=list)
     min_nodes: int = field(init=False)
 
@@ -69,6 +70,11 @@ class JobSpec:
             raise UsageError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
         if self.procs_per_node < 1:
             raise UsageError(f"--procs-per-node must be >= 1, got {self.procs_per_node}")
+        if self.rdma is not None:
+            self.rdma_resource()  # validates RESOURCE=COUNT
+        if self.nccl_socket_ifname is not None and not re.fullmatch(r"\^?=?[\w.,:-]+", self.nccl_socket_ifname):
+            raise UsageError(f"--nccl-socket-ifname must be an interface name or NCCL prefix list "
+                             f"(e.g. eth0, ^lo,docker), got {self.nccl_socket_ifname!r}")
         if self.max_restarts < 0:
             raise UsageError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if self.grace_period_s < 30:
@@ -92,6 +98,16 @@ class JobSpec:
             if value is not None and not _LABEL_VALUE.match(value):
                 raise UsageError(f"{flag} {value!r} is not a valid label value: letters, digits, "
                                  "'-', '_', '.', at most 63 characters")
+
+    def rdma_resource(self) -> tuple[str, int] | None:
+        """(resource name, count) of `--rdma RESOURCE=COUNT`, e.g. rdma/hca_shared_devices_a=1."""
+        if self.rdma is None:
+            return None
+        name, _, count = self.rdma.partition("=")
+        if not re.fullmatch(r"[a-z0-9.-]+/[A-Za-z0-9_.-]+", name) or not count.isdigit() or int(count) < 1:
+            raise UsageError(f"--rdma must be RESOURCE=COUNT with a device-plugin resource name and a "
+                             f"count >= 1 (e.g. rdma/hca_shared_devices_a=1), got {self.rdma!r}")
+        return name, int(count)
 
     @property
     def elastic(self) -> bool:
@@ -222,6 +238,9 @@ def resources(spec: JobSpec) -> dict:
     if not spec.cpu:
         result["requests"]["nvidia.com/gpu"] = spec.gpus_per_node
         result["limits"]["nvidia.com/gpu"] = spec.gpus_per_node
+    rdma = spec.rdma_resource()
+    if rdma:  # extended resources: request and limit must be equal
+        result["requests"][rdma[0]] = result["limits"][rdma[0]] = rdma[1]
     return result
 
 
@@ -248,7 +267,7 @@ def pod_spec(spec: JobSpec, container_name: str = CONTAINER) -> dict:
         "ports": [{"name": "pytorchjob-port" if spec.kind == "pytorchjob" else "rdzv",
                    "containerPort": RDZV_PORT}],
         "resources": resources(spec),
-        "securityContext": security.container_security_context(spec.rdma),
+        "securityContext": security.container_security_context(spec.rdma is not None),
         "volumeMounts": volume_mounts(),
     }
     pod: dict[str, Any] = {
@@ -267,7 +286,9 @@ def env_config(spec: JobSpec) -> dict:
     """The `<name>-env` ConfigMap's data: network settings a user may edit per cluster."""
     env = {"GLOO_SOCKET_IFNAME": "eth0"}  # the pod network; gloo may otherwise pick an unroutable one
     if not spec.cpu:
-        env.update(NCCL_DEBUG="WARN", NCCL_SOCKET_IFNAME="eth0")
+        env["NCCL_DEBUG"] = "WARN"
+        if spec.nccl_socket_ifname:  # otherwise NCCL's own choice (it skips lo and docker bridges)
+            env["NCCL_SOCKET_IFNAME"] = spec.nccl_socket_ifname
     return env
 
 

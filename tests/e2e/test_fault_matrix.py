@@ -102,14 +102,14 @@ def test_resume_applies_a_changed_lr_and_ignores_foreign_checkpoint_folders(tmp_
 FULL_DISK = """
 import errno, sys
 from distributed_train import cli
-from distributed_train.training import checkpoint
-real_save = checkpoint.torch.save
-def save(obj, f, *args, **kwargs):
-    if obj["progress"]["global_step"] == 4:
-        f.write(b"partial")
+from distributed_train.training import sharded_checkpoint
+real_write = sharded_checkpoint.write_train_state
+def write(directory, train_state):  # the disk fills up while checkpoint 4 is written
+    if train_state["progress"]["global_step"] == 4:
+        (directory / "train_state.pt").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
-    return real_save(obj, f, *args, **kwargs)
-checkpoint.torch.save = save
+    return real_write(directory, train_state)
+sharded_checkpoint.write_train_state = write
 sys.exit(cli.main(sys.argv[1:]))
 """
 

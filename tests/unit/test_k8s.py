@@ -112,7 +112,7 @@ def test_every_variant_is_valid_kubernetes_and_lint_clean(kubernetes_validate, k
                                             ("pytorchjob", True, 2), ("trainjob", False, 1),
                                             ("trainjob", False, 4), ("trainjob", True, 2)])
 def test_kubeflow_kinds_match_their_crd_schema(crd_validators, kind, cpu, nodes):
-    extra = ["--queue", "team-a", "--priority-class", "high", "--namespace", "ml", "--rdma"]
+    extra = ["--queue", "team-a", "--priority-class", "high", "--namespace", "ml", "--rdma", "rdma/ib=1"]
     job = by_kind(render(*variant_args(kind, cpu, nodes), *extra), WORKLOAD[kind])
     validator = crd_validators[WORKLOAD[kind]]
     assert [e.message for e in validator.iter_errors(job)] == []
@@ -138,7 +138,7 @@ def test_trainjob_runs_dtrain_launch_on_the_torch_runtime():
     assert args[-3:] == [CONFIG_PATH, "--run_dir=/runs/llm", "--train.lr=0.01"]
     env = {e["name"]: e for e in trainer["env"]}
     assert env["DTRAIN_WAIT_FOR_HOST"]["value"] == "llm-node-0-0.llm"
-    assert env["NCCL_SOCKET_IFNAME"]["valueFrom"]["configMapKeyRef"] == {"name": "llm-env", "key": "NCCL_SOCKET_IFNAME"}
+    assert env["NCCL_DEBUG"]["valueFrom"]["configMapKeyRef"] == {"name": "llm-env", "key": "NCCL_DEBUG"}
     pod = effective_pods(objects)[0]
     assert pod["serviceAccountName"] == "llm" and pod["terminationGracePeriodSeconds"] == 120
     # What torchrun makes of these arguments in a pod where the runtime set its PET_* variables.
@@ -242,7 +242,7 @@ def hardening_problems(pod: dict, rdma: bool) -> list[str]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_renders_a_hardened_pod(kind):
     for cpu, rdma in [(True, False), (False, False), (False, True)]:
-        args = [*variant_args(kind, cpu, 2), *(["--rdma"] if rdma else [])]
+        args = [*variant_args(kind, cpu, 2), *(["--rdma", "rdma/hca_shared_devices_a=1"] if rdma else [])]
         pods = effective_pods(render(*args))
         assert len(pods) == 1
         assert hardening_problems(pods[0], rdma) == [], args
@@ -365,3 +365,19 @@ def test_dockerfile_passes_hadolint_and_keeps_the_image_contract():
     assert subprocess.run(["sh", "-n", str(REPO / "docker" / "entrypoint.sh")]).returncode == 0
     ignored = (REPO / ".dockerignore").read_text().splitlines()
     assert ignored[ignored.index("*") + 1:].count("!docker/entrypoint.sh") == 1
+
+
+def test_rdma_requests_its_device_and_nccl_keeps_its_own_interface_unless_told():
+    objects = render("--nodes", "2", "--rdma", "rdma/hca_shared_devices_a=2")
+    pod = by_kind(objects, "Job")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["requests"]["rdma/hca_shared_devices_a"] == 2
+    assert container["resources"]["limits"]["rdma/hca_shared_devices_a"] == 2
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    env = next(o for o in objects if o["metadata"]["name"].endswith("-env"))["data"]
+    assert "NCCL_SOCKET_IFNAME" not in env  # NCCL's own choice: no guessed interface name
+    told = render("--nccl-socket-ifname", "^lo,docker")
+    assert next(o for o in told if o["metadata"]["name"].endswith("-env"))["data"]["NCCL_SOCKET_IFNAME"] == "^lo,docker"
+    for bad in (["--rdma", "rdma"], ["--rdma", "rdma/ib=0"], ["--nccl-socket-ifname", "eth0; rm"]):
+        with pytest.raises(k8s.UsageError, match=bad[0]):
+            render(*bad)
