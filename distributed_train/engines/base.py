@@ -28,6 +28,7 @@ class Engine(Protocol):
     model: nn.Module  # what task.loss() sees in training (maybe wrapped in DDP)
     raw_model: nn.Module  # the task's own module (under fsdp: sharded in place, parameters are DTensors)
     optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per optimizer step
     non_blocking: bool  # host-to-device copies may be asynchronous (CUDA)
     shm_allreduce: shm_allreduce.SharedMemoryAllReduce | None  # set when gradients go through /dev/shm
     skipped_steps: int  # train.nonfinite=skip: updates skipped since this process started

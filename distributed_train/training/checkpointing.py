@@ -171,13 +171,11 @@ def apply_hyperparameters(engine: Engine, groups: list[dict]) -> None:
     Loading restores the checkpoint's param-group settings and the scheduler's base LRs, which
     would silently keep the old `train.lr` / `train.weight_decay`; the schedule's factor function
     already reads the current config. With unchanged settings this recomputes the same floats."""
-    optimizer, scheduler = engine.optimizer, getattr(engine, "scheduler", None)
+    optimizer, scheduler = engine.optimizer, engine.scheduler
     if len(groups) != len(optimizer.param_groups):
         return  # the task's own optimizer changed its groups: the checkpoint's settings stay
     for group, settings in zip(optimizer.param_groups, groups):
         group.update(settings)
-    if scheduler is None:
-        return
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     factors = getattr(scheduler, "lr_lambdas", None)
     if factors:

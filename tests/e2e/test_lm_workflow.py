@@ -5,11 +5,15 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from distributed_train.cli import main as cli_main
+from distributed_train.cli import prepare_tokens
 from distributed_train.tasks.charlm import load_text
 from tests.helpers import clean_env, dtrain
+from tests.unit.test_prepare_tokens import read_split
 
 pytestmark = pytest.mark.slow
 
@@ -45,3 +49,22 @@ def test_prepare_tokens_then_launch_lm_and_resume_on_another_world_size(tmp_path
     a = torch.load(run / "final_model.pt", weights_only=True)
     b = torch.load(tmp_path / "ref" / "final_model.pt", weights_only=True)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_hugging_face_tokenizer_in_worker_processes_equals_one_encode(tmp_path, monkeypatch):
+    tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers library is not installed")
+    words = [f"w{i}" for i in range(300)]
+    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]")
+    tokenizer = tokenizers.Tokenizer(model)
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(words, size=12)) for _ in range(400)]
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(prepare_tokens, "CHUNK_BYTES", 2048)
+    out = tmp_path / "tokens"
+    assert cli_main(["prepare-tokens", str(tmp_path / "t.txt"), "-o", str(out), "--tokenizer",
+                   str(tmp_path / "tokenizer.json"), "--workers", "2", "--val-fraction", "0"]) == 0
+    meta, ids = read_split(out, "train")
+    assert meta["vocab_size"] == 301 and meta["tokenizer"]["kind"] == "huggingface"
+    assert ids.tolist() == tokenizer.encode((tmp_path / "t.txt").read_text()).ids

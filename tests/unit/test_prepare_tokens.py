@@ -56,22 +56,3 @@ def test_existing_directory_is_refused_unless_overwrite_and_stdin_works(tmp_path
     with pytest.raises(SystemExit) as info:
         dtrain(["prepare-tokens", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x")])
     assert info.value.code == 2 and "missing.txt" in capsys.readouterr().err
-
-
-def test_hugging_face_tokenizer_in_worker_processes_equals_one_encode(tmp_path, monkeypatch):
-    tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers library is not installed")
-    words = [f"w{i}" for i in range(300)]
-    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]")
-    tokenizer = tokenizers.Tokenizer(model)
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
-    rng = np.random.default_rng(0)
-    lines = [" ".join(rng.choice(words, size=12)) for _ in range(400)]
-    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(prepare_tokens, "CHUNK_BYTES", 2048)
-    out = tmp_path / "tokens"
-    assert dtrain(["prepare-tokens", str(tmp_path / "t.txt"), "-o", str(out), "--tokenizer",
-                   str(tmp_path / "tokenizer.json"), "--workers", "2", "--val-fraction", "0"]) == 0
-    meta, ids = read_split(out, "train")
-    assert meta["vocab_size"] == 301 and meta["tokenizer"]["kind"] == "huggingface"
-    assert ids.tolist() == tokenizer.encode((tmp_path / "t.txt").read_text()).ids
