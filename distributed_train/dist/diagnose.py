@@ -112,10 +112,14 @@ class Heartbeat:
             self.store = None
 
     def _run(self) -> None:
-        while not self._done.wait(BEAT_S):
+        # Beat at once, then every BEAT_S: a rank that dies or stops in its first second is still
+        # known (host, pid), so its peers can tell dead, stopped and slow apart.
+        while True:
             if not self.stop_requested():  # after SIGTERM the store's host may be gone already
                 self.publish()
             self._end_if_stuck()
+            if self._done.wait(BEAT_S):
+                return
 
     def _end_if_stuck(self) -> None:
         """After SIGTERM a healthy rank reaches a step boundary soon; one that does not is stuck."""
