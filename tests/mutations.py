@@ -18,8 +18,8 @@ MUTATIONS = [
         (RESUME_MIDRUN,)),
     Mutation(
         "optimizer state restore on resume", "distributed_train/training/sharded_checkpoint.py",
-        'optim_state_dict=state["optimizer"])',
-        "optim_state_dict=get_state_dict(engine.raw_model, _optimizer(engine))[1])",
+        "    dcp.load(state, checkpoint_id=str(path), no_dist=not torch_dist.is_initialized())\n",
+        '    dcp.load({"model": state["model"]}, checkpoint_id=str(path), no_dist=not torch_dist.is_initialized())\n',
         (RESUME_MIDRUN,)),
     Mutation(
         "per-step reseed of torch's generator", "distributed_train/training/rng.py",
