@@ -27,6 +27,10 @@ def stopped_by_sigterm(rank: int, world_size: int, run_dir: str, stop_at: int) -
 
     import os
 
+    from distributed_train.dist import preemption
+
+    # A vote at every step boundary (not every ~50 ms): the stop step is the same on any machine.
+    preemption.StopFlag._propose_interval = lambda self, step: 1
     os.environ["NOISY_STOP_AT_STEP"] = str(stop_at)  # not a config key: the resume must see the same config
     config = resolve_config(None, [*ARGS, f"--run_dir={run_dir}"])
     try:
@@ -40,10 +44,11 @@ def stopped_by_sigterm(rank: int, world_size: int, run_dir: str, stop_at: int) -
 def test_sigterm_mid_run_resumes_bit_identical_with_cosine_adam_and_all_rngs(tmp_path):
     reference = run_ranks(train_in_rank, 2, [*ARGS, f"--run_dir={tmp_path / 'ref'}"])[0]
     stopped = run_ranks(stopped_by_sigterm, 2, str(tmp_path / "run"), 9)
-    # Both ranks stopped after the same step, agreed at a vote after the signal in step 9, well
-    # before the end (mid-cosine); that step was committed, so no completed step was lost.
+    # Both ranks stopped after the same step, agreed at the vote after the signal in step 9: well
+    # before the end (mid-cosine) and mid-epoch (6 steps per epoch); that step was committed, so no
+    # completed step was lost.
     step = stopped[0]["stopped_at"]
-    assert [s["stopped_at"] for s in stopped] == [step, step] and 9 <= step < STEPS - 10, stopped
+    assert [s["stopped_at"] for s in stopped] == [step, step] and 9 <= step <= 11 and step % 6, stopped
     assert stopped[0]["checkpoints"] == [f"step-{step:08d}"]
     resumed = run_ranks(train_in_rank, 2, [*ARGS, f"--run_dir={tmp_path / 'run'}"])[0]
     assert resumed["summary"]["resumed_from"].endswith(f"step-{step:08d}")
