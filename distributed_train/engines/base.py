@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import Any, ContextManager, Iterable, Protocol
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distributed_train.config import Config
@@ -69,6 +69,13 @@ class Engine(Protocol):
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+
+def is_dtensor(tensor: Any) -> bool:
+    """A DTensor (an fsdp shard), checked without importing torch.distributed.tensor (~0.6 s of
+    every worker's start) when nothing has: then no tensor can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
 def build_optimizer(task: Task, model: nn.Module, config: Config) -> torch.optim.Optimizer:
     """The task's own optimizer if it has one, else AdamW/SGD from `train.*`."""
     own = task.optimizer(model.parameters(), config)
@@ -90,7 +97,7 @@ def optimizer_kernel(model: nn.Module, optimizer: str = "adamw") -> dict:
     """
     fused_devices = {"cpu", "cuda", "xpu", "mps"}
     params = list(model.parameters())
-    if optimizer == "sgd" and any(isinstance(p, DTensor) for p in params):
+    if optimizer == "sgd" and any(is_dtensor(p) for p in params):
         return {"foreach": True}  # torch has no fused SGD for sharded (fsdp) parameters
     if params and all(p.is_floating_point() and p.device.type in fused_devices for p in params):
         return {"fused": True}

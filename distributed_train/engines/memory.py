@@ -8,9 +8,9 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from distributed_train import dist
+from distributed_train.engines.base import is_dtensor
 
 
 def optimizer_slots(optimizer_name: str, group: dict) -> int:
@@ -27,7 +27,7 @@ def optimizer_slots(optimizer_name: str, group: dict) -> int:
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def _bytes(tensor: torch.Tensor) -> int:

@@ -28,10 +28,8 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as torch_dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
 
+from distributed_train.engines.base import is_dtensor
 from distributed_train.errors import UsageError
 from distributed_train.training import checkpoint
 
@@ -48,7 +46,7 @@ def is_sharded(path: Path) -> bool:
 def is_sharded_engine(engine: Any) -> bool:
     """Parameters are split across ranks (fsdp): no rank can save the whole state alone."""
     return torch_dist.is_initialized() and torch_dist.get_world_size() > 1 and \
-        any(isinstance(p, DTensor) for p in engine.raw_model.parameters())
+        any(is_dtensor(p) for p in engine.raw_model.parameters())
 
 
 def _optimizer(engine: Any) -> torch.optim.Optimizer:
@@ -58,12 +56,17 @@ def _optimizer(engine: Any) -> torch.optim.Optimizer:
 
 def model_and_optimizer(engine: Any) -> dict:
     """{"model", "optimizer"} keyed by parameter names: full tensors (ddp) or DTensor shards (fsdp)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model, optimizer = get_state_dict(engine.raw_model, _optimizer(engine))
     return {"model": model, "optimizer": optimizer}
 
 
 def load_model_and_optimizer(engine: Any, path: Path) -> None:
     """Fill the engine's model and optimizer from checkpoint `path`, resharded to this world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
     state = model_and_optimizer(engine)
     dcp.load(state, checkpoint_id=str(path), no_dist=not torch_dist.is_initialized())
     set_state_dict(engine.raw_model, _optimizer(engine), model_state_dict=state["model"],
@@ -82,6 +85,7 @@ def read_model(path: Path) -> dict[str, torch.Tensor]:
     """The full model state of a checkpoint, in one process without a process group (export)."""
     # DCP's own offline loader (what format_utils.dcp_to_torch_save uses): it builds the state
     # dict from the checkpoint's metadata, so no model is needed; only the model's keys are read.
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -127,6 +131,8 @@ class ShardedWriter:
                 raise checkpoint.CheckpointWriteFailed(f"cannot create {tmp}: {exc.strerror or exc}") from exc
         if self.group is not None:
             torch_dist.barrier(group=self.group)  # the directory is empty before anyone writes
+        import torch.distributed.checkpoint as dcp  # imported when a checkpoint is saved (~0.5 s)
+
         future = dcp.async_save(model_and_optimizer(engine), checkpoint_id=str(tmp), process_group=self.group,
                                 no_dist=self.group is None)
         self.background.run(step, lambda: self._finish(future, step, train_state))
@@ -140,6 +146,8 @@ class ShardedWriter:
         tmp = self.directory / f"{checkpoint.TMP_PREFIX}{checkpoint_name(step)}"
 
         def write() -> None:
+            import torch.distributed.checkpoint as dcp
+
             dcp.save(model_and_optimizer(engine), checkpoint_id=str(tmp), no_dist=True)
             write_train_state(tmp, train_state)
 

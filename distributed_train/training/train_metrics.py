@@ -6,12 +6,11 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from distributed_train import dist
 from distributed_train.config import Config
 from distributed_train.dist import diagnose
-from distributed_train.engines.base import Engine
+from distributed_train.engines.base import Engine, is_dtensor
 from distributed_train.errors import NonFiniteLoss
 from distributed_train.task import Task
 from distributed_train.training.flops import MFUMeter
@@ -100,5 +99,5 @@ class TrainMetrics:
         """This rank's state holds NaN/inf (a local check, no collective: the SIGTERM path's guard)."""
         losses = self.window.losses if self.config.train.nonfinite == "error" else []
         # This rank's shard only (fsdp): a check of the whole DTensor would be a collective.
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in engine.raw_model.parameters()]
+        local = [p.to_local() if is_dtensor(p) else p for p in engine.raw_model.parameters()]
         return any(not torch.isfinite(t).all() for t in [*losses, *local])
