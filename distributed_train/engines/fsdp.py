@@ -159,16 +159,9 @@ class FSDPEngine(DDPEngine):
         return contextlib.nullcontext()
 
     def _clip(self, measure: bool = False) -> torch.Tensor | None:
-        """The global gradient norm over every shard (a DTensor reduction), clipped to train.grad_clip."""
-        clip = self.config.train.grad_clip
-        if clip <= 0 and not measure:
-            return None
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        """ddp's clipping over the sharded parameters: the norm is a DTensor reduction over every
+        shard; its full value is the global norm."""
+        norm = super()._clip(measure)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     # -- evaluation and state ------------------------------------------------------------------
