@@ -124,6 +124,15 @@ def test_empty_config_file_means_defaults(tmp_path):
     assert load_config(write(tmp_path, "")) == Config()
 
 
+def cli_text(value) -> str:
+    """How a user writes `value` after `--key=`."""
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    if isinstance(value, (dict, list)):
+        return "{}" if isinstance(value, dict) else "[" + ",".join(value) + "]"
+    return str(value)
+
+
 def test_describe_lists_every_key_with_default_and_help():
     rows = describe()
     keys = [key for key, _, _ in rows]
@@ -137,9 +146,11 @@ def test_describe_lists_every_key_with_default_and_help():
     assert all(help_text and "\n" not in help_text for _, _, help_text in rows)
     by_key = {key: default for key, default, _ in rows}
     assert by_key["train.lr"] == "0.001" and by_key["task"] == "'digits'" and by_key["task_args"] == "{}"
-    # every described key is accepted on the command line with its own default
+    # every described key is the field's real default, and is accepted on the command line with it
     flat = to_dict(Config())
-    for key, _, _ in rows:
+    for key, described, _ in rows:
         node = flat
         for part in key.split("."):
             node = node[part]
+        assert described == repr(node), key
+        assert load_config(None, [f"--{key}={cli_text(node)}"]) == Config(), key
