@@ -100,9 +100,18 @@ def test_precision_on_cpu():
         make_engine(["--train.precision=fp16"])
     with autocast_context("bf16", torch.device("cpu")):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
-    engine, task = make_engine(["--train.precision=bf16"])
-    loss, _ = engine.train_step([global_batch(task)])
-    assert torch.isfinite(loss) and engine.raw_model[0].weight.dtype == torch.float32
+    for precision, matmul_dtype in [("bf16", torch.bfloat16), ("fp32", torch.float32)]:
+        engine, task = make_engine([f"--train.precision={precision}"])
+        seen = []  # the dtype each Linear computes in (its output), in training and in evaluation
+        for layer in (engine.raw_model[0], engine.raw_model[2]):
+            layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        loss, _ = engine.train_step([global_batch(task)])
+        assert seen == [matmul_dtype] * 2, (precision, seen)
+        with engine.eval_context():
+            engine.raw_model(global_batch(task)[0])
+        assert seen[2:] == [matmul_dtype] * 2, (precision, seen)
+        # Autocast casts per op: the parameters (the optimizer's master weights) stay fp32.
+        assert torch.isfinite(loss) and all(p.dtype == torch.float32 for p in engine.raw_model.parameters())
 
 
 def test_bf16_comm_hook_on_cpu_is_a_usage_error():
