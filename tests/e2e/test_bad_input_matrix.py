@@ -1,6 +1,8 @@
 """The bad-input matrix (docs/robustness.md): each mistake exits with its documented code
 and one `dtrain: error:` line naming the cause and the fix; no traceback unless --debug."""
 
+import inspect
+import re
 import time
 
 import pytest
@@ -78,9 +80,23 @@ def test_unreachable_rendezvous_in_launch(tmp_path):
     assert f"could not join the rendezvous at 127.0.0.1:{port}" in line and "join_timeout" in line
 
 
+def _torchrun_log_seconds(stderr: str, message: str) -> float:
+    """The time of day (s) of torchrun's log line holding `message` (`W1201 22:34:05.161000 PID ...]`)."""
+    match = re.search(r"^[IWE]\d{4} (\d\d):(\d\d):(\d\d\.\d+) .*\] " + re.escape(message), stderr, re.M)
+    assert match, f"no torchrun log line {message!r}:\n{stderr}"
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
 def test_hung_rank_is_named_and_the_job_ends_long_before_it_wakes(tmp_path):
     # Rank 1's loss sleeps 120 s at step 3; with dist.timeout_s=4 rank 0's gradient all-reduce
     # times out and names rank 1, and rank 1 (SIGTERMed by torchrun) ends itself soon after.
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    # When a worker fails, torchrun SIGTERMs the others and SIGKILLs them this long after: the
+    # fallback the stuck rank's own watchdog (dist.timeout_s + 2 s) must beat.
+    torchrun_sigkill_after_s = inspect.signature(PContext.close).parameters["timeout"].default
+    assert torchrun_sigkill_after_s == 30
     start = time.monotonic()
     proc = dtrain("launch", "--nproc-per-node", "2", BAD + "SleepyLoss", "--task_args.sleep_s=120",
                   "--dist.timeout_s=4", *SMALL, f"--run_dir={tmp_path}", check=False, timeout=150)
@@ -90,6 +106,18 @@ def test_hung_rank_is_named_and_the_job_ends_long_before_it_wakes(tmp_path):
     assert any("rank 0: backward (DDP gradient all-reduce) of step 3 timed out after dist.timeout_s=4 s" in line
                and "rank 1 is stuck: its main thread has been in task.loss() of step 3" in line for line in lines), \
         proc.stderr
+    # The stuck rank's own line: it waited its grace (4 + 2 s) after SIGTERM, then ended itself.
+    ended = [re.fullmatch(r"dtrain: error: rank 1: stopped by SIGTERM but stuck in task\.loss\(\) of step 3 "
+                          r"for (\d+) s \(> dist\.timeout_s\); exiting without a checkpoint", line) for line in lines]
+    stuck_s = [int(m.group(1)) for m in ended if m]
+    assert len(stuck_s) == 1 and 6 <= stuck_s[0] < torchrun_sigkill_after_s, proc.stderr
+    # torchrun's side: it sent SIGTERM, never needed its SIGKILL, and saw the workers gone well
+    # before that fallback would have fired.
+    sigterm = _torchrun_log_seconds(proc.stderr, "Sending process ")
+    assert re.search(r"Sending process \d+ closing signal SIGTERM", proc.stderr), proc.stderr
+    assert "forcefully exiting via" not in proc.stderr, proc.stderr
+    took = (_torchrun_log_seconds(proc.stderr, "failed (exitcode: 4)") - sigterm) % 86_400  # past midnight too
+    assert 6 <= took < torchrun_sigkill_after_s, f"the stuck rank ended {took:.1f} s after torchrun's SIGTERM"
     assert elapsed < 75, f"the job took {elapsed:.0f} s; the stuck rank sleeps 120 s"
 
 
