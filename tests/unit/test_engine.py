@@ -1,5 +1,6 @@
 """The ddp engine in one process: LR schedule, gradient accumulation, optimizer choice, precision."""
 
+import copy
 import math
 from pathlib import Path
 
@@ -118,6 +119,49 @@ def test_bf16_comm_hook_on_cpu_is_a_usage_error():
     # torch's bf16 hook raises a TypeError inside DDP on gloo; say it before building anything.
     with pytest.raises(UsageError, match=r"ddp\.comm_hook=bf16 needs CUDA GPUs .* use ddp\.comm_hook=fp16 or none"):
         make_engine(["--ddp.comm_hook=bf16"])
+
+
+def differences(a, b, path="") -> list[str]:
+    """Where two nested state dicts differ: tensors bit for bit (torch.equal), everything else by ==."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(a)} != {sorted(b)}"]
+        return [d for k in a for d in differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}/{i}")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return [] if a.dtype == b.dtype and torch.equal(a, b) else [path]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def test_a_skipped_step_leaves_parameters_and_optimizer_state_bit_identical(monkeypatch):
+    """train.nonfinite=skip (docs/robustness.md): no update, no optimizer-state change; the LR
+    schedule still advances. Clipping on, so the NaN gradient norm goes through the check too."""
+    engine, task = make_engine(["--train.nonfinite=skip", "--train.warmup_steps=4", "--train.weight_decay=0.1",
+                                "--train.grad_clip=1"])
+    engine.train_step([global_batch(task)])  # AdamW's moments and step count exist from here on
+    before = copy.deepcopy(engine.state_dict())
+    finite_loss = task.loss
+    monkeypatch.setattr(task, "loss", lambda model, batch: finite_loss(model, batch) * float("nan"))
+    loss, norm = engine.train_step([global_batch(task)])
+    assert torch.isnan(loss) and torch.isnan(norm) and engine.skipped_steps == 1
+    after = copy.deepcopy(engine.state_dict())  # the model entries are the live parameters
+    assert differences(before["model"], after["model"]) == []
+    assert differences(before["optimizer"]["state"], after["optimizer"]["state"]) == []
+    assert before["optimizer"]["state"][0]["step"].item() == 1  # the skipped step is not counted by AdamW
+    # Only the schedule moved: step 2 of the warmup.
+    assert after["scheduler"]["last_epoch"] == before["scheduler"]["last_epoch"] + 1 == 2
+    lrs = [(b["lr"], a["lr"]) for b, a in zip(before["optimizer"]["param_groups"], after["optimizer"]["param_groups"])]
+    assert lrs == [(0.5e-3, 0.75e-3)] * len(lrs)
+    for group in (*before["optimizer"]["param_groups"], *after["optimizer"]["param_groups"]):
+        del group["lr"]
+    assert differences(before["optimizer"]["param_groups"], after["optimizer"]["param_groups"]) == []
+    assert all(p.grad is None for p in engine.raw_model.parameters())  # no NaN gradient left behind
+    # The check could fail: the next finite step updates both.
+    monkeypatch.setattr(task, "loss", finite_loss)
+    engine.train_step([global_batch(task)])
+    assert differences(after["model"], engine.state_dict()["model"]) != [] and engine.skipped_steps == 1
+    assert engine.optimizer.state_dict()["state"][0]["step"].item() == 2
 
 
 def test_state_dict_has_no_module_prefix_and_round_trips():
