@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 
 from tests.helpers import dtrain
 
@@ -20,7 +21,8 @@ def test_doctor_on_two_gloo_ranks_prints_bandwidth_and_a_verdict():
         assert [int(r[0]) for r in rows] == [4096, 16384, 65536, 262144, 1048576], out
     for size, time_us, algbw, busbw in re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M):
         assert float(time_us) > 0
-        # busbw = algbw * 2(n-1)/n, which is algbw itself for n = 2 (up to the printed digits)
+        # busbw = algbw * 2(n-1)/n, which is algbw itself for n = 2 (up to the printed digits);
+        # the factor itself is checked at 3+ ranks below
         assert abs(float(busbw) - float(algbw)) < 1e-3 + 1e-3 * float(algbw)
     assert "verdict: healthy (2 rank(s), peak busbw" in out and "GB/s, shared memory " in out, out
 
@@ -40,3 +42,30 @@ def test_verdict_names_a_slow_rank_a_wrong_sum_and_a_small_shm():
     assert any(p.startswith("rank 2 matmul 100") for p in problems)
     assert any("rank 0 (a) has only 0.062 GiB of /dev/shm" in p for p in problems), problems
     assert verdict(envs[1:], [{"bytes": 4096, "correct": True}], [400.0]) == []
+
+
+@pytest.mark.parametrize("world_size", [3, 4, 8])
+def test_busbw_is_algbw_times_2_n_minus_1_over_n(monkeypatch, capsys, world_size):
+    """At 2 ranks busbw equals algbw, so the run above cannot see a wrong factor: the sweep's own
+    arithmetic on 3+ ranks, with torch.distributed mocked as rank 1 of `world_size` (no processes)."""
+    import torch.distributed as dist
+
+    from distributed_train.cli import doctor
+
+    def all_reduce(tensor, op=None):  # the sum of every rank's 1, 2, ..., n; times are this rank's
+        if tensor.dtype == torch.float32:
+            tensor.mul_(world_size * (world_size + 1) / 2 / 2)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    rows = doctor.allreduce_sweep(torch.device("cpu"), world_size, max_mib=1 / 16)
+    assert [row["bytes"] for row in rows] == [4096, 16384, 65536] and all(row["correct"] for row in rows)
+    factor = 2 * (world_size - 1) / world_size
+    for row in rows:
+        assert row["algbw"] == pytest.approx(row["bytes"] / (row["time_us"] * 1e-6) / 1e9)
+        assert row["busbw"] == pytest.approx(row["algbw"] * factor) and row["busbw"] > row["algbw"]
+    doctor._print_sweep(rows, "gloo all_reduce")  # and the table prints the same numbers
+    printed = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", capsys.readouterr().out, re.M)
+    assert [(int(size), float(busbw)) for size, _, _, busbw in printed] == \
+        [(row["bytes"], pytest.approx(row["busbw"], abs=5e-4)) for row in rows]
