@@ -30,10 +30,12 @@ def runs(tmp_path_factory):
     config = resolve_config(None, ["--log.wandb=disabled", *overrides(tmp / "w1")])
     single = run_training(config, DistEnv())  # one process, no process group
     results = {1: (single, torch.load(single["final_model"], weights_only=True))}
-    # Micro-batches + accumulation on 2 ranks (4 x 3 per rank) and on 4 ranks (3 x 2 per rank).
+    # Micro-batches + accumulation on 2 ranks (4 x 3 per rank) and on 4 ranks (3 x 2 per rank), the
+    # gradients through shared memory ("require": never a silent fall back to gloo).
     for world_size, extra in [(2, ["--train.micro_batch_size=4"]), (3, []),
                               (4, ["--train.micro_batch_size=3"])]:
-        ranks = run_ranks(train_in_rank, world_size, overrides(tmp / f"w{world_size}", *extra))
+        ranks = run_ranks(train_in_rank, world_size, overrides(tmp / f"w{world_size}", *extra,
+                                                               "--ddp.shm_allreduce=require"))
         results[world_size] = (ranks[0]["summary"], ranks[0]["state"])
     # The backend's own all-reduce (gloo, DDP's default hook, the path GPUs take with NCCL).
     ranks = run_ranks(train_in_rank, 2, overrides(tmp / "w2-backend", "--train.micro_batch_size=4",

@@ -42,11 +42,12 @@ def reduce_job(rank, world_size):
     env = dist.read_env()
     dist.init(env, "gloo", torch.device("cpu"), timeout_s=60)
     small_slots = shm_allreduce._create_and_open(env, slot_bytes=256, timeout_s=60)  # 64 floats a piece
-    auto = shm_allreduce.setup(env, torch.device("cpu"), "auto", 4040, timeout_s=60)
+    # "require": a host where shared memory cannot attach fails here instead of testing nothing.
+    sized = shm_allreduce.setup(env, torch.device("cpu"), "require", 4040, timeout_s=60)
     rng = random.Random(rank)
     results = []
     for call in range(40):
-        reducer = small_slots if call % 2 else auto
+        reducer = small_slots if call % 2 else sized
         dtype = [torch.float32, torch.float64, torch.bfloat16][call % 3]
         numel = [1, 63, 64, 65, 1000][call % 5]
         inputs = [torch.randn(numel, generator=torch.Generator().manual_seed(1000 * call + r)).to(dtype)
@@ -73,7 +74,7 @@ def reduce_job(rank, world_size):
         for n, p in model.named_parameters():
             expected[n] += p.grad.to_dense() / world_size
     dist.barrier()
-    return {"results": results, "slot_bytes": auto.slot_bytes, "leftover": _leftover_files(),
+    return {"results": results, "slot_bytes": sized.slot_bytes, "leftover": _leftover_files(),
             "sparse_model": (grads, expected)}
 
 
@@ -95,7 +96,9 @@ def test_reductions_are_exact_means_on_every_rank():
 def test_two_rank_training_equals_gloo_bitwise(tmp_path):
     common = [f"--task={TOY}:Regression", "--train.batch_size=24", "--train.max_steps=8", "--seed=5",
               "--train.lr=0.05"]
-    shm = run_ranks(train_in_rank, 2, [*common, f"--run_dir={tmp_path / 'shm'}"])
+    # "require", not the default "auto": where shared memory cannot attach, "auto" would quietly
+    # compare gloo with gloo.
+    shm = run_ranks(train_in_rank, 2, [*common, f"--run_dir={tmp_path / 'shm'}", "--ddp.shm_allreduce=require"])
     gloo = run_ranks(train_in_rank, 2, [*common, f"--run_dir={tmp_path / 'gloo'}", "--ddp.shm_allreduce=never"])
     for name, value in gloo[0]["state"].items():
         assert torch.equal(shm[0]["state"][name], value), name

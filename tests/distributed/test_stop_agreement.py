@@ -66,7 +66,7 @@ def _train(run_dir: Path, port: int, extra: list[str]):
         return None, exc
 
 
-GRADIENT_PATHS = {"shared memory": [], "backend": ["--ddp.shm_allreduce=never"]}
+GRADIENT_PATHS = {"shared memory": ["--ddp.shm_allreduce=require"], "backend": ["--ddp.shm_allreduce=never"]}
 
 
 def _vote_every_step(flag, step):
