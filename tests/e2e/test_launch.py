@@ -41,6 +41,30 @@ def check_run_dir(run_dir, steps, cwd, world_size=2):
     return config, summary, events
 
 
+def final_and_untrained_eval(run_dir, summary, seed=0) -> tuple[dict, dict]:
+    """Digits' eval {accuracy, loss} of the run's final_model.pt and of the untrained model the same
+    seed builds (the reference a trained model must beat); the summary's eval must be the former."""
+    images, labels = DigitsTask().eval_dataset().tensors
+
+    def evaluate(model):
+        with torch.no_grad():
+            logits = model(images)
+        return {"accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+                "loss": torch.nn.functional.cross_entropy(logits, labels).item()}
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the trainer seeds with `seed` right before building the model
+        untrained = evaluate(DigitsTask().model())
+    model = DigitsTask().model()
+    model.load_state_dict(torch.load(run_dir / "final_model.pt", weights_only=True))
+    final = evaluate(model)
+    # The exact distributed eval reports this model: the same count of correct answers (one near-tie
+    # allowed to flip between batchings), the same mean loss.
+    assert summary["eval"]["accuracy"] == pytest.approx(final["accuracy"], abs=1.01 / len(labels)), summary
+    assert summary["eval"]["loss"] == pytest.approx(final["loss"], rel=1e-4), summary
+    return final, untrained
+
+
 def test_default_launch_is_the_quickstart(tmp_path):
     """README quickstart: `dtrain launch` with no arguments trains digits on 2 CPU processes."""
     # The console script, as the README says; `python -m` where the package is not installed.
@@ -68,7 +92,10 @@ def test_launch_with_config_file_overrides_and_micro_batches(tmp_path):
     assert config.train.lr == 0.004  # from the file
     assert [e["step"] for e in events if e["kind"] == "train"] == [4, 8, 12]
     assert [e["step"] for e in events if e["kind"] == "eval"] == [12]
-    assert 0 < summary["eval"]["accuracy"] <= 1
+    # 12 steps take digits from chance (~0.1, loss ~2.3) to ~0.77 (loss ~1.1): a broken step would not.
+    final, untrained = final_and_untrained_eval(run_dir, summary)
+    assert final["accuracy"] >= untrained["accuracy"] + 0.5 and final["loss"] <= 0.6 * untrained["loss"], \
+        (final, untrained)
 
 
 def test_torchrun_runs_the_launcher_script(tmp_path):
@@ -79,4 +106,7 @@ def test_torchrun_runs_the_launcher_script(tmp_path):
     config, summary, events = check_run_dir(run_dir, steps=30, cwd=tmp_path)
     assert [e["step"] for e in events if e["kind"] == "train"] == [10, 20, 30]
     assert [e["step"] for e in events if e["kind"] == "eval"] == [20, 30]
-    assert summary["eval"]["accuracy"] > 0.5 and "loss" in summary["eval"]
+    # 30 steps: ~0.9 accuracy, loss ~0.4, from chance (~0.1, loss ~2.3).
+    final, untrained = final_and_untrained_eval(run_dir, summary)
+    assert final["accuracy"] >= untrained["accuracy"] + 0.7 and final["loss"] <= 0.3 * untrained["loss"], \
+        (final, untrained)
