@@ -95,6 +95,13 @@ def test_sigterm_checkpoints_then_rerun_resumes_and_damaged_checkpoint_falls_bac
     assert 0 < stopped_at < STEPS
     damaged = tmp_path / "damaged"
     shutil.copytree(run_dir, damaged)
+    # The fallback must be an earlier checkpoint, not a start from scratch (which would also end
+    # bit-identical): the first checkpoint (step 50) is committed before the SIGTERM is sent.
+    committed = committed_checkpoints(damaged / "checkpoints")
+    assert len(committed) >= 2 and committed[-1].name == newest.name, committed
+    previous = committed[-2]
+    previous_step = int(previous.name.split("-")[1])
+    assert 0 < previous_step < stopped_at, (previous, newest)
 
     # Rerun the same command: resumes at the SIGTERM step, ends bit-identical.
     code, out, err = _finish(_launch(run_dir))
@@ -109,7 +116,11 @@ def test_sigterm_checkpoints_then_rerun_resumes_and_damaged_checkpoint_falls_bac
     code, out, err = _finish(_launch(damaged))
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "skipping damaged checkpoint" in line]
-    assert len(warnings) == 1 and newest.name in warnings[0]
+    assert len(warnings) == 1 and newest.name in warnings[0], err
+    assert f"resuming from {previous} (step {previous_step}," in err, err
     summary = json.loads((damaged / "summary.json").read_text())
-    assert summary["resumed_from"] is None or newest.name not in summary["resumed_from"]
+    assert summary["resumed_from"] == str(previous) and summary["global_step"] == STEPS, summary
+    events = [json.loads(line) for line in (damaged / "metrics.jsonl").read_text().splitlines()]
+    starts = [e for e in events if e.get("kind") == "start"]
+    assert [(e["step"], e["resumed"]) for e in starts] == [(0, False), (previous_step, True)], starts
     _assert_identical(_final(damaged), reference)
