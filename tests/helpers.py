@@ -93,6 +93,25 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180) -
     return [results[r] for r in range(world_size)]
 
 
+
+def run_jobs(world_size: int, jobs: list[tuple[str, list[str]]], timeout: float = 240) -> dict[str, dict]:
+    """Run each (name, overrides) training job in turn on the same `world_size` spawned ranks
+    (one `import torch` per rank for all of them): {name: rank 0's train_in_rank result}.
+
+    Each job gets its own rendezvous port: a process group re-created on a reused port can hang."""
+    ports = [free_port() for _ in jobs]
+    return run_ranks(_jobs_in_rank, world_size, [(*job, port) for job, port in zip(jobs, ports)],
+                     timeout=timeout)[0]
+
+
+def _jobs_in_rank(rank: int, world_size: int, jobs: list) -> dict | None:
+    """Rank side of `run_jobs`; rank 0 returns the results."""
+    out = {}
+    for name, overrides, port in jobs:
+        os.environ["MASTER_PORT"] = str(port)
+        out[name] = train_in_rank(rank, world_size, overrides)
+    return out if rank == 0 else None
+
 def clean_env(**extra: str) -> dict:
     """The current environment without torchrun variables, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}

@@ -9,7 +9,7 @@ import torch
 from distributed_train.cli.train import resolve_config
 from distributed_train.dist import DistEnv
 from distributed_train.training.run import run_training
-from tests.helpers import REPO, run_ranks, train_in_rank
+from tests.helpers import REPO, run_jobs, run_ranks, train_in_rank
 
 TOY = str(REPO / "tests" / "tasks" / "toy.py")
 # 96 samples, global batch 24: 4 steps per epoch, so 6 steps cross an epoch boundary.
@@ -30,21 +30,20 @@ def runs(tmp_path_factory):
     config = resolve_config(None, ["--log.wandb=disabled", *overrides(tmp / "w1")])
     single = run_training(config, DistEnv())  # one process, no process group
     results = {1: (single, torch.load(single["final_model"], weights_only=True))}
-    # Micro-batches + accumulation on 2 ranks (4 x 3 per rank) and on 4 ranks (3 x 2 per rank), the
-    # gradients through shared memory ("require": never a silent fall back to gloo).
+    # Micro-batches + accumulation on 2 ranks (4 x 3 per rank) and on 4 ranks (3 x 2 per rank).
+    # Each world size runs both gradient paths: shared memory ("require": never a silent fall
+    # back to gloo) and the backend's own all-reduce (DDP's default hook, the path GPUs take).
     for world_size, extra in [(2, ["--train.micro_batch_size=4"]), (3, []),
                               (4, ["--train.micro_batch_size=3"])]:
-        ranks = run_ranks(train_in_rank, world_size, overrides(tmp / f"w{world_size}", *extra,
-                                                               "--ddp.shm_allreduce=require"))
-        results[world_size] = (ranks[0]["summary"], ranks[0]["state"])
-    # The backend's own all-reduce (gloo, DDP's default hook, the path GPUs take with NCCL).
-    ranks = run_ranks(train_in_rank, 2, overrides(tmp / "w2-backend", "--train.micro_batch_size=4",
-                                                  "--ddp.shm_allreduce=never"))
-    results["2-backend"] = (ranks[0]["summary"], ranks[0]["state"])
+        jobs = [(world_size, overrides(tmp / f"w{world_size}", *extra, "--ddp.shm_allreduce=require")),
+                (f"{world_size}-backend", overrides(tmp / f"w{world_size}-backend", *extra,
+                                                    "--ddp.shm_allreduce=never"))]
+        results.update({name: (result["summary"], result["state"])
+                        for name, result in run_jobs(world_size, jobs).items()})
     return results
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4, "2-backend"])
+@pytest.mark.parametrize("world_size", [2, 3, 4, "2-backend", "3-backend", "4-backend"])
 def test_same_parameters_on_any_world_size(runs, world_size):
     reference, state = runs[1][1], runs[world_size][1]
     assert state.keys() == reference.keys() and not any(k.startswith("module.") for k in state)
@@ -61,7 +60,7 @@ def test_training_moved_the_parameters(runs):
     assert min((trained[k] - initial[k]).abs().max().item() for k in initial) > 1e-3
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4, "2-backend"])
+@pytest.mark.parametrize("world_size", [2, 3, 4, "2-backend", "3-backend", "4-backend"])
 def test_same_loss_and_eval_on_any_world_size(runs, world_size):
     reference, summary = runs[1][0], runs[world_size][0]
     assert summary["world_size"] == int(str(world_size)[0]) and summary["global_step"] == 6

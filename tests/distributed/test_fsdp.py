@@ -2,15 +2,14 @@
 BatchNorm buffers as under ddp, activation checkpointing, and sharded checkpoints that resume on
 another world size and under another engine. Each spawn runs several jobs one after another."""
 
-import os
-
 import pytest
 import torch
 
 from distributed_train.cli.train import resolve_config
 from distributed_train.dist import DistEnv
 from distributed_train.training.run import run_training
-from tests.helpers import REPO, free_port, run_ranks, train_in_rank
+from tests import helpers
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.distributed
 
@@ -35,19 +34,8 @@ def single_process(run_dir, overrides) -> dict:
 
 
 def run_jobs(world_size, jobs):
-    """Run each (name, overrides) job in turn on `world_size` ranks: {name: (summary, parameters)}."""
-    ports = [free_port() for _ in jobs]  # a fresh rendezvous per job: a reused port can hang
-    return run_ranks(jobs_in_rank, world_size, [(*job, port) for job, port in zip(jobs, ports)])[0]
-
-
-def jobs_in_rank(rank, world_size, jobs):
-    """Rank side of `run_jobs`; rank 0 returns the results."""
-    out = {}
-    for name, overrides, port in jobs:
-        os.environ["MASTER_PORT"] = str(port)
-        result = train_in_rank(rank, world_size, overrides)
-        out[name] = (result["summary"], result["state"])
-    return out if rank == 0 else None
+    """Each (name, overrides) job in turn on `world_size` ranks: {name: (summary, parameters)}."""
+    return {name: (r["summary"], r["state"]) for name, r in helpers.run_jobs(world_size, jobs).items()}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -87,9 +75,8 @@ def runs(tmp_path_factory):
         ("fsdp-to-ddp", [*RESUME, f"--run_dir={tmp}/f2d", from_checkpoint(tmp / "ref4", 8)]),
         ("ddp4steps", [*RESUME, "--train.max_steps=4", f"--run_dir={tmp}/ddp4"]),
     ]))
-    # 3 ranks: uneven shards; 4 -> 3 (writes step 8 for 3 -> 1) and ddp -> fsdp.
+    # 3 ranks: uneven shards (the GPT); 4 -> 3 (writes step 8 for 3 -> 1) and ddp -> fsdp.
     results.update(run_jobs(3, [
-        ("fsdp3-regression", [*REGRESSION, "--engine=fsdp", f"--run_dir={tmp}/f3"]),
         ("fsdp3-gpt", [*GPT, "--engine=fsdp", f"--run_dir={tmp}/f3g"]),
         ("4to3", [*RESUME, "--engine=fsdp", f"--run_dir={tmp}/4to3", from_checkpoint(tmp / "ref4", 4)]),
         ("ddp-to-fsdp", [*RESUME, "--engine=fsdp", f"--run_dir={tmp}/d2f", from_checkpoint(tmp / "ddp4", 4)]),
@@ -102,8 +89,7 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("name", ["fsdp3-regression", "fsdp4-regression"])
-def test_fsdp_regression_matches_one_process(runs, name):
+def test_fsdp_regression_matches_one_process(runs, name="fsdp4-regression"):
     summary, state = runs[name]
     assert not any(k.startswith(("module.", "_fsdp")) for k in state)
     assert max_diff(state, runs["single-regression"]) <= 1e-5

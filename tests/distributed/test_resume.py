@@ -1,11 +1,9 @@
 """Exact resume: same world size is bit-identical, another world size continues the same samples."""
 
-import shutil
-
 import pytest
 import torch
 
-from tests.helpers import run_ranks, train_in_rank
+from tests.helpers import run_jobs, run_ranks, train_in_rank
 
 pytestmark = pytest.mark.distributed
 
@@ -14,10 +12,12 @@ pytestmark = pytest.mark.distributed
 COMMON = ["--train.batch_size=48", "--log.every_steps=5", "--checkpoint.every_steps=10"]
 
 
+def _job(run_dir, steps: int, *extra: str) -> list[str]:
+    return [*COMMON, f"--run_dir={run_dir}", f"--train.max_steps={steps}", *extra]
+
+
 def _train(world_size: int, run_dir, steps: int, *extra: str) -> dict:
-    results = run_ranks(train_in_rank, world_size,
-                        [*COMMON, f"--run_dir={run_dir}", f"--train.max_steps={steps}", *extra])
-    return results[0]
+    return run_ranks(train_in_rank, world_size, _job(run_dir, steps, *extra))[0]
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -26,27 +26,33 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def test_resume_same_world_size_is_bit_identical_and_other_sizes_within_tolerance(tmp_path):
-    reference = _train(2, tmp_path / "ref", 40)
-    _train(2, tmp_path / "stopped", 20)
-    for name in ("same", "one", "three"):
-        shutil.copytree(tmp_path / "stopped", tmp_path / name)
-
-    same = _train(2, tmp_path / "same", 40)
+    # The gradients go through shared memory ("require": no silent fall back) or the backend's
+    # own all-reduce ("never"); at 2 ranks the two are bitwise equal, so "same" checks both.
+    resume = f"--checkpoint.resume={tmp_path}/stopped/checkpoints/step-00000020"
+    two = run_jobs(2, [("reference", _job(tmp_path / "ref", 40, "--ddp.shm_allreduce=require")),
+                       ("stopped", _job(tmp_path / "stopped", 20, "--ddp.shm_allreduce=require")),
+                       ("same", _job(tmp_path / "same", 40, resume, "--ddp.shm_allreduce=never"))])
+    reference, same = two["reference"], two["same"]
+    assert two["stopped"]["summary"]["global_step"] == 20
     assert same["summary"]["resumed_from"].endswith("step-00000020")
     assert all(torch.equal(same["state"][k], reference["state"][k]) for k in reference["state"])
 
-    one = _train(1, tmp_path / "one", 40)
-    three = _train(3, tmp_path / "three", 40)
-    for other in (one, three):
-        assert other["summary"]["resumed_from"].endswith("step-00000020")
-        assert other["summary"]["global_step"] == 40
-        assert _max_diff(other["state"], reference["state"]) <= 1e-5
+    others = {1: _train(1, tmp_path / "one", 40, resume),
+              3: _train(3, tmp_path / "three", 40, resume, "--ddp.shm_allreduce=require"),
+              4: _train(4, tmp_path / "four", 40, resume, "--ddp.shm_allreduce=never")}
+    for world_size, other in others.items():
+        summary = other["summary"]
+        assert summary["resumed_from"].endswith("step-00000020"), world_size
+        assert (summary["world_size"], summary["global_step"]) == (world_size, 40)
+        assert _max_diff(other["state"], reference["state"]) <= 1e-5, world_size
 
 
 def test_resume_with_dataloader_workers_and_accumulation_is_bit_identical(tmp_path):
     extra = ["--data.num_workers=1", "--train.micro_batch_size=8"]
-    reference = _train(2, tmp_path / "ref", 25, *extra)
-    _train(2, tmp_path / "run", 13, *extra)  # stops between checkpoints: step 13 is committed at the end
-    resumed = _train(2, tmp_path / "run", 25, *extra)
+    runs = run_jobs(2, [("reference", _job(tmp_path / "ref", 25, *extra)),
+                        # stops between checkpoints: step 13 is committed at the end
+                        ("stopped", _job(tmp_path / "run", 13, *extra)),
+                        ("resumed", _job(tmp_path / "run", 25, *extra))])
+    reference, resumed = runs["reference"], runs["resumed"]
     assert resumed["summary"]["resumed_from"].endswith("step-00000013")
     assert all(torch.equal(resumed["state"][k], reference["state"][k]) for k in reference["state"])
