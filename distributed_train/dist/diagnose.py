@@ -208,7 +208,9 @@ def _describe_peer(rank: int, beat: dict | None, mine: tuple[int, str], timeout_
         return f"rank {rank} left the job in {where} ({beat['left']})"
     state = process_state(beat["host"], beat["pid"])
     if state == "dead":
-        return f"rank {rank} died in {where} ({who} is gone: killed, e.g. by the OOM killer or kill -9)"
+        # Its last beat may be up to BEAT_S old: a fast run has moved on since, so say when it was.
+        seen = f"last seen {time.time() - beat['time']:.1f} s earlier in {where}"
+        return f"rank {rank} died, {seen} ({who} is gone: killed, e.g. by the OOM killer or kill -9)"
     if state == "stopped":
         ended = "; ended it with SIGKILL" if _end_stopped_peer(beat["pid"]) else ""
         return f"rank {rank} is stopped in {where} ({who}: SIGSTOP or Ctrl-Z{ended})"
@@ -235,7 +237,7 @@ def explain_communication_failure(exc: BaseException, rank: int, world_size: int
     peers = [_describe_peer(r, beats.get(r), mine, timeout_s) for r in range(world_size)
              if r != rank and beats is not None]
     peers = [p for p in peers if p]
-    crashed = [p for p in peers if " died in " in p]
+    crashed = [p for p in peers if " died, last seen " in p]
     stopped = [p for p in peers if " is stopped in " in p]
     timed_out = "Timed out" in str(exc) or "timeout" in str(exc).lower()
     what = f"timed out after dist.timeout_s={timeout_s:g} s" if timed_out else "failed"

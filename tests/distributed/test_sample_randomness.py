@@ -1,7 +1,6 @@
 """Random augmentations in `__getitem__` survive a kill and a resume on another world size with
 other DataLoader workers: the result equals one uninterrupted process."""
 
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,21 +20,32 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def train_then_kill_rank_1(rank: int, world_size: int, overrides: list[str], step: int) -> dict:
+    """train_in_rank, but rank 1 SIGKILLs itself in training step `step`."""
+    from tests.tasks import augment
+
+    augment.KILL_AT_STEP = step if rank == 1 else None
+    return train_in_rank(rank, world_size, overrides)
+
+
 def test_two_ranks_two_workers_killed_then_three_ranks_no_workers_equals_one_process(tmp_path):
     run_dir = tmp_path / "run"
-    with ThreadPoolExecutor(2) as pool:  # the reference and the first run side by side: spawning is slow
+    # The same task, able to kill itself (only where a rank sets KILL_AT_STEP); a resume needs the same task.
+    killable = [*COMMON, "--task=tests.tasks.augment:KilledAugmentTask", f"--run_dir={run_dir}"]
+    with ThreadPoolExecutor(2) as pool:  # the reference and the killed run side by side: spawning is slow
         reference = pool.submit(run_ranks, train_in_rank, 1, [*COMMON, f"--run_dir={tmp_path / 'ref'}"])
-        pool.submit(run_ranks, train_in_rank, 2, [*COMMON, f"--run_dir={run_dir}", "--train.max_steps=14",
-                                                  "--data.num_workers=2"]).result()
+        # Rank 1 is SIGKILLed in step 14 (mid-epoch 1); rank 0, waiting for it there, says so.
+        with pytest.raises(AssertionError, match=r"rank 0: .* of step 14 failed \(rank 1 "):
+            run_ranks(train_then_kill_rank_1, 2, [*killable, "--data.num_workers=2"], 14, timeout=120)
         reference = reference.result()[0]
-    # A kill after step 14 leaves step 10 as the last commit: the samples of steps 11-14 were
-    # drawn once already and must be drawn again the same way.
-    newest = committed_checkpoints(run_dir / "checkpoints")[-1]
-    assert newest.name.endswith("14")
-    shutil.rmtree(newest)
-    resumed = run_ranks(train_in_rank, 3, [*COMMON, f"--run_dir={run_dir}", "--data.num_workers=0"])[0]
+    # The kill landed mid-run: no final model; the last commit is step 10, or step 5 when step
+    # 10's background write had not finished. The samples drawn since must be drawn again alike.
+    assert not (run_dir / "final_model.pt").exists()
+    newest = committed_checkpoints(run_dir / "checkpoints")[-1].name
+    assert newest in ("step-00000005", "step-00000010"), newest
+    resumed = run_ranks(train_in_rank, 3, [*killable, "--data.num_workers=0"])[0]
 
-    assert resumed["summary"]["resumed_from"].endswith("step-00000010")
+    assert resumed["summary"]["resumed_from"].endswith(newest)
     assert resumed["summary"]["global_step"] == 20 and resumed["summary"]["world_size"] == 3
     assert _max_diff(resumed["state"], reference["state"]) <= 1e-5
     assert abs(resumed["summary"]["eval"]["loss"] - reference["summary"]["eval"]["loss"]) <= 1e-5

@@ -43,3 +43,23 @@ class AugmentTask:
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y, _ = batch
         return F.mse_loss(model(x), y)
+
+
+KILL_AT_STEP: int | None = None  # set in a rank by a test: SIGKILL this process in that training step
+_train_steps = 0
+
+
+class KilledAugmentTask(AugmentTask):
+    """AugmentTask whose process kills itself with SIGKILL in training step KILL_AT_STEP: a real
+    kill mid-run (no Python cleanup, no checkpoint, DataLoader workers orphaned)."""
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        global _train_steps
+        if model.training:  # the pre-training check of loss() runs in eval mode
+            _train_steps += 1
+            if _train_steps == KILL_AT_STEP:
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().loss(model, batch)
