@@ -24,9 +24,10 @@ pytestmark = pytest.mark.distributed
 TASKS = REPO / "tests" / "tasks"
 TOY = f"--task={TASKS / 'toy.py'}:Regression"
 SEEN = f"{TASKS / 'options_probe.py'}:SeenSamples"
-COMMON = ["--train.batch_size=24", "--train.max_steps=4", "--seed=3", "--log.every_steps=2",
-          "--eval.batch_size=25", "--log.wandb=disabled", "--dist.timeout_s=60"]
 SEED = 3
+COMMON = ["--train.batch_size=24", "--train.max_steps=4", "--train.optimizer=sgd", "--train.lr=0.05",
+          f"--seed={SEED}", "--log.every_steps=2", "--eval.batch_size=25", "--log.wandb=disabled",
+          "--dist.timeout_s=60"]
 
 
 def _fresh_port(rank: int, run_dir: Path, job: str) -> int:
