@@ -165,8 +165,10 @@ def verdict(envs: list[dict], sweep: list[dict], tflops: list[float]) -> list[st
 def _check_rank(args: argparse.Namespace) -> int:
     """Every rank: environment, process group, bandwidth sweep, matmul; rank 0 prints."""
     from distributed_train import dist as ddist
+    from distributed_train.dist import diagnose
     from distributed_train.dist.diagnose import communication_failures_explained
 
+    diagnose.TIMEOUT_SETTING = "--timeout-s"  # what messages tell the user to raise
     env = ddist.read_env()
     backend = ddist.pick_backend("auto")
     device = ddist.pick_device(backend, env)

@@ -27,6 +27,8 @@ from distributed_train.errors import EXIT_COMMUNICATION, CommunicationFailure, P
 
 STORE_PREFIX = "dtrain/heartbeat/"
 BEAT_S = 1.0
+# The setting that bounds collectives, as messages name it (`dtrain doctor` calls it --timeout-s).
+TIMEOUT_SETTING = "dist.timeout_s"
 STALE_S = 5.0  # a rank silent this long has died or is stuck holding the GIL
 
 SHM_ALLREDUCE_SIGN = "shared-memory all-reduce"  # in every error of shm_allreduce's waits
@@ -130,7 +132,7 @@ class Heartbeat:
         stuck = now - max(self._stop_seen, position.since)
         if stuck > self.grace_s and not position.may_take_long:
             print(f"dtrain: error: rank {self.rank}: stopped by SIGTERM but stuck in {position.phase} of "
-                  f"step {position.step} for {stuck:.0f} s (> dist.timeout_s); exiting without a "
+                  f"step {position.step} for {stuck:.0f} s (> {TIMEOUT_SETTING}); exiting without a "
                   "checkpoint", file=sys.stderr, flush=True)
             os._exit(EXIT_COMMUNICATION)
 
@@ -220,7 +222,7 @@ def _describe_peer(rank: int, beat: dict | None, mine: tuple[int, str], timeout_
     in_phase = beat["phase_s"] + silent
     if (beat["step"], beat["phase"]) != mine and in_phase > timeout_s:
         return (f"rank {rank} is stuck: its main thread has been in {where} for {in_phase:.0f} s "
-                f"(> dist.timeout_s) although its process still answers ({who}; a hung CUDA call or a "
+                f"(> {TIMEOUT_SETTING}) although its process still answers ({who}; a hung CUDA call or a "
                 "deadlock)")
     if (beat["step"], beat["phase"]) != mine:
         return f"rank {rank} did not arrive: it is in {where} for {in_phase:.0f} s ({who})"
@@ -240,7 +242,7 @@ def explain_communication_failure(exc: BaseException, rank: int, world_size: int
     crashed = [p for p in peers if " died, last seen " in p]
     stopped = [p for p in peers if " is stopped in " in p]
     timed_out = "Timed out" in str(exc) or "timeout" in str(exc).lower()
-    what = f"timed out after dist.timeout_s={timeout_s:g} s" if timed_out else "failed"
+    what = f"timed out after {TIMEOUT_SETTING}={timeout_s:g} s" if timed_out else "failed"
     if beats is None:
         cause = "the rendezvous store is gone too, so rank 0 (or its node) has exited: see its error"
     elif not peers:
@@ -252,7 +254,7 @@ def explain_communication_failure(exc: BaseException, rank: int, world_size: int
         cause = "; ".join(peers) + (": see the launcher's report of its exit" if crashed else "")
     else:
         cause = "; ".join(peers) + (": find out why it is slow (py-spy dump --pid PID), or raise "
-                                    "dist.timeout_s if it is legitimately slow")
+                                    f"{TIMEOUT_SETTING} if it is legitimately slow")
     detail = first_line(exc).split(". ")[0]  # gloo adds "This is typically caused by ..."
     # A peer that crashed is the cause, not the network: exit like it did, whichever rank ends first.
     kind = PeerCrashed if crashed or any("left the job" in p for p in peers) else CommunicationFailure
@@ -319,7 +321,7 @@ def explain_join_failure(exc: BaseException, rank: int, world_size: int, address
     """init_process_group could not reach the other ranks or the store."""
     return CommunicationFailure(
         f"rank {rank} of {world_size} could not join the process group at {address} within "
-        f"dist.timeout_s={timeout_s:g} s ({describe(exc)}): check that rank 0 "
+        f"{TIMEOUT_SETTING}={timeout_s:g} s ({describe(exc)}): check that rank 0 "
         "(or the torchrun agent) runs there, the port is open, and every rank has the same WORLD_SIZE")
 
 

@@ -25,17 +25,67 @@ from distributed_train.errors import UsageError
 from distributed_train.training.sample_seed import SeededKeys, SeededSamples, seeds_each_sample
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order of the n samples in `epoch` (same on every rank and every world size), as a
-    tensor: 4 bytes per sample where int32 suffices (the same permutation as int64), rather than
-    ~36 bytes per Python int, so a corpus of millions of windows costs little memory and time."""
+# Up to this many samples an epoch's order is torch.randperm (4 bytes per sample, built at the
+# start of the epoch); above it, a permutation computed per position that costs nothing up front.
+RANDPERM_MAX = 2**22
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> "torch.Tensor | FeistelPermutation":
+    """The order of the n samples in `epoch` (same on every rank and every world size); slicing
+    it gives a tensor of sample indices.
+
+    Up to RANDPERM_MAX samples: torch.randperm seeded with seed * 100_003 + epoch, the order
+    DistributedSampler(seed=seed * 100_003) gives (int32 where it suffices: 4 bytes per sample).
+    A corpus of billions of windows gets a FeistelPermutation instead: no memory, no start-up
+    time, whatever n."""
+    if n > RANDPERM_MAX:
+        return FeistelPermutation(n, seed * 100_003 + epoch)
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=generator, dtype=torch.int32 if n < 2**31 else torch.int64)
 
 
+class FeistelPermutation:
+    """A pseudo-random permutation of range(n) evaluated at any positions: `perm[a:b:c]` costs
+    O((b - a) / c), whatever n.
+
+    A balanced Feistel network over 2k bits (4**k >= n) is a bijection of range(4**k); applying
+    it again to the values >= n ("cycle walking") makes it one of range(n). Round functions are
+    integer hashes that stay below 2**63, so the order is the same on every platform."""
+
+    ROUNDS, PRIME = 6, 2**31 - 1
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
+        rng = random.Random(seed)
+        self.keys = [rng.randrange(1, self.PRIME) for _ in range(2 * self.ROUNDS)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        positions = torch.arange(*index.indices(self.n), dtype=torch.int64)
+        values = self._network(positions)
+        outside = values >= self.n
+        while outside.any():  # each pass leaves ~n / 4**k of them; a few passes in all
+            values[outside] = self._network(values[outside])
+            outside = values >= self.n
+        return values
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (1 << self.half_bits) - 1
+        left, right = x >> self.half_bits, x & mask
+        for round_ in range(self.ROUNDS):
+            add, mul = self.keys[2 * round_], self.keys[2 * round_ + 1]
+            mixed = (right + add) % self.PRIME * mul % self.PRIME  # < 2**62: no overflow
+            mixed = (mixed ^ (mixed >> 13)) * 0x5BD1E995 % self.PRIME
+            left, right = right, left ^ (mixed & mask)
+        return (left << self.half_bits) | right
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     """`epoch_order` as a list."""
-    return epoch_order(n, seed, epoch).tolist()
+    return epoch_order(n, seed, epoch)[0:n].tolist()
 
 
 @dataclass(frozen=True)

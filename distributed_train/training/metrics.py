@@ -184,7 +184,7 @@ class MetricsLogger:
         config = {**to_dict(self.config), "world_size": self.env.world_size, "versions": versions()}
         kwargs = dict(project=self.config.log.wandb_project, dir=str(self.run_dir), id=wandb_id,
                       resume="allow" if wandb_id else None, config=config,
-                      settings=wandb.Settings(console="off", silent=True))
+                      settings=wandb.Settings(console="off", silent=True, **self._wandb_timeout()))
         (self.run_dir / "wandb").mkdir(exist_ok=True)
         for attempt in [mode, "offline"] if mode == "online" else [mode]:
             try:
@@ -201,6 +201,13 @@ class MetricsLogger:
         self.wandb_id = self.wandb_run.id
         if wandb_id and self.wandb_id != wandb_id:
             log.warning("wandb gave run id %s instead of the checkpoint's %s", self.wandb_id, wandb_id)
+
+    def _wandb_timeout(self) -> dict:
+        """Online init waits up to wandb's 90 s for an unreachable server while the other ranks
+        wait in a collective: keep it well inside dist.timeout_s (WANDB_INIT_TIMEOUT wins)."""
+        if "WANDB_INIT_TIMEOUT" in os.environ:
+            return {}
+        return {"init_timeout": min(90.0, max(5.0, self.config.dist.timeout_s / 3))}
 
     def step_done(self, step: int) -> None:
         """Called every step: moves the progress bar (host-side only, no device sync)."""

@@ -21,10 +21,11 @@ def run_training(config: Config, env: dist.DistEnv, debug: bool = False) -> dict
     backend = dist.pick_backend(config.dist.backend)
     device = dist.pick_device(backend, env)
     dist.set_cpu_threads(env)
-    if device.type == "cpu" and config.train.flush_denormal:
+    if device.type == "cpu":
         # Tiny gradients and Adam moments become denormal early in training; on x86 each
-        # denormal operation traps to microcode and a step can take 100x longer.
-        torch.set_flush_denormal(True)
+        # denormal operation traps to microcode and a step can take 100x longer. Set either
+        # way: a process that trains twice must not keep the previous job's choice.
+        torch.set_flush_denormal(config.train.flush_denormal)
     if device.type == "cuda":
         set_tf32(config.train.tf32)
     if backend == "nccl":

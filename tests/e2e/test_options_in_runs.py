@@ -116,4 +116,5 @@ def test_doctor_exits_4_when_rank_0_cannot_be_reached(tmp_path):
     assert proc.returncode == 4, proc.stderr
     (line,) = _error_lines(proc.stderr)
     assert f"rank 1 of 2 could not join the process group at 127.0.0.1:{port}" in line, line
+    assert "within --timeout-s=1 s" in line, line  # the option doctor takes, not the training key
     assert "Traceback" not in proc.stderr and "verdict" not in proc.stdout

@@ -6,10 +6,20 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 
-from distributed_train.training.data import (BatchPlan, EvalBatchSampler, TrainBatchSampler, batch_len,
-                                    epoch_permutation, eval_shard, make_loader, move_to_device,
-                                    steps_per_epoch)
+from distributed_train.training import data
+from distributed_train.training.data import (BatchPlan, EvalBatchSampler, FeistelPermutation, TrainBatchSampler,
+                                    batch_len, epoch_order, epoch_permutation, eval_shard, make_loader,
+                                    move_to_device, steps_per_epoch)
 from distributed_train.errors import UsageError
+
+
+@pytest.fixture(params=["randperm", "feistel"])
+def order_kind(request, monkeypatch):
+    """Run a test with each kind of epoch order: randperm, and the per-position permutation big
+    datasets get (forced here on small ones)."""
+    if request.param == "feistel":
+        monkeypatch.setattr(data, "RANDPERM_MAX", 0)
+    return request.param
 
 
 def rank_steps(n, plan, seed, epoch=0, start_step=0):
@@ -28,7 +38,7 @@ def rank_steps(n, plan, seed, epoch=0, start_step=0):
 
 @pytest.mark.parametrize("world_size, micro_batch", [(1, None), (2, None), (3, None), (4, None),
                                                      (1, 3), (2, 2), (3, 4), (4, 1), (2, 6)])
-def test_each_step_is_a_partition_of_the_same_global_batch(world_size, micro_batch):
+def test_each_step_is_a_partition_of_the_same_global_batch(world_size, micro_batch, order_kind):
     n, B, seed = 101, 24, 7
     plan = BatchPlan.make(B, world_size, micro_batch)
     assert plan.world_size * plan.micro_batch * plan.accumulation_steps == B
@@ -43,7 +53,7 @@ def test_each_step_is_a_partition_of_the_same_global_batch(world_size, micro_bat
             assert len(set(union)) == B  # no rank repeats another's sample
 
 
-def test_permutation_depends_only_on_seed_and_epoch():
+def test_permutation_depends_only_on_seed_and_epoch(order_kind):
     assert epoch_permutation(50, 3, 2) == epoch_permutation(50, 3, 2)
     assert sorted(epoch_permutation(50, 3, 2)) == list(range(50))
     assert epoch_permutation(50, 3, 2) != epoch_permutation(50, 3, 1)
@@ -51,7 +61,28 @@ def test_permutation_depends_only_on_seed_and_epoch():
     assert epoch_permutation(50, 3, 0) != list(range(50))
 
 
-def test_set_position_resumes_exactly_where_the_full_epoch_would_be():
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097])
+def test_feistel_order_is_a_permutation_and_any_slice_of_it_agrees(n):
+    perm = FeistelPermutation(n, seed=11)
+    full = perm[0:n].tolist()
+    assert sorted(full) == list(range(n))
+    assert perm[1:n:3].tolist() == full[1::3] and perm[n // 2:n].tolist() == full[n // 2:]
+    assert FeistelPermutation(n, seed=11)[0:n].tolist() == full  # a function of (n, seed) only
+    if n >= 16:
+        assert full != list(range(n)) and FeistelPermutation(n, seed=12)[0:n].tolist() != full
+
+
+def test_a_corpus_of_billions_of_windows_costs_nothing_up_front():
+    n = 4 * 10**10  # far beyond RAM as a randperm (160 GB)
+    order = epoch_order(n, seed=0, epoch=3)
+    assert isinstance(order, FeistelPermutation) and len(order) == n
+    batch = order[10**9:10**9 + 4096:2]  # one rank's share of one step
+    assert batch.dtype == torch.int64 and len(batch) == 2048 and len(set(batch.tolist())) == 2048
+    assert 0 <= batch.min() and batch.max() < n
+    assert isinstance(epoch_order(data.RANDPERM_MAX, 0, 0), torch.Tensor)  # randperm up to the limit
+
+
+def test_set_position_resumes_exactly_where_the_full_epoch_would_be(order_kind):
     n, seed = 100, 1
     for world_size, micro in [(1, None), (2, 3), (4, None)]:
         plan = BatchPlan.make(12, world_size, micro)

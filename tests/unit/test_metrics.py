@@ -182,3 +182,13 @@ def test_mfu_is_model_flops_over_peak_of_all_devices():
     meter = flops.MFUMeter(_LinearTask(), [(torch.randn(64), torch.tensor(0))] * 2, None,
                            torch.device("cpu"), "fp32", world_size=1, peak_tflops=1e-6)
     assert meter(1000.0) == pytest.approx(4 * 64 * 10 * 1000 / 1e6)
+
+
+def test_wandb_init_waits_well_inside_the_collective_timeout(tmp_path, monkeypatch):
+    # The other ranks wait in a collective while rank 0's wandb.init tries an unreachable server.
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    assert _logger(tmp_path)._wandb_timeout() == {"init_timeout": 90.0}  # dist.timeout_s=300: wandb's own
+    short = MetricsLogger(load_config(None, ["--log.wandb=disabled", "--dist.timeout_s=60"]), DistEnv(), tmp_path, 5)
+    assert short._wandb_timeout() == {"init_timeout": 20.0}
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "200")
+    assert short._wandb_timeout() == {}  # the user's choice wins
