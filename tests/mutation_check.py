@@ -62,7 +62,8 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool,
     """(caught, the first failing test) for `tests` run against the mutated copy."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(root)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    # -n 0: the few tests of one removal run in this process, without xdist workers to start
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *tests]
     try:
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)

@@ -34,6 +34,10 @@ MUTATIONS = [
         "manual_seed(seed * 100_003 + epoch)", "manual_seed(seed * 100_003)",
         ("tests/unit/test_data.py::test_permutation_depends_only_on_seed_and_epoch",)),
     Mutation(
+        "a new permutation every epoch, for datasets too big for randperm", "distributed_train/training/data.py",
+        "FeistelPermutation(n, seed * 100_003 + epoch)", "FeistelPermutation(n, seed * 100_003)",
+        ("tests/unit/test_data.py::test_permutation_depends_only_on_seed_and_epoch",)),
+    Mutation(
         "the sampler positioned at the current epoch and step (set_epoch)", "distributed_train/training/stream.py",
         "self.sampler.set_position(self.epoch, self.step_in_epoch)", "self.sampler.set_position(self.epoch, 0)",
         (RESUME_MIDRUN,)),
