@@ -26,7 +26,7 @@ STEPS = 40  # 96 samples, global batch 24: 4 steps per epoch; 2 micro-batches pe
 COMMON = [TASK, "--train.batch_size=24", "--train.micro_batch_size=6", f"--train.max_steps={STEPS}",
           "--train.optimizer=sgd", "--train.lr=0.05", "--seed=5", "--log.every_steps=4",
           "--checkpoint.every_steps=0", "--eval.batch_size=8", "--log.wandb=disabled",
-          "--dist.timeout_s=60"]  # a hang fails with its diagnosis, inside the test's timeout
+          "--dist.timeout_s=20"]  # a hang fails with its diagnosis, well inside the test's timeout
 # (signal, rank that receives it, rank that sends it, the sender's loss call: 2 per step)
 SCENARIOS = [
     ("SIGTERM", 0, 0, 1),  # during the very first micro-batch: before any step is done
