@@ -154,6 +154,7 @@ class AccelerateEngine(EngineState):
         self.scaler = self.accelerator.scaler  # a GradScaler with fp16, else None
         self.non_blocking = device.type == "cuda"
         self.sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self.eval_in_lockstep = self.sharded  # its forward gathers the shards
         self._full_state: dict | None = None  # sharded: the consolidated model, gathered by every rank
 
     def train_step(self, micro_batches: Iterable[Any], measure_grad_norm: bool = False

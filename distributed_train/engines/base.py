@@ -32,6 +32,8 @@ class Engine(Protocol):
     non_blocking: bool  # host-to-device copies may be asynchronous (CUDA)
     shm_allreduce: shm_allreduce.SharedMemoryAllReduce | None  # set when gradients go through /dev/shm
     skipped_steps: int  # train.nonfinite=skip: updates skipped since this process started
+    # Every eval forward is a collective (a sharded model): all ranks run as many eval batches.
+    eval_in_lockstep: bool
 
     @property
     def lr(self) -> float:

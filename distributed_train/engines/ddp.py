@@ -42,6 +42,7 @@ class DDPEngine(EngineState):
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
         self.model = self._wrap(self.raw_model)
         self.non_blocking = device.type == "cuda"
+        self.eval_in_lockstep = False  # the eval model is the task's own, unwrapped
         self.skipped_steps = 0  # train.nonfinite=skip: steps whose update was skipped
         self.checked_unused = False
         self._last_backward = "backward (DDP gradient all-reduce)" if isinstance(self.model, DDP) else "backward"

@@ -22,7 +22,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from distributed_train.config import Config
@@ -112,6 +112,7 @@ class FSDPEngine(DDPEngine):
         use_scaler = config.train.precision == "fp16"
         self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
         self.non_blocking = device.type == "cuda"
+        self.eval_in_lockstep = True  # each unit's forward all-gathers its parameters
         self.skipped_steps = 0
         self.checked_unused = True  # FSDP2 accepts parameters without gradients
         self.shm_allreduce = None
@@ -172,25 +173,14 @@ class FSDPEngine(DDPEngine):
                 torch_dist.broadcast(buffer, src=0)
 
     def eval_model(self) -> nn.Module:
-        """The sharded model itself; `eval_context` gathers its parameters for the whole evaluation."""
+        """The sharded model itself: each unit gathers its parameters for its forward and frees
+        them after, as in training, so evaluation never holds the whole model (the Evaluator runs
+        every rank through as many batches, since each forward is a collective)."""
         return self.model
 
-    @contextlib.contextmanager
-    def eval_context(self) -> Iterator[None]:
-        """Gather every unit's parameters once (collective) and keep them until the end of the
-        evaluation: ranks then evaluate their shards of the eval set, of different lengths,
-        without collectives per batch. Costs the full parameters in memory while it lasts."""
-        modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
-        for module in modules:
-            module.set_reshard_after_forward(False, recurse=False)
-            module.unshard()
-        try:
-            with autocast_context(self.config.train.precision, self.device):
-                yield
-        finally:
-            for module in modules:
-                module.reshard()
-                module.set_reshard_after_forward(self.config.fsdp.reshard_after_forward, recurse=False)
+    def eval_context(self) -> Any:
+        """Autocast for evaluation, matching training precision."""
+        return autocast_context(self.config.train.precision, self.device)
 
     def model_state_dict(self) -> dict:
         """The consolidated model on rank 0 as CPU tensors ({} on the others). Collective."""

@@ -24,14 +24,20 @@ class Evaluator:
                  collate: Any, pin_memory: bool):
         self.task, self.env, self.device = task, env, device
         self.every_steps = config.eval.every_steps
-        self.loader = None
+        self.loader = self.filler = None
+        self.missing_batches = 0  # this rank's batches fewer than the most any rank has
         eval_set = task.eval_dataset()
         if eval_set is not None:
             global_batch = config.eval.batch_size or config.train.batch_size
             per_rank = max(1, global_batch // env.world_size)
             subset = eval_subset(len(eval_set), config.eval.max_samples, config.seed)
-            sampler = EvalBatchSampler(len(eval_set), env.rank, env.world_size, per_rank, subset, config.seed)
-            self.loader = make_loader(eval_set, sampler, collate, 0, pin_memory, config.seed)
+            samplers = [EvalBatchSampler(len(eval_set), rank, env.world_size, per_rank, subset, config.seed)
+                        for rank in range(env.world_size)]
+            self.loader = make_loader(eval_set, samplers[env.rank], collate, 0, pin_memory, config.seed)
+            self.missing_batches = max(map(len, samplers)) - len(samplers[env.rank])
+            if len(subset):  # a batch of one eval sample, run and discarded to keep a sharded model's
+                # collectives in step where this rank has fewer batches (shards differ by a sample)
+                self.filler = make_loader(eval_set, [[subset[0]]], collate, 0, pin_memory, config.seed)
 
     def should_evaluate(self, step: int, last_step: bool) -> bool:
         """Every `eval.every_steps` during training; the final evaluation runs after the last step."""
@@ -56,8 +62,11 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
-            with engine.eval_context():  # entered on every rank: it gathers a sharded model's parameters
+            with engine.eval_context():
+                # Every rank runs one forward, as a sharded model needs: an empty shard runs the filler.
                 batch = next(iter(self.loader), None)
+                if batch is None:
+                    batch = next(iter(self.filler or ()), None)
                 if batch is not None:
                     self.batch_sums(model, move_to_device(batch, self.device, engine.non_blocking))
         except UsageError as exc:
@@ -89,6 +98,9 @@ class Evaluator:
                 batch = move_to_device(batch, self.device, engine.non_blocking)
                 for name, pair in self.batch_sums(model, batch).items():
                     sums[name] = sums[name] + pair if name in sums else pair
+            if engine.eval_in_lockstep:  # each forward is a collective: as many as the busiest rank
+                for _ in range(self.missing_batches):
+                    self.batch_sums(model, move_to_device(next(iter(self.filler)), self.device))  # not counted
         return self.reduce(sums)
 
     def batch_sums(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:

@@ -26,11 +26,12 @@ BATCHNORM = [f"--task={TOY}:BatchNormRegression", "--train.batch_size=32", "--tr
 # rounding noise of the bias before BatchNorm (its true gradient is zero) to whole steps
 
 
-def single_process(run_dir, overrides) -> dict:
-    """Train in this process (no process group); the final parameters."""
+def single_process(run_dir, overrides, summary_too=False):
+    """Train in this process (no process group); the final parameters (and the summary)."""
     config = resolve_config(None, ["--log.wandb=disabled", *overrides, f"--run_dir={run_dir}"])
     summary = run_training(config, DistEnv())
-    return torch.load(summary["final_model"], weights_only=True)
+    state = torch.load(summary["final_model"], weights_only=True)
+    return (summary, state) if summary_too else state
 
 
 def run_jobs(world_size, jobs):
@@ -43,6 +44,7 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+UNEVEN_EVAL = [*REGRESSION, "--eval.max_samples=9", "--train.max_steps=2"]
 # Resume: a 4-rank fsdp run of 12 steps with checkpoints at 4, 8 and 12 is the reference.
 RESUME = [*REGRESSION, "--train.max_steps=12", "--checkpoint.every_steps=4", "--checkpoint.keep_last=3",
           "--train.grad_clip=0"]
@@ -62,6 +64,9 @@ def runs(tmp_path_factory):
         ("hsdp4-gpt", [*GPT, "--engine=fsdp", "--fsdp.replicate=2", f"--run_dir={tmp}/h4"]),
         ("ref4", [*RESUME, "--engine=fsdp", f"--run_dir={tmp}/ref4"]),
         ("same4", [*RESUME, "--engine=fsdp", f"--run_dir={tmp}/same4", from_checkpoint(tmp / "ref4", 4)]),
+        # 9 eval samples, 2 per rank and batch: rank 3 has 2 batches, the others 1 (a hang without
+        # the filler forwards, after dist.timeout_s)
+        ("fsdp4-uneven-eval", [*UNEVEN_EVAL, "--engine=fsdp", "--dist.timeout_s=30", f"--run_dir={tmp}/f4e"]),
     ]))
     # 2 ranks: accumulation and activation checkpointing; BatchNorm under both engines; 4 -> 2,
     # fsdp -> ddp, and a ddp checkpoint for ddp -> fsdp.
@@ -83,6 +88,7 @@ def runs(tmp_path_factory):
     ]))
     results.update({"single-regression": single_process(tmp / "s1", REGRESSION),
                     "single-gpt": single_process(tmp / "s2", GPT),
+                    "single-uneven-eval": single_process(tmp / "s3", UNEVEN_EVAL, summary_too=True),
                     "fsdp1-gpt": single_process(tmp / "f1", [*GPT, "--engine=fsdp"]),
                     "3to1": single_process(tmp / "3to1", [*RESUME, "--engine=fsdp", from_checkpoint(tmp / "4to3", 8)]),
                     "tmp": tmp})
@@ -105,6 +111,16 @@ def test_fsdp_evaluates_like_ddp_and_reports_sharded_state(runs, tmp_path):
     summary, _ = runs["fsdp3-gpt"]
     assert summary["world_size"] == 3 and summary["global_step"] == 4
     assert set(summary["eval"]) >= {"loss", "accuracy"}
+
+
+def test_ranks_with_fewer_eval_batches_keep_in_step_and_the_metrics_stay_exact(runs):
+    # Each eval forward of a sharded model is a collective: ranks 0-2 run a discarded forward
+    # while rank 3 evaluates its second batch; every sample still counts once.
+    (summary, state), (reference, reference_state) = runs["fsdp4-uneven-eval"], runs["single-uneven-eval"]
+    assert max_diff(state, reference_state) <= 1e-5
+    assert summary["eval"].keys() == reference["eval"].keys() and reference["eval"]
+    for name, value in reference["eval"].items():
+        assert summary["eval"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
 
 
 def test_batchnorm_buffers_match_ddp(runs):
