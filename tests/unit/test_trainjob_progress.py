@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import ssl
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,15 +26,18 @@ RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 @pytest.fixture
 def caplog(caplog):
-    """pytest's caplog, attached to the package logger itself: after setup_logging() (run by
-    earlier tests in this process) that logger does not propagate to the root."""
+    """pytest's caplog, attached to the package logger itself, which does not propagate while
+    it lasts: each record is caught once, whether or not an earlier test in this process ran
+    setup_logging() (which stops the propagation to the root, where caplog listens)."""
     logger = logging.getLogger("distributed_train")
     logger.addHandler(caplog.handler)
-    previous = logger.level
+    previous = logger.level, logger.propagate
     logger.setLevel(logging.WARNING)
+    logger.propagate = False
     yield caplog
     logger.removeHandler(caplog.handler)
-    logger.setLevel(previous)
+    logger.setLevel(previous[0])
+    logger.propagate = previous[1]
 
 
 
@@ -63,7 +67,13 @@ class StatusServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class QuietServer(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                # a client that gave up (the timeout tests) breaks the pipe: kept, not printed
+                server.errors.append(sys.exc_info()[1])
+
+        self.errors: list[BaseException] = []
+        self.httpd = QuietServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
