@@ -11,8 +11,7 @@ from distributed_train.config import load_config
 from distributed_train.errors import UsageError
 from distributed_train.tasks import tokens
 from distributed_train.tasks.lm import LMTask
-from distributed_train.training.data import (BatchPlan, EvalBatchSampler, TrainBatchSampler, eval_subset,
-                                             make_loader)
+from distributed_train.training.data import EvalBatchSampler, eval_subset
 
 
 def task(**task_args) -> LMTask:
@@ -42,7 +41,7 @@ def test_windows_span_shards_in_one_index_space_and_never_cross_them(tmp_path):
         windows.get_batch([6])
 
 
-def test_token_out_of_range_names_file_and_offset_only_when_read_also_from_a_worker(tmp_path):
+def test_token_out_of_range_names_file_and_offset_only_when_read(tmp_path):
     values = list(range(20))
     values[13] = 999  # in window 2 (tokens 10..14)
     path = write(tmp_path / "t.bin", values)
@@ -53,11 +52,8 @@ def test_token_out_of_range_names_file_and_offset_only_when_read_also_from_a_wor
         train.get_batch([1, 2])
     message = str(info.value)
     assert "token id 999 at token offset 13 of" in message and path in message and "\n" not in message
-    plan = BatchPlan.make(3, 1, None)
-    sampler = TrainBatchSampler(len(train), plan, 0, seed=0)
-    with pytest.raises(UsageError) as info:  # re-raised from a DataLoader worker: still one line
-        list(make_loader(train, sampler, None, num_workers=1, pin_memory=False, seed=0))
-    assert "token offset 13" in str(info.value) and "\n" not in str(info.value)
+    # From a DataLoader worker: tests/distributed/test_data_workers.py (a worker forked from this
+    # process, which pytest-xdist's threads share, can deadlock at start).
 
 
 def test_raw_files_hold_out_a_fraction_and_padded_vocabulary(tmp_path):
