@@ -189,7 +189,14 @@ def process_state(host: str, pid: int) -> str | None:
 
 def _end_stopped_peer(pid: int) -> bool:
     """SIGKILL a stopped peer of this job: the job is failing, and a stopped process would hold
-    torchrun's shutdown for its whole grace period (it cannot act on the SIGTERM it gets)."""
+    torchrun's shutdown for its whole grace period (it cannot act on the SIGTERM it gets).
+
+    torchrun answers the peer's death by SIGTERMing this rank, which is already on its way out
+    with the diagnosis: ignore that, so the diagnosis is printed and the exit code is ours."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to protect
+        pass
     try:
         os.kill(pid, signal.SIGKILL)
         return True
