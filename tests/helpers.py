@@ -112,6 +112,19 @@ def _jobs_in_rank(rank: int, world_size: int, jobs: list) -> dict | None:
         out[name] = train_in_rank(rank, world_size, overrides)
     return out if rank == 0 else None
 
+
+def fresh_port(rank: int, directory: Path, job: str) -> int:
+    """A port for job `job`'s process group, picked by rank 0 right before it and passed to the
+    other ranks through a file in `directory` (a port picked long before could be taken by then,
+    and reusing one lets a rank that finished the last job first join its store again)."""
+    path = Path(directory) / f"port-{job}"
+    if rank == 0:
+        path.with_suffix(".tmp").write_text(str(free_port()))
+        path.with_suffix(".tmp").replace(path)
+    while not path.is_file():
+        time.sleep(0.01)
+    return int(path.read_text())
+
 def clean_env(**extra: str) -> dict:
     """The current environment without torchrun variables, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}

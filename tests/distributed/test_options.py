@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import io
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from distributed_train.training.checkpoint import checkpoint_name, committed_checkpoints
 from distributed_train.training.data import epoch_permutation
 from distributed_train.training.metrics import read_events
-from tests.helpers import REPO, free_port, run_ranks
+from tests.helpers import REPO, fresh_port, run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -28,18 +27,6 @@ SEED = 3
 COMMON = ["--train.batch_size=24", "--train.max_steps=4", "--train.optimizer=sgd", "--train.lr=0.05",
           f"--seed={SEED}", "--log.every_steps=2", "--eval.batch_size=25", "--log.wandb=disabled",
           "--dist.timeout_s=60"]
-
-
-def _fresh_port(rank: int, run_dir: Path, job: str) -> int:
-    """A port for this job's process group, picked by rank 0 right before it and passed through a
-    file: reusing one port lets a rank that finished the last job first join its store again."""
-    path = run_dir.parent / f"port-{job}"
-    if rank == 0:
-        path.with_suffix(".tmp").write_text(str(free_port()))
-        path.with_suffix(".tmp").replace(path)
-    while not path.is_file():
-        time.sleep(0.01)
-    return int(path.read_text())
 
 
 def _train(run_dir: Path, overrides: list[str], job: str = ""):
@@ -53,7 +40,7 @@ def _train(run_dir: Path, overrides: list[str], job: str = ""):
     from distributed_train.training import trainer
     from distributed_train.training.run import run_training
 
-    os.environ["MASTER_PORT"] = str(_fresh_port(int(os.environ["RANK"]), run_dir, job or run_dir.name))
+    os.environ["MASTER_PORT"] = str(fresh_port(int(os.environ["RANK"]), run_dir.parent, job or run_dir.name))
     engines = []
     build_engine = trainer.build_engine
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, free_port, run_ranks
+from tests.helpers import REPO, fresh_port, run_ranks
 from tests.tasks.stop_signal import PIDS_VAR, SPEC_VAR
 
 pytestmark = pytest.mark.distributed
@@ -37,18 +37,6 @@ SCENARIOS = [
     ("SIGINT", 0, 1, 10),  # from the peer
 ]
 EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}
-
-
-def _fresh_port(rank: int, ports: Path, job: str) -> int:
-    """Rank 0 picks a free port right before the job and tells the others through a file (a port
-    picked long before could be taken by then on a busy machine)."""
-    path = ports / job
-    if rank == 0:
-        path.with_suffix(".tmp").write_text(str(free_port()))
-        path.with_suffix(".tmp").replace(path)
-    while not path.is_file():
-        time.sleep(0.01)
-    return int(path.read_text())
 
 
 def _train(run_dir: Path, port: int, extra: list[str]):
@@ -96,7 +84,7 @@ def stop_then_resume(rank: int, world_size: int, tmp: Path) -> dict:
     load = lambda summary: torch.load(summary["final_model"], weights_only=True)  # noqa: E731
     (tmp / "ports").mkdir(exist_ok=True)
     jobs = iter(range(1000))
-    port = lambda: _fresh_port(rank, tmp / "ports", f"job-{next(jobs)}")  # noqa: E731
+    port = lambda: fresh_port(rank, tmp / "ports", f"job-{next(jobs)}")  # noqa: E731
     outcomes = {}
     for path, extra in GRADIENT_PATHS.items():
         preemption.StopFlag._propose_interval = INTERVALS[path]  # timing-free, so never flaky
