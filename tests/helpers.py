@@ -1,6 +1,9 @@
 """Shared test helpers: real gloo ranks in subprocesses, and `dtrain` / `torchrun` as commands.
 
-Spawning is the slow part (~2 s per rank for `import torch`): bundle several checks per spawn.
+Starting a rank is the slow part: `import torch`, and the `torch._dynamo` that the first optimizer
+imports, cost ~3.5 s of CPU in a fresh interpreter. Ranks are therefore forked from a forkserver
+that imported them once (a fork of a single-threaded process, as DataLoader workers are), and
+several checks share one spawn.
 """
 
 from __future__ import annotations
@@ -32,10 +35,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, queue: Any) -> None:
+# Imported once by the forkserver, so that each rank starts with them loaded. Nothing here may start
+# a thread, open a process group or read a setting a test changes later (see `_rank_main`).
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "distributed_train.training.run", "tests.helpers"]
+
+
+def _context() -> Any:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts (first use)
+    return ctx
+
+
+def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, queue: Any,
+               environ: dict) -> None:
+    # The forkserver's environment is the one of the moment it started: take the caller's now.
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)  # OpenMP read its variables when the forkserver imported torch
     try:
         # Bytes, not tensors: torch's queue would share tensor storage through a file descriptor
         # that dies with this process.
@@ -52,15 +71,16 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple,
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` in `world_size` fresh processes with torchrun's variables set.
+    """Run `fn(rank, world_size, *args)` in `world_size` new processes with torchrun's variables set.
 
     `fn` must be a module-level function (it is pickled). Returns the results in rank order;
     raises AssertionError with every failing rank's traceback.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, queue))
+    environ = dict(os.environ)
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, queue, environ))
              for r in range(world_size)]
     for p in procs:
         p.start()
