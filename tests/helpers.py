@@ -14,6 +14,7 @@ import queue as queue_module
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -113,30 +114,29 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180) -
     return [results[r] for r in range(world_size)]
 
 
-
 def run_jobs(world_size: int, jobs: list[tuple[str, list[str]]], timeout: float = 240) -> dict[str, dict]:
     """Run each (name, overrides) training job in turn on the same `world_size` spawned ranks
-    (one `import torch` per rank for all of them): {name: rank 0's train_in_rank result}.
+    (one start per rank for all of them): {name: rank 0's train_in_rank result}.
 
-    Each job gets its own rendezvous port: a process group re-created on a reused port can hang."""
-    ports = [free_port() for _ in jobs]
-    return run_ranks(_jobs_in_rank, world_size, [(*job, port) for job, port in zip(jobs, ports)],
-                     timeout=timeout)[0]
+    Each job gets its own rendezvous port, picked when it starts (`fresh_port`)."""
+    with tempfile.TemporaryDirectory(prefix="dtrain-ports-") as ports:
+        return run_ranks(_jobs_in_rank, world_size, jobs, ports, timeout=timeout)[0]
 
 
-def _jobs_in_rank(rank: int, world_size: int, jobs: list) -> dict | None:
+def _jobs_in_rank(rank: int, world_size: int, jobs: list, ports: str) -> dict | None:
     """Rank side of `run_jobs`; rank 0 returns the results."""
     out = {}
-    for name, overrides, port in jobs:
-        os.environ["MASTER_PORT"] = str(port)
+    for name, overrides in jobs:
+        os.environ["MASTER_PORT"] = str(fresh_port(rank, Path(ports), name))
         out[name] = train_in_rank(rank, world_size, overrides)
     return out if rank == 0 else None
 
 
 def fresh_port(rank: int, directory: Path, job: str) -> int:
     """A port for job `job`'s process group, picked by rank 0 right before it and passed to the
-    other ranks through a file in `directory` (a port picked long before could be taken by then,
-    and reusing one lets a rank that finished the last job first join its store again)."""
+    other ranks through a file in `directory`. A port picked long before may be taken by then
+    (another test's ranks connect from ephemeral ports too), and reusing one lets a rank that
+    finished the last job first join its old store again."""
     path = Path(directory) / f"port-{job}"
     if rank == 0:
         path.with_suffix(".tmp").write_text(str(free_port()))
@@ -144,6 +144,7 @@ def fresh_port(rank: int, directory: Path, job: str) -> int:
     while not path.is_file():
         time.sleep(0.01)
     return int(path.read_text())
+
 
 def clean_env(**extra: str) -> dict:
     """The current environment without torchrun variables, plus `extra`."""
