@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.test_two_nodes import (CONFIG, SLOW_TASK, assert_same_parameters, final_parameters, kill_node,
-                                      start_node, wait_for_port, wait_nodes)
+from tests.e2e.test_two_nodes import (CONFIG, SLOW_TASK, assert_same_parameters, background_run, final_parameters,
+                                      kill_node, start_node, wait_for_port, wait_nodes)
 from tests.helpers import clean_env, free_port
 
 pytestmark = pytest.mark.slow
@@ -70,17 +70,9 @@ def one_process_reference(tmp_path_factory):
     """The same run as one uninterrupted process (`dtrain train`), started now, beside the first test."""
     directory = tmp_path_factory.mktemp("reference")
     (directory / "user.yaml").write_text(yaml.safe_dump(ELASTIC_CONFIG))
-    log = directory / "train.log"
-    proc = start_node(["python3", "-m", "distributed_train", "train", str(directory / "user.yaml"),
-                       f"--run_dir={directory / 'run'}"], clean_env(OMP_NUM_THREADS="1"), log)
-
-    def parameters() -> dict:
-        wait_nodes([proc], [log], timeout=120)
-        return final_parameters(directory / "run")
-
-    yield parameters
-    if proc.poll() is None:
-        kill_node(proc)
+    with background_run(["python3", "-m", "distributed_train", "train", str(directory / "user.yaml"),
+                         f"--run_dir={directory / 'run'}"], directory / "run", directory / "train.log") as parameters:
+        yield parameters
 
 
 def elastic_agent(tmp_path: Path, port: int, task: str = f"{SLOW_TASK}\nTask = SlowDigits\n") -> list[str]:

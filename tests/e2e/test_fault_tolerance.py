@@ -25,8 +25,9 @@ ARGS = ["--nproc-per-node", "2", f"--train.max_steps={STEPS}", "--checkpoint.eve
         "--log.every_steps=100", "--log.wandb=disabled"]
 
 
-def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "distributed_train", "launch", *ARGS, *extra,
+def _launch(run_dir: Path, *extra: str, args: list[str] = ARGS) -> subprocess.Popen:
+    """`dtrain launch` of `args` and `extra` into `run_dir`, in the background."""
+    return subprocess.Popen([sys.executable, "-m", "distributed_train", "launch", *args, *extra,
                              f"--run_dir={run_dir}"], env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
@@ -59,16 +60,9 @@ def _assert_identical(a: dict, b: dict) -> None:
     assert not different, f"tensors differ from the uninterrupted run: {different}"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    run_dir = tmp_path_factory.mktemp("reference")
-    dtrain("launch", *ARGS, f"--run_dir={run_dir}", timeout=180)
-    return _final(run_dir)
-
-
-def test_sigkill_of_a_worker_restarts_and_resumes_bit_identical(tmp_path, reference):
-    run_dir = tmp_path / "run"
-    proc = _launch(run_dir, "--max-restarts", "2")
+def _kill_a_worker_and_finish(proc: subprocess.Popen, run_dir: Path) -> dict:
+    """SIGKILL one of the 2 workers of a `--max-restarts` launch after its first checkpoint; the
+    job must restart, resume from a checkpoint and finish. Returns its summary."""
     _wait_for_checkpoint(proc, run_dir)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "distributed_train" in " ".join(p.cmdline()) and "train" in p.cmdline()]
@@ -78,21 +72,41 @@ def test_sigkill_of_a_worker_restarts_and_resumes_bit_identical(tmp_path, refere
     assert code == 0, err
     assert "resuming from" in err
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["global_step"] == STEPS and summary["resumed_from"]
-    _assert_identical(_final(run_dir), reference)
+    assert summary["resumed_from"], summary
+    return summary
 
 
-def test_sigterm_checkpoints_then_rerun_resumes_and_damaged_checkpoint_falls_back(tmp_path, reference):
-    run_dir = tmp_path / "run"
-    proc = _launch(run_dir)
+def _sigterm_after_a_checkpoint(proc: subprocess.Popen, run_dir: Path, steps: int) -> Path:
+    """SIGTERM a launch after its first checkpoint: it commits one more and exits 143 before step
+    `steps`. Returns that newest checkpoint."""
     _wait_for_checkpoint(proc, run_dir)
     proc.send_signal(signal.SIGTERM)
     code, out, err = _finish(proc)
     assert code == 128 + signal.SIGTERM, err
     assert "SIGTERM: committed" in err
     newest = committed_checkpoints(run_dir / "checkpoints")[-1]
+    assert 0 < int(newest.name.split("-")[1]) < steps, newest
+    return newest
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("reference")
+    dtrain("launch", *ARGS, f"--run_dir={run_dir}", timeout=180)
+    return _final(run_dir)
+
+
+def test_sigkill_of_a_worker_restarts_and_resumes_bit_identical(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    summary = _kill_a_worker_and_finish(_launch(run_dir, "--max-restarts", "2"), run_dir)
+    assert summary["global_step"] == STEPS
+    _assert_identical(_final(run_dir), reference)
+
+
+def test_sigterm_checkpoints_then_rerun_resumes_and_damaged_checkpoint_falls_back(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    newest = _sigterm_after_a_checkpoint(_launch(run_dir), run_dir, STEPS)
     stopped_at = int(newest.name.split("-")[1])
-    assert 0 < stopped_at < STEPS
     damaged = tmp_path / "damaged"
     shutil.copytree(run_dir, damaged)
     # The fallback must be an earlier checkpoint, not a start from scratch (which would also end

@@ -2,18 +2,13 @@
 the step, save their shards together, and a rerun continues), both bit-identical to an
 uninterrupted run; `dtrain export` of the last checkpoint equals final_model.pt."""
 
-import json
-import signal
-import subprocess
-import sys
-
-import psutil
 import pytest
 import torch
 
-from distributed_train.training.checkpoint import committed_checkpoints
-from tests.e2e.test_fault_tolerance import _assert_identical, _final, _finish, _wait_for_checkpoint
-from tests.helpers import clean_env, dtrain
+from tests.e2e.test_fault_tolerance import _assert_identical, _final, _finish, _kill_a_worker_and_finish
+from tests.e2e.test_fault_tolerance import _launch as launch
+from tests.e2e.test_fault_tolerance import _sigterm_after_a_checkpoint
+from tests.helpers import dtrain
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +18,7 @@ ARGS = ["--nproc-per-node", "2", "--engine=fsdp", f"--train.max_steps={STEPS}", 
 
 
 def _launch(run_dir, *extra):
-    return subprocess.Popen([sys.executable, "-m", "distributed_train", "launch", *ARGS, *extra,
-                             f"--run_dir={run_dir}"], env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    return launch(run_dir, *extra, args=ARGS)
 
 
 def test_fsdp_survives_sigkill_and_sigterm_bit_identical(tmp_path):
@@ -38,27 +31,11 @@ def test_fsdp_survives_sigkill_and_sigterm_bit_identical(tmp_path):
     _assert_identical(torch.load(tmp_path / "exported.pt", weights_only=True), reference)
 
     killed = tmp_path / "killed"
-    proc = _launch(killed, "--max-restarts", "2")
-    _wait_for_checkpoint(proc, killed)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "distributed_train" in " ".join(p.cmdline()) and "train" in p.cmdline()]
-    assert len(workers) == 2, [p.cmdline() for p in workers]
-    workers[1].send_signal(signal.SIGKILL)
-    code, out, err = _finish(proc)
-    assert code == 0, err
-    assert "resuming from" in err
-    assert json.loads((killed / "summary.json").read_text())["resumed_from"]
+    _kill_a_worker_and_finish(_launch(killed, "--max-restarts", "2"), killed)
     _assert_identical(_final(killed), reference)
 
     stopped = tmp_path / "stopped"
-    proc = _launch(stopped)
-    _wait_for_checkpoint(proc, stopped)
-    proc.send_signal(signal.SIGTERM)
-    code, out, err = _finish(proc)
-    assert code == 128 + signal.SIGTERM, err
-    assert "SIGTERM: committed" in err
-    newest = committed_checkpoints(stopped / "checkpoints")[-1]
-    assert 0 < int(newest.name.split("-")[1]) < STEPS
+    newest = _sigterm_after_a_checkpoint(_launch(stopped), stopped, STEPS)
     code, out, err = _finish(_launch(stopped))
     assert code == 0, err
     assert f"resuming from {newest}" in err

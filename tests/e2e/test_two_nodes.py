@@ -7,6 +7,7 @@ are substituted: the rendezvous host (127.0.0.1), the ConfigMap file and the cla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -149,23 +151,32 @@ def assert_same_parameters(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=f"parameter {key} differs")
 
 
+@contextlib.contextmanager
+def background_run(argv: list[str], run_dir: Path, log: Path) -> Iterator[Callable[[], dict]]:
+    """Start `argv` now, so that it runs beside the tests that follow; yields a function that waits
+    for it and returns its final parameters. Still running at the end: killed with its workers."""
+    proc = start_node(argv, clean_env(OMP_NUM_THREADS="1"), log)
+
+    def parameters() -> dict:
+        wait_nodes([proc], [log], timeout=120)
+        return final_parameters(run_dir)
+
+    try:
+        yield parameters
+    finally:
+        if proc.poll() is None:
+            kill_node(proc)
+
+
 @pytest.fixture(scope="module")
 def launch_reference(tmp_path_factory):
     """`dtrain launch --nproc-per-node 2` of CONFIG, started now so it runs beside the first test."""
     directory = tmp_path_factory.mktemp("launch")
     (directory / "user.yaml").write_text(yaml.safe_dump(CONFIG))
-    log = directory / "launch.log"
-    proc = start_node(["python3", "-m", "distributed_train", "launch", "--nproc-per-node", "2",
-                       str(directory / "user.yaml"), f"--run_dir={directory / 'run'}"],
-                      clean_env(OMP_NUM_THREADS="1"), log)
-
-    def parameters() -> dict:
-        wait_nodes([proc], [log], timeout=120)
-        return final_parameters(directory / "run")
-
-    yield parameters
-    if proc.poll() is None:
-        kill_node(proc)
+    with background_run(["python3", "-m", "distributed_train", "launch", "--nproc-per-node", "2",
+                         str(directory / "user.yaml"), f"--run_dir={directory / 'run'}"],
+                        directory / "run", directory / "launch.log") as parameters:
+        yield parameters
 
 
 def test_rendered_job_on_two_agents_matches_dtrain_launch(tmp_path, launch_reference):
