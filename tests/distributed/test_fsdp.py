@@ -60,13 +60,14 @@ def runs(tmp_path_factory):
     results = {}
     # 4 ranks: micro-batches; HSDP 2x2; the resume reference and its same-world-size resume.
     results.update(run_jobs(4, [
+        # 9 eval samples, 2 per rank and batch: rank 3 has 2 batches, the others 1 (a hang without
+        # the filler forwards, until dist.timeout_s; first, so that the mechanism-removal check
+        # waits for nothing else)
+        ("fsdp4-uneven-eval", [*UNEVEN_EVAL, "--engine=fsdp", "--dist.timeout_s=20", f"--run_dir={tmp}/f4e"]),
         ("fsdp4-regression", [*REGRESSION, "--engine=fsdp", "--train.micro_batch_size=3", f"--run_dir={tmp}/f4"]),
         ("hsdp4-gpt", [*GPT, "--engine=fsdp", "--fsdp.replicate=2", f"--run_dir={tmp}/h4"]),
         ("ref4", [*RESUME, "--engine=fsdp", f"--run_dir={tmp}/ref4"]),
         ("same4", [*RESUME, "--engine=fsdp", f"--run_dir={tmp}/same4", from_checkpoint(tmp / "ref4", 4)]),
-        # 9 eval samples, 2 per rank and batch: rank 3 has 2 batches, the others 1 (a hang without
-        # the filler forwards, after dist.timeout_s)
-        ("fsdp4-uneven-eval", [*UNEVEN_EVAL, "--engine=fsdp", "--dist.timeout_s=30", f"--run_dir={tmp}/f4e"]),
     ]))
     # 2 ranks: accumulation and activation checkpointing; BatchNorm under both engines; 4 -> 2,
     # fsdp -> ddp, and a ddp checkpoint for ddp -> fsdp.
