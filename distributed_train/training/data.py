@@ -256,11 +256,13 @@ class DirectBatches:
 
 
 def make_loader(dataset: Any, batch_sampler: Sampler, collate: Callable | None,
-                num_workers: int, pin_memory: bool, seed: int) -> DataLoader | DirectBatches:
+                num_workers: int, pin_memory: bool, seed: int,
+                start_method: str = "default") -> DataLoader | DirectBatches:
     """Batches in `batch_sampler` order; batch-fetching datasets skip per-sample collation, and
     without workers or pinning also the DataLoader machinery (~50 us per batch on a small step).
     Samples fetched one at a time are seeded from (sampler's seed, epoch, index) when the
-    sampler has a `seed` (the train and eval samplers do)."""
+    sampler has a `seed` (the train and eval samplers do). Workers start by `start_method`
+    (`data.worker_start_method`; "default" is the platform's)."""
     fetch = batch_fetcher(dataset) if collate is None else None
     if fetch is not None and num_workers == 0 and not pin_memory:
         return DirectBatches(fetch, batch_sampler)
@@ -276,6 +278,7 @@ def make_loader(dataset: Any, batch_sampler: Sampler, collate: Callable | None,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
+        multiprocessing_context=None if num_workers == 0 or start_method == "default" else start_method,
     )
 
 

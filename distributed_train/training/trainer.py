@@ -74,7 +74,8 @@ class Trainer:
         self.total_steps = config.train.max_steps or config.train.epochs * sampler.steps_per_epoch
         pin = config.data.pin_memory if config.data.pin_memory is not None else device.type == "cuda"
         collate = self.task.collate_fn()
-        loader = make_loader(train_set, sampler, collate, config.data.num_workers, pin, config.seed + env.rank)
+        loader = make_loader(train_set, sampler, collate, config.data.num_workers, pin, config.seed + env.rank,
+                             config.data.worker_start_method)
         self.data = TrainStream(loader, sampler, self.plan)
         self.evaluator = Evaluator(self.task, config, env, device, collate, pin)
         self.engine = build_engine(self.task, config, env, device, self.plan, self.total_steps)

@@ -3,8 +3,9 @@ forked from a process with other threads (pytest-xdist's) can deadlock at start.
 
 import numpy as np
 import pytest
+import torch
 
-from tests.helpers import run_ranks
+from tests.helpers import REPO, fresh_port, run_ranks, train_in_rank
 
 pytestmark = pytest.mark.distributed
 
@@ -35,3 +36,44 @@ def test_a_bad_token_read_in_a_dataloader_worker_is_still_one_line(tmp_path):
     (message,) = run_ranks(bad_token_through_a_worker, 1, str(tmp_path), timeout=120)
     assert "token id 999 at token offset 13 of" in message and "t.bin" in message, message
     assert "\n" not in message, message
+
+
+AUGMENT = [f"--task={REPO / 'tests' / 'tasks' / 'augment.py'}:AugmentTask", "--train.batch_size=16",
+           "--train.max_steps=8", "--seed=4", "--log.every_steps=4"]  # 96 samples: 8 steps cross an epoch
+START_METHODS = {"in-process": ["--data.num_workers=0"],
+                 "forkserver": ["--data.num_workers=1", "--data.worker_start_method=forkserver"],
+                 "spawn": ["--data.num_workers=2", "--data.worker_start_method=spawn"]}
+
+
+def jobs_with_start_methods(rank: int, world_size: int, tmp: str) -> dict:
+    """Each START_METHODS job; the start method of each train loader this rank built."""
+    from distributed_train.training import trainer
+
+    built = []
+
+    def recording_make_loader(*args, **kwargs):
+        loader = make_loader(*args, **kwargs)
+        context = getattr(loader, "multiprocessing_context", None)
+        built.append(context.get_start_method() if context is not None else None)
+        return loader
+
+    make_loader, trainer.make_loader = trainer.make_loader, recording_make_loader
+    results = {}
+    for name, overrides in START_METHODS.items():
+        import os
+
+        os.environ["MASTER_PORT"] = str(fresh_port(rank, tmp, name))
+        results[name] = train_in_rank(rank, world_size, [*AUGMENT, *overrides, f"--run_dir={tmp}/{name}"])
+    return {"results": results, "start_methods": built}
+
+
+def test_workers_started_by_forkserver_or_spawn_draw_the_same_samples(tmp_path):
+    # A task loaded from its file pickles into workers that start from a fresh interpreter, and
+    # its random augmentation draws what it draws in the training process (seeded per sample).
+    rank0, rank1 = run_ranks(jobs_with_start_methods, 2, str(tmp_path), timeout=180)
+    assert rank0["start_methods"] == rank1["start_methods"] == [None, "forkserver", "spawn"]
+    reference = rank0["results"]["in-process"]["state"]
+    for name in ("forkserver", "spawn"):
+        state = rank0["results"][name]["state"]
+        assert all(torch.equal(state[k], reference[k]) for k in reference), name
+        assert rank0["results"][name]["summary"]["train_loss"] == rank0["results"]["in-process"]["summary"]["train_loss"]

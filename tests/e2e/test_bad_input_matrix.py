@@ -150,6 +150,8 @@ ONE_LINERS = {
     "nan timeout": (["--dist.timeout_s=nan"], "dist.timeout_s must be a finite number"),
     "seed too large": (["--seed=18446744073709551616"], "seed must be an integer from 0 to 4294967295"),
     "no parameters": ([FAULTS + "NoParameters"], "task.model() returned a model without trainable parameters"),
+    "worker start method": (["--data.worker_start_method=thread"],
+                            "data.worker_start_method must be one of default, fork, forkserver, spawn; got 'thread'"),
 }
 # Runs `dtrain ARGS` once per case in ONE fresh process (one `import torch` for all of them):
 # the same entry point as the console script, each case's stderr captured on its own.
