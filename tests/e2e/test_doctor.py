@@ -11,8 +11,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_doctor_on_two_gloo_ranks_prints_bandwidth_and_a_verdict():
-    proc = dtrain("doctor", "--nproc-per-node", "2", "--max-mib", "1")
+    proc = dtrain("doctor", "--nproc-per-node", "2", "--max-mib", "1", check=False)
     out = proc.stdout
+    assert proc.returncode in (0, 1), f"exit {proc.returncode}\n{out}\n{proc.stderr}"
     assert "backend gloo; 2 rank(s)" in out and "gloo yes" in out, out
     assert re.search(r"^rank 0: .*matmul [\d.e-]+ TFLOP/s", out, re.M) and re.search(r"^rank 1: ", out, re.M), out
     gloo, shm = out.split("gloo all_reduce:\n")[1].split("shared-memory all-reduce (dtrain's gradient path")
@@ -24,7 +25,15 @@ def test_doctor_on_two_gloo_ranks_prints_bandwidth_and_a_verdict():
         # busbw = algbw * 2(n-1)/n, which is algbw itself for n = 2 (up to the printed digits);
         # the factor itself is checked at 3+ ranks below
         assert abs(float(busbw) - float(algbw)) < 1e-3 + 1e-3 * float(algbw)
-    assert "verdict: healthy (2 rank(s), peak busbw" in out and "GB/s, shared memory " in out, out
+    if proc.returncode == 0:
+        assert "verdict: healthy (2 rank(s), peak busbw" in out and "GB/s, shared memory " in out, out
+    else:
+        # On a shared machine (CI, the other test worker) one rank's matmul can get a fraction of
+        # a core: the doctor is right to say so, and that must be all it finds wrong.
+        (line,) = [line for line in out.splitlines() if line.startswith("verdict: UNHEALTHY (peak busbw")]
+        problems = line.split("): ", 1)[1].split("; ")
+        assert all(re.fullmatch(r"rank [01] matmul [\d.e-]+ TFLOP/s is under 0\.5x the median [\d.e-]+", p)
+                   for p in problems), out
 
 
 def test_doctor_rejects_unknown_arguments():
