@@ -124,7 +124,7 @@ def test_a_peer_that_leaves_with_an_error_fails_the_reduction_at_once(tmp_path):
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"rank 0 \(pid \d+\) left the job during the shared-memory"):
         peer.all_reduce_mean_(torch.ones(8))
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 5  # not its timeout_s=60 (margin for a loaded machine)
 
 
 def test_a_peer_that_leaves_after_the_last_barrier_does_not_fail_the_reduction(tmp_path):
@@ -149,7 +149,7 @@ def test_a_peer_that_exits_fails_the_reduction_quickly(tmp_path):
     start = time.monotonic()
     with pytest.raises(RuntimeError) as caught:
         reducer.all_reduce_mean_(torch.ones(8))
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 10  # not its timeout_s=60 (margin for a loaded machine)
     assert f"rank 1 (pid {gone.pid}) exited during the shared-memory all-reduce" in str(caught.value)
     assert diagnose.is_communication_failure(caught.value)
 
