@@ -152,8 +152,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
     """`key: saved -> current` for every setting that differs from the checkpoint's (applied on
-    resume), besides the math-changing ones `checkpoint.incompatibilities` refuses."""
-    old, new = _flatten(saved), _flatten(current)
+    resume), besides the math-changing ones `checkpoint.incompatibilities` refuses. A key the
+    checkpoint's version did not have yet counts as its default there."""
+    defaults = _flatten(to_dict(Config()))
+    new = _flatten(current)
+    old = {key: defaults.get(key) for key in new} | _flatten(saved)
     math = {".".join(key) for key in checkpoint.MATH_KEYS}
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
             if old.get(key) != new.get(key) and key not in _NOT_SETTINGS and key not in math]

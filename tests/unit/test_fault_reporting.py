@@ -70,6 +70,17 @@ def test_resume_lists_changed_settings_but_not_the_refused_or_per_attempt_ones()
     assert changed_settings(saved, current) == ["train.lr: 0.1 -> 0.2"]
 
 
+def test_a_key_newer_than_the_checkpoint_is_a_change_only_when_set_to_other_than_its_default():
+    from distributed_train.config import Config, to_dict
+
+    current = to_dict(Config())
+    saved = to_dict(Config())
+    del saved["data"]["worker_start_method"]  # a checkpoint from before the key existed
+    assert changed_settings(saved, current) == []
+    current["data"]["worker_start_method"] = "spawn"
+    assert changed_settings(saved, current) == ["data.worker_start_method: 'default' -> 'spawn'"]
+
+
 def test_loaded_optimizer_gets_the_current_lr_and_the_schedule_recomputed_at_the_resumed_step():
     from distributed_train.engines.base import lr_factor
 
