@@ -120,11 +120,12 @@ def run_jobs(world_size: int, jobs: list[tuple[str, list[str]]], timeout: float 
 
     Each job gets its own rendezvous port, picked when it starts (`fresh_port`)."""
     with tempfile.TemporaryDirectory(prefix="dtrain-ports-") as ports:
-        return run_ranks(_jobs_in_rank, world_size, jobs, ports, timeout=timeout)[0]
+        return run_ranks(jobs_in_rank, world_size, jobs, ports, timeout=timeout)[0]
 
 
-def _jobs_in_rank(rank: int, world_size: int, jobs: list, ports: str) -> dict | None:
-    """Rank side of `run_jobs`; rank 0 returns the results."""
+def jobs_in_rank(rank: int, world_size: int, jobs: list, ports: str) -> dict | None:
+    """Rank side of `run_jobs` (each job on a port picked through the folder `ports`); rank 0
+    returns the results."""
     out = {}
     for name, overrides in jobs:
         os.environ["MASTER_PORT"] = str(fresh_port(rank, Path(ports), name))

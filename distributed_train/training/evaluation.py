@@ -31,10 +31,10 @@ class Evaluator:
             global_batch = config.eval.batch_size or config.train.batch_size
             per_rank = max(1, global_batch // env.world_size)
             subset = eval_subset(len(eval_set), config.eval.max_samples, config.seed)
-            samplers = [EvalBatchSampler(len(eval_set), rank, env.world_size, per_rank, subset, config.seed)
-                        for rank in range(env.world_size)]
-            self.loader = make_loader(eval_set, samplers[env.rank], collate, 0, pin_memory, config.seed)
-            self.missing_batches = max(map(len, samplers)) - len(samplers[env.rank])
+            sampler = EvalBatchSampler(len(eval_set), env.rank, env.world_size, per_rank, subset, config.seed)
+            self.loader = make_loader(eval_set, sampler, collate, 0, pin_memory, config.seed)
+            largest_shard = -(-len(subset) // env.world_size)  # unpadded shards differ by at most one sample
+            self.missing_batches = -(-largest_shard // per_rank) - len(sampler)
             if len(subset):  # a batch of one eval sample, run and discarded to keep a sharded model's
                 # collectives in step where this rank has fewer batches (shards differ by a sample)
                 self.filler = make_loader(eval_set, [[subset[0]]], collate, 0, pin_memory, config.seed)
@@ -98,9 +98,9 @@ class Evaluator:
                 batch = move_to_device(batch, self.device, engine.non_blocking)
                 for name, pair in self.batch_sums(model, batch).items():
                     sums[name] = sums[name] + pair if name in sums else pair
-            if engine.eval_in_lockstep:  # each forward is a collective: as many as the busiest rank
+            if engine.eval_in_lockstep:  # each forward is a collective: as many as the busiest rank (not counted)
                 for _ in range(self.missing_batches):
-                    self.batch_sums(model, move_to_device(next(iter(self.filler)), self.device))  # not counted
+                    self.batch_sums(model, move_to_device(next(iter(self.filler)), self.device, engine.non_blocking))
         return self.reduce(sums)
 
     def batch_sums(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import REPO, fresh_port, run_ranks, train_in_rank
+from tests.helpers import REPO, jobs_in_rank, run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -58,13 +58,8 @@ def jobs_with_start_methods(rank: int, world_size: int, tmp: str) -> dict:
         return loader
 
     make_loader, trainer.make_loader = trainer.make_loader, recording_make_loader
-    results = {}
-    for name, overrides in START_METHODS.items():
-        import os
-
-        os.environ["MASTER_PORT"] = str(fresh_port(rank, tmp, name))
-        results[name] = train_in_rank(rank, world_size, [*AUGMENT, *overrides, f"--run_dir={tmp}/{name}"])
-    return {"results": results, "start_methods": built}
+    jobs = [(name, [*AUGMENT, *overrides, f"--run_dir={tmp}/{name}"]) for name, overrides in START_METHODS.items()]
+    return {"results": jobs_in_rank(rank, world_size, jobs, tmp), "start_methods": built}
 
 
 def test_workers_started_by_forkserver_or_spawn_draw_the_same_samples(tmp_path):
@@ -72,8 +67,8 @@ def test_workers_started_by_forkserver_or_spawn_draw_the_same_samples(tmp_path):
     # its random augmentation draws what it draws in the training process (seeded per sample).
     rank0, rank1 = run_ranks(jobs_with_start_methods, 2, str(tmp_path), timeout=180)
     assert rank0["start_methods"] == rank1["start_methods"] == [None, "forkserver", "spawn"]
-    reference = rank0["results"]["in-process"]["state"]
+    reference = rank0["results"]["in-process"]
     for name in ("forkserver", "spawn"):
         state = rank0["results"][name]["state"]
-        assert all(torch.equal(state[k], reference[k]) for k in reference), name
-        assert rank0["results"][name]["summary"]["train_loss"] == rank0["results"]["in-process"]["summary"]["train_loss"]
+        assert all(torch.equal(state[k], reference["state"][k]) for k in reference["state"]), name
+        assert rank0["results"][name]["summary"]["train_loss"] == reference["summary"]["train_loss"], name

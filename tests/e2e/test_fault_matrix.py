@@ -30,7 +30,7 @@ def test_a_per_sample_metric_stops_before_training(tmp_path):
     proc = dtrain("train", FAULTS + "PerSampleMetric", *SMALL, "--train.max_steps=50", "--checkpoint.every_steps=1",
                   f"--run_dir={run}", cwd=REPO, check=False, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert _errors(proc) == [f"dtrain: error: task.metrics()['mse'] must be (sum, count) of numbers or one-element "
+    assert _errors(proc) == ["dtrain: error: task.metrics()['mse'] must be (sum, count) of numbers or one-element "
                              "tensors; its sum is a tensor of shape (8,) (sum it over the batch)"]
     assert _events(run, "train") == [] and not (run / "checkpoints").exists()  # not one step trained
 
