@@ -57,7 +57,8 @@ class TrainConfig:
     schedule: Literal["constant", "cosine"] = opt("constant", "LR schedule after warmup")
     warmup_steps: int = opt(0, "linear warmup steps")
     min_lr: float = opt(0.0, "final LR of the cosine schedule")
-    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "autocast dtype (fp16 adds a GradScaler)")
+    precision: Literal["fp32", "bf16", "fp16", "fp64"] = opt(
+        "fp32", "autocast dtype (fp16 adds a GradScaler); fp64: model and floating inputs in float64")
     compile: bool = opt(False, "torch.compile the model before DDP wraps it")
     nonfinite: Literal["error", "skip"] = opt("error", "what a NaN/inf loss does: stop, or skip the step")
     flush_denormal: bool = opt(True, "CPU: flush denormal floats to zero (denormals slow steps up to 100x)")

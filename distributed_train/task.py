@@ -209,7 +209,7 @@ class Task:
         self.name = name
         # loss(model, batch) wins when a task has both (its loss may use its own criterion).
         self.criterion = None if callable(getattr(obj, "loss", None)) else _check_criterion(obj)
-        self._criterion_on: dict[torch.device, nn.Module] = {}  # a criterion's buffers, per device
+        self._criterion_on: dict[tuple[torch.device, bool], nn.Module] = {}  # per device, fp64 or not
 
     def _call(self, method: str, *args: Any) -> Any:
         try:
@@ -255,15 +255,18 @@ class Task:
         return self._checked_loss(self._criterion_for(outputs)(outputs, targets), "task.criterion")
 
     def _criterion_for(self, outputs: Any) -> Any:
-        """The criterion with its buffers (class weights, ...) on the outputs' device."""
+        """The criterion with its buffers (class weights, ...) on the outputs' device, and in float64
+        for float64 outputs (train.precision=fp64)."""
         criterion = self.criterion
         if not isinstance(criterion, nn.Module) or next(criterion.buffers(), None) is None:
             return criterion
         tensor = _first_tensor(outputs)
         device = tensor.device if tensor is not None else torch.device("cpu")
-        if device not in self._criterion_on:  # a copy: FLOP counting runs it on the meta device
-            self._criterion_on[device] = copy.deepcopy(criterion).to(device)
-        return self._criterion_on[device]
+        fp64 = tensor is not None and tensor.dtype == torch.float64
+        if (device, fp64) not in self._criterion_on:  # a copy: FLOP counting runs it on the meta device
+            moved = copy.deepcopy(criterion).to(device)
+            self._criterion_on[device, fp64] = moved.to(torch.float64) if fp64 else moved
+        return self._criterion_on[device, fp64]
 
     @staticmethod
     def _checked_loss(loss: Any, what: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ from distributed_train.task import Task, load_task
 from distributed_train.training.data import BatchPlan, batch_fetcher
 
 GIB = 2**30
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+_AUTOCAST = ("bf16", "fp16")  # the others compute in the parameters' own dtype (fp64: cast to float64)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -52,8 +54,12 @@ def trace_activations(task: Task, config: Config, micro_batch: int, precision: s
     """Trace one forward under FakeTensorMode (no memory); None when the model cannot be traced."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    batch = sample_batch(task, micro_batch)
+    batch = tree_map(lambda t: in_precision(t, precision) if isinstance(t, torch.Tensor) else t,
+                     sample_batch(task, micro_batch))
+    default = torch.get_default_dtype()
     try:
+        # Fake parameters cannot be converted in place: fp64 builds the model in float64 instead.
+        torch.set_default_dtype(_DTYPES["fp64"] if precision == "fp64" else default)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             model = task.model()
             units = outermost(find_units(task, model, config.fsdp.units))
@@ -61,6 +67,8 @@ def trace_activations(task: Task, config: Config, micro_batch: int, precision: s
             return _saved_bytes(task, model, units, fake, precision)
     except Exception:  # noqa: BLE001 - an estimate without activations is still useful
         return None
+    finally:
+        torch.set_default_dtype(default)
 
 
 def _saved_bytes(task: Task, model: nn.Module, units: list[nn.Module], batch: Any, precision: str) -> Activations:
@@ -78,13 +86,21 @@ def _saved_bytes(task: Task, model: nn.Module, units: list[nn.Module], batch: An
         unit.register_forward_pre_hook(lambda m, a: per_unit.append(-sum(saved.values())) or
                                        inputs.append(sum(t.nbytes for t in a if isinstance(t, torch.Tensor))))
         unit.register_forward_hook(lambda m, a, o: per_unit.append(per_unit.pop() + sum(saved.values())))
-    autocast = torch.autocast("cpu", dtype=_DTYPES[precision]) if precision != "fp32" else contextlib.nullcontext()
+    autocast = torch.autocast("cpu", dtype=_DTYPES[precision]) if precision in _AUTOCAST \
+        else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         task.loss(model, batch)
     full = sum(saved.values())
     if not per_unit:
         return Activations(full, full)
     return Activations(full, full - sum(per_unit) + sum(inputs) + max(per_unit))
+
+
+def in_precision(obj: Any, precision: str) -> Any:
+    """A model or a tensor as train.precision=fp64 trains it (floating values in float64); else as it is."""
+    if precision == "fp64" and (isinstance(obj, nn.Module) or obj.is_floating_point()):
+        return obj.to(torch.float64)
+    return obj
 
 
 def sample_batch(task: Task, size: int) -> Any:
@@ -140,7 +156,8 @@ def main(argv: list[str]) -> int:
           f"{'activations':>11} {'act. ckpt':>9} {'total':>9}  fits {args.gpu_memory_gib:g} GiB")
     for precision in dict.fromkeys([config.train.precision, "bf16"]):
         activations = trace_activations(task, config, plan.micro_batch, precision)
-        for engine, shards, state in rows(model, slots, units, args.nproc_per_node, args.nnodes):
+        sized = in_precision(copy.deepcopy(model), precision)  # fp64 doubles the state; bf16 keeps fp32 masters
+        for engine, shards, state in rows(sized, slots, units, args.nproc_per_node, args.nnodes):
             # fsdp also holds the gathered parameters of about two units at a time (compute dtype).
             gathered = 0 if shards == 1 else 2 * largest_unit * _DTYPES[precision].itemsize
             total = sum(state.values()) + gathered + (activations.full if activations else 0)

@@ -24,13 +24,13 @@ from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelK
 from distributed_train.config import Config
 from distributed_train.training.data import BatchPlan, move_to_device
 from distributed_train.dist import DistEnv
-from distributed_train.engines.base import (EngineState, attach_shm_allreduce, autocast_context, build_optimizer,
-                                           check_comm_hook, lr_factor)
+from distributed_train.engines.base import (EngineState, attach_shm_allreduce, autocast_context, build_model,
+                                           build_optimizer, check_comm_hook, float_dtype, lr_factor)
 from distributed_train.engines.units import checkpoint_activations
 from distributed_train.errors import UsageError
 from distributed_train.task import Task
 
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+MIXED_PRECISION = {"fp32": "no", "fp64": "no", "bf16": "bf16", "fp16": "fp16"}
 _COMM_HOOKS = {"none": DDPCommunicationHookType.NO, "bf16": DDPCommunicationHookType.BF16,
                "fp16": DDPCommunicationHookType.FP16}
 
@@ -141,7 +141,8 @@ class AccelerateEngine(EngineState):
             raise UsageError("train.nonfinite=skip is not implemented by engine=accelerate; "
                              "use engine=ddp, or train.nonfinite=error")
         self.accelerator = make_accelerator(config, env, device, plan)
-        self.raw_model = task.model().to(device)
+        self.float_dtype = float_dtype(config.train.precision)
+        self.raw_model = build_model(task, config, device)
         checkpoint_activations(task, self.raw_model, config)
         optimizer = build_optimizer(task, self.raw_model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -166,15 +167,15 @@ class AccelerateEngine(EngineState):
         steps = self.plan.accumulation_steps
         # accumulate() counts micro-steps: start each optimizer step at 0 so only its last one syncs.
         self.accelerator.step = 0
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device, dtype=self.float_dtype or torch.float32)
         for batch in micro_batches:
-            batch = move_to_device(batch, self.device, self.non_blocking)
+            batch = move_to_device(batch, self.device, self.non_blocking, self.float_dtype)
             with self.accelerator.accumulate(self.model):
                 with self.accelerator.autocast():
                     loss = self.task.loss(self.model, batch)
                 # Pass the unscaled mean loss: backward divides by the accumulation steps itself.
                 self.accelerator.backward(loss)
-            total += (loss.detach() / steps).float()
+            total += (loss.detach() / steps).to(total.dtype)
         if not self.accelerator.sync_gradients:
             raise RuntimeError(f"engine=accelerate: {steps} micro-batches expected for one optimizer step")
         grad_norm = self._clip(measure_grad_norm)

@@ -34,6 +34,7 @@ class Engine(Protocol):
     skipped_steps: int  # train.nonfinite=skip: updates skipped since this process started
     # Every eval forward is a collective (a sharded model): all ranks run as many eval batches.
     eval_in_lockstep: bool
+    float_dtype: torch.dtype | None  # train.precision=fp64: floating batch tensors are cast to it
 
     @property
     def lr(self) -> float:
@@ -77,6 +78,21 @@ def is_dtensor(tensor: Any) -> bool:
     every worker's start) when nothing has: then no tensor can be one."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(tensor, module.DTensor)
+
+
+def float_dtype(precision: str) -> torch.dtype | None:
+    """The dtype every floating parameter and batch tensor takes: float64 with train.precision=fp64
+    (numerics debugging; rounding ~1e-16, so 1 and N ranks agree far below any real defect), else
+    None (the task's own dtypes)."""
+    return torch.float64 if precision == "fp64" else None
+
+
+def build_model(task: Task, config: Config, device: torch.device) -> nn.Module:
+    """The task's model on `device`, its floating parameters and buffers in `float_dtype` if set."""
+    model = task.model().to(device)
+    dtype = float_dtype(config.train.precision)
+    return model.to(dtype) if dtype is not None else model
+
 
 def build_optimizer(task: Task, model: nn.Module, config: Config) -> torch.optim.Optimizer:
     """The task's own optimizer if it has one, else AdamW/SGD from `train.*`."""
@@ -141,8 +157,11 @@ def lr_factor(step: int, config: Config, total_steps: int) -> float:
 
 
 def autocast_context(precision: str, device: torch.device) -> Any:
-    """An autocast context for bf16/fp16 (fp16 only on CUDA), or a null context for fp32."""
-    if precision == "fp32":
+    """An autocast context for bf16/fp16 (fp16 only on CUDA), or a null context for fp32 and fp64."""
+    if precision == "fp64" and device.type not in ("cpu", "cuda"):
+        raise UsageError(f"train.precision=fp64 needs a CPU or CUDA device ({device.type} has no float64); "
+                         "use fp32")
+    if precision in ("fp32", "fp64"):
         return contextlib.nullcontext()
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
@@ -162,6 +181,7 @@ class EngineState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None = None
     non_blocking: bool = False
+    float_dtype: torch.dtype | None = None
     skipped_steps: int = 0
 
     shm_allreduce: shm_allreduce.SharedMemoryAllReduce | None = None  # set when gradients go through /dev/shm

@@ -16,8 +16,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distributed_train.config import Config
 from distributed_train.dist import DistEnv, all_reduce_sum, diagnose
-from distributed_train.engines.base import (EngineState, attach_shm_allreduce, autocast_context, build_optimizer,
-                                           check_comm_hook, lr_factor)
+from distributed_train.engines.base import (EngineState, attach_shm_allreduce, autocast_context, build_model,
+                                           build_optimizer, check_comm_hook, float_dtype, lr_factor)
 from distributed_train.engines.units import checkpoint_activations
 from distributed_train.errors import UsageError
 from distributed_train.task import Task
@@ -32,7 +32,8 @@ class DDPEngine(EngineState):
         self.task, self.config, self.env, self.device, self.plan = task, config, env, device, plan
         autocast_context(config.train.precision, device)  # fail early on fp16 without CUDA
         check_comm_hook(config.ddp.comm_hook, device)
-        self.raw_model = task.model().to(device)
+        self.float_dtype = float_dtype(config.train.precision)
+        self.raw_model = build_model(task, config, device)
         checkpoint_activations(task, self.raw_model, config)
         self.optimizer = build_optimizer(task, self.raw_model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -83,9 +84,9 @@ class DDPEngine(EngineState):
         The norm comes with clipping, or when `measure_grad_norm` (the trainer asks on log steps)."""
         self.model.train()
         steps = self.plan.accumulation_steps
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device, dtype=self.float_dtype or torch.float32)
         for i, batch in enumerate(micro_batches):
-            batch = move_to_device(batch, self.device, self.non_blocking)
+            batch = move_to_device(batch, self.device, self.non_blocking, self.float_dtype)
             with self._sync_context(i == steps - 1):
                 diagnose.at("task.loss()")  # where this rank is, if a peer waits for it
                 with autocast_context(self.config.train.precision, self.device):
@@ -93,7 +94,7 @@ class DDPEngine(EngineState):
                 scaled = loss / steps
                 diagnose.at(self._last_backward if i == steps - 1 else "backward")
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total += scaled.detach().float()
+            total += scaled.detach().to(total.dtype)
         if not self.checked_unused:
             self._check_unused_parameters()
         diagnose.at("optimizer step")

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from distributed_train.config import Config
 from distributed_train.dist import DistEnv
-from distributed_train.engines.base import autocast_context, build_optimizer, lr_factor
+from distributed_train.engines.base import autocast_context, build_model, build_optimizer, float_dtype, lr_factor
 from distributed_train.engines.ddp import DDPEngine
 from distributed_train.engines.units import check_tied_weights, checkpoint_units, find_units, outermost
 from distributed_train.errors import UsageError
@@ -68,7 +68,7 @@ def device_mesh(device: torch.device, replicate: int) -> DeviceMesh:
 def mixed_precision(config: Config) -> MixedPrecisionPolicy:
     """train.precision as FSDP casts: parameters gathered and computed in bf16/fp16, gradients
     reduced in `fsdp.reduce_dtype` (fp32 by default, so the average loses no digits)."""
-    if config.train.precision == "fp32":
+    if config.train.precision in ("fp32", "fp64"):
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=_COMPUTE_DTYPES[config.train.precision],
                                 reduce_dtype=_REDUCE_DTYPES[config.fsdp.reduce_dtype])
@@ -94,7 +94,8 @@ class FSDPEngine(DDPEngine):
         autocast_context(config.train.precision, device)  # fail early on fp16 without CUDA
         check_settings(config, env.world_size, device)
         ensure_process_group(device)
-        model = task.model().to(device)
+        self.float_dtype = float_dtype(config.train.precision)
+        model = build_model(task, config, device)
         units = find_units(task, model, config.fsdp.units)
         check_tied_weights(model, units)
         if config.train.activation_checkpointing == "units":

@@ -241,8 +241,10 @@ def token_metrics(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], vo
     x, y = batch
     logits = model(x).reshape(-1, vocab_size)
     y = y.reshape(-1)
-    # Sum in float64: a float32 sum over many tokens and batches loses digits.
-    ce = F.cross_entropy(logits.float(), y, reduction="none").double().sum()
+    # bf16/fp16 logits in float32 (float64 ones as they are); sum in float64: a float32 sum over
+    # many tokens and batches loses digits.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    ce = F.cross_entropy(logits, y, reduction="none").double().sum()
     correct = (logits.argmax(dim=-1) == y).sum().double()
     # Counts as Python numbers: the evaluator fills them in on the device; a tensor built from a
     # number here would be a host-to-device copy per batch.

@@ -68,9 +68,10 @@ class DigitsTask:
     def metrics(self, model: nn.Module, batch) -> dict:
         images, labels = batch
         logits = model(images)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 as it is
         n = labels.numel()
         return {
-            "loss": (F.cross_entropy(logits.float(), labels, reduction="sum"), n),
+            "loss": (F.cross_entropy(logits, labels, reduction="sum"), n),
             "accuracy": ((logits.argmax(-1) == labels).sum(), n),
         }
 

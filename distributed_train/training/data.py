@@ -282,14 +282,18 @@ def make_loader(dataset: Any, batch_sampler: Sampler, collate: Callable | None,
     )
 
 
-def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """The batch (tensor, or tuple/list/dict nesting of them) on `device`."""
+def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False,
+                   float_dtype: torch.dtype | None = None) -> Any:
+    """The batch (tensor, or tuple/list/dict nesting of them) on `device`; its floating tensors in
+    `float_dtype` when given (train.precision=fp64)."""
     if isinstance(batch, torch.Tensor):
+        if float_dtype is not None and batch.is_floating_point():
+            return batch.to(device, float_dtype, non_blocking=non_blocking)
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, dict):
-        return {k: move_to_device(v, device, non_blocking) for k, v in batch.items()}
+        return {k: move_to_device(v, device, non_blocking, float_dtype) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        moved = [move_to_device(v, device, non_blocking) for v in batch]
+        moved = [move_to_device(v, device, non_blocking, float_dtype) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
 

@@ -68,7 +68,7 @@ class Evaluator:
                 if batch is None:
                     batch = next(iter(self.filler or ()), None)
                 if batch is not None:
-                    self.batch_sums(model, move_to_device(batch, self.device, engine.non_blocking))
+                    self.batch_sums(model, self.on_device(batch, engine))
         except UsageError as exc:
             return exc
         except Exception as exc:  # noqa: BLE001 - the task's code: say which method, in one line
@@ -95,13 +95,17 @@ class Evaluator:
         sums: dict[str, torch.Tensor] = {}
         with engine.eval_context():
             for batch in self.loader:
-                batch = move_to_device(batch, self.device, engine.non_blocking)
+                batch = self.on_device(batch, engine)
                 for name, pair in self.batch_sums(model, batch).items():
                     sums[name] = sums[name] + pair if name in sums else pair
             if engine.eval_in_lockstep:  # each forward is a collective: as many as the busiest rank (not counted)
                 for _ in range(self.missing_batches):
-                    self.batch_sums(model, move_to_device(next(iter(self.filler)), self.device, engine.non_blocking))
+                    self.batch_sums(model, self.on_device(next(iter(self.filler)), engine))
         return self.reduce(sums)
+
+    def on_device(self, batch: Any, engine: Engine) -> Any:
+        """A batch on the device, as the engine trains on it (float64 under train.precision=fp64)."""
+        return move_to_device(batch, self.device, engine.non_blocking, engine.float_dtype)
 
     def batch_sums(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """One batch's metrics as float64 [sum, count] tensors on the device; loss always included."""

@@ -12,10 +12,11 @@ import torch
 from distributed_train.config import load_config
 from distributed_train.dist import DistEnv
 from distributed_train.errors import UsageError
-from tests.helpers import run_ranks
+from tests.helpers import EXACT, FP64, max_diff, run_ranks
 
-# Digits with a small MLP: 1,500 training images, global batch 32 (16 per rank), 6 steps.
-BASE = ["--task=digits", "--task_args.hidden=32", "--train.batch_size=32", "--train.max_steps=6",
+# Digits with a small MLP: 1,500 training images, global batch 32 (16 per rank), 6 steps; float64,
+# since the engines' results are compared with each other (helpers.EXACT).
+BASE = [FP64, "--task=digits", "--task_args.hidden=32", "--train.batch_size=32", "--train.max_steps=6",
         "--seed=5", "--train.lr=0.01", "--log.every_steps=2", "--log.wandb=disabled"]
 # Warmup + cosine catches a scheduler stepped per process; clipping runs Accelerate's clip path.
 SCHEDULED = ["--train.schedule=cosine", "--train.warmup_steps=2", "--train.grad_clip=0.5"]
@@ -108,21 +109,16 @@ def ranks(tmp_path_factory):
     return run_ranks(accelerate_jobs, 2, str(tmp_path_factory.mktemp("accelerate")))
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("reference, candidate", [("ddp", "accelerate"), ("ddp_accum", "accelerate_accum")])
 def test_accelerate_matches_ddp(ranks, reference, candidate):
     ref, run = ranks[0][reference], ranks[0][candidate]
     assert (ref["engine"], run["engine"]) == ("DDPEngine", "AccelerateEngine")
     assert run["summary"]["world_size"] == 2 and run["summary"]["global_step"] == 6
-    assert _max_diff(run["state"], ref["state"]) <= 1e-5
-    assert run["summary"]["train_loss"] == pytest.approx(ref["summary"]["train_loss"], rel=1e-5)
+    assert max_diff(run["state"], ref["state"]) <= EXACT
+    assert run["summary"]["train_loss"] == pytest.approx(ref["summary"]["train_loss"], rel=EXACT)
     for name, value in ref["summary"]["eval"].items():
-        assert run["summary"]["eval"][name] == pytest.approx(value, rel=1e-5), name
+        assert run["summary"]["eval"][name] == pytest.approx(value, rel=EXACT), name
 
 
 @pytest.mark.distributed
@@ -131,7 +127,7 @@ def test_accelerate_is_real_ddp_on_our_process_group(ranks):
     assert info == {"type": "DistributedType.MULTI_CPU", "num_processes": 2, "same_group": True,
                     "wrapped": "DistributedDataParallel"}
     for name in ("accelerate", "accelerate_accum"):
-        assert _max_diff(ranks[0][name]["state"], ranks[1][name]["state"]) == 0.0, name
+        assert max_diff(ranks[0][name]["state"], ranks[1][name]["state"]) == 0.0, name
 
 
 @pytest.mark.distributed
@@ -143,7 +139,7 @@ def test_accelerate_resume_is_bit_identical(ranks):
     assert resumed["summary"]["train_loss"] == whole["summary"]["train_loss"]
     crossed = ranks[0]["ddp_from_accelerate"]
     assert crossed["engine"] == "DDPEngine" and crossed["summary"]["resumed_from"].endswith("step-00000003")
-    assert _max_diff(crossed["state"], whole["state"]) <= 1e-5
+    assert max_diff(crossed["state"], whole["state"]) <= EXACT
 
 
 @pytest.mark.distributed

@@ -9,10 +9,10 @@ import torch
 from distributed_train.cli.train import resolve_config
 from distributed_train.dist import DistEnv
 from distributed_train.training.run import run_training
-from tests.helpers import REPO, run_ranks, train_in_rank
+from tests.helpers import EXACT, FP64, REPO, max_diff, run_ranks, train_in_rank
 
 TASKS = str(REPO / "tests" / "tasks" / "criterion_tasks.py")
-JOB = ["--train.batch_size=12", "--train.micro_batch_size=3", "--train.max_steps=6", "--train.lr=0.05",
+JOB = [FP64, "--train.batch_size=12", "--train.micro_batch_size=3", "--train.max_steps=6", "--train.lr=0.05",
        "--seed=4", "--log.every_steps=3"]
 
 pytestmark = pytest.mark.distributed
@@ -27,7 +27,7 @@ def test_criterion_task_on_two_ranks_equals_the_loss_task_in_one_process(tmp_pat
                                          f"--run_dir={tmp_path / 'criterion'}"])
     summary, state = ranks[0]["summary"], ranks[0]["state"]
     assert summary["global_step"] == 6 and summary["world_size"] == 2
-    assert summary["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
-    assert summary["eval"] == {} or summary["eval"] == pytest.approx(reference["eval"], rel=1e-5)
-    worst = max((state[k] - expected[k]).abs().max().item() for k in expected)
-    assert worst <= 1e-5, f"criterion on 2 ranks differs from loss in 1 process by {worst:.2e}"
+    assert summary["train_loss"] == pytest.approx(reference["train_loss"], rel=EXACT)
+    assert summary["eval"] == {} or summary["eval"] == pytest.approx(reference["eval"], rel=EXACT)
+    worst = max_diff(state, expected)
+    assert worst <= EXACT, f"criterion on 2 ranks differs from loss in 1 process by {worst:.2e}"

@@ -4,7 +4,7 @@ len < W, and the metrics equal a single-process computation over the full eval s
 import pytest
 import torch
 
-from tests.helpers import REPO, run_ranks, train_in_rank
+from tests.helpers import EXACT, FP64, REPO, run_ranks, train_in_rank
 from tests.tasks.toy import Regression, regression_metrics
 
 TOY = str(REPO / "tests" / "tasks" / "toy.py")
@@ -12,9 +12,10 @@ pytestmark = pytest.mark.distributed
 
 
 def one_job(rank, world_size, tmp, n_eval):
-    """Train briefly and evaluate on an eval set of `n_eval` samples."""
+    """Train briefly and evaluate on an eval set of `n_eval` samples (in float64: the metrics are
+    compared with one process's, helpers.EXACT)."""
     return {n_eval: train_in_rank(rank, world_size, [
-        f"--task={TOY}:Regression", f"--task_args.n_eval={n_eval}", "--train.batch_size=24",
+        FP64, f"--task={TOY}:Regression", f"--task_args.n_eval={n_eval}", "--train.batch_size=24",
         "--train.max_steps=2", "--eval.batch_size=9", f"--run_dir={tmp}/eval{n_eval}"])}
 
 
@@ -22,10 +23,11 @@ def single_process_metrics(state, n_eval):
     """The same metrics computed in one process over the whole eval set in one batch."""
     task = Regression()
     task.n_eval = n_eval
-    model = task.model()
+    model = task.model().double()
     model.load_state_dict(state)
     with torch.no_grad():
-        pairs = regression_metrics(model, task.eval_dataset().tensors)
+        pairs = regression_metrics(model, [t.double() if t.is_floating_point() else t
+                                           for t in task.eval_dataset().tensors])
     return {name: (float(total), float(count)) for name, (total, count) in pairs.items()}
 
 
@@ -43,5 +45,5 @@ def test_eval_counts_every_sample_once_and_matches_one_process(tmp_path):
         total, count = expected["sign_accuracy"]
         assert evals["sign_accuracy"] == total / count  # a count over the exact set
         total, count = expected["mse"]
-        assert evals["mse"] == pytest.approx(total / count, rel=1e-6)
-        assert evals["loss"] == pytest.approx(total / count, rel=1e-6)  # the default: mean task.loss
+        assert evals["mse"] == pytest.approx(total / count, rel=EXACT)
+        assert evals["loss"] == pytest.approx(total / count, rel=EXACT)  # the default: mean task.loss

@@ -16,7 +16,7 @@ import torch
 from distributed_train.training.checkpoint import checkpoint_name, committed_checkpoints
 from distributed_train.training.data import epoch_permutation
 from distributed_train.training.metrics import read_events
-from tests.helpers import REPO, fresh_port, run_ranks
+from tests.helpers import EXACT, FP64, REPO, fresh_port, run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -80,8 +80,10 @@ def _engine_jobs(tmp: Path, out: dict) -> None:
     from tests.tasks.options_probe import denormals_flushed
 
     out["flushed_at_start"] = denormals_flushed()
-    # The reference, through the shared-memory all-reduce; flush_denormal off.
-    _, engine, _ = _train(tmp / "reference", [TOY, "--ddp.shm_allreduce=require", "--train.flush_denormal=false"])
+    # The reference, through the shared-memory all-reduce; flush_denormal off; float64, as the
+    # compiled job it is compared with (helpers.EXACT).
+    _, engine, _ = _train(tmp / "reference", [TOY, FP64, "--ddp.shm_allreduce=require",
+                                              "--train.flush_denormal=false"])
     out["reference"] = _ddp_settings(engine)
     out["flushed_after_false"] = denormals_flushed()
 
@@ -93,7 +95,7 @@ def _engine_jobs(tmp: Path, out: dict) -> None:
     torch.compile = functools.partial(compile_, backend="aot_eager")
     counters.clear()
     try:
-        _, engine, _ = _train(tmp / "compiled", [TOY, "--ddp.shm_allreduce=require", "--train.compile=true",
+        _, engine, _ = _train(tmp / "compiled", [TOY, FP64, "--ddp.shm_allreduce=require", "--train.compile=true",
                                                  "--train.flush_denormal=false"])
     finally:
         torch.compile = compile_
@@ -163,7 +165,7 @@ def test_compile_trains_through_ddp_of_the_compiled_model_to_the_same_parameters
     compiled = torch.load(tmp / "compiled" / "final_model.pt", weights_only=True)
     assert compiled.keys() == reference.keys()  # no `_orig_mod.` / `module.` prefixes
     for name in reference:
-        torch.testing.assert_close(compiled[name], reference[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(compiled[name], reference[name], rtol=0, atol=EXACT)
     assert [e["step"] for e in read_events(tmp / "compiled") if e["kind"] == "train"] == [2, 4]
 
 

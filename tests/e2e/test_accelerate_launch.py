@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, clean_env, dtrain, free_port, run_cmd, torchrun
+from tests.helpers import EXACT, FP64, REPO, clean_env, dtrain, free_port, max_diff, run_cmd, torchrun
 
 pytestmark = pytest.mark.slow
 
-JOB = ["--task=digits", "--task_args.hidden=32", "--train.batch_size=32", "--train.micro_batch_size=8",
+# In float64: every launcher's result is compared with engine=ddp's (helpers.EXACT).
+JOB = [FP64, "--task=digits", "--task_args.hidden=32", "--train.batch_size=32", "--train.micro_batch_size=8",
        "--train.max_steps=4", "--train.lr=0.01", "--seed=2", "--log.every_steps=2", "--log.wandb=disabled"]
 LAUNCHER = str(REPO / "launcher" / "train.py")
 
@@ -40,9 +41,9 @@ def test_every_launcher_runs_two_synced_ranks_like_ddp(tmp_path):
     for launcher in ("dtrain", "torchrun", "accelerate"):
         summary, state = _result(tmp_path / launcher)
         assert summary["world_size"] == 2 and summary["global_step"] == 4, launcher
-        assert summary["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5), launcher
-        assert summary["eval"] == pytest.approx(reference["eval"], rel=1e-5), launcher
-        worst = max((state[k] - ref_state[k]).abs().max().item() for k in ref_state)
-        assert worst <= 1e-5, f"{launcher}: parameters differ from engine=ddp by {worst:.2e}"
+        assert summary["train_loss"] == pytest.approx(reference["train_loss"], rel=EXACT), launcher
+        assert summary["eval"] == pytest.approx(reference["eval"], rel=EXACT), launcher
+        worst = max_diff(state, ref_state)
+        assert worst <= EXACT, f"{launcher}: parameters differ from engine=ddp by {worst:.2e}"
         config = (tmp_path / launcher / "config.yaml").read_text()
         assert "engine: accelerate" in config, launcher

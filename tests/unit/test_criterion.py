@@ -51,6 +51,19 @@ def test_criterion_buffers_follow_the_outputs_without_moving_the_original():
     assert torch.equal(loaded.criterion.weight, torch.tensor([1.0, 2.0, 0.5]))
 
 
+def test_criterion_buffers_take_float64_for_a_float64_model():
+    # train.precision=fp64: class weights in float64 too (a float32 weight fails in cross_entropy)
+    loaded = task("WithCriterion")
+    x, y = first_batch(loaded)
+    model = loaded.model().double()
+    loss = loaded.loss(model, (x.double(), y))
+    assert loss.dtype == torch.float64
+    assert torch.allclose(loss, nn.functional.cross_entropy(model(x.double()), y, weight=torch.tensor(
+        [1.0, 2.0, 0.5], dtype=torch.float64)), rtol=0, atol=1e-12)
+    assert loaded.criterion.weight.dtype == torch.float32  # the task's own criterion is untouched
+    assert loaded.loss(model.float(), (x, y)).dtype == torch.float32  # and float32 still works
+
+
 @pytest.mark.parametrize("attr, needle", [
     ("NeitherLossNorCriterion", r"has no loss\(\); a task needs .* \(or a criterion, for batches of "
                                 r"\(inputs, targets\)\)"),

@@ -14,6 +14,7 @@ from distributed_train.engines.base import autocast_context, lr_factor
 from distributed_train.engines.ddp import DDPEngine
 from distributed_train.errors import UsageError
 from distributed_train.task import load_task
+from tests.helpers import EXACT, FP64
 
 TOY = str(Path(__file__).resolve().parents[1] / "tasks" / "toy.py") + ":Regression"
 
@@ -50,16 +51,18 @@ def global_batch(task, n=12):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_accumulated_micro_batches_equal_one_full_batch(optimizer):
-    full, task = make_engine([f"--train.optimizer={optimizer}", "--train.lr=0.1"])
-    accumulated, _ = make_engine([f"--train.optimizer={optimizer}", "--train.lr=0.1"], micro_batch=4)
+    # In float64: Adam would amplify float32 rounding of the two summation orders (helpers.EXACT).
+    job = [FP64, f"--train.optimizer={optimizer}", "--train.lr=0.1"]
+    full, task = make_engine(job)
+    accumulated, _ = make_engine(job, micro_batch=4)
     assert accumulated.plan.accumulation_steps == 3
     x, y = global_batch(task)
     for _ in range(3):
         loss_full, _ = full.train_step([(x, y)])
         loss_acc, _ = accumulated.train_step([(x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)])
-        assert loss_acc.item() == pytest.approx(loss_full.item(), rel=1e-6)  # the mean over B
+        assert loss_acc.item() == pytest.approx(loss_full.item(), rel=EXACT)  # the mean over B
     for a, b in zip(full.raw_model.parameters(), accumulated.raw_model.parameters()):
-        assert torch.allclose(a, b, atol=1e-6)
+        assert a.dtype == torch.float64 and torch.allclose(a, b, rtol=0, atol=EXACT)
     assert all(p.grad is None for p in full.raw_model.parameters())  # zeroed after the step
 
 
@@ -113,6 +116,26 @@ def test_precision_on_cpu():
         assert seen[2:] == [matmul_dtype] * 2, (precision, seen)
         # Autocast casts per op: the parameters (the optimizer's master weights) stay fp32.
         assert torch.isfinite(loss) and all(p.dtype == torch.float32 for p in engine.raw_model.parameters())
+
+
+def test_fp64_trains_the_model_and_its_floating_inputs_in_float64():
+    engine, task = make_engine([FP64])
+    seen = []  # the dtype each Linear computes in
+    for layer in (engine.raw_model[0], engine.raw_model[2]):
+        layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    loss, norm = engine.train_step([global_batch(task)], measure_grad_norm=True)
+    assert seen == [torch.float64] * 2 and loss.dtype == torch.float64 and norm.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in engine.raw_model.parameters())
+    moments = engine.optimizer.state_dict()["state"][0]
+    assert moments["exp_avg"].dtype == moments["exp_avg_sq"].dtype == torch.float64
+    assert engine.model_state_dict()["0.weight"].dtype == torch.float64  # what final_model.pt holds
+    # Evaluation casts its batches alike; integer tensors (ids, labels) keep their dtype.
+    from distributed_train.training.data import move_to_device
+
+    x, y, ids = move_to_device(task.eval_dataset()[:3], torch.device("cpu"), float_dtype=engine.float_dtype)
+    assert (x.dtype, y.dtype, ids.dtype) == (torch.float64, torch.float64, torch.int64)
+    with pytest.raises(UsageError, match=r"train\.precision=fp64 needs a CPU or CUDA device \(mps"):
+        autocast_context("fp64", torch.device("mps"))
 
 
 def test_bf16_comm_hook_on_cpu_is_a_usage_error():
