@@ -24,11 +24,10 @@ os.environ["WANDB_MODE"] = "disabled"
 def _no_distributed_leaks():
     before = {k: os.environ.get(k) for k in TORCHRUN_VARS}
     yield
-    import torch.distributed as dist
-
-    leaked = dist.is_available() and dist.is_initialized()
+    import torch.distributed as torch_dist
+    leaked = torch_dist.is_available() and torch_dist.is_initialized()
     if leaked:
-        dist.destroy_process_group()
+        torch_dist.destroy_process_group()
     changed = [k for k in TORCHRUN_VARS if os.environ.get(k) != before[k]]
     for k in changed:
         if before[k] is None:

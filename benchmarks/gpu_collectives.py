@@ -15,13 +15,13 @@ import os
 import sys
 
 import torch
-import torch.distributed as tdist
+import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distributed_train.dist.preemption import _PendingVote  # noqa: E402
-from distributed_train.training.checkpoint import to_cpu_copy  # noqa: E402
+from distributed_train.batches import to_cpu_copy  # noqa: E402
+from distributed_train.distributed.preemption import _PendingVote  # noqa: E402
 
 
 def check(name: str, ok: bool) -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tdist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    torch_dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).to(device)
@@ -51,14 +51,14 @@ def main() -> None:
           all(torch.allclose(a.grad, b.grad) for a, b in zip(model.parameters(), twin.parameters())))
 
     total = torch.full((3,), 2.0, dtype=torch.float64, device=device)
-    tdist.all_reduce(total)
+    torch_dist.all_reduce(total)
     check("all_reduce", total.tolist() == [2.0, 2.0, 2.0])
     box = [{"run_dir": "runs/x"}]
-    tdist.broadcast_object_list(box, src=0)
+    torch_dist.broadcast_object_list(box, src=0)
     gathered = [None]
-    tdist.all_gather_object(gathered, {"rank": 0})
+    torch_dist.all_gather_object(gathered, {"rank": 0})
     check("broadcast_object_list / all_gather_object", box[0] == {"run_dir": "runs/x"} and gathered == [{"rank": 0}])
-    tdist.barrier()
+    torch_dist.barrier()
     check("barrier", True)
 
     votes = [_PendingVote(code, interval, device) for code, interval in [(0, 7), (2, 1), (1, 40)]]
@@ -71,7 +71,7 @@ def main() -> None:
     check("checkpoint copy to CPU (pinned, one synchronize)",
           all(t.device.type == "cpu" for t in tensors)
           and all(torch.equal(copy["model"][k], v.cpu()) for k, v in model.state_dict().items()))
-    tdist.destroy_process_group()
+    torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
-
 from workloads import SEED, WORKLOADS, build_task
 
 
@@ -50,8 +49,8 @@ def main() -> None:
     steps, log_every = args.steps or workload.steps, args.log_every or workload.log_every
     if args.flush_denormal:
         torch.set_flush_denormal(True)
-    dist.init_process_group("gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    torch_dist.init_process_group("gloo")
+    rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
     torch.manual_seed(SEED)
     task = build_task(workload)
     n_windows = len(task.train_dataset())  # the lm task holds the last windows out for eval
@@ -80,7 +79,7 @@ def main() -> None:
             step += 1
             if step % log_every == 0 or step == steps:
                 window_loss /= log_every if step % log_every == 0 else step % log_every
-                dist.all_reduce(window_loss)
+                torch_dist.all_reduce(window_loss)
                 mean, window_loss = (window_loss / world_size).item(), torch.zeros(())
                 if out:
                     out.write(json.dumps({"step": step, "time": time.time(), "loss": mean}) + "\n")
@@ -90,7 +89,7 @@ def main() -> None:
         epoch += 1
     if out:
         out.close()
-    dist.destroy_process_group()
+    torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":

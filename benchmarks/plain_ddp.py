@@ -16,11 +16,10 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
-
 from workloads import SEED, WORKLOADS, build_task
 
 
@@ -48,8 +47,8 @@ def to_device(batch, device: torch.device):
 
 def mean_across_ranks(value: torch.Tensor) -> float:
     value = value.detach().clone()
-    dist.all_reduce(value)
-    return (value / dist.get_world_size()).item()
+    torch_dist.all_reduce(value)
+    return (value / torch_dist.get_world_size()).item()
 
 
 @torch.no_grad()
@@ -64,13 +63,13 @@ def evaluate(task, model, batch_size: int, device: torch.device) -> float:
         total += task.loss(model, to_device(batch, device)) * n
         count += n
     sums = torch.stack([total, count])
-    dist.all_reduce(sums)
+    torch_dist.all_reduce(sums)
     return (sums[0] / sums[1]).item()
 
 
 def all_gather(value: int) -> list[int]:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    out = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, value)
     return out
 
 
@@ -99,8 +98,8 @@ def main(wrap=ddp, unwrap=lambda model: model.module) -> None:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32, as dtrain's train.tf32 default
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    rank = dist.get_rank()
+    torch_dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    rank = torch_dist.get_rank()
     torch.manual_seed(SEED)
 
     task = build_task(workload)
@@ -144,11 +143,11 @@ def main(wrap=ddp, unwrap=lambda model: model.module) -> None:
         torch.save(state, os.path.join(args.out, "final_model.pt"))
         summary = {"train_loss": mean, "eval_loss": eval_loss, "global_step": step,
                    "state_bytes_per_rank": state_bytes,
-                   "samples_per_s": step * workload.batch_per_rank * dist.get_world_size() / train_s}
+                   "samples_per_s": step * workload.batch_per_rank * torch_dist.get_world_size() / train_s}
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f)
         out.close()
-    dist.destroy_process_group()
+    torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":

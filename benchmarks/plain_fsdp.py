@@ -9,10 +9,9 @@ Same task, data order, optimizer and steps as plain_ddp.py (and as `dtrain --eng
 from __future__ import annotations
 
 import torch
+from plain_ddp import main
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-
-from plain_ddp import main
 
 
 def shard(model: nn.Module, device: torch.device) -> nn.Module:

@@ -14,7 +14,6 @@ import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -62,7 +62,8 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model before DDP wraps it")
     nonfinite: Literal["error", "skip"] = opt("error", "what a NaN/inf loss does: stop, or skip the step")
     flush_denormal: bool = opt(True, "CPU: flush denormal floats to zero (denormals slow steps up to 100x)")
-    tf32: bool = opt(True, "CUDA: fp32 matmuls and convolutions on TF32 tensor cores (A100 and newer); false = full fp32")
+    tf32: bool = opt(
+        True, "CUDA: fp32 matmuls and convolutions on TF32 tensor cores (A100 and newer); false = full fp32")
     profile_steps: int = opt(0, "record a torch.profiler trace of N steps (after the first) in run_dir/profile/")
     activation_checkpointing: Literal["none", "units"] = opt(
         "none", "units: recompute each unit's activations in backward (less memory, ~1/3 more compute)")

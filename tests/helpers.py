@@ -79,10 +79,10 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple,
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         queue.put((rank, "error", traceback.format_exc()))
     finally:
-        import torch.distributed as dist
+        import torch.distributed as torch_dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180) -> list[Any]:
@@ -198,12 +198,12 @@ def torchrun(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
 
 def train_in_rank(rank: int, world_size: int, overrides: list[str]) -> dict:
     """Run a whole training job as this rank; returns the summary and the final parameters."""
-    from distributed_train import dist
+    from distributed_train import distributed
     from distributed_train.cli.train import resolve_config
     from distributed_train.training.run import run_training
 
     config = resolve_config(None, ["--log.wandb=disabled", *overrides])
-    summary = run_training(config, dist.read_env())
+    summary = run_training(config, distributed.read_env())
     import torch
 
     state = torch.load(summary["final_model"], weights_only=True) if rank == 0 else None

@@ -17,7 +17,7 @@ MUTATIONS = [
         '        self.scheduler.load_state_dict(state["scheduler"])\n', "        pass\n",
         (RESUME_MIDRUN,)),
     Mutation(
-        "optimizer state restore on resume", "distributed_train/training/sharded_checkpoint.py",
+        "optimizer state restore on resume", "distributed_train/training/checkpoints/shards.py",
         "    dcp.load(state, checkpoint_id=str(path), no_dist=not torch_dist.is_initialized())\n",
         '    dcp.load({"model": state["model"]}, checkpoint_id=str(path), no_dist=not torch_dist.is_initialized())\n',
         (RESUME_MIDRUN,)),
@@ -43,18 +43,19 @@ MUTATIONS = [
         (RESUME_MIDRUN,)),
     Mutation(
         "rank 0's buffers broadcast before evaluation", "distributed_train/engines/base.py",
-        "            for buffer in self.raw_model.buffers():\n                torch.distributed.broadcast(buffer, src=0)\n",
+        "            for buffer in self.raw_model.buffers():\n                torch_dist.broadcast(buffer, src=0)\n",
         "            pass\n",
         ("tests/distributed/test_equivalence.py::test_batchnorm_model_trains_and_keeps_buffers_in_sync",)),
     Mutation(
         "no all-reduce (no_sync) on non-final micro-steps", "distributed_train/engines/ddp.py",
-        "        if isinstance(self.model, DDP) and not last_micro_step:\n            return self.model.no_sync()\n",
+        "        if isinstance(self.model, DDP) and not last:\n            return self.model.no_sync()\n",
         "",
         (MECHANISMS,)),
     Mutation(
         "unpadded eval shards (no sample counted twice)", "distributed_train/training/data.py",
         "    return range(rank * dataset_len // world_size, (rank + 1) * dataset_len // world_size)",
-        "    return range(rank * dataset_len // world_size, min(dataset_len, (rank + 1) * dataset_len // world_size + 1))",
+        "    return range(rank * dataset_len // world_size,"
+        " min(dataset_len, (rank + 1) * dataset_len // world_size + 1))",
         ("tests/unit/test_data.py", "tests/distributed/test_eval_exact.py")),
     Mutation(
         "sharded eval in lockstep (a rank with a batch fewer runs a discarded forward)",
@@ -62,30 +63,30 @@ MUTATIONS = [
         "            if engine.eval_in_lockstep:", "            if False:",
         ("tests/distributed/test_fsdp.py::test_ranks_with_fewer_eval_batches_keep_in_step_and_the_metrics_stay_exact",)),
     Mutation(
-        "commit-record verification on load", "distributed_train/training/checkpoint.py",
+        "commit-record verification on load", "distributed_train/training/checkpoints/commit.py",
         '    marker = commit_record(path, check_name=False)\n    if marker is None:\n',
         '    marker = commit_record(path, check_name=False)\n    return None\n    if marker is None:\n',
         ("tests/unit/test_checkpoint.py",)),
     Mutation(
-        "rotation only after the new checkpoint is committed", "distributed_train/training/sharded_checkpoint.py",
-        "            checkpoint.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),\n"
+        "rotation only after the new checkpoint is committed", "distributed_train/training/checkpoints/shards.py",
+        "            commit.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),\n"
         "                                        fresh=False)\n            self.rotate(step)\n",
         "            self.rotate(step)\n"
-        "            checkpoint.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),\n"
+        "            commit.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),\n"
         "                                        fresh=False)\n",
         ("tests/unit/test_checkpoint.py::test_sharded_writer_rotates_only_after_the_new_checkpoint_is_committed",)),
     Mutation(
-        "rotation never deletes the kept checkpoint or a newer one", "distributed_train/training/checkpoint.py",
+        "rotation never deletes the kept checkpoint or a newer one", "distributed_train/training/checkpoints/commit.py",
         "if step <= kept_step]", "]",
         ("tests/unit/test_checkpoint.py",)),
     Mutation(
-        "the agreed stop step (every rank stops after the same step)", "distributed_train/dist/preemption.py",
+        "the agreed stop step (every rank stops after the same step)", "distributed_train/distributed/preemption.py",
         "        if not _group_active():\n            self.agreed_signum = self.signum\n",
         "        if True:  # each rank on its own signal\n            self.agreed_signum = self.signum\n",
         ("tests/distributed/test_stop_agreement.py",)),
     Mutation(
         "rank 0's run_dir broadcast to every rank", "distributed_train/training/run.py",
-        "config.run_dir = dist.broadcast_object(config.run_dir or default_run_dir(config.task))",
+        "config.run_dir = distributed.broadcast_object(config.run_dir or default_run_dir(config.task))",
         "config.run_dir = config.run_dir or default_run_dir(config.task)",
         (MECHANISMS,)),
 ]

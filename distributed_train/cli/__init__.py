@@ -8,33 +8,39 @@ import sys
 
 from distributed_train.errors import EXIT_USAGE, print_error, user_errors
 
-USAGE = """usage: dtrain COMMAND [...]
+# The one list of commands: (name, arguments, what it does). Each lives in its own module of this
+# package (`prepare-tokens` -> prepare_tokens.py), imported only when used (keeps `dtrain train`
+# lean); each has `main(argv) -> exit code`.
+COMMANDS = {
+    "train": ("[CONFIG|TASK] [--section.key=value ...]",
+              "run one training job in this process (or every torchrun worker)"),
+    "launch": ("[torchrun options] [CONFIG] [...]", "start local workers with torchrun, each running `dtrain train`"),
+    "plot": ("RUN_DIR [-o FILE.png]", "loss / eval / throughput curves of a run"),
+    "runs": ("[DIR]", "table of the runs in a folder"),
+    "k8s": ("...", "render Kubernetes manifests for a multi-node job"),
+    "doctor": ("[--nproc-per-node N]", "preflight: environment, all-reduce bandwidth, matmul speed"),
+    "prepare-tokens": ("INPUT... -o DIR", "text -> token shards + meta.json for `--task=lm --task_args.data=DIR`"),
+    "export": ("CHECKPOINT_OR_RUN_DIR -o FILE", "the consolidated model of a checkpoint (.pt or .safetensors)"),
+    "estimate": ("[CONFIG] [--nproc-per-node N] [--nnodes M] [--gpu-memory-gib G]",
+                 "per-rank memory of ddp, fsdp and HSDP (model on the meta device)"),
+}
 
-commands:
-  train  [CONFIG|TASK] [--section.key=value ...]  run one training job in this process (or every torchrun worker)
-  launch [torchrun options] [CONFIG] [...]    start local workers with torchrun, each running `dtrain train`
-  plot RUN_DIR [-o FILE.png]                  loss / eval / throughput curves of a run
-  runs [DIR]                                  table of the runs in a folder
-  k8s ...                                     render Kubernetes manifests for a multi-node job
-  doctor [--nproc-per-node N]                 preflight: environment, all-reduce bandwidth, matmul speed
-  prepare-tokens INPUT... -o DIR              text -> token shards + meta.json for `--task=lm --task_args.data=DIR`
-  export CHECKPOINT_OR_RUN_DIR -o FILE        the consolidated model of a checkpoint (.pt or .safetensors)
-  estimate [CONFIG] [--nproc-per-node N] [--nnodes M] [--gpu-memory-gib G]
-                                              per-rank memory of ddp, fsdp and HSDP (model on the meta device)
 
-`dtrain train --help` lists every config key; `dtrain COMMAND --help` for the others.
-"""
-
-# Every command lives in its own module of this package, imported only when used (keeps
-# `dtrain train` lean); each has `main(argv) -> exit code`.
-COMMANDS = ("train", "launch", "plot", "runs", "k8s", "doctor", "prepare-tokens", "export", "estimate")
+def usage() -> str:
+    """`dtrain --help`: every command of COMMANDS with its arguments and what it does."""
+    lines = ["usage: dtrain COMMAND [...]", "", "commands:"]
+    for name, (arguments, what) in COMMANDS.items():
+        synopsis = f"  {name} {arguments}"
+        lines += [f"{synopsis:<46}{what}"] if len(synopsis) < 46 else [synopsis, f"{'':<46}{what}"]
+    lines += ["", "`dtrain train --help` lists every config key; `dtrain COMMAND --help` for the others."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `dtrain COMMAND ...` (also `python -m distributed_train`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
-        print(USAGE, end="")
+        print(usage(), end="")
         return 0 if argv else EXIT_USAGE
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

@@ -50,8 +50,14 @@ def main(argv: list[str]) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     """Start N local ranks through torch.distributed.run, each running `dtrain doctor`."""
-    from distributed_train.dist import cpu_count
-    from distributed_train.cli.launch import RESTART_SAFE_ENV, run_torchrun, torchrun_parser, build_torchrun_args, default_nproc
+    from distributed_train.cli.launch import (
+        RESTART_SAFE_ENV,
+        build_torchrun_args,
+        default_nproc,
+        run_torchrun,
+        torchrun_parser,
+    )
+    from distributed_train.distributed import cpu_count
 
     nproc = args.nproc_per_node or default_nproc()
     ours = ["--timeout-s", str(args.timeout_s)] + (["--max-mib", str(args.max_mib)] if args.max_mib else [])
@@ -67,16 +73,15 @@ def _launch(args: argparse.Namespace) -> int:
 def environment() -> dict:
     """What this rank sees: versions, devices, backends, torchrun variables, shared memory."""
     import torch
-    import torch.distributed as dist
-
+    import torch.distributed as torch_dist
     cuda = torch.cuda.is_available()
     shm = shutil.disk_usage("/dev/shm").total / 2**30 if os.path.isdir("/dev/shm") else None
     return {
         "host": socket.gethostname(), "pid": os.getpid(), "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda and dist.is_nccl_available() else None,
-        "gloo": dist.is_gloo_available(),
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda and torch_dist.is_nccl_available() else None,
+        "gloo": torch_dist.is_gloo_available(),
         "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "torchrun": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                                                      "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")},
@@ -98,11 +103,10 @@ def allreduce_sweep(device, world_size: int, max_mib: float, average=None) -> li
     `average(tensor)`, when given, is an in-place mean across ranks measured instead of the
     backend's sum (the shared-memory all-reduce)."""
     import torch
-    import torch.distributed as dist
-
-    reduce = average or dist.all_reduce
+    import torch.distributed as torch_dist
+    reduce = average or torch_dist.all_reduce
     expected = (world_size + 1) / 2 if average else world_size * (world_size + 1) / 2
-    rows, size, rank = [], 4096, dist.get_rank()
+    rows, size, rank = [], 4096, torch_dist.get_rank()
     while size <= max_mib * 2**20:
         tensor = torch.full((size // 4,), rank + 1.0, dtype=torch.float32, device=device)
         reduce(tensor)  # also warms up the connections and buffers
@@ -111,13 +115,13 @@ def allreduce_sweep(device, world_size: int, max_mib: float, average=None) -> li
         iters = max(3, min(50, int(2**24 // size)))
         reduce(tensor)
         _sync(device)
-        dist.barrier()
+        torch_dist.barrier()
         start = time.perf_counter()
         for _ in range(iters):
             reduce(tensor)
         _sync(device)
         elapsed = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64, device=device)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        torch_dist.all_reduce(elapsed, op=torch_dist.ReduceOp.MAX)
         seconds = elapsed.item()
         algbw = size / seconds / 1e9
         rows.append({"bytes": size, "time_us": seconds * 1e6, "algbw": algbw,
@@ -128,7 +132,7 @@ def allreduce_sweep(device, world_size: int, max_mib: float, average=None) -> li
 
 def shm_allreduce_sweep(env, device, max_mib: float, timeout_s: float) -> list[dict]:
     """The same sweep through the shared-memory all-reduce, where training would use it (else [])."""
-    from distributed_train.dist import shm_allreduce
+    from distributed_train.distributed import shm_allreduce
 
     reducer = shm_allreduce.setup(env, device, "auto", int(max_mib * 2**20), timeout_s)
     return allreduce_sweep(device, env.world_size, max_mib, average=reducer.all_reduce_mean_) if reducer else []
@@ -164,24 +168,24 @@ def verdict(envs: list[dict], sweep: list[dict], tflops: list[float]) -> list[st
 
 def _check_rank(args: argparse.Namespace) -> int:
     """Every rank: environment, process group, bandwidth sweep, matmul; rank 0 prints."""
-    from distributed_train import dist as ddist
-    from distributed_train.dist import diagnose
-    from distributed_train.dist.diagnose import communication_failures_explained
+    from distributed_train import distributed
+    from distributed_train.distributed import diagnose
+    from distributed_train.distributed.diagnose import communication_failures_explained
 
     diagnose.TIMEOUT_SETTING = "--timeout-s"  # what messages tell the user to raise
-    env = ddist.read_env()
-    backend = ddist.pick_backend("auto")
-    device = ddist.pick_device(backend, env)
-    ddist.init(env, backend, device, args.timeout_s)
+    env = distributed.read_env()
+    backend = distributed.pick_backend("auto")
+    device = distributed.pick_device(backend, env)
+    distributed.init(env, backend, device, args.timeout_s)
     try:
         with communication_failures_explained(env.rank, env.world_size, args.timeout_s):
-            envs = ddist.all_gather_object(environment())
+            envs = distributed.all_gather_object(environment())
             max_mib = args.max_mib or (256 if device.type == "cuda" else 16)
-            sweep = allreduce_sweep(device, env.world_size, max_mib) if ddist.active() else []
-            shm_sweep = shm_allreduce_sweep(env, device, max_mib, args.timeout_s) if ddist.active() else []
-            tflops = ddist.all_gather_object(matmul_tflops(device))
+            sweep = allreduce_sweep(device, env.world_size, max_mib) if distributed.active() else []
+            shm_sweep = shm_allreduce_sweep(env, device, max_mib, args.timeout_s) if distributed.active() else []
+            tflops = distributed.all_gather_object(matmul_tflops(device))
     finally:
-        ddist.teardown()
+        distributed.teardown()
     if env.is_main:
         report(envs, sweep, tflops, backend, shm_sweep)
     return 1 if verdict(envs, sweep + shm_sweep, tflops) else 0

@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from distributed_train.batches import BatchPlan
 from distributed_train.cli.train import resolve_config
 from distributed_train.config import Config
 from distributed_train.engines.memory import optimizer_slots, predicted_state_bytes
 from distributed_train.engines.units import find_units, outermost
 from distributed_train.errors import EXIT_OK, UsageError
 from distributed_train.task import Task, load_task
-from distributed_train.training.data import BatchPlan, batch_fetcher
+from distributed_train.training.data import batch_fetcher
 
 GIB = 2**30
 _DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from distributed_train.errors import EXIT_OK, UsageError
-from distributed_train.training import checkpoint, sharded_checkpoint
+from distributed_train.training.checkpoints import commit, shards
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -29,15 +29,12 @@ def find_checkpoint(source: Path) -> Path:
     """The checkpoint `source` names: a run directory means its latest valid committed one."""
     if not source.exists():
         raise UsageError(f"{str(source)!r} does not exist")
-    return checkpoint.resolve_resume(source, str(source), overwrite=False)
+    return commit.resolve_resume(source, str(source), overwrite=False)
 
 
 def model_state(path: Path) -> dict[str, torch.Tensor]:
     """Full CPU tensors of the checkpoint's model, keyed like the task's own model."""
-    if sharded_checkpoint.is_sharded(path):
-        state = sharded_checkpoint.read_model(path)
-    else:  # a single-file checkpoint of an older version
-        state = checkpoint.load_state(path)["engine"]["model"]
+    state = shards.read_model(path)
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from distributed_train.errors import UsageError
+
 from .k8s_kinds import render
 from .k8s_render import KINDS, JobSpec, to_yaml
 
@@ -76,7 +77,8 @@ def _parser() -> _Parser:
     p.add_argument("--pvc-access-mode", help="ReadWriteMany (default with GPUs) or ReadWriteOnce (default --cpu)")
     p.add_argument("--storage-class", help="storage class of the rendered claim (default: the cluster's)")
     p.add_argument("--cpus-per-node", help="CPU request per pod (default 8 per GPU, 1 per CPU process)")
-    p.add_argument("--memory-per-node", help="memory request and limit per pod (default 32Gi per GPU, 2Gi per CPU process)")
+    p.add_argument("--memory-per-node",
+                   help="memory request and limit per pod (default 32Gi per GPU, 2Gi per CPU process)")
     p.add_argument("--write-examples", metavar="DIR", help="write the k8s/ example manifests into DIR and exit")
     return p
 

@@ -11,10 +11,24 @@ from __future__ import annotations
 from typing import Any
 
 from distributed_train.cli import k8s_security as security
-from distributed_train.cli.k8s_render import (CONTAINER, ENTRYPOINT, RDZV_PORT, TRAINJOB_NODE, JobSpec, config_maps,
-                                              container_args, container_env, env_config, labels,
-                                              metadata, pod_spec, resources, run_claim, volume_mounts,
-                                              volumes)
+from distributed_train.cli.k8s_render import (
+    CONTAINER,
+    ENTRYPOINT,
+    RDZV_PORT,
+    TRAINJOB_NODE,
+    JobSpec,
+    config_maps,
+    container_args,
+    container_env,
+    env_config,
+    labels,
+    metadata,
+    pod_spec,
+    resources,
+    run_claim,
+    volume_mounts,
+    volumes,
+)
 
 _EXIT_BAD_CONFIG = 2  # errors.EXIT_USAGE: retrying cannot fix it
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"

@@ -99,7 +99,7 @@ def _warn_restarts_without_checkpoints(parsed, config) -> None:
 def _check_batch_split(parsed, config) -> None:
     """With a fixed world size (nnodes x nproc), check the global batch splits evenly here,
     before spawning, rather than from every worker."""
-    from distributed_train.training.data import BatchPlan
+    from distributed_train.batches import BatchPlan
 
     min_nodes, _, max_nodes = str(parsed.nnodes).partition(":")
     try:
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
 
     os.environ[LAUNCHER_PID_VAR] = str(os.getpid())  # workers die with this process (parent-death signal)
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would force 1 thread per worker
-        from distributed_train.dist import cpu_count
+        from distributed_train.distributed import cpu_count
 
         os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_count() // _nproc(parsed)))
     return run_torchrun(parsed, config.run_dir)
@@ -177,7 +177,7 @@ def run_torchrun(parsed, run_dir: str | None = None) -> int:
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import run
 
-    from distributed_train.dist.diagnose import describe
+    from distributed_train.distributed.diagnose import describe
     from distributed_train.errors import EXIT_COMMUNICATION, EXIT_NONFINITE
 
     try:
@@ -217,7 +217,7 @@ def _resume_hint(run_dir: str | None) -> str:
     """'; rerun ... to continue' when a committed checkpoint exists to resume from."""
     from pathlib import Path
 
-    from distributed_train.training.checkpoint import committed_checkpoints
+    from distributed_train.training.checkpoints.commit import committed_checkpoints
 
     if run_dir and committed_checkpoints(Path(run_dir) / "checkpoints"):
         return "; rerun the same command to continue from the last committed checkpoint"

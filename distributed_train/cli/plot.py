@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_train.errors import UsageError
-from distributed_train.training.metrics import read_events
+from distributed_train.training.reporting.metrics import read_events
 
 
 class CommandParser(argparse.ArgumentParser):

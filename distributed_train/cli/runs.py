@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from distributed_train.errors import UsageError
-from distributed_train.training.metrics import read_events
 from distributed_train.cli.plot import CommandParser
-from distributed_train.training.progress import format_duration
+from distributed_train.errors import UsageError
+from distributed_train.training.reporting.metrics import read_events
+from distributed_train.training.reporting.progress import format_duration
 
 COLUMNS = ["RUN", "TASK", "STEPS", "STATUS", "RANKS", "RESUMED", "SAMPLES/S", "LOSS", "EVAL", "UPDATED"]
 _RUN_FILES = ("metrics.jsonl", "summary.json")

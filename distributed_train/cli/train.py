@@ -53,11 +53,11 @@ def main(argv: list[str]) -> int:
         return 0
     config_path, overrides, debug = split_config_args(argv)
     stop_with_launcher()
-    from distributed_train import dist
-    from distributed_train.dist.preemption import Preempted, print_stop
+    from distributed_train import distributed
+    from distributed_train.distributed.preemption import Preempted, print_stop
 
     with user_errors(debug):  # a garbage torchrun variable (RANK=x) is this process's own: always say it
-        env = dist.read_env()
+        env = distributed.read_env()
     config = None
     try:
         with user_errors(debug, quiet=not env.is_main):
@@ -110,7 +110,7 @@ def _committed(run_dir: str | None, step: int) -> bool:
     """Whether the stop committed checkpoint `step` (what a rerun would resume from)."""
     from pathlib import Path
 
-    from distributed_train.training.checkpoint import MARKER, checkpoint_name
+    from distributed_train.training.checkpoints.commit import MARKER, checkpoint_name
 
     return bool(run_dir) and (Path(run_dir) / "checkpoints" / checkpoint_name(step) / MARKER).is_file()
 

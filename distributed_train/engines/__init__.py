@@ -1,16 +1,16 @@
 """Engines: how one optimizer step runs across ranks. `ddp` (torch DDP, the default), `fsdp`
-(torch FSDP2 sharding) and `accelerate` (Hugging Face Accelerate) implement `base.Engine`; the
-trainer builds one here."""
+(torch FSDP2 sharding) and `accelerate` (Hugging Face Accelerate) implement `base.Engine` as
+siblings around `base.EngineBase`'s one optimizer step; the trainer builds one here."""
 
 from __future__ import annotations
 
 import torch
 
+from distributed_train.batches import BatchPlan
 from distributed_train.config import Config
-from distributed_train.dist import DistEnv
+from distributed_train.distributed import DistEnv
 from distributed_train.engines.base import Engine
 from distributed_train.task import Task
-from distributed_train.training.data import BatchPlan
 
 
 def build_engine(task: Task, config: Config, env: DistEnv, device: torch.device, plan: BatchPlan,

@@ -12,20 +12,33 @@ Imported only when `engine=accelerate` (so `import distributed_train` never impo
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Iterable
+from typing import ContextManager, Iterator
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, DistributedType,
-                              GradientAccumulationPlugin)
+from accelerate.utils import (
+    DDPCommunicationHookType,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    GradientAccumulationPlugin,
+)
 
+from distributed_train import batches
+from distributed_train.batches import BatchPlan
 from distributed_train.config import Config
-from distributed_train.training.data import BatchPlan, move_to_device
-from distributed_train.dist import DistEnv
-from distributed_train.engines.base import (EngineState, attach_shm_allreduce, autocast_context, build_model,
-                                           build_optimizer, check_comm_hook, float_dtype, lr_factor)
+from distributed_train.distributed import DistEnv
+from distributed_train.engines.base import EngineBase, holds_shards
+from distributed_train.engines.common import (
+    attach_shm_allreduce,
+    autocast_context,
+    build_model,
+    build_optimizer,
+    check_comm_hook,
+    lr_schedule,
+)
 from distributed_train.engines.units import checkpoint_activations
 from distributed_train.errors import UsageError
 from distributed_train.task import Task
@@ -102,7 +115,7 @@ def ddp_kwargs(config: Config) -> DistributedDataParallelKwargs:
 
 
 def make_accelerator(config: Config, env: DistEnv, device: torch.device, plan: BatchPlan) -> Accelerator:
-    """A fresh Accelerator on the process group `dist.init` created, checked against our DistEnv."""
+    """A fresh Accelerator on the process group `distributed.init` created, checked against our DistEnv."""
     precision = mixed_precision(config.train.precision, device)
     check_comm_hook(config.ddp.comm_hook, device)
     plugins = plugin_kwargs(config, plan, device)
@@ -131,72 +144,69 @@ def make_accelerator(config: Config, env: DistEnv, device: torch.device, plan: B
     return accelerator
 
 
-class AccelerateEngine(EngineState):
-    """The `ddp` engine's interface over an Accelerator: model, optimizer, LR schedule, `train_step`."""
+class AccelerateEngine(EngineBase):
+    """`EngineBase`'s step over an Accelerator: its sync, autocast, backward, clipping and optimizer."""
 
     def __init__(self, task: Task, config: Config, env: DistEnv, device: torch.device,
                  plan: BatchPlan, total_steps: int):
-        self.task, self.config, self.env, self.device, self.plan = task, config, env, device, plan
+        super().__init__(task, config, env, device, plan)
         if config.train.nonfinite == "skip":
             raise UsageError("train.nonfinite=skip is not implemented by engine=accelerate; "
                              "use engine=ddp, or train.nonfinite=error")
         self.accelerator = make_accelerator(config, env, device, plan)
-        self.float_dtype = float_dtype(config.train.precision)
         self.raw_model = build_model(task, config, device)
         checkpoint_activations(task, self.raw_model, config)
         optimizer = build_optimizer(task, self.raw_model, config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, config, total_steps)
-        )
+        self.scheduler = lr_schedule(optimizer, config, total_steps)
         # DDP(compile(model)), not compile(DDP(model)): the latter graph-breaks and compiles nothing.
         model = torch.compile(self.raw_model) if config.train.compile else self.raw_model
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.prepared_optimizer = self.accelerator.prepare(model, optimizer)
+        # The torch optimizer inside Accelerate's wrapper: its state is keyed like any other's.
+        self.optimizer = getattr(self.prepared_optimizer, "optimizer", self.prepared_optimizer)
         self.shm_allreduce = attach_shm_allreduce(self.model, env, device, config)  # MULTI_CPU only
-        self.scaler = self.accelerator.scaler  # a GradScaler with fp16, else None
-        self.non_blocking = device.type == "cuda"
+        self.scaler = self.accelerator.scaler  # a GradScaler with fp16 (Accelerate drives it), else None
         self.sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         self.eval_in_lockstep = self.sharded  # its forward gathers the shards
+        self.state_is_sharded = holds_shards(self.raw_model)
         self._full_state: dict | None = None  # sharded: the consolidated model, gathered by every rank
 
-    def train_step(self, micro_batches: Iterable[Any], measure_grad_norm: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One optimizer step; returns (this rank's mean loss, global grad norm or None), on device.
-
-        The norm comes with clipping, or when `measure_grad_norm` (the trainer asks on log steps)."""
-        self.model.train()
-        steps = self.plan.accumulation_steps
+    # -- the step's parts: Accelerate's own ----------------------------------------------------
+    @contextlib.contextmanager
+    def step_context(self) -> Iterator[None]:
         # accumulate() counts micro-steps: start each optimizer step at 0 so only its last one syncs.
         self.accelerator.step = 0
-        total = torch.zeros((), device=self.device, dtype=self.float_dtype or torch.float32)
-        for batch in micro_batches:
-            batch = move_to_device(batch, self.device, self.non_blocking, self.float_dtype)
-            with self.accelerator.accumulate(self.model):
-                with self.accelerator.autocast():
-                    loss = self.task.loss(self.model, batch)
-                # Pass the unscaled mean loss: backward divides by the accumulation steps itself.
-                self.accelerator.backward(loss)
-            total += (loss.detach() / steps).to(total.dtype)
-        if not self.accelerator.sync_gradients:
-            raise RuntimeError(f"engine=accelerate: {steps} micro-batches expected for one optimizer step")
-        grad_norm = self._clip(measure_grad_norm)
-        self.optimizer.step()  # AcceleratedOptimizer: GradScaler step/update with fp16
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total, grad_norm
+        yield
 
-    def _clip(self, measure: bool = False) -> torch.Tensor | None:
-        clip = self.config.train.grad_clip
-        if clip <= 0 and not measure:
-            return None
+    def micro_step(self, last: bool) -> ContextManager:
+        return self.accelerator.accumulate(self.model)
+
+    def autocast(self) -> ContextManager:
+        return self.accelerator.autocast()
+
+    def backward(self, loss: torch.Tensor, steps: int) -> None:
+        # The unscaled mean loss: Accelerate divides by the accumulation steps (and scales fp16) itself.
+        self.accelerator.backward(loss)
+
+    def after_backward(self) -> None:
+        if not self.accelerator.sync_gradients:
+            raise RuntimeError(f"engine=accelerate: {self.plan.accumulation_steps} micro-batches expected "
+                               "for one optimizer step")
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor | None:
         # Unscales fp16 gradients first and knows FSDP shards; the norm is global (gradients are
         # already all-reduced). Clipping to inf only measures: the gradients are scaled by exactly 1.
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else math.inf)
         if norm is None:  # DeepSpeed clips inside its own step (the plugin's gradient_clipping)
             return None
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the replicated global value
-            norm = norm.full_tensor()
-        return torch.as_tensor(norm, device=self.device) if not isinstance(norm, torch.Tensor) else norm
+        return norm if isinstance(norm, torch.Tensor) else torch.as_tensor(norm, device=self.device)
 
+    def optimizer_step(self) -> None:
+        self.prepared_optimizer.step()  # GradScaler step/update with fp16
+
+    def zero_grad(self) -> None:
+        self.prepared_optimizer.zero_grad(set_to_none=True)
+
+    # -- evaluation and state ------------------------------------------------------------------
     def eval_model(self) -> torch.nn.Module:
         """Under FSDP/DeepSpeed the prepared model (its forward gathers the shards); else the task's own."""
         return self.model if self.sharded else self.raw_model
@@ -206,9 +216,7 @@ class AccelerateEngine(EngineState):
         since final_model.pt is written by rank 0 alone after the final evaluation."""
         super().sync_buffers()
         if self.sharded:
-            from distributed_train.training.data import to_cpu_copy
-
-            self._full_state = to_cpu_copy(self.accelerator.get_state_dict(self.model))
+            self._full_state = batches.to_cpu_copy(self.accelerator.get_state_dict(self.model))
 
     def model_state_dict(self) -> dict:
         """The whole model as CPU tensors: rank 0's shard alone would be a fraction of it."""
@@ -217,7 +225,3 @@ class AccelerateEngine(EngineState):
                 raise RuntimeError("engine=accelerate: the sharded model was not gathered before saving")
             return self._full_state
         return super().model_state_dict()
-
-    def eval_context(self) -> Any:
-        """Accelerate's autocast for evaluation, matching training precision."""
-        return self.accelerator.autocast()

@@ -1,39 +1,52 @@
-"""The engine interface the trainer depends on, and what the engines share.
+"""The engine interface the trainer depends on, and the one optimizer step every engine runs.
 
 An engine owns the model (wrapped for the parallelism it implements), the optimizer, the LR
 schedule and mixed precision; the trainer owns data, logging, evaluation and checkpoints and
 talks to an engine only through `Engine`.
+
+The three engines (ddp, fsdp, accelerate) are siblings around `EngineBase`: the micro-batch loop,
+loss scaling, clipping and the non-finite skip are written once in `EngineBase.train_step`; each
+engine supplies the small parts that differ (how a non-final micro-step skips the gradient sync,
+how its gradients are clipped, what it checks after the first backward).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import sys
-from typing import Any, ContextManager, Iterable, Protocol
+from typing import Any, ContextManager, Iterable, Iterator, Protocol
 
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from distributed_train import batches
+from distributed_train.batches import BatchPlan, move_to_device
 from distributed_train.config import Config
-from distributed_train.dist import DistEnv, shm_allreduce
-from distributed_train.errors import UsageError
+from distributed_train.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    diagnose,
+    shm_allreduce,
+)
+from distributed_train.engines.common import autocast_context, float_dtype, is_dtensor
 from distributed_train.task import Task
 
 
 class Engine(Protocol):
-    """What the trainer needs from an engine (ddp, fsdp, accelerate)."""
+    """What the trainer, the checkpoints and the memory figures need from an engine."""
 
     model: nn.Module  # what task.loss() sees in training (maybe wrapped in DDP)
     raw_model: nn.Module  # the task's own module (under fsdp: sharded in place, parameters are DTensors)
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # the torch optimizer over raw_model: its state is what checkpoints hold
     scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per optimizer step
     non_blocking: bool  # host-to-device copies may be asynchronous (CUDA)
     shm_allreduce: shm_allreduce.SharedMemoryAllReduce | None  # set when gradients go through /dev/shm
     skipped_steps: int  # train.nonfinite=skip: updates skipped since this process started
     # Every eval forward is a collective (a sharded model): all ranks run as many eval batches.
     eval_in_lockstep: bool
+    # No rank holds the whole model and optimizer state (fsdp): every rank saves its shard together.
+    state_is_sharded: bool
     float_dtype: torch.dtype | None  # train.precision=fp64: floating batch tensors are cast to it
 
     @property
@@ -47,8 +60,8 @@ class Engine(Protocol):
     def eval_model(self) -> nn.Module:
         """The module to evaluate (the same on every rank after `sync_buffers`)."""
 
-    def eval_context(self) -> ContextManager:
-        """Autocast for evaluation, matching training precision."""
+    def autocast(self) -> ContextManager:
+        """Autocast matching the training precision (for training and evaluation alike)."""
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (collective)."""
@@ -63,132 +76,145 @@ class Engine(Protocol):
     def load_extra_state(self, state: dict) -> None:
         """Restore `extra_state()` output."""
 
-    def state_dict(self) -> dict:
-        """Model, optimizer, schedule and scaler in one dict (single-file checkpoints of older versions)."""
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()` output."""
-
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+def holds_shards(model: nn.Module) -> bool:
+    """The model's parameters are split across ranks (DTensor shards): no rank holds all of them."""
+    return torch_dist.is_initialized() and torch_dist.get_world_size() > 1 and \
+        any(is_dtensor(p) for p in model.parameters())
 
 
-def is_dtensor(tensor: Any) -> bool:
-    """A DTensor (an fsdp shard), checked without importing torch.distributed.tensor (~0.6 s of
-    every worker's start) when nothing has: then no tensor can be one."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
+class EngineBase:
+    """What every engine shares: its settings, the optimizer step, the state a checkpoint adds.
 
-
-def float_dtype(precision: str) -> torch.dtype | None:
-    """The dtype every floating parameter and batch tensor takes: float64 with train.precision=fp64
-    (numerics debugging; rounding ~1e-16, so 1 and N ranks agree far below any real defect), else
-    None (the task's own dtypes)."""
-    return torch.float64 if precision == "fp64" else None
-
-
-def build_model(task: Task, config: Config, device: torch.device) -> nn.Module:
-    """The task's model on `device`, its floating parameters and buffers in `float_dtype` if set."""
-    model = task.model().to(device)
-    dtype = float_dtype(config.train.precision)
-    return model.to(dtype) if dtype is not None else model
-
-
-def build_optimizer(task: Task, model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    """The task's own optimizer if it has one, else AdamW/SGD from `train.*`."""
-    own = task.optimizer(model.parameters(), config)
-    if own is not None:
-        return own
-    train = config.train
-    kernel = optimizer_kernel(model, train.optimizer)
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                               weight_decay=train.weight_decay, **kernel)
-    return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, **kernel)
-
-
-def optimizer_kernel(model: nn.Module, optimizer: str = "adamw") -> dict:
-    """{"fused": True} where torch has a fused kernel for every parameter, else {"foreach": True}.
-
-    The fused AdamW update is one kernel over all parameters: on CPU it takes a third of the
-    time of the foreach one (0.13 vs 0.38 ms for the digits MLP, 1.0 vs 3.9 ms for charlm tiny).
-    """
-    fused_devices = {"cpu", "cuda", "xpu", "mps"}
-    params = list(model.parameters())
-    if optimizer == "sgd" and any(is_dtensor(p) for p in params):
-        return {"foreach": True}  # torch has no fused SGD for sharded (fsdp) parameters
-    if params and all(p.is_floating_point() and p.device.type in fused_devices for p in params):
-        return {"fused": True}
-    return {"foreach": True}
-
-
-def check_comm_hook(comm_hook: str, device: torch.device) -> None:
-    """torch's bf16 compression hook needs NCCL (it raises a TypeError deep in DDP otherwise)."""
-    if comm_hook == "bf16" and device.type != "cuda":
-        raise UsageError("ddp.comm_hook=bf16 needs CUDA GPUs (torch's bf16 hook runs on NCCL only); "
-                         "use ddp.comm_hook=fp16 or none on CPU")
-
-
-def attach_shm_allreduce(model: nn.Module, env: DistEnv, device: torch.device,
-                         config: Config) -> shm_allreduce.SharedMemoryAllReduce | None:
-    """Average a DDP `model`'s gradient buckets through shared memory when ddp.shm_allreduce allows it
-    (collective: every rank calls it). Returns the reducer, or None when the backend keeps the job
-    (no DDP, or ddp.comm_hook compresses the backend's all-reduce)."""
-    if not isinstance(model, DDP) or config.ddp.comm_hook != "none":
-        return None
-    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    reducer = shm_allreduce.setup(env, device, config.ddp.shm_allreduce, gradient_bytes, config.dist.timeout_s)
-    if reducer is not None:
-        model.register_comm_hook(state=None, hook=reducer.hook)
-    return reducer
-
-
-def lr_factor(step: int, config: Config, total_steps: int) -> float:
-    """Multiplier of `train.lr` at `step`: linear warmup, then constant or cosine to `min_lr`."""
-    train = config.train
-    if step < train.warmup_steps:
-        return (step + 1) / train.warmup_steps
-    if train.schedule == "constant":
-        return 1.0
-    decay_steps = max(1, total_steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / decay_steps)
-    floor = train.min_lr / train.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def autocast_context(precision: str, device: torch.device) -> Any:
-    """An autocast context for bf16/fp16 (fp16 only on CUDA), or a null context for fp32 and fp64."""
-    if precision == "fp64" and device.type not in ("cpu", "cuda"):
-        raise UsageError(f"train.precision=fp64 needs a CPU or CUDA device ({device.type} has no float64); "
-                         "use fp32")
-    if precision in ("fp32", "fp64"):
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise UsageError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
-
-
-class EngineState:
-    """What the DDP-style engines share: the learning rate, rank 0's buffers, the checkpoint format.
-
-    A subclass sets `model` (maybe wrapped in DDP), `raw_model`, `optimizer`, `scheduler` and
-    `scaler` (or None) in its constructor.
+    An engine's constructor calls `EngineBase.__init__`, then sets `raw_model`, `model`,
+    `optimizer`, `scheduler` and, for fp16, `scaler`; it overrides only the parts below that differ.
     """
 
+    # set by the engine's constructor
     model: nn.Module
     raw_model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None = None
-    non_blocking: bool = False
-    float_dtype: torch.dtype | None = None
-    skipped_steps: int = 0
-
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling; its state is checkpointed
     shm_allreduce: shm_allreduce.SharedMemoryAllReduce | None = None  # set when gradients go through /dev/shm
+    eval_in_lockstep: bool = False  # the eval model is the task's own, unwrapped
+    state_is_sharded: bool = False
+    last_backward: str = "backward"  # what a peer waiting on the last micro-step's backward is told
+
+    def __init__(self, task: Task, config: Config, env: DistEnv, device: torch.device, plan: BatchPlan):
+        self.task, self.config, self.env, self.device, self.plan = task, config, env, device, plan
+        autocast_context(config.train.precision, device)  # fail early on fp16 without CUDA
+        self.non_blocking = device.type == "cuda"
+        self.float_dtype = float_dtype(config.train.precision)
+        self.skipped_steps = 0  # train.nonfinite=skip: steps whose update was skipped
+        self.stepped = False  # a step completed in this process (first-step checks are done)
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    # -- the step ------------------------------------------------------------------------------
+    def train_step(self, micro_batches: Iterable[Any], measure_grad_norm: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step; returns (this rank's mean loss, global grad norm or None), on device.
+
+        Each micro-batch loss is divided by the accumulation steps, so the gradient is the mean
+        over this rank's share; the engine's sync averages it across ranks on the last micro-step.
+        The norm comes with clipping, or when `measure_grad_norm` (the trainer asks on log steps)."""
+        steps = self.plan.accumulation_steps
+        total = torch.zeros((), device=self.device, dtype=self.float_dtype or torch.float32)
+        with self.step_context():
+            self.model.train()
+            for i, batch in enumerate(micro_batches):
+                last = i == steps - 1
+                batch = move_to_device(batch, self.device, self.non_blocking, self.float_dtype)
+                with self.micro_step(last):
+                    diagnose.at("task.loss()")  # where this rank is, if a peer waits for it
+                    with self.autocast():
+                        loss = self.task.loss(self.model, batch)
+                    diagnose.at(self.last_backward if last else "backward")
+                    self.backward(loss, steps)
+                total += (loss.detach() / steps).to(total.dtype)
+            self.after_backward()
+            diagnose.at("optimizer step")
+            grad_norm = self.clip_or_measure(measure_grad_norm)
+            if self.config.train.nonfinite == "skip" and not self.finite_everywhere(total, grad_norm):
+                self.skip_update()
+            else:
+                self.optimizer_step()
+            self.scheduler.step()
+            self.zero_grad()
+        self.stepped = True
+        return total, grad_norm
+
+    @contextlib.contextmanager
+    def step_context(self) -> Iterator[None]:
+        """Around one whole step (fsdp: rank 0's buffers first, torch's mistakes explained)."""
+        yield
+
+    def micro_step(self, last: bool) -> ContextManager:
+        """Around one micro-batch's forward and backward: only the last one syncs gradients."""
+        return contextlib.nullcontext()
+
+    def autocast(self) -> ContextManager:
+        """Autocast matching the training precision, for training and evaluation."""
+        return autocast_context(self.config.train.precision, self.device)
+
+    def backward(self, loss: torch.Tensor, steps: int) -> None:
+        scaled = loss / steps
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def after_backward(self) -> None:
+        """After the last micro-step's backward (ddp: explain unused parameters on the first step)."""
+
+    def clip_or_measure(self, measure: bool) -> torch.Tensor | None:
+        """`train.grad_clip` applied, or the norm measured when asked: the global norm, or None."""
+        clip = self.config.train.grad_clip
+        if clip <= 0 and not measure:
+            return None
+        norm = self.clip_gradients(clip)
+        # Over sharded parameters the norm is a DTensor reduction over every shard: its full
+        # value is the global norm. Over replicated ones it is the same on every rank already.
+        return norm.full_tensor() if is_dtensor(norm) else norm
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor | None:
+        """Clip to `max_norm` (<= 0: only measure); the norm of the unscaled gradients."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+            return torch.nn.utils.get_total_norm(grads)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+    def finite_everywhere(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        """train.nonfinite=skip: one small all-reduce (and host sync) so every rank skips alike."""
+        bad = (~torch.isfinite(loss)).float()
+        if grad_norm is not None:
+            bad = bad + (~torch.isfinite(grad_norm)).float()
+        return all_reduce_sum(bad).item() == 0
+
+    def skip_update(self) -> None:
+        """Leave the parameters as they are; the step still counts (data and LR schedule move on)."""
+        self.skipped_steps += 1
+        if self.scaler:  # lower the scale, as the scaler does after an overflow
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+
+    def optimizer_step(self) -> None:
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- evaluation and state ------------------------------------------------------------------
+    def eval_model(self) -> nn.Module:
+        """The module evaluation runs: the task's own, outside the DDP wrapper (no gradient hooks)."""
+        return self.raw_model
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm running stats), as DDP's next forward would.
@@ -197,17 +223,11 @@ class EngineState:
         would evaluate different models and rank 0's final_model.pt differs from the others'."""
         if isinstance(self.model, DDP) and self.model.broadcast_buffers:
             for buffer in self.raw_model.buffers():
-                torch.distributed.broadcast(buffer, src=0)
-
-    def eval_model(self) -> nn.Module:
-        """The module evaluation runs: the task's own, outside the DDP wrapper (no gradient hooks)."""
-        return self.raw_model
+                torch_dist.broadcast(buffer, src=0)
 
     def model_state_dict(self) -> dict:
         """The whole model's parameters and buffers as CPU tensors, no wrapper prefixes."""
-        from distributed_train.training.data import to_cpu_copy
-
-        return to_cpu_copy(self.raw_model.state_dict())  # the checkpoints' copy path, on any device
+        return batches.to_cpu_copy(self.raw_model.state_dict())  # the checkpoints' copy path, on any device
 
     def extra_state(self) -> dict:
         """LR scheduler and scaler state: small, the same on every rank."""
@@ -220,13 +240,3 @@ class EngineState:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-
-    def state_dict(self) -> dict:
-        """Model, optimizer, scheduler and scaler state (model keys without `module.`)."""
-        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                **self.extra_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.load_extra_state(state)

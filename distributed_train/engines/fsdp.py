@@ -7,32 +7,39 @@ backward: the same mean over the global batch as `ddp`. With `fsdp.replicate=R` 
 form R groups; parameters are sharded within a group and gradients also all-reduced across groups.
 
 The step itself (micro-batches, no communication before the last one, clipping, non-finite
-handling) is the `ddp` engine's: only wrapping, synchronisation, norms and state differ.
+handling) is `EngineBase`'s, as for `ddp`: only wrapping, synchronisation and state differ.
 """
 
 from __future__ import annotations
 
-import logging
 import contextlib
+import logging
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
+from distributed_train.batches import BatchPlan
 from distributed_train.config import Config
-from distributed_train.dist import DistEnv
-from distributed_train.engines.base import autocast_context, build_model, build_optimizer, float_dtype, lr_factor
-from distributed_train.engines.ddp import DDPEngine
-from distributed_train.engines.units import check_tied_weights, checkpoint_units, find_units, outermost
+from distributed_train.distributed import DistEnv
+from distributed_train.engines.base import EngineBase
+from distributed_train.engines.common import build_model, build_optimizer, grad_scaler, lr_schedule
+from distributed_train.engines.units import (
+    check_tied_weights,
+    checkpoint_units,
+    find_units,
+    outermost,
+)
 from distributed_train.errors import UsageError
 from distributed_train.task import Task
-from distributed_train.training.data import BatchPlan
 
 log = logging.getLogger("distributed_train")
 
@@ -85,16 +92,17 @@ def shard(model: nn.Module, units: list[nn.Module], mesh: DeviceMesh, config: Co
     fully_shard(model, **kwargs)
 
 
-class FSDPEngine(DDPEngine):
-    """Model sharded with FSDP2, its optimizer over the shards, the LR schedule; `train_step` is ddp's."""
+class FSDPEngine(EngineBase):
+    """Model sharded with FSDP2, its optimizer over the shards, the LR schedule."""
+
+    eval_in_lockstep = True  # each unit's forward all-gathers its parameters
+    last_backward = "backward (FSDP gradient reduce-scatter)"
 
     def __init__(self, task: Task, config: Config, env: DistEnv, device: torch.device,
                  plan: BatchPlan, total_steps: int):
-        self.task, self.config, self.env, self.device, self.plan = task, config, env, device, plan
-        autocast_context(config.train.precision, device)  # fail early on fp16 without CUDA
+        super().__init__(task, config, env, device, plan)
         check_settings(config, env.world_size, device)
         ensure_process_group(device)
-        self.float_dtype = float_dtype(config.train.precision)
         model = build_model(task, config, device)
         units = find_units(task, model, config.fsdp.units)
         check_tied_weights(model, units)
@@ -108,32 +116,17 @@ class FSDPEngine(DDPEngine):
         shard(model, units, self.mesh, config)
         self.model = self.raw_model = model
         self.optimizer = build_optimizer(task, model, config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda step: lr_factor(step, config, total_steps))
-        use_scaler = config.train.precision == "fp16"
-        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-        self.non_blocking = device.type == "cuda"
-        self.eval_in_lockstep = True  # each unit's forward all-gathers its parameters
-        self.skipped_steps = 0
-        self.checked_unused = True  # FSDP2 accepts parameters without gradients
-        self.shm_allreduce = None
-        self.stepped = False
-        self._last_backward = "backward (FSDP gradient reduce-scatter)"
+        self.scheduler = lr_schedule(self.optimizer, config, total_steps)
+        self.scaler = grad_scaler(config.train.precision, device)
+        self.state_is_sharded = torch_dist.get_world_size() > 1
         self._buffers = list(model.buffers())
 
-    # -- the step ------------------------------------------------------------------------------
-    def train_step(self, micro_batches: Iterable[Any], measure_grad_norm: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ddp's step; buffers come from rank 0 first, as DDP's forward does."""
-        self.sync_buffers()
-        with self._mistakes_explained():
-            result = super().train_step(micro_batches, measure_grad_norm)
-        self.stepped = True
-        return result
-
+    # -- the step's parts ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def _mistakes_explained(self) -> Iterator[None]:
-        """The FSDP mistakes torch reports obscurely, in one line (checked on the first step only)."""
+    def step_context(self) -> Iterator[None]:
+        """Buffers come from rank 0 first, as DDP's forward does; on the first step, the FSDP
+        mistakes torch reports obscurely are explained in one line."""
+        self.sync_buffers()
         if self.stepped:
             yield
             return
@@ -154,17 +147,11 @@ class FSDPEngine(DDPEngine):
             else:
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
-    def _sync_context(self, last_micro_step: bool) -> Any:
+    def micro_step(self, last: bool) -> ContextManager:
         # Gradients are reduce-scattered on the last micro-step only; earlier ones accumulate
         # unsharded gradients locally (more memory, no communication).
-        self.model.set_requires_gradient_sync(last_micro_step)
+        self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
-
-    def _clip(self, measure: bool = False) -> torch.Tensor | None:
-        """ddp's clipping over the sharded parameters: the norm is a DTensor reduction over every
-        shard; its full value is the global norm."""
-        norm = super()._clip(measure)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     # -- evaluation and state ------------------------------------------------------------------
     def sync_buffers(self) -> None:
@@ -179,18 +166,7 @@ class FSDPEngine(DDPEngine):
         every rank through as many batches, since each forward is a collective)."""
         return self.model
 
-    def eval_context(self) -> Any:
-        """Autocast for evaluation, matching training precision."""
-        return autocast_context(self.config.train.precision, self.device)
-
     def model_state_dict(self) -> dict:
         """The consolidated model on rank 0 as CPU tensors ({} on the others). Collective."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)
-
-    def state_dict(self) -> dict:
-        raise UsageError("engine=fsdp saves sharded checkpoints only")
-
-    def load_state_dict(self, state: dict) -> None:
-        raise UsageError("engine=fsdp cannot resume a single-file checkpoint (state.pt) of an older version; "
-                         "resume it once with engine=ddp")

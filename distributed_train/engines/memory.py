@@ -9,8 +9,8 @@ import math
 import torch
 from torch import nn
 
-from distributed_train import dist
-from distributed_train.engines.base import is_dtensor
+from distributed_train import distributed
+from distributed_train.engines.common import is_dtensor
 
 
 def optimizer_slots(optimizer_name: str, group: dict) -> int:
@@ -38,7 +38,6 @@ def _bytes(tensor: torch.Tensor) -> int:
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """This rank's parameters, gradients and optimizer state in bytes; the optimizer's state is
     counted where it exists (after a resume), else predicted from its kind (before the first step)."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     if optimizer.state:
@@ -55,7 +54,7 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
 def state_bytes_per_rank(engine) -> int:
     """The largest rank's training state in bytes (collective: every rank calls it)."""
     local = sum(state_bytes(engine.raw_model, engine.optimizer).values())
-    return max(dist.all_gather_object(local))
+    return max(distributed.all_gather_object(local))
 
 
 def shard_numel(shape: torch.Size, shards: int) -> int:

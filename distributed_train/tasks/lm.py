@@ -17,7 +17,12 @@ from torch import nn
 
 from distributed_train.errors import UsageError
 from distributed_train.tasks import tokens
-from distributed_train.tasks.charlm import GPT, VOCAB_MULTIPLE, token_loss, token_metrics
+from distributed_train.tasks.charlm import (
+    GPT,
+    VOCAB_MULTIPLE,
+    token_loss,
+    token_metrics,
+)
 
 PRESETS = {
     "tiny": {"n_layer": 4, "n_head": 4, "d_model": 128, "seq_len": 256},

@@ -7,20 +7,21 @@ from typing import Any
 
 import torch
 
-from distributed_train import dist
+from distributed_train import distributed
+from distributed_train.batches import batch_len, move_to_device
 from distributed_train.config import Config
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
 from distributed_train.task import Task
-from distributed_train.training.data import EvalBatchSampler, batch_len, eval_subset, make_loader, move_to_device
-from distributed_train.training.metrics import log
+from distributed_train.training.data import EvalBatchSampler, eval_subset, make_loader
+from distributed_train.training.reporting.metrics import log
 from distributed_train.training.rng import rng_state, set_rng_state
 
 
 class Evaluator:
     """This rank's unpadded shard of the eval set and the reduction that makes metrics global."""
 
-    def __init__(self, task: Task, config: Config, env: dist.DistEnv, device: torch.device,
+    def __init__(self, task: Task, config: Config, env: distributed.DistEnv, device: torch.device,
                  collate: Any, pin_memory: bool):
         self.task, self.env, self.device = task, env, device
         self.every_steps = config.eval.every_steps
@@ -51,7 +52,7 @@ class Evaluator:
         if self.loader is None:  # no eval set: the same on every rank
             return
         cause = self._check_first_batch(engine)
-        problems = [p for p in dist.all_gather_object(cause and str(cause)) if p]
+        problems = [p for p in distributed.all_gather_object(cause and str(cause)) if p]
         if problems:  # this rank's own exception stays chained, for --debug
             raise UsageError(problems[0]) from (cause.__cause__ if cause else None)
 
@@ -62,7 +63,7 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
-            with engine.eval_context():
+            with engine.autocast():
                 # Every rank runs one forward, as a sharded model needs: an empty shard runs the filler.
                 batch = next(iter(self.loader), None)
                 if batch is None:
@@ -93,7 +94,7 @@ class Evaluator:
         model.eval()
         # (sum, count) per metric, kept on the device: one transfer at the end, not two per batch.
         sums: dict[str, torch.Tensor] = {}
-        with engine.eval_context():
+        with engine.autocast():
             for batch in self.loader:
                 batch = self.on_device(batch, engine)
                 for name, pair in self.batch_sums(model, batch).items():
@@ -120,12 +121,12 @@ class Evaluator:
     def reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float | None]:
         """Sum every rank's pairs; a rank whose shard is empty joins with zeros for every name.
         A metric no sample counted (count 0 on every rank) is None, with a warning, not dropped."""
-        names = sorted(set().union(*dist.all_gather_object(sorted(sums))))
+        names = sorted(set().union(*distributed.all_gather_object(sorted(sums))))
         if not names:
             return {}
         zero = torch.zeros(2, dtype=torch.float64, device=self.device)
         vector = torch.cat([sums.get(name, zero) for name in names])  # on the device, as NCCL needs
-        values = dist.all_reduce_sum(vector).tolist()
+        values = distributed.all_reduce_sum(vector).tolist()
         metrics = {name: values[2 * i] / values[2 * i + 1] if values[2 * i + 1] > 0 else None
                    for i, name in enumerate(names)}
         empty = [name for name, value in metrics.items() if value is None]

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import torch
 
-from distributed_train import dist
-from distributed_train.dist.diagnose import describe
+from distributed_train import distributed
+from distributed_train.distributed.diagnose import describe
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
-from distributed_train.training.metrics import log
+from distributed_train.training.reporting.metrics import log
 
 
 class RunOutputs:
     """Rank 0 writes run_dir/final_model.pt and run_dir/summary.json, each atomically."""
 
-    def __init__(self, env: dist.DistEnv, run_dir: Path):
+    def __init__(self, env: distributed.DistEnv, run_dir: Path):
         self.env, self.run_dir = env, run_dir
         self.model_path = run_dir / "final_model.pt"
 
@@ -31,7 +31,7 @@ class RunOutputs:
         """final_model.pt: plain CPU state_dict, no `module.` prefix (collective: every rank calls it,
         so a full disk stops every rank with one line instead of leaving peers waiting)."""
         model_state = engine.model_state_dict()  # every rank: gathering the shards is a collective under fsdp
-        dist.main_computes(self.env, self._write_model, model_state)
+        distributed.main_computes(self.env, self._write_model, model_state)
 
     def _write_model(self, model_state: dict) -> None:
         tmp = self.model_path.with_suffix(".tmp")
@@ -44,7 +44,7 @@ class RunOutputs:
 
     def write_summary(self, summary: dict) -> None:
         """summary.json with `"status": "done"` (rank 0 only)."""
-        dist.on_main(self.env, self._write_json, {**summary, "status": "done"})
+        distributed.on_main(self.env, self._write_json, {**summary, "status": "done"})
 
     def write_failed(self, summary: dict, error: BaseException) -> None:
         """summary.json marked failed, with the error; the model written before stays (rank 0 only)."""

@@ -7,20 +7,19 @@ import time
 
 import torch
 
-from distributed_train.dist import diagnose
-from distributed_train import dist
-from distributed_train.dist import shm_allreduce
+from distributed_train import distributed
 from distributed_train.config import Config
-from distributed_train.training.metrics import setup_logging
+from distributed_train.distributed import diagnose, shm_allreduce
+from distributed_train.training.reporting.metrics import setup_logging
 from distributed_train.training.trainer import Trainer, default_run_dir
 
 
-def run_training(config: Config, env: dist.DistEnv, debug: bool = False) -> dict:
+def run_training(config: Config, env: distributed.DistEnv, debug: bool = False) -> dict:
     """Train `config` as this rank of `env`; returns the run summary (identical on every rank)."""
     setup_logging(env, debug)
-    backend = dist.pick_backend(config.dist.backend)
-    device = dist.pick_device(backend, env)
-    dist.set_cpu_threads(env)
+    backend = distributed.pick_backend(config.dist.backend)
+    device = distributed.pick_device(backend, env)
+    distributed.set_cpu_threads(env)
     if device.type == "cpu":
         # Tiny gradients and Adam moments become denormal early in training; on x86 each
         # denormal operation traps to microcode and a step can take 100x longer. Set either
@@ -30,14 +29,14 @@ def run_training(config: Config, env: dist.DistEnv, debug: bool = False) -> dict
         set_tf32(config.train.tf32)
     if backend == "nccl":
         use_nccl_error_handling()
-    dist.init(env, backend, device, config.dist.timeout_s)
+    distributed.init(env, backend, device, config.dist.timeout_s)
     timeout_s = config.dist.timeout_s
     # The heartbeat lets a rank whose collective fails name the ranks that did not arrive.
     heartbeat = diagnose.Heartbeat(env.rank, env.world_size, grace_s=timeout_s + 2 * diagnose.BEAT_S)
     try:
         with heartbeat, diagnose.communication_failures_explained(env.rank, env.world_size, timeout_s):
             # Rank 0's run_dir wins, so every rank (and every node) writes to the same place.
-            config.run_dir = dist.broadcast_object(config.run_dir or default_run_dir(config.task))
+            config.run_dir = distributed.broadcast_object(config.run_dir or default_run_dir(config.task))
             trainer = Trainer(config, env, device)
             heartbeat.watch(lambda: trainer.stop.requested)  # a rank stuck after SIGTERM ends itself
             return trainer.fit()
@@ -47,7 +46,7 @@ def run_training(config: Config, env: dist.DistEnv, debug: bool = False) -> dict
         shm_allreduce.leave()
         raise
     finally:
-        dist.teardown()
+        distributed.teardown()
         # A gloo thread may still be freeing the last collective's tensors, which needs the GIL;
         # the group's destructor (when the trainer goes, right after this) joins those threads
         # while holding it. Let them finish first, or a process that trains again can deadlock.

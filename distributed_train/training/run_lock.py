@@ -19,9 +19,9 @@ import socket
 import time
 from pathlib import Path
 
-from distributed_train import dist
+from distributed_train import distributed
 from distributed_train.errors import UsageError
-from distributed_train.training.metrics import log
+from distributed_train.training.reporting.metrics import log
 
 LOCK_FILE = ".dtrain.lock"
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
@@ -60,13 +60,13 @@ class RunLock:
     """Context manager: rank 0 locks run_dir for the job (collective on enter: every rank learns
     whether the directory is free); released on exit, or by the kernel when the process dies."""
 
-    def __init__(self, run_dir: Path, env: dist.DistEnv):
+    def __init__(self, run_dir: Path, env: distributed.DistEnv):
         self.run_dir, self.env = Path(run_dir), env
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
-        dist.main_computes(self.env, self.acquire)
+        distributed.main_computes(self.env, self.acquire)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,8 +9,9 @@ default generator, Python's `random` and NumPy's global generator before each `_
 
 Cost, measured on the project's 2-core CPU machine (torch 2.13, NumPy 2.4): 7-14 us per sample
 for the three reseeds; without workers also ~0.15 ms per batch to save and put back the training
-process's generator states (NumPy's get/set_state is most of it); see docs/language-models.md. Batch-fetching datasets (`get_batch`, TensorDataset, a `Subset` of
-them) and datasets with their own `__getitems__` are fetched a batch at a time and skip this.
+process's generator states (NumPy's get/set_state is most of it); see docs/language-models.md.
+Batch-fetching datasets (`get_batch`, TensorDataset, a `Subset` of them) and datasets with their
+own `__getitems__` are fetched a batch at a time and skip this.
 """
 
 from __future__ import annotations

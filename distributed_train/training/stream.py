@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from distributed_train.training.data import BatchPlan, TrainBatchSampler
+from distributed_train.batches import BatchPlan
+from distributed_train.training.data import TrainBatchSampler
 
 
 class TrainStream:

@@ -9,26 +9,27 @@ from pathlib import Path
 
 import torch
 
-from distributed_train import dist
+from distributed_train import distributed
+from distributed_train.batches import BatchPlan
 from distributed_train.config import Config, dump_yaml
-from distributed_train.dist import diagnose
-from distributed_train.dist.preemption import Preempted, StopFlag
+from distributed_train.distributed import diagnose
+from distributed_train.distributed.preemption import Preempted, StopFlag
 from distributed_train.engines import build_engine
 from distributed_train.engines.base import Engine
 from distributed_train.engines.memory import state_bytes_per_rank
 from distributed_train.errors import NonFiniteLoss, UsageError
 from distributed_train.task import Task, load_task
-from distributed_train.training.checkpointing import Checkpointer, Resumed, training_state
-from distributed_train.training.data import BatchPlan, TrainBatchSampler, make_loader
+from distributed_train.training.checkpoints.checkpointer import Checkpointer, Resumed, training_state
+from distributed_train.training.data import TrainBatchSampler, make_loader
 from distributed_train.training.evaluation import Evaluator
-from distributed_train.training.flops import MFUMeter
-from distributed_train.training.metrics import MetricsLogger, log
 from distributed_train.training.outputs import RunOutputs
-from distributed_train.training.profiling import StepProfiler
-from distributed_train.training.run_lock import RunLock
+from distributed_train.training.reporting.flops import MFUMeter
+from distributed_train.training.reporting.metrics import MetricsLogger, log
+from distributed_train.training.reporting.profiling import StepProfiler
+from distributed_train.training.reporting.step_metrics import TrainMetrics
 from distributed_train.training.rng import reseed_step, seed_everything
+from distributed_train.training.run_lock import RunLock
 from distributed_train.training.stream import TrainStream
-from distributed_train.training.train_metrics import TrainMetrics
 
 
 def default_run_dir(task: str) -> str:
@@ -42,7 +43,7 @@ class Trainer:
 
     # configuration
     config: Config
-    env: dist.DistEnv
+    env: distributed.DistEnv
     device: torch.device
     run_dir: Path  # resolved by the caller, identical on every rank
     total_steps: int
@@ -63,7 +64,7 @@ class Trainer:
     resumed: Resumed | None  # the checkpoint this process started from
     stepped: bool  # a step completed in this process (later errors are not "first step" mistakes)
 
-    def __init__(self, config: Config, env: dist.DistEnv, device: torch.device):
+    def __init__(self, config: Config, env: distributed.DistEnv, device: torch.device):
         self.config, self.env, self.device = config, env, device
         self.run_dir = Path(config.run_dir)
         self.task = load_task(config.task, config)
@@ -115,7 +116,7 @@ class Trainer:
             # wandb.finish takes a second or two on rank 0: do it before the barrier so all ranks
             # leave (and tear the process group down) together.
             self.logger.close(summary)
-            dist.barrier()
+            distributed.barrier()
         return summary
 
     def train(self) -> float:
@@ -190,7 +191,7 @@ class Trainer:
                 (self.run_dir / "config.yaml").write_text(dump_yaml(self.config))
             except OSError as exc:
                 raise UsageError(f"run_dir {str(self.run_dir)!r} is not writable: {exc.strerror}") from exc
-        dist.main_computes(self.env, write)
+        distributed.main_computes(self.env, write)
 
     def resume(self) -> None:
         """Continue from the checkpoint `checkpoint.resume` selects, if any (every rank loads it)."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distributed_train.config import load_config
-from distributed_train.dist import DistEnv
+from distributed_train.distributed import DistEnv
 from distributed_train.errors import UsageError
 from tests.helpers import EXACT, FP64, max_diff, run_ranks
 
@@ -75,15 +75,15 @@ def _silent_case(env: DistEnv, device: torch.device, tmp: str) -> dict:
 
 def accelerate_jobs(rank: int, world_size: int, tmp: str) -> dict:
     """Every job of JOBS in turn on one process group; final parameters and summaries per job."""
-    import torch.distributed as tdist
+    import torch.distributed as torch_dist
 
-    from distributed_train import dist
+    from distributed_train import distributed
     from distributed_train.training.trainer import Trainer
 
     os.environ.pop("ACCELERATE_USE_CPU", None)
-    env, device = dist.read_env(), torch.device("cpu")
-    dist.init(env, "gloo", device, timeout_s=60)
-    group = tdist.distributed_c10d._get_default_group()
+    env, device = distributed.read_env(), torch.device("cpu")
+    distributed.init(env, "gloo", device, timeout_s=60)
+    group = torch_dist.distributed_c10d._get_default_group()
     results: dict = {}
     try:
         for name, extra in JOBS.items():
@@ -96,11 +96,11 @@ def accelerate_jobs(rank: int, world_size: int, tmp: str) -> dict:
                 accelerator = trainer.engine.accelerator
                 results["accelerator"] = {
                     "type": str(accelerator.distributed_type), "num_processes": accelerator.num_processes,
-                    "same_group": tdist.distributed_c10d._get_default_group() is group,
+                    "same_group": torch_dist.distributed_c10d._get_default_group() is group,
                     "wrapped": type(trainer.engine.model).__name__}
         results["silent"] = _silent_case(env, device, tmp)
     finally:
-        dist.teardown()
+        distributed.teardown()
     return results
 
 
@@ -167,7 +167,7 @@ def test_check_world_accepts_a_matching_job_and_names_the_fix_otherwise():
 
 
 def test_precision_and_plugin_settings_fail_early_on_cpu():
-    from distributed_train.training.data import BatchPlan
+    from distributed_train.batches import BatchPlan
     from distributed_train.engines.accelerate import mixed_precision, plugin_kwargs
 
     cpu = torch.device("cpu")
@@ -188,9 +188,8 @@ def test_precision_and_plugin_settings_fail_early_on_cpu():
 def test_one_process_runs_fp32_then_bf16_in_the_same_interpreter(tmp_path):
     """Accelerate's per-process state is reset per run: a second run with other precision works."""
     from distributed_train.cli.train import resolve_config
-    from distributed_train.training.run import run_training
-
     from distributed_train.tasks.digits import DigitsTask
+    from distributed_train.training.run import run_training
 
     evals = {}
     for precision in ("fp32", "bf16"):

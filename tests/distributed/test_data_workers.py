@@ -14,9 +14,10 @@ def bad_token_through_a_worker(rank: int, world_size: int, tmp: str) -> str:
     """The one-line error of a token id >= the vocabulary, raised in a DataLoader worker."""
     from types import SimpleNamespace
 
+    from distributed_train.batches import BatchPlan
     from distributed_train.errors import UsageError
     from distributed_train.tasks.lm import LMTask
-    from distributed_train.training.data import BatchPlan, TrainBatchSampler, make_loader
+    from distributed_train.training.data import TrainBatchSampler, make_loader
 
     values = np.arange(20, dtype=np.uint16)
     values[13] = 999  # in window 2 (tokens 10..14)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distributed_train.cli.train import resolve_config
-from distributed_train.dist import DistEnv
+from distributed_train.distributed import DistEnv
 from distributed_train.training.run import run_training
 from tests.helpers import EXACT, FP64, REPO, max_diff, run_jobs, run_ranks, train_in_rank
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distributed_train.cli.train import resolve_config
-from distributed_train.dist import DistEnv
+from distributed_train.distributed import DistEnv
 from distributed_train.training.run import run_training
 from tests import helpers
 from tests.helpers import EXACT, FP64, REPO, max_diff
@@ -142,7 +142,7 @@ def test_resume_on_other_world_sizes_and_engines(runs, name):
 
 def test_sharded_checkpoint_layout_and_export(runs, tmp_path):
     from distributed_train.cli import export
-    from distributed_train.training.checkpoint import verify
+    from distributed_train.training.checkpoints.commit import verify
 
     step = runs["tmp"] / "ref4" / "checkpoints" / "step-00000012"
     assert {p.name for p in step.iterdir()} == {".metadata", "COMMITTED", "train_state.pt",

@@ -17,7 +17,7 @@ def count_all_reduces(rank: int, world_size: int, tmp: str) -> dict:
     calls; each rank names its own run_dir (only rank 0's may be used)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from distributed_train import dist
+    from distributed_train import distributed
     from distributed_train.cli.train import resolve_config
     from distributed_train.training import trainer
     from distributed_train.training.run import run_training
@@ -40,7 +40,7 @@ def count_all_reduces(rank: int, world_size: int, tmp: str) -> dict:
         f"--task={TASKS}/toy.py:Regression", "--train.batch_size=24", "--train.micro_batch_size=4",
         f"--train.max_steps={STEPS}", "--ddp.shm_allreduce=never", "--log.wandb=disabled",
         f"--run_dir={tmp}/rank{rank}"])
-    summary = run_training(config, dist.read_env())
+    summary = run_training(config, distributed.read_env())
     return {"buckets": buckets, "run_dir": str(Path(summary["final_model"]).parent)}
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from distributed_train.training.metrics import read_events
+from distributed_train.training.reporting.metrics import read_events
 from tests.helpers import REPO, run_ranks, train_in_rank
 
 pytestmark = pytest.mark.distributed

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from distributed_train.training.checkpoint import committed_checkpoints
+from distributed_train.training.checkpoints.commit import committed_checkpoints
 from tests.helpers import run_ranks, train_in_rank
 
 pytestmark = pytest.mark.distributed

@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_train.training.checkpoint import checkpoint_name, committed_checkpoints
+from distributed_train.training.checkpoints.commit import (
+    checkpoint_name,
+    committed_checkpoints,
+)
 from distributed_train.training.data import epoch_permutation
-from distributed_train.training.metrics import read_events
+from distributed_train.training.reporting.metrics import read_events
 from tests.helpers import EXACT, FP64, REPO, fresh_port, run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -34,9 +37,9 @@ def _train(run_dir: Path, overrides: list[str], job: str = ""):
     trained, this rank's log lines)."""
     import os
 
-    from distributed_train import dist
+    from distributed_train import distributed
     from distributed_train.cli.train import resolve_config
-    from distributed_train.dist.preemption import Preempted
+    from distributed_train.distributed.preemption import Preempted
     from distributed_train.training import trainer
     from distributed_train.training.run import run_training
 
@@ -51,7 +54,7 @@ def _train(run_dir: Path, overrides: list[str], job: str = ""):
     trainer.build_engine, stderr, sys.stderr = build_and_keep, sys.stderr, io.StringIO()
     try:  # the log handler is made at the start of the job, on the stderr of that moment
         outcome = run_training(resolve_config(None, [*COMMON, *overrides, f"--run_dir={run_dir}"]),
-                               dist.read_env())
+                               distributed.read_env())
     except Preempted as exc:
         outcome = exc
     finally:

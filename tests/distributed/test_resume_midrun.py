@@ -17,24 +17,22 @@ ARGS = [f"--task={NOISY}", "--train.batch_size=16", f"--train.max_steps={STEPS}"
 
 def stopped_by_sigterm(rank: int, world_size: int, run_dir: str, stop_at: int) -> dict:
     """A run that SIGTERMs itself inside step `stop_at`: the step it stopped at, the checkpoints."""
+    import os
     from pathlib import Path
 
-    from distributed_train import dist
+    from distributed_train import distributed
     from distributed_train.cli.train import resolve_config
-    from distributed_train.dist.preemption import Preempted
-    from distributed_train.training.checkpoint import committed_checkpoints
+    from distributed_train.distributed import preemption
+    from distributed_train.distributed.preemption import Preempted
+    from distributed_train.training.checkpoints.commit import committed_checkpoints
     from distributed_train.training.run import run_training
-
-    import os
-
-    from distributed_train.dist import preemption
 
     # A vote at every step boundary (not every ~50 ms): the stop step is the same on any machine.
     preemption.StopFlag._propose_interval = lambda self, step: 1
     os.environ["NOISY_STOP_AT_STEP"] = str(stop_at)  # not a config key: the resume must see the same config
     config = resolve_config(None, [*ARGS, f"--run_dir={run_dir}"])
     try:
-        run_training(config, dist.read_env())
+        run_training(config, distributed.read_env())
     except Preempted as exc:
         return {"stopped_at": exc.step,
                 "checkpoints": [p.name for p in committed_checkpoints(Path(run_dir) / "checkpoints")]}

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from distributed_train.training.checkpoint import committed_checkpoints
+from distributed_train.training.checkpoints.commit import committed_checkpoints
 from tests.helpers import EXACT, FP64, max_diff, run_ranks, train_in_rank
 
 pytestmark = pytest.mark.distributed

@@ -11,11 +11,10 @@ import time
 import pytest
 import torch
 
-from distributed_train.dist import diagnose, shm_allreduce
 from distributed_train.config import DDPConfig
-from distributed_train.dist import DistEnv
+from distributed_train.distributed import DistEnv, diagnose, shm_allreduce
+from distributed_train.distributed.shm_allreduce import SharedMemoryAllReduce
 from distributed_train.errors import UsageError
-from distributed_train.dist.shm_allreduce import SharedMemoryAllReduce
 from tests.helpers import REPO, run_ranks, train_in_rank
 
 TOY = str(REPO / "tests" / "tasks" / "toy.py")
@@ -37,10 +36,9 @@ class SparseEmbeddingModel(torch.nn.Module):
 def reduce_job(rank, world_size):
     """Many reductions of rank-dependent tensors (several dtypes, pieces larger than a slot, random
     skew between ranks); returns what each call gave and what the mean must be."""
-    from distributed_train import dist
-
-    env = dist.read_env()
-    dist.init(env, "gloo", torch.device("cpu"), timeout_s=60)
+    from distributed_train import distributed
+    env = distributed.read_env()
+    distributed.init(env, "gloo", torch.device("cpu"), timeout_s=60)
     small_slots = shm_allreduce._create_and_open(env, slot_bytes=256, timeout_s=60)  # 64 floats a piece
     # "require": a host where shared memory cannot attach fails here instead of testing nothing.
     sized = shm_allreduce.setup(env, torch.device("cpu"), "require", 4040, timeout_s=60)
@@ -73,7 +71,7 @@ def reduce_job(rank, world_size):
         model(ids[r]).backward()
         for n, p in model.named_parameters():
             expected[n] += p.grad.to_dense() / world_size
-    dist.barrier()
+    distributed.barrier()
     return {"results": results, "slot_bytes": sized.slot_bytes, "leftover": _leftover_files(),
             "sparse_model": (grads, expected)}
 

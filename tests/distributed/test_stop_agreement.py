@@ -41,15 +41,15 @@ EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}
 
 def _train(run_dir: Path, port: int, extra: list[str]):
     """One job as this rank on a fresh port: (summary, None) or (None, Preempted)."""
-    from distributed_train import dist
+    from distributed_train import distributed
     from distributed_train.cli.train import resolve_config
-    from distributed_train.dist.preemption import Preempted
+    from distributed_train.distributed.preemption import Preempted
     from distributed_train.training.run import run_training
 
     os.environ["MASTER_PORT"] = str(port)
     config = resolve_config(None, [*COMMON, *extra, f"--run_dir={run_dir}"])
     try:
-        return run_training(config, dist.read_env()), None
+        return run_training(config, distributed.read_env()), None
     except Preempted as exc:
         return None, exc
 
@@ -72,8 +72,8 @@ INTERVALS = {"shared memory": _vote_every_step, "backend": _uneven_intervals}
 
 def stop_then_resume(rank: int, world_size: int, tmp: Path) -> dict:
     """Every scenario on both gradient paths (one spawn: the jobs take ~0.3 s, spawning ~10 s)."""
-    from distributed_train.dist import preemption
-    from distributed_train.training.checkpoint import committed_checkpoints
+    from distributed_train.distributed import preemption
+    from distributed_train.training.checkpoints.commit import committed_checkpoints
 
     pids = tmp / "pids"
     pids.mkdir(exist_ok=True)

@@ -57,7 +57,7 @@ def test_verdict_names_a_slow_rank_a_wrong_sum_and_a_small_shm():
 def test_busbw_is_algbw_times_2_n_minus_1_over_n(monkeypatch, capsys, world_size):
     """At 2 ranks busbw equals algbw, so the run above cannot see a wrong factor: the sweep's own
     arithmetic on 3+ ranks, with torch.distributed mocked as rank 1 of `world_size` (no processes)."""
-    import torch.distributed as dist
+    import torch.distributed as torch_dist
 
     from distributed_train.cli import doctor
 
@@ -65,9 +65,9 @@ def test_busbw_is_algbw_times_2_n_minus_1_over_n(monkeypatch, capsys, world_size
         if tensor.dtype == torch.float32:
             tensor.mul_(world_size * (world_size + 1) / 2 / 2)
 
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    monkeypatch.setattr(dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(dist, "barrier", lambda: None)
+    monkeypatch.setattr(torch_dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch_dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch_dist, "barrier", lambda: None)
     rows = doctor.allreduce_sweep(torch.device("cpu"), world_size, max_mib=1 / 16)
     assert [row["bytes"] for row in rows] == [4096, 16384, 65536] and all(row["correct"] for row in rows)
     factor = 2 * (world_size - 1) / world_size

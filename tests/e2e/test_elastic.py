@@ -16,8 +16,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.test_two_nodes import (CONFIG, SLOW_TASK, assert_same_parameters, background_run, final_parameters,
-                                      kill_node, start_node, wait_for_port, wait_nodes)
+from tests.e2e.test_two_nodes import (
+    CONFIG,
+    SLOW_TASK,
+    assert_same_parameters,
+    background_run,
+    final_parameters,
+    kill_node,
+    start_node,
+    wait_for_port,
+    wait_nodes,
+)
 from tests.helpers import clean_env, free_port
 
 pytestmark = pytest.mark.slow

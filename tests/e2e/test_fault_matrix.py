@@ -51,7 +51,8 @@ def test_a_late_failure_keeps_the_model_and_a_zero_count_metric_is_reported(tmp_
     proc = dtrain("train", FAULTS + "ZeroCountMetric", *SMALL, "--train.max_steps=2", f"--run_dir={run}",
                   cwd=REPO, timeout=120)
     assert "eval metric(s) never counted no samples (count 0): reported as null" in proc.stderr
-    assert _events(run, "eval")[-1]["never"] is None and json.loads((run / "summary.json").read_text())["eval"]["never"] is None
+    assert _events(run, "eval")[-1]["never"] is None
+    assert json.loads((run / "summary.json").read_text())["eval"]["never"] is None
 
 
 def test_a_second_job_on_the_same_run_dir_exits_2_naming_the_holder(tmp_path):
@@ -102,14 +103,14 @@ def test_resume_applies_a_changed_lr_and_ignores_foreign_checkpoint_folders(tmp_
 FULL_DISK = """
 import errno, sys
 from distributed_train import cli
-from distributed_train.training import sharded_checkpoint
-real_write = sharded_checkpoint.write_train_state
+from distributed_train.training.checkpoints import shards
+real_write = shards.write_train_state
 def write(directory, train_state):  # the disk fills up while checkpoint 4 is written
     if train_state["progress"]["global_step"] == 4:
         (directory / "train_state.pt").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
     return real_write(directory, train_state)
-sharded_checkpoint.write_train_state = write
+shards.write_train_state = write
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from distributed_train.training.checkpoint import committed_checkpoints
+from distributed_train.training.checkpoints.commit import committed_checkpoints
 from tests.helpers import clean_env, dtrain
 
 pytestmark = pytest.mark.slow

@@ -5,9 +5,14 @@ uninterrupted run; `dtrain export` of the last checkpoint equals final_model.pt.
 import pytest
 import torch
 
-from tests.e2e.test_fault_tolerance import _assert_identical, _final, _finish, _kill_a_worker_and_finish
+from tests.e2e.test_fault_tolerance import (
+    _assert_identical,
+    _final,
+    _finish,
+    _kill_a_worker_and_finish,
+    _sigterm_after_a_checkpoint,
+)
 from tests.e2e.test_fault_tolerance import _launch as launch
-from tests.e2e.test_fault_tolerance import _sigterm_after_a_checkpoint
 from tests.helpers import dtrain
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ import sys
 import pytest
 
 from distributed_train.config import load_config
-from distributed_train.dist import cpu_count
+from distributed_train.distributed import cpu_count
 from distributed_train.tasks.charlm import CharLMTask
-from distributed_train.training.checkpoint import committed_checkpoints
-from distributed_train.training.metrics import read_events
+from distributed_train.training.checkpoints.commit import committed_checkpoints
+from distributed_train.training.reporting.metrics import read_events
 from tests.e2e.test_wandb import read_offline_run
 from tests.helpers import TASKS, clean_env, dtrain, free_port
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from distributed_train.training.checkpoint import committed_checkpoints
+from distributed_train.training.checkpoints.commit import committed_checkpoints
 from tests.helpers import dtrain
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,8 @@ def test_incompatible_resume_and_never_are_refused(tmp_path):
     base = ["train", f"--run_dir={run_dir}", "--train.max_steps=6", "--checkpoint.every_steps=3",
             "--log.wandb=disabled"]
     dtrain(*base)
-    before = [(p.name, (p / "train_state.pt").stat().st_mtime_ns) for p in committed_checkpoints(run_dir / "checkpoints")]
+    before = [(p.name, (p / "train_state.pt").stat().st_mtime_ns)
+              for p in committed_checkpoints(run_dir / "checkpoints")]
 
     line = _one_error_line(dtrain(*base, "--seed=1", "--train.batch_size=32", check=False))
     assert "seed: 0 -> 1" in line and "train.batch_size: 64 -> 32" in line and "allow_changes" in line
@@ -31,7 +32,8 @@ def test_incompatible_resume_and_never_are_refused(tmp_path):
     line = _one_error_line(dtrain(*base, f"--checkpoint.resume={tmp_path / 'missing'}", check=False))
     assert "checkpoint.resume=" in line
 
-    after = [(p.name, (p / "train_state.pt").stat().st_mtime_ns) for p in committed_checkpoints(run_dir / "checkpoints")]
+    after = [(p.name, (p / "train_state.pt").stat().st_mtime_ns)
+             for p in committed_checkpoints(run_dir / "checkpoints")]
     assert after == before, "a refused resume touched the checkpoints"
 
     # An explicit allowance continues the same run with the changed setting.

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distributed_train.training.checkpoint import committed_checkpoints
+from distributed_train.training.checkpoints.commit import committed_checkpoints
 from tests.helpers import clean_env
 
 pytestmark = pytest.mark.slow

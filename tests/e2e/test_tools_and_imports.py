@@ -14,8 +14,15 @@ import pytest
 import yaml
 
 from distributed_train.cli import k8s, k8s_security
-from tests.helpers import clean_env, dtrain
-from tests.unit.test_k8s import IMAGE, KINDS, by_kind, effective_pods, render, variant_args
+from tests.helpers import REPO, clean_env, dtrain
+from tests.unit.test_k8s import (
+    IMAGE,
+    KINDS,
+    by_kind,
+    effective_pods,
+    render,
+    variant_args,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +48,18 @@ def test_command_line_reports_bad_name_in_one_line():
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--name" in proc.stderr
 
 
+def test_ruff_checks_every_python_file_and_finds_nothing():
+    ruff = [sys.executable, "-m", "ruff", "check", "--no-cache"]
+    listed = subprocess.run([*ruff, "--show-files", "."], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    checked = {Path(line.strip()).resolve() for line in listed.stdout.splitlines() if line.strip().endswith(".py")}
+    ours = {REPO / "conftest.py", *(p for folder in ("distributed_train", "tests", "benchmarks", "launcher", "examples")
+                                    for p in (REPO / folder).rglob("*.py"))}
+    assert sorted(str(p.relative_to(REPO)) for p in ours - checked) == [], "files ruff does not check"
+    found = subprocess.run([*ruff, "."], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stdout + found.stderr
+
+
 def checkov_executable() -> str | None:
     """checkov from PATH, or DTRAIN_CHECKOV (it pins old dependencies: keep it in its own venv)."""
     return os.environ.get("DTRAIN_CHECKOV") or shutil.which("checkov")
@@ -55,8 +74,9 @@ def test_security_scan_finds_only_the_documented_exceptions(tmp_path):
             continue
         objects = render(*variant_args(kind, cpu, 1), "--nodes", nodes, "--namespace", "ml")
         # checkov reads pods inside built-in kinds only: scan each kind's effective pod as a Pod too.
-        pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{kind}-pod", "namespace": "ml",
-                                                                 "labels": by_kind(objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]},
+        labels = by_kind(objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]
+        pods = [{"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": f"{kind}-pod", "namespace": "ml", "labels": labels},
                  "spec": pod} for pod in effective_pods(objects)]
         name = f"{kind}-{'cpu' if cpu else 'gpu'}-{nodes.replace(':', 'to')}.yaml"
         (tmp_path / name).write_text(yaml.safe_dump_all(objects + pods))

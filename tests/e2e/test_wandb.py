@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed_train.training.metrics import read_events
+from distributed_train.training.reporting.metrics import read_events
 from tests.helpers import clean_env, dtrain
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-
 WEIGHTS = torch.tensor([1.0, 2.0, 0.5])  # class weights: a criterion buffer
 
 

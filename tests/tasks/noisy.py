@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distributed_train.dist import diagnose
+from distributed_train.distributed import diagnose
 from tests.tasks.toy import Regression
 
 

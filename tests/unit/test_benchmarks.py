@@ -6,8 +6,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate, random_split
 
-from distributed_train.training.data import BatchPlan, TrainBatchSampler, batch_fetcher, make_loader
-from distributed_train.engines.base import optimizer_kernel
+from distributed_train.batches import BatchPlan
+from distributed_train.engines.common import optimizer_kernel
+from distributed_train.training.data import (
+    TrainBatchSampler,
+    batch_fetcher,
+    make_loader,
+)
 from tests.helpers import REPO
 
 

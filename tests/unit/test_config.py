@@ -2,7 +2,14 @@
 
 import pytest
 
-from distributed_train.config import Config, describe, dump_yaml, from_dict, load_config, to_dict
+from distributed_train.config import (
+    Config,
+    describe,
+    dump_yaml,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from distributed_train.errors import UsageError
 
 

@@ -6,11 +6,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 
-from distributed_train.training import data
-from distributed_train.training.data import (BatchPlan, EvalBatchSampler, FeistelPermutation, TrainBatchSampler,
-                                    batch_len, epoch_order, epoch_permutation, eval_shard, make_loader,
-                                    move_to_device, steps_per_epoch)
+from distributed_train.batches import BatchPlan, batch_len, move_to_device
 from distributed_train.errors import UsageError
+from distributed_train.training import data
+from distributed_train.training.data import (
+    EvalBatchSampler,
+    FeistelPermutation,
+    TrainBatchSampler,
+    epoch_order,
+    epoch_permutation,
+    eval_shard,
+    make_loader,
+    steps_per_epoch,
+)
 
 
 @pytest.fixture(params=["randperm", "feistel"])

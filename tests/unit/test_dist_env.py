@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distributed_train.dist import DistEnv, pick_backend, pick_device, read_env
+from distributed_train.distributed import DistEnv, pick_backend, pick_device, read_env
 from distributed_train.errors import UsageError
 
 FULL = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",

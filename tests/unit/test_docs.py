@@ -97,3 +97,35 @@ def test_docs_has_one_page_per_topic():
             "performance.md", "architecture.md"} <= names
     linked = set(re.findall(r"\(docs/([\w-]+\.md)\)", section(README, "Documentation")))
     assert names <= linked, f"README does not link {sorted(names - linked)}"
+
+
+def tree_paths(tree: str, root) -> list:
+    """Every path a ```text file tree names: `name`, `name/` or `a.py, b.py` before its description
+    (two or more spaces); an entry indented two more spaces lies in the folder above it."""
+    folders, paths = {}, []
+    for line in filter(str.strip, tree.splitlines()):
+        indent = len(line) - len(line.lstrip())
+        head = re.split(r"\s{2,}", line.strip())[0]
+        for name in head.split(", "):
+            assert re.fullmatch(r"[\w.-]+(/[\w.-]+)*/?", name), f"not a file or folder name: {line!r}"
+            path = (folders[indent - 2] if indent else root) / name.rstrip("/")
+            paths.append(path)
+            if name.endswith("/"):
+                folders[indent] = path
+    return paths
+
+
+def text_block(text: str, first_line: str) -> str:
+    return re.search(rf"```text\n({re.escape(first_line)}.*?)```", text, flags=re.S)[1]
+
+
+def test_the_file_trees_name_what_exists_and_architecture_names_every_module():
+    readme = tree_paths(text_block(section(README, "Files"), "pyproject.toml"), REPO)
+    package = REPO / "distributed_train"
+    architecture = tree_paths(text_block((REPO / "docs" / "architecture.md").read_text(), "cli/"), package)
+    assert len(readme) > 15 and len(architecture) > 40  # the parser read the trees
+    assert [str(p.relative_to(REPO)) for p in readme + architecture if not p.exists()] == []
+    modules = {p for p in package.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    folders = {p.parent for p in modules if p.parent != package}
+    missing = sorted(str(p.relative_to(package)) for p in (modules | folders) - set(architecture))
+    assert missing == [], "docs/architecture.md's tree does not name these"

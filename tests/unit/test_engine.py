@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from distributed_train.batches import BatchPlan
 from distributed_train.config import load_config
-from distributed_train.training.data import BatchPlan
-from distributed_train.dist import DistEnv
-from distributed_train.engines.base import autocast_context, lr_factor
+from distributed_train.distributed import DistEnv
+from distributed_train.engines.common import autocast_context, lr_factor
 from distributed_train.engines.ddp import DDPEngine
 from distributed_train.errors import UsageError
 from distributed_train.task import load_task
@@ -34,6 +34,11 @@ def test_warmup_then_cosine_to_min_lr():
     assert factors[7] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
     assert factors[12] == pytest.approx(0.1) and factors[14] == pytest.approx(0.1)  # floor = min_lr / lr
     assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+
+
+def engine_state(engine) -> dict:
+    """Model, optimizer and the rest of what a checkpoint holds of an engine, live (not copies)."""
+    return {"model": engine.raw_model.state_dict(), "optimizer": engine.optimizer.state_dict(), **engine.extra_state()}
 
 
 def make_engine(overrides, micro_batch=None, batch=12):
@@ -111,7 +116,7 @@ def test_precision_on_cpu():
             layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
         loss, _ = engine.train_step([global_batch(task)])
         assert seen == [matmul_dtype] * 2, (precision, seen)
-        with engine.eval_context():
+        with engine.autocast():
             engine.raw_model(global_batch(task)[0])
         assert seen[2:] == [matmul_dtype] * 2, (precision, seen)
         # Autocast casts per op: the parameters (the optimizer's master weights) stay fp32.
@@ -130,7 +135,7 @@ def test_fp64_trains_the_model_and_its_floating_inputs_in_float64():
     assert moments["exp_avg"].dtype == moments["exp_avg_sq"].dtype == torch.float64
     assert engine.model_state_dict()["0.weight"].dtype == torch.float64  # what final_model.pt holds
     # Evaluation casts its batches alike; integer tensors (ids, labels) keep their dtype.
-    from distributed_train.training.data import move_to_device
+    from distributed_train.batches import move_to_device
 
     x, y, ids = move_to_device(task.eval_dataset()[:3], torch.device("cpu"), float_dtype=engine.float_dtype)
     assert (x.dtype, y.dtype, ids.dtype) == (torch.float64, torch.float64, torch.int64)
@@ -163,12 +168,12 @@ def test_a_skipped_step_leaves_parameters_and_optimizer_state_bit_identical(monk
     engine, task = make_engine(["--train.nonfinite=skip", "--train.warmup_steps=4", "--train.weight_decay=0.1",
                                 "--train.grad_clip=1"])
     engine.train_step([global_batch(task)])  # AdamW's moments and step count exist from here on
-    before = copy.deepcopy(engine.state_dict())
+    before = copy.deepcopy(engine_state(engine))
     finite_loss = task.loss
     monkeypatch.setattr(task, "loss", lambda model, batch: finite_loss(model, batch) * float("nan"))
     loss, norm = engine.train_step([global_batch(task)])
     assert torch.isnan(loss) and torch.isnan(norm) and engine.skipped_steps == 1
-    after = copy.deepcopy(engine.state_dict())  # the model entries are the live parameters
+    after = copy.deepcopy(engine_state(engine))  # the model entries are the live parameters
     assert differences(before["model"], after["model"]) == []
     assert differences(before["optimizer"]["state"], after["optimizer"]["state"]) == []
     assert before["optimizer"]["state"][0]["step"].item() == 1  # the skipped step is not counted by AdamW
@@ -183,17 +188,22 @@ def test_a_skipped_step_leaves_parameters_and_optimizer_state_bit_identical(monk
     # The check could fail: the next finite step updates both.
     monkeypatch.setattr(task, "loss", finite_loss)
     engine.train_step([global_batch(task)])
-    assert differences(after["model"], engine.state_dict()["model"]) != [] and engine.skipped_steps == 1
+    assert differences(after["model"], engine_state(engine)["model"]) != [] and engine.skipped_steps == 1
     assert engine.optimizer.state_dict()["state"][0]["step"].item() == 2
 
 
-def test_state_dict_has_no_module_prefix_and_round_trips():
+def test_state_dict_has_no_module_prefix_and_round_trips(tmp_path):
+    # Through the one checkpoint format (DCP shards + train_state.pt), as a resume restores it.
+    from distributed_train.training.checkpoints.shards import ShardedWriter, load_model_and_optimizer, read_model
+
     engine, task = make_engine([])
     engine.train_step([global_batch(task)])
-    state = engine.state_dict()
-    assert not any(k.startswith("module.") for k in state["model"])
+    path = ShardedWriter(tmp_path, is_main=True, rotate=lambda step: None).save_alone(1, engine, {"step": 1})
+    assert read_model(path).keys() == engine.raw_model.state_dict().keys()  # no "module." prefix
     other, _ = make_engine([])
-    other.load_state_dict(state)
+    load_model_and_optimizer(other, path)
+    other.load_extra_state(engine.extra_state())
     for a, b in zip(engine.raw_model.parameters(), other.raw_model.parameters()):
         assert torch.equal(a, b)
-    assert other.optimizer.state_dict()["state"].keys() == state["optimizer"]["state"].keys()
+    assert differences(other.optimizer.state_dict(), engine.optimizer.state_dict()) == []
+    assert other.scheduler.state_dict() == engine.scheduler.state_dict()

@@ -31,7 +31,8 @@ def test_example_config_resolves_and_its_task_loads(path, tmp_path):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_config_starts_on_any_common_world_size(path, tmp_path):
-    from distributed_train.training.data import BatchPlan, steps_per_epoch
+    from distributed_train.batches import BatchPlan
+    from distributed_train.training.data import steps_per_epoch
 
     config = resolve_config(str(path), example_overrides(path, tmp_path))
     train_samples = len(load_task(config.task, config).train_dataset())
@@ -43,10 +44,10 @@ def test_example_config_starts_on_any_common_world_size(path, tmp_path):
 
 
 def test_example_task_learns(tmp_path):
-    from distributed_train import dist
+    from distributed_train import distributed
     from distributed_train.training.run import run_training
 
     config = resolve_config(None, [f"--task={REPO / 'examples' / 'regression.py'}:RegressionTask",
                                    f"--run_dir={tmp_path}", "--log.wandb=disabled"])
-    summary = run_training(config, dist.DistEnv())
+    summary = run_training(config, distributed.DistEnv())
     assert summary["eval"]["mse"] < 0.05  # the noise floor is 0.01; an untrained model is ~8

@@ -8,15 +8,19 @@ import os
 import pytest
 import torch
 
-from distributed_train import cli, dist
+from distributed_train import cli, distributed
 from distributed_train.config import load_config
 from distributed_train.errors import UsageError
 from distributed_train.training import run_lock
-from distributed_train.training.checkpointing import apply_hyperparameters, changed_settings, hyperparameters
+from distributed_train.training.checkpoints.checkpointer import (
+    apply_hyperparameters,
+    changed_settings,
+    hyperparameters,
+)
 from distributed_train.training.evaluation import _on_device
 from tests.unit.test_plot_runs import write_run
 
-ONE = dist.DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)
+ONE = distributed.DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)
 
 
 def test_second_lock_on_a_run_dir_names_the_holder_and_a_released_lock_never_blocks(tmp_path):
@@ -82,7 +86,7 @@ def test_a_key_newer_than_the_checkpoint_is_a_change_only_when_set_to_other_than
 
 
 def test_loaded_optimizer_gets_the_current_lr_and_the_schedule_recomputed_at_the_resumed_step():
-    from distributed_train.engines.base import lr_factor
+    from distributed_train.engines.common import lr_factor
 
     class Engine:
         def __init__(self, overrides):

@@ -9,7 +9,11 @@ from torch import nn
 from distributed_train.config import load_config
 from distributed_train.engines.fsdp import check_settings
 from distributed_train.engines.memory import predicted_state_bytes, state_bytes
-from distributed_train.engines.units import check_tied_weights, checkpoint_units, find_units
+from distributed_train.engines.units import (
+    check_tied_weights,
+    checkpoint_units,
+    find_units,
+)
 from distributed_train.errors import UsageError
 from distributed_train.task import Task
 from distributed_train.tasks.charlm import GPT

@@ -7,8 +7,12 @@ import time
 import pytest
 import torch
 
-from distributed_train.dist import diagnose
-from distributed_train.errors import EXIT_COMMUNICATION, CommunicationFailure, user_errors
+from distributed_train.distributed import diagnose
+from distributed_train.errors import (
+    EXIT_COMMUNICATION,
+    CommunicationFailure,
+    user_errors,
+)
 from distributed_train.training import run as worker
 
 # What torch 2.13's ProcessGroupNCCL raises in the training thread after its watchdog aborted the
@@ -104,14 +108,14 @@ def test_tf32_switches_matmuls_and_convolutions_together():
     ("Tesla T4", "T4", None),
 ])
 def test_the_peak_table_matches_exact_gpu_models(name, model, bf16_tflops):
-    from distributed_train.training import flops
+    from distributed_train.training.reporting import flops
 
     assert flops.gpu_model(name) == model
     assert flops.peak_flops_for_name(name, "bf16", tf32=False) == (bf16_tflops * 1e12 if bf16_tflops else None)
 
 
 def test_fp32_is_measured_against_the_tf32_peak_while_cudnn_may_use_tf32():
-    from distributed_train.training import flops
+    from distributed_train.training.reporting import flops
 
     before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
@@ -129,7 +133,7 @@ def test_fp32_is_measured_against_the_tf32_peak_while_cudnn_may_use_tf32():
 def test_the_checkpoint_copy_is_a_detached_cpu_copy_of_every_tensor():
     from collections import OrderedDict
 
-    from distributed_train.training.data import to_cpu_copy
+    from distributed_train.batches import to_cpu_copy
 
     weight = torch.nn.Parameter(torch.ones(2, 3))
     state = {"model": OrderedDict(w=weight), "rng": [torch.arange(3), (1, "x")], "step": 7,
@@ -144,12 +148,12 @@ def test_the_checkpoint_copy_is_a_detached_cpu_copy_of_every_tensor():
 
 
 def test_final_model_state_is_built_by_the_same_copy_path(monkeypatch):
-    from distributed_train.engines.base import EngineState
-    from distributed_train.training import data
+    from distributed_train import batches
+    from distributed_train.engines.base import EngineBase
 
     calls = []
-    monkeypatch.setattr(data, "to_cpu_copy", lambda obj: calls.append(obj) or obj)
-    engine = EngineState()
+    monkeypatch.setattr(batches, "to_cpu_copy", lambda obj: calls.append(obj) or obj)
+    engine = object.__new__(EngineBase)
     engine.raw_model = torch.nn.Linear(2, 1)
     assert set(engine.model_state_dict()) == {"weight", "bias"} and len(calls) == 1
 
@@ -171,7 +175,7 @@ def test_accelerate_sharded_evaluates_the_prepared_model_and_saves_the_whole_mod
     assert engine.eval_model() is engine.model
     engine.sync_buffers()  # every rank, before the final evaluation
     assert torch.equal(engine.model_state_dict()["weight"], whole["weight"])
-    assert engine._clip(measure=True) is None
+    assert engine.clip_or_measure(True) is None
     engine.sharded = False
     assert engine.eval_model() is engine.raw_model and set(engine.model_state_dict()) == {"weight", "bias"}
 
@@ -184,8 +188,9 @@ def test_the_launcher_explains_a_worker_killed_by_a_signal():
 
 
 def test_charlm_eval_counts_are_python_numbers_not_per_batch_copies():
-    from distributed_train.tasks.charlm import CharLMTask
     from types import SimpleNamespace
+
+    from distributed_train.tasks.charlm import CharLMTask
 
     task = CharLMTask(SimpleNamespace(task_args={"preset": "tiny", "n_layer": 1}))
     x, y = task.eval_dataset()[0]

@@ -250,7 +250,8 @@ def test_every_kind_renders_a_hardened_pod(kind):
     pod = effective_pods(render(*variant_args(kind, True, 2)))[0]
     pod["containers"][0]["securityContext"]["capabilities"] = {"drop": ["NET_RAW"]}
     pod["automountServiceAccountToken"] = True
-    assert hardening_problems(pod, False) == ["service-account token mounted", f"{pod['containers'][0]['name']}: capabilities"]
+    container = pod["containers"][0]["name"]
+    assert hardening_problems(pod, False) == ["service-account token mounted", f"{container}: capabilities"]
 
 
 

@@ -8,14 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from distributed_train.training import flops
 from distributed_train.config import load_config
-from distributed_train.dist import DistEnv
+from distributed_train.distributed import DistEnv
 from distributed_train.errors import UsageError
-from distributed_train.training.metrics import MetricsLogger, has_wandb_key, read_events, wandb_mode
-from distributed_train.training.progress import Progress, format_event
-
-
+from distributed_train.training.reporting import flops
+from distributed_train.training.reporting.metrics import (
+    MetricsLogger,
+    has_wandb_key,
+    read_events,
+    wandb_mode,
+)
+from distributed_train.training.reporting.progress import Progress, format_event
 
 # -- wandb mode: never a login prompt --------------------------------------------------------------
 

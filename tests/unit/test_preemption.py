@@ -2,8 +2,8 @@
 
 import signal
 
-from distributed_train.dist import preemption
-from distributed_train.dist.preemption import Preempted, StopFlag
+from distributed_train.distributed import preemption
+from distributed_train.distributed.preemption import Preempted, StopFlag
 
 
 def test_the_vote_interval_follows_the_step_time(monkeypatch):

@@ -4,16 +4,16 @@ import json
 
 import torch
 
-from distributed_train import dist
+from distributed_train import distributed
 from distributed_train.cli.train import resolve_config
-from distributed_train.training.profiling import StepProfiler
+from distributed_train.training.reporting.profiling import StepProfiler
 from distributed_train.training.run import run_training
 
 
 def test_profile_steps_writes_a_trace_of_the_requested_steps(tmp_path):
     config = resolve_config(None, ["--task=digits", "--train.max_steps=5", "--train.profile_steps=2",
                                    "--log.wandb=disabled", f"--run_dir={tmp_path}"])
-    run_training(config, dist.DistEnv())
+    run_training(config, distributed.DistEnv())
     trace = json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())
     steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
     assert len(steps) == 2  # steps 2 and 3: the first step (warm-up) is left out

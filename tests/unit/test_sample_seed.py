@@ -6,7 +6,12 @@ import time
 import numpy as np
 import torch
 
-from distributed_train.training.data import BatchPlan, EvalBatchSampler, TrainBatchSampler, make_loader
+from distributed_train.batches import BatchPlan
+from distributed_train.training.data import (
+    EvalBatchSampler,
+    TrainBatchSampler,
+    make_loader,
+)
 from distributed_train.training.sample_seed import sample_seed, seed_sample
 from tests.tasks.augment import NoisySamples
 

@@ -2,10 +2,10 @@
 
 import torch
 
-from distributed_train import dist
+from distributed_train import distributed
 from distributed_train.cli.train import resolve_config
-from distributed_train.training.run import run_training
 from distributed_train.training.rng import reseed_step
+from distributed_train.training.run import run_training
 
 CPU = torch.device("cpu")
 
@@ -26,7 +26,7 @@ def _charlm_with_dropout(run_dir, steps):
         "--task_args.ctx=16", "--task_args.dropout=0.2", "--train.batch_size=8",
         f"--train.max_steps={steps}", "--checkpoint.every_steps=3", "--log.wandb=disabled",
         "--eval.batch_size=4096", f"--run_dir={run_dir}"])
-    run_training(config, dist.DistEnv())
+    run_training(config, distributed.DistEnv())
     return torch.load(run_dir / "final_model.pt", weights_only=True)
 
 

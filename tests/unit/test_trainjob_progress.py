@@ -14,9 +14,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from distributed_train.config import load_config
-from distributed_train.dist import DistEnv
-from distributed_train.training.metrics import MetricsLogger
-from distributed_train.training.trainjob_progress import CA_VAR, TOKEN_VAR, URL_VAR, TrainJobProgress
+from distributed_train.distributed import DistEnv
+from distributed_train.training.reporting.metrics import MetricsLogger
+from distributed_train.training.reporting.trainjob import (
+    CA_VAR,
+    TOKEN_VAR,
+    URL_VAR,
+    TrainJobProgress,
+)
 
 trustme = pytest.importorskip("trustme", reason="pip install trustme (a dev dependency)")
 

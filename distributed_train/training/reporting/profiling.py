@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from distributed_train.training.metrics import log
+from distributed_train.training.reporting.metrics import log
 
 
 class StepProfiler:

@@ -24,52 +24,36 @@ import os
 import shutil
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as torch_dist
 
-from distributed_train.engines.base import is_dtensor
+from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
-from distributed_train.training import checkpoint
+from distributed_train.training.checkpoints import commit
 
-TRAIN_STATE = checkpoint.TRAIN_STATE
+TRAIN_STATE = commit.TRAIN_STATE
 DCP_METADATA = ".metadata"
-checkpoint_name = checkpoint.checkpoint_name
+checkpoint_name = commit.checkpoint_name
 
 
-def is_sharded(path: Path) -> bool:
-    """A checkpoint in this format (older ones hold a single state.pt)."""
-    return (path / DCP_METADATA).is_file()
-
-
-def is_sharded_engine(engine: Any) -> bool:
-    """Parameters are split across ranks (fsdp): no rank can save the whole state alone."""
-    return torch_dist.is_initialized() and torch_dist.get_world_size() > 1 and \
-        any(is_dtensor(p) for p in engine.raw_model.parameters())
-
-
-def _optimizer(engine: Any) -> torch.optim.Optimizer:
-    # Accelerate wraps the optimizer; its state is keyed like the torch optimizer inside.
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
-def model_and_optimizer(engine: Any) -> dict:
+def model_and_optimizer(engine: Engine) -> dict:
     """{"model", "optimizer"} keyed by parameter names: full tensors (ddp) or DTensor shards (fsdp)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model, optimizer = get_state_dict(engine.raw_model, _optimizer(engine))
+    model, optimizer = get_state_dict(engine.raw_model, engine.optimizer)
     return {"model": model, "optimizer": optimizer}
 
 
-def load_model_and_optimizer(engine: Any, path: Path) -> None:
+def load_model_and_optimizer(engine: Engine, path: Path) -> None:
     """Fill the engine's model and optimizer from checkpoint `path`, resharded to this world size."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = model_and_optimizer(engine)
     dcp.load(state, checkpoint_id=str(path), no_dist=not torch_dist.is_initialized())
-    set_state_dict(engine.raw_model, _optimizer(engine), model_state_dict=state["model"],
+    set_state_dict(engine.raw_model, engine.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
 
 
@@ -89,13 +73,16 @@ def read_model(path: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    if not (path / DCP_METADATA).is_file():
+        raise UsageError(f"checkpoint {path} has no {DCP_METADATA}: not a dtrain checkpoint, or one "
+                         "written before the sharded format (dtrain < 0.4 cannot be exported)")
     state: dict = {}
     _load_state_dict(state, storage_reader=dcp.FileSystemReader(str(path)),
                      planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
     return state["model"]
 
 
-# -- the commit protocol (checkpoint.py's, shared with single-file checkpoints) -----------------
+# -- the commit protocol (commit.py's): train_state.pt, then the atomic rename ----------------
 def write_train_state(directory: Path, train_state: dict) -> None:
     with open(directory / TRAIN_STATE, "wb") as f:
         torch.save(train_state, f)
@@ -112,23 +99,23 @@ class ShardedWriter:
     def __init__(self, directory: Path, is_main: bool, rotate: Callable[[int], None]):
         self.directory, self.is_main, self.rotate = directory, is_main, rotate
         self.group = torch_dist.new_group(backend="gloo") if torch_dist.is_initialized() else None
-        self.background = checkpoint.AsyncWriter()
+        self.background = commit.AsyncWriter()
 
     @property
     def last_write_s(self) -> float:
         return self.background.last_write_s
 
-    def submit(self, step: int, engine: Any, train_state: dict | None, blocking: bool = False) -> None:
+    def submit(self, step: int, engine: Engine, train_state: dict | None, blocking: bool = False) -> None:
         """Collective: every rank stages its shard now; the write and the commit follow in the
         background (`blocking`: before returning). `train_state` matters on rank 0 only."""
         self.wait()
-        tmp = self.directory / f"{checkpoint.TMP_PREFIX}{checkpoint_name(step)}"
+        tmp = self.directory / f"{commit.TMP_PREFIX}{checkpoint_name(step)}"
         if self.is_main:
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             except OSError as exc:
-                raise checkpoint.CheckpointWriteFailed(f"cannot create {tmp}: {exc.strerror or exc}") from exc
+                raise commit.CheckpointWriteFailed(f"cannot create {tmp}: {exc.strerror or exc}") from exc
         if self.group is not None:
             torch_dist.barrier(group=self.group)  # the directory is empty before anyone writes
         import torch.distributed.checkpoint as dcp  # imported when a checkpoint is saved (~0.5 s)
@@ -139,11 +126,11 @@ class ShardedWriter:
         if blocking:
             self.wait()
 
-    def save_alone(self, step: int, engine: Any, train_state: dict) -> Path:
+    def save_alone(self, step: int, engine: Engine, train_state: dict) -> Path:
         """Rank 0 writes and commits the whole state with no collective (after SIGTERM, when every
         rank holds the full model: ddp, accelerate, or one rank)."""
         self.wait()
-        tmp = self.directory / f"{checkpoint.TMP_PREFIX}{checkpoint_name(step)}"
+        tmp = self.directory / f"{commit.TMP_PREFIX}{checkpoint_name(step)}"
 
         def write() -> None:
             import torch.distributed.checkpoint as dcp
@@ -151,7 +138,7 @@ class ShardedWriter:
             dcp.save(model_and_optimizer(engine), checkpoint_id=str(tmp), no_dist=True)
             write_train_state(tmp, train_state)
 
-        final = checkpoint.commit_directory(self.directory, step, write)
+        final = commit.commit_directory(self.directory, step, write)
         self.rotate(step)
         return final
 
@@ -160,13 +147,13 @@ class ShardedWriter:
             future.result()  # every rank's shard is written and fsynced once this returns on rank 0
         except Exception as exc:  # DCP wraps a rank's OSError (a full disk) in its own exception
             if self.is_main:
-                checkpoint.discard_failed_write(self.directory, step)
-            raise checkpoint.CheckpointWriteFailed(
+                commit.discard_failed_write(self.directory, step)
+            raise commit.CheckpointWriteFailed(
                 f"writing checkpoint {self.directory / checkpoint_name(step)} failed: {_reason(exc)}; "
                 "nothing of it was kept and the previous committed checkpoint is intact") from exc
         if self.is_main:
-            tmp = self.directory / f"{checkpoint.TMP_PREFIX}{checkpoint_name(step)}"
-            checkpoint.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),
+            tmp = self.directory / f"{commit.TMP_PREFIX}{checkpoint_name(step)}"
+            commit.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),
                                         fresh=False)
             self.rotate(step)
 

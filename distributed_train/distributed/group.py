@@ -3,16 +3,15 @@ rank-0 helpers and the few reductions the trainer needs."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, TypeVar
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
-from distributed_train.dist import diagnose
+from distributed_train.distributed import diagnose
 from distributed_train.errors import UsageError
 
 T = TypeVar("T")
@@ -125,54 +124,44 @@ def init(env: DistEnv, backend: str, device: torch.device, timeout_s: float) -> 
     """Create the default process group when launched by torchrun (explicit timeout, never 30 min)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if env.is_distributed and not dist.is_initialized():
+    if env.is_distributed and not torch_dist.is_initialized():
         try:
-            dist.init_process_group(
+            torch_dist.init_process_group(
                 backend=backend,
                 rank=env.rank,
                 world_size=env.world_size,
                 timeout=datetime.timedelta(seconds=timeout_s),
                 device_id=device if device.type == "cuda" else None,
             )
-        except dist.DistError as exc:  # store unreachable, or the other ranks never came
+        except torch_dist.DistError as exc:  # store unreachable, or the other ranks never came
             address = f"{env.master_addr}:{env.master_port}"
             raise diagnose.explain_join_failure(exc, env.rank, env.world_size, address, timeout_s) from exc
 
 
 def teardown() -> None:
     """Destroy the process group if one exists (safe to call twice)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def active() -> bool:
     """True when collectives must be called (a process group with more than one rank)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
 
 
 def barrier() -> None:
     """Every rank waits for every other (no-op in a single process)."""
     if active():
         with diagnose.collective("barrier"):
-            dist.barrier()
+            torch_dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` across ranks in place and return it."""
     if active():
         with diagnose.collective("all_reduce"):
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of `tensor` across ranks (a new tensor; the input is untouched)."""
-    out = tensor.detach().clone()
-    if active():
-        with diagnose.collective("all_reduce"):
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        out /= dist.get_world_size()
-    return out
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:
@@ -181,7 +170,7 @@ def broadcast_object(obj: T, src: int = 0) -> T:
         return obj
     box = [obj]
     with diagnose.collective("broadcast_object"):
-        dist.broadcast_object_list(box, src=src)
+        torch_dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -189,9 +178,9 @@ def all_gather_object(obj: T) -> list[T]:
     """Every rank's Python object, in rank order."""
     if not active():
         return [obj]
-    out: list = [None] * dist.get_world_size()
+    out: list = [None] * torch_dist.get_world_size()
     with diagnose.collective("all_gather_object"):
-        dist.all_gather_object(out, obj)
+        torch_dist.all_gather_object(out, obj)
     return out
 
 
@@ -215,13 +204,3 @@ def main_computes(env: DistEnv, fn: Callable[..., T], *args, **kwargs) -> T:
 def on_main(env: DistEnv, fn: Callable[..., T], *args, **kwargs) -> T | None:
     """Run a side effect (a file write, a print) on global rank 0 only; no collective inside."""
     return fn(*args, **kwargs) if env.is_main else None
-
-
-@contextlib.contextmanager
-def main_process_first(env: DistEnv):
-    """Rank 0 runs the block first (e.g. to create a directory), then the others."""
-    if not env.is_main:
-        barrier()
-    yield
-    if env.is_main:
-        barrier()

@@ -26,7 +26,6 @@ import time
 
 import torch
 
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What each rank adds to the agreement: the largest wins, so SIGTERM (a scheduler's stop) beats
 # Ctrl-C when both arrive.
@@ -55,12 +54,11 @@ class _PendingVote:
     later work (on CUDA through pinned memory)."""
 
     def __init__(self, stop_code: int, next_interval: int, device: torch.device):
-        import torch.distributed as tdist
-
+        import torch.distributed as torch_dist
         # Filled on the device: a copy from pageable host memory would wait for the GPU's stream.
         self.vote = torch.full((2,), stop_code, dtype=torch.int64, device=device)
         self.vote[1].fill_(next_interval)
-        self.work = tdist.all_reduce(self.vote, op=tdist.ReduceOp.MAX, async_op=True)
+        self.work = torch_dist.all_reduce(self.vote, op=torch_dist.ReduceOp.MAX, async_op=True)
         self.host, self.event = self.vote, None
         if device.type == "cuda":
             self.work.wait()  # orders the copy after the all-reduce on the device; the host goes on
@@ -143,14 +141,13 @@ class StopFlag:
         has gone makes the barrier fail, and the stop goes on."""
         if self.agreed_signum is None or not _group_active():
             return
-        from distributed_train.dist import diagnose
+        from distributed_train.distributed import diagnose
 
         # A large checkpoint may take longer than dist.timeout_s: the stuck-rank watchdog waits.
         diagnose.at("waiting for rank 0 to commit the stop checkpoint", may_take_long=True)
         try:
-            import torch.distributed as tdist
-
-            tdist.barrier()
+            import torch.distributed as torch_dist
+            torch_dist.barrier()
         except Exception:  # noqa: BLE001 - the checkpoint is committed or not; exiting is right either way
             pass
 
@@ -182,9 +179,8 @@ _UNFINISHED_VOTES: list = []  # votes abandoned after a failure (a few bytes eac
 
 def _group_active() -> bool:
     """A process group with more than one rank exists (else a rank decides alone)."""
-    import torch.distributed as tdist
-
-    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+    import torch.distributed as torch_dist
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
 
 
 def print_stop(exc: Preempted, committed: bool) -> None:

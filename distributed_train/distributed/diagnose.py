@@ -21,9 +21,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
-from distributed_train.errors import EXIT_COMMUNICATION, CommunicationFailure, PeerCrashed, TrainingFailure, UsageError
+from distributed_train.errors import (
+    EXIT_COMMUNICATION,
+    CommunicationFailure,
+    PeerCrashed,
+    TrainingFailure,
+    UsageError,
+)
 
 STORE_PREFIX = "dtrain/heartbeat/"
 BEAT_S = 1.0
@@ -72,7 +78,7 @@ def collective(op: str, caller_depth: int = 3) -> Iterator[None]:
 
 def _default_store() -> Any:
     try:
-        return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+        return torch_dist.distributed_c10d._get_default_store() if torch_dist.is_initialized() else None
     except Exception:  # noqa: BLE001 - a private API; without it there is just no heartbeat
         return None
 
@@ -170,7 +176,7 @@ def is_communication_failure(exc: BaseException) -> bool:
     """True for errors of the process group or the store, as opposed to errors in task code."""
     if isinstance(exc, TrainingFailure):
         return False
-    return isinstance(exc, dist.DistError) or (
+    return isinstance(exc, torch_dist.DistError) or (
         isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _COMMUNICATION_SIGNS))
 
 

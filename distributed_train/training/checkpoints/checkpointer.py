@@ -1,7 +1,7 @@
 """The checkpoint policy: when to save, what a checkpoint holds, where a run resumes from.
 
-`checkpoint.py` finds, verifies and rotates committed checkpoints and knows nothing about ranks;
-`sharded_checkpoint.py` writes them. This module decides which rank does what: every rank
+`commit.py` finds, verifies and rotates committed checkpoints and knows nothing about ranks;
+`shards.py` writes them. This module decides which rank does what: every rank
 gathers its RNG state and writes its shard of model and optimizer in the background; rank 0
 writes the rest and commits. Every rank stops after the same step (preemption.StopFlag); then
 rank 0 saves alone where it holds the whole model (ddp), and under fsdp the ranks save together.
@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from distributed_train import dist
+from distributed_train import distributed
+from distributed_train.batches import to_cpu_copy
 from distributed_train.config import Config, to_dict
-from distributed_train.dist import diagnose
+from distributed_train.distributed import diagnose
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
-from distributed_train.training import checkpoint, sharded_checkpoint
-from distributed_train.training.data import to_cpu_copy
-from distributed_train.training.metrics import MetricsLogger, log
+from distributed_train.training.checkpoints import commit, shards
+from distributed_train.training.reporting.metrics import MetricsLogger, log
 from distributed_train.training.rng import rng_state, set_rng_state
 
 # A function of every rank's RNG states that returns the whole training state to save.
@@ -43,14 +43,14 @@ class Resumed:
 class Checkpointer:
     """Saves committed checkpoints of one run and finds the one to resume from."""
 
-    def __init__(self, config: Config, env: dist.DistEnv, run_dir: Path, logger: MetricsLogger, engine: Engine):
+    def __init__(self, config: Config, env: distributed.DistEnv, run_dir: Path, logger: MetricsLogger, engine: Engine):
         self.config, self.env, self.logger, self.engine = config, env, logger, engine
         self.settings = config.checkpoint
         self.directory = run_dir / "checkpoints"
         self.run_dir = run_dir
-        self.writer = sharded_checkpoint.ShardedWriter(
-            self.directory, env.is_main, lambda step: checkpoint.rotate(self.directory, self.settings.keep_last, step))
-        self.sharded = sharded_checkpoint.is_sharded_engine(engine)
+        self.writer = shards.ShardedWriter(
+            self.directory, env.is_main, lambda step: commit.rotate(self.directory, self.settings.keep_last, step))
+        self.sharded = engine.state_is_sharded
 
     def should_save(self, step: int, last_step: bool) -> bool:
         """Every `checkpoint.every_steps`, and at the last step (so raising train.max_steps later
@@ -61,7 +61,7 @@ class Checkpointer:
     def save(self, step: int, state: StateFn) -> None:
         """Collective save at a step boundary: every rank stages its shard, the write is in the background."""
         start = time.perf_counter()
-        rngs = dist.all_gather_object(rng_state())
+        rngs = distributed.all_gather_object(rng_state())
         self.engine.sync_buffers()  # the buffers rank 0 holds are the ones every rank continues with
         self.writer.submit(step, self.engine, state(rngs) if self.env.is_main else None)
         self.logger.log({"kind": "checkpoint", "step": step, "stall_s": time.perf_counter() - start,
@@ -79,7 +79,7 @@ class Checkpointer:
                 log.warning("SIGTERM: a collective failed, so the shards cannot be saved together; "
                             "the job continues from the last committed checkpoint")
                 return
-            rngs = dist.all_gather_object(rng_state())
+            rngs = distributed.all_gather_object(rng_state())
             self.writer.submit(step, self.engine, state(rngs) if self.env.is_main else None, blocking=True)
         elif not self.env.is_main:
             return
@@ -90,7 +90,7 @@ class Checkpointer:
             self.writer.save_alone(step, self.engine, state([rng_state()]))
         if self.env.is_main:
             log.warning("SIGTERM: committed %s; rerun the same command to continue",
-                        self.directory / checkpoint.checkpoint_name(step))
+                        self.directory / commit.checkpoint_name(step))
 
     def check_writes(self) -> None:
         """At a step boundary: raise if a background write has failed (never waits for one)."""
@@ -102,23 +102,19 @@ class Checkpointer:
 
     def resume(self, engine: Engine) -> Resumed | None:
         """Load the checkpoint `checkpoint.resume` selects into `engine` and this rank's RNGs."""
-        path = dist.main_computes(self.env, checkpoint.resolve_resume, self.run_dir, self.settings.resume,
+        path = distributed.main_computes(self.env, commit.resolve_resume, self.run_dir, self.settings.resume,
                                   self.settings.overwrite)
         if path is None:
             return None
-        sharded = sharded_checkpoint.is_sharded(path)
-        state = sharded_checkpoint.read_train_state(path) if sharded else checkpoint.load_state(path)
-        changed = checkpoint.incompatibilities(state["config"], to_dict(self.config))
+        state = shards.read_train_state(path)
+        changed = commit.incompatibilities(state["config"], to_dict(self.config))
         if changed and not self.settings.allow_changes:
             raise UsageError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}); "
                              "resume with the same settings, or set checkpoint.allow_changes=true")
         current_groups = hyperparameters(engine.optimizer)
         try:
-            if sharded:
-                sharded_checkpoint.load_model_and_optimizer(engine, path)
-                engine.load_extra_state(state["engine"])
-            else:  # a single-file checkpoint of an older version (not under fsdp)
-                engine.load_state_dict(state["engine"])
+            shards.load_model_and_optimizer(engine, path)
+            engine.load_extra_state(state["engine"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise UsageError(f"checkpoint {path} does not fit this model/optimizer: "
                              f"{str(exc).splitlines()[0]}") from exc
@@ -157,7 +153,7 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
     defaults = _flatten(to_dict(Config()))
     new = _flatten(current)
     old = {key: defaults.get(key) for key in new} | _flatten(saved)
-    math = {".".join(key) for key in checkpoint.MATH_KEYS}
+    math = {".".join(key) for key in commit.MATH_KEYS}
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
             if old.get(key) != new.get(key) and key not in _NOT_SETTINGS and key not in math]
 

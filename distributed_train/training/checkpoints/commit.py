@@ -1,14 +1,16 @@
 """Crash-safe checkpoints: a checkpoint is committed or it does not exist.
 
-Layout: run_dir/checkpoints/step-00000120/{state.pt, COMMITTED}. A save writes state.pt into
-`.tmp-step-...`, fsyncs it and the directory, renames it into place and only then writes the
-COMMITTED marker (the commit record: this program's name, the step, sizes and sha256 of every
-file), fsynced through a rename of its own. A failed write removes its temporary folder.
+Layout: run_dir/checkpoints/step-00000120/{DCP shards, train_state.pt, COMMITTED} (shards.py
+writes the files). A save writes them into `.tmp-step-...`, fsyncs them and the directory, renames
+it into place and only then writes the COMMITTED marker (the commit record: this program's name,
+the step, sizes and sha256 of every file), fsynced through a rename of its own. A failed write
+removes its temporary folder.
 Only folders whose commit record this program wrote, for the step their name says, are
 checkpoints: found, ordered (by the recorded step) and rotated; anything else in checkpoints/
 is left alone with one warning. Rotation deletes old checkpoints only after the new one is
 committed, and never one newer than the one just written. Loading verifies the newest and falls
-back to the previous one if it is damaged. Files are read with `torch.load(weights_only=True)`: a checkpoint cannot run code.
+back to the previous one if it is damaged. This module reads commit records (JSON) only; the
+checkpoint's files are read by shards.py.
 
 This module knows nothing about process groups: the trainer decides which rank writes.
 """
@@ -25,16 +27,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-
 from distributed_train.errors import TrainingFailure, UsageError
 
 log = logging.getLogger("distributed_train")
 
 MARKER = "COMMITTED"
-STATE_FILE = "state.pt"  # a single-file checkpoint's whole state
-TRAIN_STATE = "train_state.pt"  # a sharded checkpoint's rank-0 state beside the DCP shards
+TRAIN_STATE = "train_state.pt"  # rank 0's state beside the DCP shards
 FORMAT_VERSION = 1
 PROGRAM = "distributed_train"  # in every commit record: the record was written by this program
 TMP_PREFIX = ".tmp-"
@@ -62,19 +60,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_checkpoint(directory: Path, step: int, state: dict) -> Path:
-    """Write and commit `state` as checkpoint `step` under `directory` (one file); returns its path."""
-    tmp = directory / f"{TMP_PREFIX}{checkpoint_name(step)}"
-
-    def write() -> None:
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-    return commit_directory(directory, step, write)
 
 
 def commit_directory(directory: Path, step: int, write: Callable[[], None], fresh: bool = True) -> Path:
@@ -143,7 +128,7 @@ def commit_record(path: Path, check_name: bool = True) -> dict | None:
     step, files = record.get("step"), record.get("files")
     if type(step) is not int or step < 0 or record.get("format") != FORMAT_VERSION:
         return None
-    if not isinstance(files, dict) or not {STATE_FILE, TRAIN_STATE} & files.keys():
+    if not isinstance(files, dict) or TRAIN_STATE not in files:
         return None
     if check_name and path.name != checkpoint_name(step):
         return None
@@ -205,14 +190,6 @@ def latest_valid(directory: Path) -> Path | None:
             return path
         log.warning("skipping damaged checkpoint %s: %s", path, problem)
     return None
-
-
-def load_state(path: Path) -> dict:
-    """The state dict of a verified checkpoint (safe: weights_only)."""
-    try:
-        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a damaged file is a usage problem, not a crash
-        raise UsageError(f"checkpoint {path} cannot be loaded: {type(exc).__name__}: {exc}") from exc
 
 
 def rotate(directory: Path, keep_last: int, kept_step: int) -> None:
@@ -277,14 +254,6 @@ class AsyncWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_write_s = 0.0
-
-    def submit(self, directory: Path, step: int, state: dict, keep_last: int) -> None:
-        """Write and commit one single-file checkpoint, then rotate, in the background."""
-        def work() -> None:
-            write_checkpoint(directory, step, state)
-            rotate(directory, keep_last, step)
-
-        self.run(step, work)
 
     def run(self, step: int, work: Callable[[], None]) -> None:
         """Run `work` (the write of checkpoint `step`) in the background, after the previous one."""

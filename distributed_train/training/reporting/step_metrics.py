@@ -7,14 +7,15 @@ import time
 
 import torch
 
-from distributed_train import dist
+from distributed_train import distributed
 from distributed_train.config import Config
-from distributed_train.dist import diagnose
-from distributed_train.engines.base import Engine, is_dtensor
+from distributed_train.distributed import diagnose
+from distributed_train.engines.base import Engine
+from distributed_train.engines.common import is_dtensor
 from distributed_train.errors import NonFiniteLoss
 from distributed_train.task import Task
-from distributed_train.training.flops import MFUMeter
-from distributed_train.training.metrics import MetricsLogger
+from distributed_train.training.reporting.flops import MFUMeter
+from distributed_train.training.reporting.metrics import MetricsLogger
 
 
 class TrainWindow:
@@ -36,7 +37,7 @@ class TrainWindow:
 class TrainMetrics:
     """Decides the log steps, reduces each window and writes one `train` event per log step."""
 
-    def __init__(self, config: Config, env: dist.DistEnv, device: torch.device, task: Task,
+    def __init__(self, config: Config, env: distributed.DistEnv, device: torch.device, task: Task,
                  logger: MetricsLogger, mfu: MFUMeter, total_steps: int):
         self.config, self.env, self.device, self.task = config, env, device, task
         self.logger, self.mfu, self.total_steps = logger, mfu, total_steps
@@ -83,7 +84,7 @@ class TrainMetrics:
         steps and before every checkpoint, so a poisoned state is never committed."""
         losses = self.window.losses
         vector = diagnose.nonfinite_vector(losses, self.env.rank, self.env.world_size, self.device)
-        dist.all_reduce_sum(vector)
+        distributed.all_reduce_sum(vector)
         problem = diagnose.nonfinite_problem(vector, step - len(losses) + 1)
         if problem and self.config.train.nonfinite == "error":
             raise NonFiniteLoss(problem)

@@ -20,10 +20,10 @@ from typing import Any, Mapping
 
 from distributed_train import __version__
 from distributed_train.config import Config, to_dict
-from distributed_train.dist import DistEnv, main_computes
+from distributed_train.distributed import DistEnv, main_computes
 from distributed_train.errors import UsageError
-from distributed_train.training.progress import Progress, active_bar
-from distributed_train.training.trainjob_progress import TrainJobProgress
+from distributed_train.training.reporting.progress import Progress, active_bar
+from distributed_train.training.reporting.trainjob import TrainJobProgress
 
 log = logging.getLogger("distributed_train")
 

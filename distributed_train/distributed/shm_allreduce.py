@@ -30,9 +30,9 @@ import weakref
 import numpy as np
 import torch
 
-from distributed_train import dist as dist_util
-from distributed_train.dist.diagnose import SHM_ALLREDUCE_SIGN
-from distributed_train.dist import DistEnv
+from distributed_train import distributed
+from distributed_train.distributed import DistEnv
+from distributed_train.distributed.diagnose import SHM_ALLREDUCE_SIGN
 from distributed_train.errors import UsageError
 
 SHM_DIR = "/dev/shm"
@@ -236,7 +236,7 @@ def setup(env: DistEnv, device: torch.device, mode: str, gradient_bytes: int,
 
 def _create_and_open(env: DistEnv, slot_bytes: int, timeout_s: float) -> SharedMemoryAllReduce | str:
     """Rank 0 creates the file, every rank maps it; every rank gets the object, or the same reason."""
-    pids = dist_util.all_gather_object(os.getpid())
+    pids = distributed.all_gather_object(os.getpid())
     path, token, problem, reducer = None, None, None, None
     if env.is_main:
         path = os.path.join(SHM_DIR, f"dtrain-allreduce-{uuid.uuid4().hex}")
@@ -247,12 +247,12 @@ def _create_and_open(env: DistEnv, slot_bytes: int, timeout_s: float) -> SharedM
             reducer, problem = _open(path, None, env, slot_bytes, pids, timeout_s)
             if reducer is not None:
                 token = reducer.token[0] = int.from_bytes(os.urandom(7), "little") | 1  # never 0
-        path, token, problem = dist_util.broadcast_object((path, token, problem))
+        path, token, problem = distributed.broadcast_object((path, token, problem))
         if problem is not None:
             return problem
         if not env.is_main:
             reducer, problem = _open(path, token, env, slot_bytes, pids, timeout_s)
-        problems = [p for p in dist_util.all_gather_object(problem) if p]
+        problems = [p for p in distributed.all_gather_object(problem) if p]
     finally:
         if created:  # every rank has mapped the file (or failed, or the job broke): the name can go
             os.unlink(path)
