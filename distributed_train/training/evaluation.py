@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from distributed_train import distributed
-from distributed_train.batches import batch_len, move_to_device
-from distributed_train.config import Config
+from distributed_train.batches import BatchPlan, batch_len, move_to_device
+from distributed_train.config import EvalConfig
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
 from distributed_train.task import Task
@@ -21,24 +21,24 @@ from distributed_train.training.rng import rng_state, set_rng_state
 class Evaluator:
     """This rank's unpadded shard of the eval set and the reduction that makes metrics global."""
 
-    def __init__(self, task: Task, config: Config, env: distributed.DistEnv, device: torch.device,
-                 collate: Any, pin_memory: bool):
+    def __init__(self, task: Task, settings: EvalConfig, seed: int, env: distributed.DistEnv,
+                 device: torch.device, collate: Any, pin_memory: bool, train_plan: BatchPlan):
+        """`eval.*` settings; the eval batch defaults to the training's global batch."""
         self.task, self.env, self.device = task, env, device
-        self.every_steps = config.eval.every_steps
+        self.every_steps = settings.every_steps
         self.loader = self.filler = None
         self.missing_batches = 0  # this rank's batches fewer than the most any rank has
         eval_set = task.eval_dataset()
         if eval_set is not None:
-            global_batch = config.eval.batch_size or config.train.batch_size
-            per_rank = max(1, global_batch // env.world_size)
-            subset = eval_subset(len(eval_set), config.eval.max_samples, config.seed)
-            sampler = EvalBatchSampler(len(eval_set), env.rank, env.world_size, per_rank, subset, config.seed)
-            self.loader = make_loader(eval_set, sampler, collate, 0, pin_memory, config.seed)
+            per_rank = max(1, (settings.batch_size or train_plan.global_batch) // env.world_size)
+            subset = eval_subset(len(eval_set), settings.max_samples, seed)
+            sampler = EvalBatchSampler(len(eval_set), env.rank, env.world_size, per_rank, subset, seed)
+            self.loader = make_loader(eval_set, sampler, collate, 0, pin_memory, seed)
             largest_shard = -(-len(subset) // env.world_size)  # unpadded shards differ by at most one sample
             self.missing_batches = -(-largest_shard // per_rank) - len(sampler)
             if len(subset):  # a batch of one eval sample, run and discarded to keep a sharded model's
                 # collectives in step where this rank has fewer batches (shards differ by a sample)
-                self.filler = make_loader(eval_set, [[subset[0]]], collate, 0, pin_memory, config.seed)
+                self.filler = make_loader(eval_set, [[subset[0]]], collate, 0, pin_memory, seed)
 
     def should_evaluate(self, step: int, last_step: bool) -> bool:
         """Every `eval.every_steps` during training; the final evaluation runs after the last step."""

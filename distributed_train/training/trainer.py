@@ -78,12 +78,12 @@ class Trainer:
         loader = make_loader(train_set, sampler, collate, config.data.num_workers, pin, config.seed + env.rank,
                              config.data.worker_start_method)
         self.data = TrainStream(loader, sampler, self.plan)
-        self.evaluator = Evaluator(self.task, config, env, device, collate, pin)
+        self.evaluator = Evaluator(self.task, config.eval, config.seed, env, device, collate, pin, self.plan)
         self.engine = build_engine(self.task, config, env, device, self.plan, self.total_steps)
         self.logger = MetricsLogger(config, env, self.run_dir, self.total_steps)
         mfu = MFUMeter(self.task, train_set, collate, device, config.train.precision, env.world_size,
                        config.log.peak_tflops)
-        self.metrics = TrainMetrics(config, env, device, self.task, self.logger, mfu, self.total_steps)
+        self.metrics = TrainMetrics(config.train, config.log, env, device, self.task, self.logger, mfu)
         self.checkpointer = Checkpointer(config, env, self.run_dir, self.logger, self.engine)
         self.outputs = RunOutputs(env, self.run_dir)
         self.stop = StopFlag(config.checkpoint.on_sigterm, device)

@@ -8,7 +8,7 @@ import time
 import torch
 
 from distributed_train import distributed
-from distributed_train.config import Config
+from distributed_train.config import LogConfig, TrainConfig
 from distributed_train.distributed import diagnose
 from distributed_train.engines.base import Engine
 from distributed_train.engines.common import is_dtensor
@@ -37,17 +37,17 @@ class TrainWindow:
 class TrainMetrics:
     """Decides the log steps, reduces each window and writes one `train` event per log step."""
 
-    def __init__(self, config: Config, env: distributed.DistEnv, device: torch.device, task: Task,
-                 logger: MetricsLogger, mfu: MFUMeter, total_steps: int):
-        self.config, self.env, self.device, self.task = config, env, device, task
-        self.logger, self.mfu, self.total_steps = logger, mfu, total_steps
-        self.global_batch = config.train.batch_size
+    def __init__(self, train: TrainConfig, log: LogConfig, env: distributed.DistEnv, device: torch.device,
+                 task: Task, logger: MetricsLogger, mfu: MFUMeter):
+        self.env, self.device, self.task = env, device, task
+        self.logger, self.mfu, self.total_steps = logger, mfu, logger.total_steps
+        self.global_batch, self.every_steps, self.nonfinite = train.batch_size, log.every_steps, train.nonfinite
         self.window = TrainWindow()
         self.last_loss: float | None = None
 
     def should_log(self, step: int) -> bool:
         """Train metrics are reduced and logged after this step (every N, and the last)."""
-        return step % self.config.log.every_steps == 0 or step == self.total_steps
+        return step % self.every_steps == 0 or step == self.total_steps
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, data_s: float) -> None:
         self.window.losses.append(loss)
@@ -66,7 +66,7 @@ class TrainMetrics:
         }
         if window.grad_norm is not None:
             event["grad_norm"] = window.grad_norm.item()
-        if self.config.train.nonfinite == "skip":
+        if self.nonfinite == "skip":
             event["skipped_steps"] = engine.skipped_steps  # since this run started
         if self.task.tokens_per_sample:
             event["tokens_per_s"] = event["samples_per_s"] * self.task.tokens_per_sample
@@ -86,19 +86,19 @@ class TrainMetrics:
         vector = diagnose.nonfinite_vector(losses, self.env.rank, self.env.world_size, self.device)
         distributed.all_reduce_sum(vector)
         problem = diagnose.nonfinite_problem(vector, step - len(losses) + 1)
-        if problem and self.config.train.nonfinite == "error":
+        if problem and self.nonfinite == "error":
             raise NonFiniteLoss(problem)
         total, count = vector[:2].tolist()
         return total / count if count else float("nan")
 
     def check_finite(self, step: int) -> None:
         """Before a checkpoint: stop every rank rather than commit a NaN state (collective)."""
-        if self.window.losses and self.config.train.nonfinite == "error":
+        if self.window.losses and self.nonfinite == "error":
             self.global_loss(step)
 
     def poisoned(self, engine: Engine) -> bool:
         """This rank's state holds NaN/inf (a local check, no collective: the SIGTERM path's guard)."""
-        losses = self.window.losses if self.config.train.nonfinite == "error" else []
+        losses = self.window.losses if self.nonfinite == "error" else []
         # This rank's shard only (fsdp): a check of the whole DTensor would be a collective.
         local = [p.to_local() if is_dtensor(p) else p for p in engine.raw_model.parameters()]
         return any(not torch.isfinite(t).all() for t in [*losses, *local])
