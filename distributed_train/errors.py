@@ -1,7 +1,8 @@
 """Exit codes, the exceptions that map to them, and `user_errors()`, which does the mapping.
 
 Exit codes: 0 done, 2 bad configuration or input (one line on stderr), 3 non-finite loss,
-4 ranks could not talk (timeout, lost peer, rendezvous), 143 stopped by SIGTERM, 1 anything else.
+4 ranks could not talk (timeout, lost peer, rendezvous), 143 / 129 / 130 stopped by SIGTERM /
+SIGHUP / Ctrl-C after a checkpoint, 1 anything else.
 Exceptions are matched by type, never by their text.
 """
 

@@ -161,9 +161,17 @@ def check_model_before_spawn(spec: str, config: Any) -> None:
     try:
         with torch.device("meta"):
             model = task.obj.model()
+    except SystemExit as exc:  # the launcher would exit 0 with it
+        raise exited("model", exc) from None
     except Exception:  # noqa: BLE001 - a model that needs a real device: the workers build it
         return
     check_model(model)
+
+
+def exited(method: str, exc: SystemExit) -> UsageError:
+    """A task method that called sys.exit(): a task error, never a finished job (exit code 0)."""
+    return UsageError(f"task.{method}() called sys.exit({exc.code!r}); a task method must return or raise, "
+                      "not end the process")
 
 
 def _check_criterion(obj: Any) -> Any:
@@ -216,6 +224,8 @@ class Task:
             return getattr(self.obj, method)(*args)
         except UsageError:
             raise
+        except SystemExit as exc:  # exit code 0 from a worker would read as a finished job
+            raise exited(method, exc) from None
         except Exception as exc:
             raise UsageError(f"task.{method}() raised {type(exc).__name__}: {exc}") from exc
 

@@ -196,7 +196,7 @@ def run_torchrun(parsed, run_dir: str | None = None) -> int:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         if EXIT_USAGE in codes:
             return EXIT_USAGE
-        stops = {128 + signal.SIGTERM, 128 + signal.SIGINT}
+        stops = {128 + signal.SIGTERM, 128 + signal.SIGHUP, 128 + signal.SIGINT}
         if set(codes) <= stops:  # a signal reached some workers: all stopped after the same step
             print(f"dtrain launch: workers stopped by a signal{_resume_hint(run_dir)}", file=sys.stderr)
             return max(codes)

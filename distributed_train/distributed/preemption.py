@@ -1,4 +1,5 @@
-"""Stop cleanly on SIGTERM (what Kubernetes and torchrun send before they kill) and on Ctrl-C.
+"""Stop cleanly on SIGTERM (what Kubernetes and torchrun send before they kill), on SIGHUP (a closed
+terminal, a dropped ssh session: torchrun forwards it) and on Ctrl-C.
 
 The handler only sets a flag: no I/O and no collectives inside a signal handler. A signal may
 reach one rank only (one node of several, a `kill` of one process), and under NCCL the ranks'
@@ -13,7 +14,7 @@ every VOTE_EVERY_S seconds: on every step of a GPU model, every few dozen steps 
 whose step takes a millisecond (where a vote per step would cost several percent).
 
 The first SIGINT (Ctrl-C) stops like SIGTERM, with exit code 130; a second one ends the process
-at once.
+at once. SIGHUP stops like SIGTERM too, with exit code 129.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import time
 
 import torch
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 # What each rank adds to the agreement: the largest wins, so SIGTERM (a scheduler's stop) beats
-# Ctrl-C when both arrive.
-_SIGNAL_CODE = {signal.SIGINT: 1, signal.SIGTERM: 2}
+# a hang-up and Ctrl-C when several arrive.
+_SIGNAL_CODE = {signal.SIGINT: 1, signal.SIGHUP: 2, signal.SIGTERM: 3}
 _CODE_SIGNAL = {code: signum for signum, code in _SIGNAL_CODE.items()}
 
 
@@ -42,7 +43,7 @@ class Preempted(Exception):
 
     @property
     def exit_code(self) -> int:
-        """128 + the signal: 143 for SIGTERM, 130 for SIGINT, as a shell reports them."""
+        """128 + the signal: 143 for SIGTERM, 129 for SIGHUP, 130 for SIGINT, as a shell reports them."""
         return 128 + self.signum
 
 

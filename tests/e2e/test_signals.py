@@ -1,5 +1,6 @@
 """Signals end to end: Ctrl-C stops like SIGTERM (exit 130, a checkpoint, no traceback), a second
-Ctrl-C aborts at once, and workers never outlive a `dtrain launch` that was SIGKILLed."""
+Ctrl-C aborts at once, SIGHUP stops like SIGTERM (exit 129), and workers never outlive a
+`dtrain launch` that was SIGKILLed."""
 
 import json
 import signal
@@ -70,6 +71,18 @@ def test_ctrl_c_to_the_launcher_stops_every_worker_with_a_checkpoint(tmp_path):
     code, err = _finish(proc)
     assert code == 130, err
     assert "Traceback" not in err and "rerun the same command" in err
+    assert len(committed_checkpoints(tmp_path / "checkpoints")) == 1
+
+
+@pytest.mark.parametrize("command", [["train"], ["launch", "--nproc-per-node", "2"]])
+def test_sighup_commits_a_checkpoint_and_exits_129_like_sigterm(tmp_path, command):
+    """A closed terminal or a dropped ssh session (torchrun forwards the SIGHUP to its workers)."""
+    proc = _start(tmp_path, *command)
+    _wait_for_training(proc, tmp_path)
+    proc.send_signal(signal.SIGHUP)
+    code, err = _finish(proc)
+    assert code == 129, err
+    assert "Traceback" not in err and "SIGHUP" in err and "rerun the same command" in err
     assert len(committed_checkpoints(tmp_path / "checkpoints")) == 1
 
 

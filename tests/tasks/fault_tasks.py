@@ -14,6 +14,13 @@ from torch import nn
 from tests.tasks.toy import Regression, regression_metrics
 
 
+class ExitsInModel(Regression):
+    """model() ends the process with exit code 0, as a script's `sys.exit()` left in it would."""
+
+    def model(self):
+        raise SystemExit(0)
+
+
 class NoParameters(Regression):
     """A model without parameters: nothing to train."""
 

@@ -48,11 +48,12 @@ def model_and_optimizer(engine: Engine) -> dict:
 
 def load_model_and_optimizer(engine: Engine, path: Path) -> None:
     """Fill the engine's model and optimizer from checkpoint `path`, resharded to this world size."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    from distributed_train.training.checkpoints import safe_load  # imports DCP: only when resuming
+
     state = model_and_optimizer(engine)
-    dcp.load(state, checkpoint_id=str(path), no_dist=not torch_dist.is_initialized())
+    safe_load.load(state, path)
     set_state_dict(engine.raw_model, engine.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
 
@@ -62,24 +63,22 @@ def read_train_state(path: Path) -> dict:
     try:
         return torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a damaged file is a usage problem, not a crash
-        raise UsageError(f"checkpoint {path} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        from distributed_train.training.checkpoints import safe_load
+
+        raise UsageError(f"checkpoint file {path / TRAIN_STATE} cannot be loaded ({safe_load.why_not_loaded(exc)}); "
+                         "refused: loading a checkpoint never runs code") from None
 
 
 def read_model(path: Path) -> dict[str, torch.Tensor]:
     """The full model state of a checkpoint, in one process without a process group (export)."""
     # DCP's own offline loader (what format_utils.dcp_to_torch_save uses): it builds the state
     # dict from the checkpoint's metadata, so no model is needed; only the model's keys are read.
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
     if not (path / DCP_METADATA).is_file():
         raise UsageError(f"checkpoint {path} has no {DCP_METADATA}: not a dtrain checkpoint, or one "
                          "written before the sharded format (dtrain < 0.4 cannot be exported)")
-    state: dict = {}
-    _load_state_dict(state, storage_reader=dcp.FileSystemReader(str(path)),
-                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
-    return state["model"]
+    from distributed_train.training.checkpoints import safe_load
+
+    return safe_load.load_keys({"model"}, path)["model"]
 
 
 # -- the commit protocol (commit.py's): train_state.pt, then the atomic rename ----------------
