@@ -52,6 +52,7 @@ class StatusServer:
     def __init__(self, ca):
         self.requests: list[dict] = []
         self.code, self.delay_s = 200, 0.0
+        self.location: str | None = None  # answer with a redirect there (with code 302)
         self.release = threading.Event()  # ends a hang early at teardown
         server = self
 
@@ -65,9 +66,17 @@ class StatusServer:
                                                         "message": "trainjob is not running", "code": server.code}
                 payload = json.dumps(status).encode()
                 self.send_response(server.code)
+                if server.location:
+                    self.send_header("Location", server.location)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+
+            def do_GET(self):  # noqa: N802 - what urllib turns a redirected POST into
+                server.requests.append({"path": self.path, "auth": self.headers["Authorization"]})
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def log_message(self, *args):
                 pass
@@ -218,6 +227,24 @@ def test_wrong_ca_and_refused_connection_fail_quietly(server, files, tmp_path, c
     assert "TLS" in messages[0] and "CERTIFICATE_VERIFY_FAILED" in messages[0]
     assert "connection" in messages[1]
     assert server.requests == []  # nothing reached a server the client could not verify
+
+
+def test_the_token_goes_only_to_the_configured_https_endpoint(server, ca, files, caplog):
+    ca_file, token = files
+    target = StatusServer(ca)  # where a redirect would send the token
+    try:
+        server.code, server.location = 302, target.url
+        reporter = TrainJobProgress(server.url, str(ca_file), str(token), total_steps=10, timeout_s=60)
+        with caplog.at_level(logging.WARNING, logger="distributed_train"):
+            assert reporter.post(reporter.payload()) is False  # reported as failed, not as posted
+        assert len(server.requests) == 1 and target.requests == [] and reporter.posts == 0
+        assert "HTTP 302" in caplog.text
+    finally:
+        target.close()
+    plain = {URL_VAR: "http://127.0.0.1:8080/status", CA_VAR: str(ca_file), TOKEN_VAR: str(token)}
+    with caplog.at_level(logging.WARNING, logger="distributed_train"):
+        assert TrainJobProgress.from_environ(plain, 10, 0, 10.0) is None
+    assert "is not an https:// URL" in caplog.text and "token-1" not in caplog.text
 
 
 def test_reporter_only_with_all_three_variables(files, caplog):

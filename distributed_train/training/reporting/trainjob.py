@@ -17,6 +17,7 @@ import ssl
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
 from typing import Callable, Mapping
@@ -64,6 +65,10 @@ class TrainJobProgress:
                             ", ".join((URL_VAR, CA_VAR, TOKEN_VAR)))
             return None
         url, ca_cert, token_file = values
+        if urllib.parse.urlsplit(url).scheme != "https":
+            log.warning("TrainJob progress off: %s=%s is not an https:// URL, and the bearer token is never "
+                        "sent without TLS", URL_VAR, url)
+            return None
         return cls(url, ca_cert, token_file, total_steps, start_step, every_s)
 
     # -- the training thread: cheap, never blocks on the network ------------------------------
@@ -133,7 +138,9 @@ class TrainJobProgress:
             request = urllib.request.Request(self.url, data=json.dumps(body).encode(), method="POST",
                                              headers={"Authorization": f"Bearer {token}",
                                                       "Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=self.timeout_s, context=context) as response:
+            # Only to the configured endpoint: a redirect is a failed post, never followed with the token.
+            opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirects())
+            with opener.open(request, timeout=self.timeout_s) as response:
                 response.read()
             self.posts += 1
             return True
@@ -157,6 +164,11 @@ class TrainJobProgress:
         self._failures_logged.add(kind)
         log.warning("TrainJob progress: post to %s failed (%s: %s); training continues, "
                     "later failures of this kind are not logged", self.url, kind, detail)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ARG002 - urllib's names
+        return None  # urllib then raises HTTPError(3xx): reported as a failed post
 
 
 def _status_message(exc: urllib.error.HTTPError) -> str:
