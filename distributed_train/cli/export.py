@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from distributed_train.errors import EXIT_OK, UsageError
+from distributed_train.files import atomic_write
 from distributed_train.training.checkpoints import commit, shards
 
 
@@ -39,21 +40,20 @@ def model_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def write(state: dict[str, torch.Tensor], output: Path) -> None:
-    """Write atomically: a reader never sees half a file."""
-    tmp = output.with_name(output.name + ".tmp")
+    """Write atomically: a reader never sees half a file; a failure is one line and leaves none."""
     if output.suffix == ".safetensors":
         try:
             from safetensors.torch import save_file
         except ImportError:
             raise UsageError("writing .safetensors needs the safetensors package (pip install safetensors); "
                              "or write a .pt file") from None
-        # Tied weights share storage in the model; safetensors stores each name separately.
-        save_file({k: v.clone() for k, v in state.items()}, str(tmp))
+        # Tied weights share storage in the model; safetensors stores each name separately. It writes
+        # by path (no copy of the whole file in memory): into the temporary file atomic_write opened.
+        atomic_write(output, lambda f: save_file({k: v.clone() for k, v in state.items()}, f.name), "the export")
     elif output.suffix == ".pt":
-        torch.save(state, tmp)
+        atomic_write(output, lambda f: torch.save(state, f), "the export")
     else:
         raise UsageError(f"-o {str(output)!r}: the file must end in .pt or .safetensors")
-    tmp.replace(output)
 
 
 def main(argv: list[str]) -> int:

@@ -1,4 +1,5 @@
-"""What a run leaves behind: final_model.pt as soon as training ends, then summary.json.
+"""What a run leaves behind: config.yaml first, final_model.pt as soon as training ends, then
+summary.json.
 
 The model is written before the final evaluation (and anything else that runs after the last
 step), so a late failure never loses the training: summary.json then says `"status": "failed"`
@@ -8,7 +9,6 @@ with the error, next to a final_model.pt that is complete.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from distributed_train import distributed
 from distributed_train.distributed.diagnose import describe
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
+from distributed_train.files import atomic_write, atomic_write_text
 from distributed_train.training.reporting.metrics import log
 
 
@@ -27,6 +28,17 @@ class RunOutputs:
         self.env, self.run_dir = env, run_dir
         self.model_path = run_dir / "final_model.pt"
 
+    def prepare(self, config_yaml: str) -> None:
+        """Rank 0 creates run_dir and writes config.yaml; an error there stops every rank."""
+        distributed.main_computes(self.env, self._prepare, config_yaml)
+
+    def _prepare(self, config_yaml: str) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"run_dir {str(self.run_dir)!r} is not writable: {exc.strerror}") from exc
+        atomic_write_text(self.run_dir / "config.yaml", config_yaml, "the resolved config")
+
     def write_model(self, engine: Engine) -> None:
         """final_model.pt: plain CPU state_dict, no `module.` prefix (collective: every rank calls it,
         so a full disk stops every rank with one line instead of leaving peers waiting)."""
@@ -34,13 +46,7 @@ class RunOutputs:
         distributed.main_computes(self.env, self._write_model, model_state)
 
     def _write_model(self, model_state: dict) -> None:
-        tmp = self.model_path.with_suffix(".tmp")
-        try:
-            torch.save(model_state, tmp)
-            tmp.replace(self.model_path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise UsageError(f"cannot write {self.model_path}: {exc.strerror or exc}") from exc
+        atomic_write(self.model_path, lambda f: torch.save(model_state, f), "the final model")
 
     def write_summary(self, summary: dict) -> None:
         """summary.json with `"status": "done"` (rank 0 only)."""
@@ -52,12 +58,10 @@ class RunOutputs:
             return
         try:
             self._write_json({**summary, "status": "failed", "error": describe(error)})
-        except OSError:  # the disk that failed may fail this write too; the error still reaches the user
+        except UsageError:  # the disk that failed may fail this write too; the error still reaches the user
             return
         log.warning("training finished but a later step failed; the trained model is in %s and "
                     "summary.json records the error", self.model_path)
 
     def _write_json(self, summary: dict) -> None:
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, self.run_dir / "summary.json")
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -17,7 +17,7 @@ from distributed_train.distributed.preemption import Preempted, StopFlag
 from distributed_train.engines import build_engine
 from distributed_train.engines.base import Engine
 from distributed_train.engines.memory import state_bytes_per_rank
-from distributed_train.errors import NonFiniteLoss, UsageError
+from distributed_train.errors import NonFiniteLoss
 from distributed_train.task import Task, load_task
 from distributed_train.training.checkpoints.checkpointer import Checkpointer, Resumed, training_state
 from distributed_train.training.data import TrainBatchSampler, make_loader
@@ -94,7 +94,7 @@ class Trainer:
         """Train to `total_steps`, evaluating and logging on the way; returns the summary."""
         start = time.perf_counter()
         with RunLock(self.run_dir, self.env):  # one job per run directory, for as long as this one runs
-            self.prepare_run_dir()
+            self.outputs.prepare(dump_yaml(self.config))
             self.resume()
             self.logger.start(wandb_id=self.resumed and self.resumed.wandb_id, resumed_step=self.global_step,
                               changed=self.resumed.changed if self.resumed else [],
@@ -183,16 +183,6 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------------------------------
-    def prepare_run_dir(self) -> None:
-        """Rank 0 creates run_dir and writes config.yaml; an error there stops every rank."""
-        def write() -> None:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "config.yaml").write_text(dump_yaml(self.config))
-            except OSError as exc:
-                raise UsageError(f"run_dir {str(self.run_dir)!r} is not writable: {exc.strerror}") from exc
-        distributed.main_computes(self.env, write)
-
     def resume(self) -> None:
         """Continue from the checkpoint `checkpoint.resume` selects, if any (every rank loads it)."""
         self.resumed = self.checkpointer.resume(self.engine)

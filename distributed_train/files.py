@@ -1,0 +1,38 @@
+"""Writing an output file whole or not at all: a full disk, a read-only folder or a missing one is
+one line naming the path and the OS error, and no partial file is left under any name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from distributed_train.errors import UsageError
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "") -> None:
+    """`write(f)` into `path`'s temporary sibling, fsynced, then renamed over `path`.
+
+    Any failure removes the temporary file and raises UsageError naming `path` (and `what` it is);
+    a file already at `path` stays as it was until the rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's writers raise RuntimeError for some I/O errors
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+            (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"cannot write {what + ' ' if what else ''}{path}: {reason.lower()}") from exc
+
+
+def atomic_write_text(path: Path, text: str, what: str = "") -> None:
+    """`atomic_write` of UTF-8 text."""
+    atomic_write(path, lambda f: f.write(text.encode()), what)

@@ -1,0 +1,77 @@
+"""Output files are written whole or not at all: a full disk, a missing folder or a directory in
+the way is one line naming the path, and no partial file is left under any name."""
+
+import builtins
+import os
+
+import pytest
+import torch
+
+from distributed_train.errors import UsageError
+from distributed_train.files import atomic_write, atomic_write_text
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every file opened for writing under the folder given to it is /dev/full (ENOSPC on write)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    real_open = builtins.open
+
+    def under(folder):
+        def open_full(path, mode="r", *args, **kwargs):
+            if "w" in mode and str(path).startswith(str(folder)):
+                return real_open("/dev/full", mode, *args, **kwargs)
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", open_full)
+    return under
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, full_disk):
+    target = tmp_path / "final_model.pt"
+    target.write_bytes(b"previous")
+    full_disk(tmp_path)
+    with pytest.raises(UsageError) as info:
+        atomic_write(target, lambda f: torch.save({"w": torch.ones(1000)}, f), "the final model")
+    assert str(info.value) == f"cannot write the final model {target}: no space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_model.pt"] and target.read_bytes() == b"previous"
+
+
+def test_a_missing_folder_or_a_directory_in_the_way_is_one_line(tmp_path):
+    with pytest.raises(UsageError, match=r"cannot write .*/missing/summary.json: no such file or directory"):
+        atomic_write_text(tmp_path / "missing" / "summary.json", "{}")
+    (tmp_path / "model.pt").mkdir()
+    with pytest.raises(UsageError, match=r"cannot write the export .*/model.pt: is a directory"):
+        atomic_write(tmp_path / "model.pt", lambda f: f.write(b"x"), "the export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary file left
+
+
+def test_final_model_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, full_disk):
+    from distributed_train.distributed import DistEnv
+    from distributed_train.training.outputs import RunOutputs
+
+    class Engine:
+        def model_state_dict(self):
+            return {"w": torch.ones(1000, 1000)}
+
+    full_disk(tmp_path)
+    with pytest.raises(UsageError, match="cannot write the final model .*final_model.pt: no space left on device"):
+        RunOutputs(DistEnv(), tmp_path).write_model(Engine())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_to_a_missing_folder_is_one_line_and_a_success_is_whole(tmp_path):
+    from distributed_train.cli import export
+
+    state = {"w": torch.arange(6.0).view(2, 3)}
+    with pytest.raises(UsageError, match="cannot write the export .*/nope/model.pt: no such file or directory"):
+        export.write(state, tmp_path / "nope" / "model.pt")
+    export.write(state, tmp_path / "model.pt")
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["w"], state["w"])
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+
+    export.write(state, tmp_path / "model.safetensors")
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["w"], state["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.safetensors"]
