@@ -370,9 +370,21 @@ def parse_overrides(args: list[str]) -> dict:
         # task_args and plugin kwargs have no declared type: read them as YAML scalars (12 -> int).
         free_form = parts[0] == "task_args" or parts[:2] in (["accelerate", "fsdp"],
                                                              ["accelerate", "deepspeed"])
-        node[parts[-1]] = yaml.safe_load(value) if free_form else value
+        node[parts[-1]] = _yaml_value(key, value) if free_form else value
         i += 1
     return tree
+
+
+def _yaml_value(key: str, value: str) -> object:
+    """A free-form override's value read as YAML (`12` -> 12, `[1, 2]` -> a list); not YAML: one line."""
+    try:
+        return yaml.load(value, Loader=_UniqueKeyLoader)
+    except UsageError as exc:  # a key twice
+        raise UsageError(f"--{key}={value}: {exc}") from None
+    except yaml.YAMLError as exc:
+        problem = _yaml_problem(exc).split(": ", 1)[-1]
+        raise UsageError(f"--{key}={value} is not a YAML value ({problem}); quote a string in YAML: "
+                         f"--{key}=\"'{value}'\"") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

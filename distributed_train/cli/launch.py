@@ -96,6 +96,22 @@ def _warn_restarts_without_checkpoints(parsed, config) -> None:
               file=sys.stderr)
 
 
+NPROC_KEYWORDS = ("auto", "cpu", "gpu", "xpu")  # what torchrun accepts besides a number
+
+
+def check_torchrun_options(parsed) -> None:
+    """The torchrun options we know a bad value of: one line before anything starts."""
+    nproc = str(parsed.nproc_per_node)
+    if nproc not in NPROC_KEYWORDS and not (nproc.isdigit() and int(nproc) >= 1):
+        raise UsageError(f"--nproc-per-node must be a whole number >= 1 or one of {', '.join(NPROC_KEYWORDS)}, "
+                         f"got {nproc!r}")
+    if int(parsed.max_restarts) < 0:
+        raise UsageError(f"--max-restarts must be 0 or more, got {parsed.max_restarts}")
+    low, _, high = str(parsed.nnodes).partition(":")
+    if not (low.isdigit() and int(low) >= 1 and (not high or (high.isdigit() and int(high) >= int(low)))):
+        raise UsageError(f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got {parsed.nnodes!r}")
+
+
 def _check_batch_split(parsed, config) -> None:
     """With a fixed world size (nnodes x nproc), check the global batch splits evenly here,
     before spawning, rather than from every worker."""
@@ -106,8 +122,6 @@ def _check_batch_split(parsed, config) -> None:
         nproc = int(parsed.nproc_per_node)
     except ValueError:  # nproc "gpu"/"auto": the world size is not known yet
         return
-    if nproc < 1:
-        raise UsageError(f"--nproc-per-node must be at least 1, got {nproc}")
     try:
         world_size = int(min_nodes) * nproc
     except ValueError:
@@ -131,6 +145,7 @@ def main(argv: list[str]) -> int:
         train, config = _validate_before_spawn(train)
         args = build_torchrun_args(torchrun, train)
         parsed = torchrun_parser().parse_args(args)
+        check_torchrun_options(parsed)
         _check_batch_split(parsed, config)
         _warn_restarts_without_checkpoints(parsed, config)
     for key, value in RESTART_SAFE_ENV.items():

@@ -150,6 +150,11 @@ ONE_LINERS = {
     "nan timeout": (["--dist.timeout_s=nan"], "dist.timeout_s must be a finite number"),
     "seed too large": (["--seed=18446744073709551616"], "seed must be an integer from 0 to 4294967295"),
     "no parameters": ([FAULTS + "NoParameters"], "task.model() returned a model without trainable parameters"),
+    "task_args not YAML": (["--task_args.files=[0-9]*.txt"],
+                           "--task_args.files=[0-9]*.txt is not a YAML value (expected alphabetic or numeric"),
+    "task_args at sign": (["--task_args.data=@corpus"], "--task_args.data=@corpus is not a YAML value"),
+    "task_args mapping": (["--task_args.x=a: b: c"], "quote a string in YAML: --task_args.x=\"'a: b: c'\""),
+    "task_args key twice": (["--task_args.x={a: 1, a: 2}"], "--task_args.x={a: 1, a: 2}: key 'a' appears twice"),
     "worker start method": (["--data.worker_start_method=thread"],
                             "data.worker_start_method must be one of default, fork, forkserver, spawn; got 'thread'"),
 }
@@ -194,7 +199,11 @@ def test_every_bad_value_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--nproc-per-node=0"], "--nproc-per-node must be at least 1, got 0"),
+    (["--nproc-per-node=0"], "--nproc-per-node must be a whole number >= 1 or one of auto, cpu, gpu, xpu, got '0'"),
+    (["--nproc-per-node=abc"], "--nproc-per-node must be a whole number >= 1 or one of auto, cpu, gpu, xpu"),
+    (["--max-restarts=-1"], "--max-restarts must be 0 or more, got -1"),
+    (["--nnodes=0"], "--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got '0'"),
+    (["--nnodes=2:1"], "--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got '2:1'"),
     (["--nproc-per-node=2", FAULTS + "FrozenModel"], "task.model() returned a model without trainable parameters"),
 ])
 def test_launch_refuses_before_spawning(tmp_path, args, needle):
