@@ -113,9 +113,9 @@ def _row(run: dict) -> list[str]:
             num(run["train_loss"], "{:.4f}"), evals, format_duration(run["updated_s_ago"]) + " ago"]
 
 
-def format_table(runs: list[dict]) -> str:
-    """Left-aligned columns separated by two spaces."""
-    rows = [COLUMNS] + [_row(r) for r in runs]
+def format_table(table: list[list[str]]) -> str:
+    """Left-aligned columns separated by two spaces, under the column names."""
+    rows = [COLUMNS, *table]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -130,10 +130,12 @@ def main(argv: list[str]) -> int:
     root = Path(args.dir)
     if not root.is_dir():
         raise UsageError(f"folder {str(root)!r} does not exist; pass the folder that holds your run directories")
-    runs = []
+    runs, table = [], []
     for path in find_runs(root):
         try:
-            runs.append(describe(path, root))
+            run = describe(path, root)
+            table.append(_row(run))  # here: a summary.json of an odd shape fails for its own run only
+            runs.append(run)
         except Exception as exc:  # noqa: BLE001 - one damaged run must not hide the others
             print(f"dtrain runs: skipping {path}: cannot read it ({type(exc).__name__}: "
                   f"{(str(exc).splitlines() or [''])[0][:120]})", file=sys.stderr)
@@ -143,6 +145,6 @@ def main(argv: list[str]) -> int:
     if args.json:
         print("\n".join(json.dumps(run) for run in runs))
     else:
-        print(format_table(runs))
+        print(format_table(table))
     return 0
 

@@ -138,9 +138,13 @@ def test_runs_and_plot_survive_a_damaged_and_a_one_step_run(tmp_path):
         f.write(b'{"kind": "train", "step": 4, "loss": \xff\xfe}\n')  # one bad byte: that line is dropped
     unreadable = write_run(tmp_path / "runs" / "unreadable", steps=3, total=3)
     (unreadable / "summary.json").write_text('{"global_step": "x"}')
+    odd = write_run(tmp_path / "runs" / "odd", steps=3, total=3)
+    (odd / "summary.json").write_text('{"global_step": 3, "eval": 5}')  # a shape only its row finds odd
     proc = dtrain("runs", str(tmp_path / "runs"), cwd=REPO, timeout=120)
     assert "one-step" in proc.stdout and "damaged" in proc.stdout and "unreadable" not in proc.stdout
+    assert "odd" not in proc.stdout
     assert f"dtrain runs: skipping {unreadable}: cannot read it" in proc.stderr
+    assert f"dtrain runs: skipping {odd}: cannot read it" in proc.stderr
     pytest.importorskip("matplotlib")
     dtrain("plot", str(one), "-o", str(tmp_path / "one.png"), cwd=REPO, timeout=120)
     assert (tmp_path / "one.png").stat().st_size > 10_000

@@ -135,6 +135,19 @@ def test_resolve_resume_modes(tmp_path):
         commit.resolve_resume(run_dir, str(tmp_path / "nope"), overwrite=False)
 
 
+def test_every_checkpoint_damaged_is_refused_never_a_silent_restart(tmp_path, monkeypatch):
+    monkeypatch.setattr(commit.log, "warning", lambda *args: None)
+    checkpoints = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (_write(checkpoints, step, _state(float(step))) / STATE).unlink()  # e.g. an NFS hiccup lost them
+    with pytest.raises(UsageError, match=r"has 2 committed checkpoint\(s\) and none verifies \(newest, "
+                                         r"step-00000004: train_state.pt is missing\).*checkpoint.overwrite=true"):
+        commit.resolve_resume(tmp_path, "auto", overwrite=False)
+    assert commit.resolve_resume(tmp_path, "never", overwrite=True) is None  # starting over is explicit
+    _write(checkpoints, 6, _state(6.0))
+    assert commit.resolve_resume(tmp_path, "auto", overwrite=False).name == "step-00000006"
+
+
 def test_weights_only_refuses_code(tmp_path):
     path = _write(tmp_path, 1, _state(1.0))
 

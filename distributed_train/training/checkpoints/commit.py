@@ -214,7 +214,14 @@ def resolve_resume(run_dir: Path, resume: str, overwrite: bool) -> Path | None:
             )
         return None
     if resume == "auto":
-        return latest_valid(directory)
+        found = latest_valid(directory)
+        committed = committed_checkpoints(directory)
+        if found is None and committed:  # never a silent restart from step 0 over a damaged run
+            raise UsageError(
+                f"run_dir {str(run_dir)!r} has {len(committed)} committed checkpoint(s) and none verifies "
+                f"(newest, {committed[-1].name}: {verify(committed[-1])}); restore them, or start over with "
+                "checkpoint.resume=never checkpoint.overwrite=true")
+        return found
     path = Path(resume)
     if (path / "checkpoints").is_dir():  # a run directory: its latest checkpoint
         found = latest_valid(path / "checkpoints")

@@ -130,8 +130,10 @@ def read_events(path: str | Path) -> list[dict]:
         if not isinstance(event, dict) or type(event.get("step")) is not int:
             continue
         if event.get("kind") == "start":
-            # A restart from step s replaces everything a previous attempt logged after s.
-            events = [e for e in events if e["step"] <= event["step"]] if event["step"] > 0 else []
+            # A restart from step s replaces everything a previous attempt logged after s. The kept
+            # timeline never goes back in step, so those events are at its end: linear in the file.
+            while events and (events[-1]["step"] > event["step"] or event["step"] == 0):
+                events.pop()
         events.append(event)
     return events
 
