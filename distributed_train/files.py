@@ -18,7 +18,10 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "") 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # a leftover, or a planted link (unlinking removes the link only)
+        # A fresh file, never opened through a link; the rename below replaces `path` itself, so a
+        # link planted there is replaced, not followed.
+        with open(tmp, "xb", opener=_no_follow) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -31,6 +34,10 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "") 
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
             (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"cannot write {what + ' ' if what else ''}{path}: {reason.lower()}") from exc
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
 
 def atomic_write_text(path: Path, text: str, what: str = "") -> None:

@@ -76,8 +76,12 @@ class RunLock:
         """Lock run_dir or raise UsageError naming the directory and the job that holds it."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # Never through a planted symbolic link: it would truncate whatever it points at.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UsageError(f"{self.path} is a symbolic link; refused: dtrain never writes through a "
+                                 "link in a run directory (remove it)") from None
             raise UsageError(f"run_dir {str(self.run_dir)!r} is not writable: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -112,6 +116,25 @@ class RunLock:
             os.pwrite(fd, record.encode() + b"\n", 0)
         except OSError:  # the record is for the error message only; the lock itself is held
             pass
+
+    def verify(self) -> None:
+        """Collective: stop every rank with one line if run_dir was deleted or replaced under the job
+        (its lock went with it, so another job could take the folder; files written now are lost)."""
+        distributed.main_computes(self.env, self._check_still_held)
+
+    def _check_still_held(self) -> None:
+        if self._fd is None:
+            return
+        held = os.fstat(self._fd)
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+            same = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            raise UsageError(f"run_dir {str(self.run_dir)!r} was deleted or replaced while this job ran (its "
+                             f"{LOCK_FILE} is not the one this job holds): stopping, since what it writes there "
+                             "now could be lost or mixed with another job's; restore the folder or start again")
 
     def release(self) -> None:
         """Drop the lock (the file stays: unlinking it could let two jobs lock different files)."""

@@ -57,6 +57,7 @@ class Trainer:
     metrics: TrainMetrics
     checkpointer: Checkpointer
     outputs: RunOutputs
+    lock: RunLock  # held while fit() runs
     stop: StopFlag
     profiler: StepProfiler
     # runtime state
@@ -93,7 +94,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train to `total_steps`, evaluating and logging on the way; returns the summary."""
         start = time.perf_counter()
-        with RunLock(self.run_dir, self.env):  # one job per run directory, for as long as this one runs
+        with RunLock(self.run_dir, self.env) as self.lock:  # one job per run directory while this one runs
             self.outputs.prepare(dump_yaml(self.config))
             self.resume()
             self.logger.start(wandb_id=self.resumed and self.resumed.wandb_id, resumed_step=self.global_step,
@@ -106,6 +107,7 @@ class Trainer:
             self.evaluator.check_methods(self.engine)  # a metrics() mistake shows now, not after training
             with self.stop:
                 train_s = self.train()
+            self.lock.verify()  # never a finished job whose outputs went to a deleted folder
             self.outputs.write_model(self.engine)  # first: nothing that runs after the last step can lose it
             try:
                 summary = self.summary(self.evaluate(), train_s, time.perf_counter() - start)
@@ -170,6 +172,7 @@ class Trainer:
             self.evaluate()
         self.checkpointer.check_writes()  # a failed background write stops the run at once
         if self.checkpointer.should_save(step, last):
+            self.lock.verify()  # the folder is still this job's
             self.metrics.check_finite(step)  # never commit a NaN state
             self.checkpointer.save(step, self.state)
         if self.stop.should_stop(step):  # the same answer on every rank after the same step

@@ -150,6 +150,16 @@ def test_runs_and_plot_survive_a_damaged_and_a_one_step_run(tmp_path):
     assert (tmp_path / "one.png").stat().st_size > 10_000
 
 
+def test_a_run_dir_deleted_under_a_running_job_stops_it_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    proc = dtrain("launch", "--nproc-per-node", "2", FAULTS + "DeletesItsRunDir", *SMALL, "--train.max_steps=6",
+                  "--checkpoint.every_steps=4", f"--run_dir={run}", cwd=REPO, check=False, timeout=150)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dtrain: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"run_dir '{run}' was deleted or replaced while this job ran" in lines[0]
+    assert not (run / "final_model.pt").exists() and not (run / "summary.json").exists()
+
+
 def test_sys_exit_in_task_code_is_a_task_error_not_a_finished_job(tmp_path):
     proc = dtrain("launch", "--nproc-per-node", "2", FAULTS + "ExitsInModel", *SMALL, "--train.max_steps=2",
                   f"--run_dir={tmp_path}/run", cwd=REPO, check=False, timeout=150)

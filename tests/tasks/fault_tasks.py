@@ -84,6 +84,25 @@ class SlowSteps(Regression):
         return super().loss(model, batch)
 
 
+class DeletesItsRunDir(Regression):
+    """Rank 0 deletes the run directory in training step `task_args.step` (default 3), as an
+    `rm -rf` of a running job's folder would."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.run_dir, self.calls = config.run_dir, 0
+        self.step = dict(config.task_args or {}).get("step", 3)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.step and int(os.environ.get("RANK", "0")) == 0:
+                import shutil
+
+                shutil.rmtree(self.run_dir)
+        return super().loss(model, batch)
+
+
 class StopsItself(Regression):
     """Rank `task_args.rank` sends itself `task_args.signal` (SIGSTOP, SIGKILL) at step `task_args.step`."""
 

@@ -35,6 +35,35 @@ def test_second_lock_on_a_run_dir_names_the_holder_and_a_released_lock_never_blo
     second.release()
 
 
+def test_a_run_dir_deleted_or_replaced_under_the_job_stops_it_and_links_are_never_followed(tmp_path):
+    import shutil
+
+    first = run_lock.RunLock(tmp_path / "run", ONE)
+    first.acquire()
+    first.verify()  # still its own
+    shutil.rmtree(tmp_path / "run")  # the lock went with the folder: another job can take it now
+    second = run_lock.RunLock(tmp_path / "run", ONE)
+    second.acquire()
+    with pytest.raises(UsageError, match=r"run_dir '.*/run' was deleted or replaced while this job ran"):
+        first.verify()  # the first job stops at its next checkpoint or at the end, not writing on
+    second.verify()
+    first.release()
+    second.release()
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / run_lock.LOCK_FILE).symlink_to(victim)
+    with pytest.raises(UsageError, match=r"\.dtrain\.lock is a symbolic link; refused"):
+        run_lock.RunLock(planted, ONE).acquire()
+    from distributed_train.training.reporting.metrics import open_no_follow
+
+    (planted / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(UsageError, match=r"metrics\.jsonl is a symbolic link; refused"):
+        open_no_follow(planted / "metrics.jsonl")
+    assert victim.read_text() == "keep me"
+
+
 def _lock_and_die(path):
     run_lock.RunLock(path, ONE).acquire()
     os._exit(0)  # no release(): only the kernel frees the lock

@@ -1,7 +1,6 @@
 """Output files are written whole or not at all: a full disk, a missing folder or a directory in
 the way is one line naming the path, and no partial file is left under any name."""
 
-import builtins
 import os
 
 import pytest
@@ -16,15 +15,16 @@ def full_disk(monkeypatch):
     """Every file opened for writing under the folder given to it is /dev/full (ENOSPC on write)."""
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this system")
-    real_open = builtins.open
+    real_open = os.open
 
     def under(folder):
-        def open_full(path, mode="r", *args, **kwargs):
-            if "w" in mode and str(path).startswith(str(folder)):
-                return real_open("/dev/full", mode, *args, **kwargs)
-            return real_open(path, mode, *args, **kwargs)
+        def open_full(path, flags, *args, **kwargs):
+            if flags & os.O_WRONLY and str(path).startswith(str(folder)):
+                real_open(path, flags, *args, **kwargs)  # the file exists, as it would on a full disk
+                return real_open("/dev/full", os.O_WRONLY)
+            return real_open(path, flags, *args, **kwargs)
 
-        monkeypatch.setattr(builtins, "open", open_full)
+        monkeypatch.setattr(os, "open", open_full)
     return under
 
 
@@ -45,6 +45,18 @@ def test_a_missing_folder_or_a_directory_in_the_way_is_one_line(tmp_path):
     with pytest.raises(UsageError, match=r"cannot write the export .*/model.pt: is a directory"):
         atomic_write(tmp_path / "model.pt", lambda f: f.write(b"x"), "the export")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary file left
+
+
+def test_a_link_planted_where_a_file_is_written_is_replaced_never_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("config.yaml", ".config.yaml.tmp"):  # the file, and its temporary sibling
+        (run_dir / name).symlink_to(victim)
+    atomic_write_text(run_dir / "config.yaml", "seed: 0\n")
+    assert victim.read_text() == "keep me"
+    assert not (run_dir / "config.yaml").is_symlink() and (run_dir / "config.yaml").read_text() == "seed: 0\n"
 
 
 def test_final_model_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, full_disk):

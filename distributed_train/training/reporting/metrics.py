@@ -7,6 +7,7 @@ at its checkpoint step, and `read_events()` drops what a killed attempt logged a
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -115,6 +116,18 @@ def _last_line_torn(path: Path) -> bool:
         return False
 
 
+def open_no_follow(path: Path):
+    """metrics.jsonl for appending (line-buffered), never through a planted symbolic link."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"{path} is a symbolic link; refused: dtrain never writes through a link in a "
+                             "run directory (remove it)") from None
+        raise UsageError(f"cannot open {path}: {exc.strerror}") from None
+    return os.fdopen(fd, "a", buffering=1)
+
+
 def read_events(path: str | Path) -> list[dict]:
     """Events of run_dir/metrics.jsonl on the run's final timeline (see the module docstring)."""
     path = Path(path)
@@ -163,7 +176,7 @@ class MetricsLogger:
         self.wandb_id = wandb_id  # kept through checkpoints even while wandb is off or failing
         path = self.run_dir / "metrics.jsonl"
         torn = _last_line_torn(path)
-        self._file = open(path, "a", buffering=1)
+        self._file = open_no_follow(path)
         if torn:
             self._file.write("\n")  # a killed attempt's last line must not swallow our first
         if mode != "disabled":
