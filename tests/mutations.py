@@ -18,8 +18,8 @@ MUTATIONS = [
         (RESUME_MIDRUN,)),
     Mutation(
         "optimizer state restore on resume", "distributed_train/training/checkpoints/shards.py",
-        "    dcp.load(state, checkpoint_id=str(path), no_dist=not torch_dist.is_initialized())\n",
-        '    dcp.load({"model": state["model"]}, checkpoint_id=str(path), no_dist=not torch_dist.is_initialized())\n',
+        "    safe_load.load(state, path)\n",
+        '    safe_load.load({"model": state["model"]}, path)\n',
         (RESUME_MIDRUN,)),
     Mutation(
         "per-step reseed of torch's generator", "distributed_train/training/rng.py",
