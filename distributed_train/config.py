@@ -161,6 +161,8 @@ class DDPConfig:
     gradient_as_bucket_view: bool = opt(True, "gradients alias the all-reduce buckets (saves a copy)")
     static_graph: bool = opt(False, "DDP static_graph: the same parameters are used every step")
     find_unused_parameters: bool = opt(False, "allow parameters that get no gradient in a step")
+    sync_batchnorm: bool = opt(
+        False, "BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only); false: per rank")
     comm_hook: Literal["none", "bf16", "fp16"] = opt(
         "none", "compress gradients for the all-reduce (bf16: GPUs only); changes the math slightly"
     )

@@ -177,6 +177,11 @@ def exited(method: str, exc: SystemExit) -> UsageError:
 def _check_criterion(obj: Any) -> Any:
     """The task's criterion: an nn.Module or a function of (outputs, targets), maybe from criterion()."""
     criterion = obj.criterion
+    static = inspect.getattr_static(obj, "criterion", None)
+    if inspect.isfunction(static) and "." not in static.__qualname__ and not isinstance(obj, type):
+        # `criterion = F.nll_loss` in a class body: Python binds it to the task object as a method;
+        # a function written outside any class body is meant as it is, (outputs, targets).
+        criterion = static
     if callable(criterion) and not isinstance(criterion, nn.Module) and not _takes_argument(criterion):
         criterion = criterion()  # `def criterion(self): return nn.CrossEntropyLoss()`, like model()
     if not callable(criterion):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,8 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from distributed_train.batches import BatchPlan
-from distributed_train.cli.train import resolve_config
+from distributed_train.cli.launch import default_nproc
+from distributed_train.cli.train import resolve_config, split_config_args
 from distributed_train.config import Config
 from distributed_train.engines.memory import optimizer_slots, predicted_state_bytes
 from distributed_train.engines.units import find_units, outermost
@@ -35,10 +37,13 @@ _AUTOCAST = ("bf16", "fp16")  # the others compute in the parameters' own dtype 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="dtrain estimate", description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", help="config file (YAML); overrides follow as --section.key=value")
-    parser.add_argument("--nproc-per-node", type=int, default=8, help="ranks (GPUs) per node")
+    parser.add_argument("config", nargs="?", metavar="CONFIG.yaml | TASK",
+                        help="config file (YAML) or a task; overrides follow as --section.key=value")
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="ranks (GPUs) per node (default: as dtrain launch, this machine's GPUs, else 2)")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes; HSDP replicates across them")
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="memory of one device (default: this machine's GPU, else its RAM per rank)")
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_known_args(argv)
 
@@ -116,6 +121,13 @@ def sample_batch(task: Task, size: int) -> Any:
     return (task.collate_fn() or default_collate)([dataset[i] for i in indices])
 
 
+def device_memory_gib(nproc: int) -> float:
+    """One device's memory here: the first GPU's, else this machine's RAM shared by `nproc` ranks."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / nproc
+
+
 def model_summary(task: Task, config: Config) -> tuple[nn.Module, int, list[nn.Module]]:
     """The model on the meta device, the optimizer's states per parameter, and the units."""
     with torch.device("meta"):
@@ -141,9 +153,12 @@ def rows(model: nn.Module, slots: int, units: list[nn.Module], nproc: int, nnode
 
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
+    args.nproc_per_node = args.nproc_per_node or default_nproc()
+    args.gpu_memory_gib = args.gpu_memory_gib or device_memory_gib(args.nproc_per_node)
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise UsageError("--nproc-per-node and --nnodes must be >= 1")
-    config = resolve_config(args.config, overrides)
+    config_path, overrides, _ = split_config_args([*([args.config] if args.config else []), *overrides])
+    config = resolve_config(config_path, overrides)  # a TASK in CONFIG's place, as `dtrain train` takes it
     task = load_task(config.task, config)
     model, slots, units = model_summary(task, config)
     world = args.nproc_per_node * args.nnodes
@@ -154,7 +169,9 @@ def main(argv: list[str]) -> int:
           f"state(s) per parameter; {world} rank(s) ({args.nnodes} node(s) x {args.nproc_per_node}), "
           f"micro-batch {plan.micro_batch}")
     print(f"{'engine':<18} {'precision':<9} {'params':>9} {'grads':>9} {'optimizer':>9} "
-          f"{'activations':>11} {'act. ckpt':>9} {'total':>9}  fits {args.gpu_memory_gib:g} GiB")
+          f"{'activations':>11} {'act. ckpt':>9} {'total':>9}  fits {args.gpu_memory_gib:.4g} GiB")
+    # GiB, or MiB for a model whose state is under one GiB (0.00 GiB says nothing)
+    unit, unit_name = (GIB, "GiB") if sum(predicted_state_bytes(model, slots, 1).values()) >= GIB else (2**20, "MiB")
     for precision in dict.fromkeys([config.train.precision, "bf16"]):
         activations = trace_activations(task, config, plan.micro_batch, precision)
         sized = in_precision(copy.deepcopy(model), precision)  # fp64 doubles the state; bf16 keeps fp32 masters
@@ -165,9 +182,9 @@ def main(argv: list[str]) -> int:
             least = sum(state.values()) + gathered + (activations.checkpointed if activations else 0)
             fits = "yes" if total <= args.gpu_memory_gib * GIB else \
                 "with act. ckpt" if least <= args.gpu_memory_gib * GIB else "no"
-            act = f"{activations.full / GIB:.2f}" if activations else "n/a"
-            ckpt = f"{activations.checkpointed / GIB:.2f}" if activations else "n/a"
-            print(f"{engine:<18} {precision:<9} {state['parameters'] / GIB:>9.2f} {state['gradients'] / GIB:>9.2f} "
-                  f"{state['optimizer'] / GIB:>9.2f} {act:>11} {ckpt:>9} {total / GIB:>9.2f}  {fits}")
-    print("GiB per rank; total = state + activations of one micro-batch (+ gathered units under fsdp)")
+            act = f"{activations.full / unit:.2f}" if activations else "n/a"
+            ckpt = f"{activations.checkpointed / unit:.2f}" if activations else "n/a"
+            print(f"{engine:<18} {precision:<9} {state['parameters'] / unit:>9.2f} {state['gradients'] / unit:>9.2f} "
+                  f"{state['optimizer'] / unit:>9.2f} {act:>11} {ckpt:>9} {total / unit:>9.2f}  {fits}")
+    print(f"{unit_name} per rank; total = state + activations of one micro-batch (+ gathered units under fsdp)")
     return EXIT_OK

@@ -1,4 +1,5 @@
-"""`dtrain export CHECKPOINT_OR_RUN_DIR -o FILE`: the consolidated model of a committed checkpoint.
+"""`dtrain export CHECKPOINT_OR_RUN_DIR -o FILE`: the consolidated model of a committed checkpoint
+(a run directory: its latest one, or its final_model.pt when it has none).
 
 Works on one process with no GPU, whatever engine and world size wrote the checkpoint: the
 shards are read by parameter name and assembled into full CPU tensors. FILE.pt is a plain
@@ -15,22 +16,35 @@ import torch
 
 from distributed_train.errors import EXIT_OK, UsageError
 from distributed_train.files import atomic_write
-from distributed_train.training.checkpoints import commit, shards
+from distributed_train.training.checkpoints import commit, safe_load, shards
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dtrain export", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="a committed checkpoint directory, or a run directory (its latest one)")
+    parser.add_argument("source", help="a committed checkpoint directory, or a run directory (its latest "
+                        "checkpoint, else its final_model.pt)")
     parser.add_argument("-o", "--output", required=True, help="FILE.pt or FILE.safetensors")
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def find_checkpoint(source: Path) -> Path:
-    """The checkpoint `source` names: a run directory means its latest valid committed one."""
+def find_model(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The model `source` names, and where it came from: a committed checkpoint; a run directory's
+    latest valid one, or its final_model.pt when it has no checkpoint (a run without them)."""
     if not source.exists():
         raise UsageError(f"{str(source)!r} does not exist")
-    return commit.resolve_resume(source, str(source), overwrite=False)
+    if commit.commit_record(source, check_name=False) is not None or commit.committed_checkpoints(
+            source / "checkpoints"):
+        path = commit.resolve_resume(source, str(source), overwrite=False)
+        return model_state(path), path
+    final = source / "final_model.pt"
+    if final.is_file():
+        try:
+            return torch.load(final, map_location="cpu", weights_only=True), final
+        except Exception as exc:  # noqa: BLE001 - damaged, or not plain data: one line, nothing run
+            raise UsageError(f"{final} cannot be loaded ({safe_load.why_not_loaded(exc)})") from None
+    raise UsageError(f"{str(source)!r} is neither a committed checkpoint nor a run directory with "
+                     "checkpoints or a final_model.pt")
 
 
 def model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -61,8 +75,7 @@ def main(argv: list[str]) -> int:
     output = Path(args.output)
     if output.suffix not in (".pt", ".safetensors"):
         raise UsageError(f"-o {args.output!r}: the file must end in .pt or .safetensors")
-    path = find_checkpoint(Path(args.source))
-    state = model_state(path)
+    state, path = find_model(Path(args.source))
     write(state, output)
     total = sum(t.numel() for t in state.values())
     print(f"wrote {output}: {len(state)} tensors, {total:,} values, from {path}")

@@ -133,7 +133,7 @@ def _check_batch_split(parsed, config) -> None:
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print("usage: dtrain launch [torchrun options] [CONFIG.yaml] [--section.key=value ...]\n\n"
+        print("usage: dtrain launch [torchrun options] [CONFIG.yaml | TASK] [--section.key=value ...]\n\n"
               "Starts --nproc-per-node workers (default: the visible GPUs, else 2) with torchrun's\n"
               "standalone rendezvous; every torchrun option works (--max-restarts, --nnodes, --rdzv-*).\n"
               "Config keys: dtrain train --help.")

@@ -40,7 +40,7 @@ def resolve_config(config_path: str | None, overrides: list[str]):
 def _print_train_help() -> None:
     from distributed_train.config import describe
 
-    print("usage: dtrain train [CONFIG.yaml] [--section.key=value ...] [--debug]\n")
+    print("usage: dtrain train [CONFIG.yaml | TASK] [--section.key=value ...] [--debug]\n")
     print("Runs one training job; under torchrun every worker runs it. Config keys (default):")
     for key, default, help_text in describe():
         print(f"  --{key:<34} {help_text} (default {default})")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 from typing import Any
@@ -39,6 +40,25 @@ def build_model(task: Task, config: Config, device: torch.device) -> nn.Module:
     model = task.model().to(device)
     dtype = float_dtype(config.train.precision)
     return model.to(dtype) if dtype is not None else model
+
+
+def batch_statistics(model: nn.Module, config: Config, env: DistEnv, device: torch.device) -> nn.Module:
+    """BatchNorm on several ranks: SyncBatchNorm with ddp.sync_batchnorm (CUDA), else one warning
+    that each rank normalises with its own share of the batch, so results depend on the world size."""
+    norms = [name for name, module in model.named_modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm)]
+    if config.ddp.sync_batchnorm:
+        if device.type != "cuda":
+            raise UsageError("ddp.sync_batchnorm=true needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernel); "
+                             "leave it false on CPU")
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if norms and env.world_size > 1 and env.rank == 0:
+        logging.getLogger("distributed_train").warning(
+            "the model has BatchNorm layers (%s): each rank normalises with the statistics of its own "
+            "micro-batch, so the results depend on the world size (the same parameters on any world size "
+            "hold for models without batch statistics); set ddp.sync_batchnorm=true on GPUs to normalise "
+            "over the global batch", ", ".join(norms[:3]) + (f" and {len(norms) - 3} more" if len(norms) > 3 else ""))
+    return model
 
 
 def build_optimizer(task: Task, model: nn.Module, config: Config) -> torch.optim.Optimizer:

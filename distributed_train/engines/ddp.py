@@ -20,6 +20,7 @@ from distributed_train.distributed import DistEnv, diagnose
 from distributed_train.engines.base import EngineBase
 from distributed_train.engines.common import (
     attach_shm_allreduce,
+    batch_statistics,
     build_model,
     build_optimizer,
     check_comm_hook,
@@ -38,7 +39,7 @@ class DDPEngine(EngineBase):
                  plan: BatchPlan, total_steps: int):
         super().__init__(task, config, env, device, plan)
         check_comm_hook(config.ddp.comm_hook, device)
-        self.raw_model = build_model(task, config, device)
+        self.raw_model = batch_statistics(build_model(task, config, device), config, env, device)
         checkpoint_activations(task, self.raw_model, config)
         self.optimizer = build_optimizer(task, self.raw_model, config)
         self.scheduler = lr_schedule(self.optimizer, config, total_steps)

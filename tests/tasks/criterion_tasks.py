@@ -61,6 +61,18 @@ class CriterionFunction(WithLoss):
         return F.cross_entropy(outputs, targets, weight=WEIGHTS.to(outputs.device))
 
 
+def log_softmax_nll(outputs, targets):
+    """A module-level loss function: `criterion = log_softmax_nll` in a class body stays a function."""
+    return F.nll_loss(F.log_softmax(outputs, dim=-1), targets, weight=WEIGHTS.to(outputs.device))
+
+
+class FunctionalClassAttribute(WithLoss):
+    """`criterion = F.nll_loss`-style: a plain function as a class attribute, not a method."""
+
+    loss = None  # type: ignore[assignment]
+    criterion = log_softmax_nll
+
+
 class CriterionFactory(WithLoss):
     """criterion() returns the criterion, the way model() returns the model."""
 

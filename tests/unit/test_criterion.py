@@ -20,7 +20,7 @@ def first_batch(loaded, n=12):
     return x, y
 
 
-@pytest.mark.parametrize("attr", ["WithCriterion", "CriterionFunction", "CriterionFactory"])
+@pytest.mark.parametrize("attr", ["WithCriterion", "CriterionFunction", "CriterionFactory", "FunctionalClassAttribute"])
 def test_criterion_gives_the_same_loss_as_the_loss_method(attr):
     reference, loaded = task("WithLoss"), task(attr)
     torch.manual_seed(0)

@@ -87,3 +87,19 @@ def test_export_to_a_missing_folder_is_one_line_and_a_success_is_whole(tmp_path)
     export.write(state, tmp_path / "model.safetensors")
     assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["w"], state["w"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.safetensors"]
+
+
+def test_export_of_a_run_without_checkpoints_takes_its_final_model(tmp_path, capsys):
+    from distributed_train.cli import export
+
+    run = tmp_path / "run"
+    run.mkdir()
+    state = {"0.weight": torch.randn(3, 2)}
+    torch.save(state, run / "final_model.pt")
+    assert export.main([str(run), "-o", str(tmp_path / "out.pt")]) == 0
+    assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True)["0.weight"], state["0.weight"])
+    assert f"from {run / 'final_model.pt'}" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match=r"is neither a committed checkpoint nor a run directory with checkpoints "
+                                         r"or a final_model.pt$"):
+        export.main([str(tmp_path / "empty"), "-o", str(tmp_path / "x.pt")])
