@@ -125,8 +125,11 @@ class TokenData:
 class LMTask:
     """Next-token prediction with a GPT over token files; the built-in `lm` task."""
 
+    # Evaluation is bounded, like nanoGPT's eval_iters: a fixed subset of the held-out windows (the
+    # whole split of a large corpus took minutes); --eval.max_samples=null evaluates all of it.
     config_defaults = {"train": {"batch_size": 32, "lr": 6e-4, "weight_decay": 0.1, "grad_clip": 1.0,
-                                 "max_steps": 1000}}
+                                 "max_steps": 1000},
+                       "eval": {"max_samples": 2048}}
 
     def __init__(self, config: Any = None):
         task_args = dict(getattr(config, "task_args", None) or {})

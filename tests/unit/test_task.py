@@ -21,6 +21,7 @@ def test_builtin_tasks_load_by_name():
     digits = load_task("digits")
     assert type(digits.obj).__name__ == "DigitsTask"
     assert config_defaults("digits")["train"]["epochs"] == 20
+    assert config_defaults("lm")["eval"]["max_samples"] == 2048  # bounded evaluation by default
     assert isinstance(digits.model(), nn.Module)
 
 
