@@ -240,7 +240,12 @@ class Task:
                 f"task.{method}() must return a map-style Dataset (with __len__ and __getitem__), "
                 f"got {type(dataset).__name__}"
             )
-        if len(dataset) == 0:
+        try:
+            size = len(dataset)
+        except Exception as exc:  # noqa: BLE001 - the task's __len__: one line naming it
+            raise UsageError(f"task.{method}()'s dataset cannot tell its length: __len__ raised "
+                             f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+        if size == 0:
             raise UsageError(f"task.{method}() returned an empty dataset")
         return dataset
 

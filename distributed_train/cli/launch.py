@@ -221,8 +221,10 @@ def run_torchrun(parsed, run_dir: str | None = None) -> int:
         # stopped rank a peer ended) are part of the same failure.
         if explained and all(c in (EXIT_NONFINITE, EXIT_COMMUNICATION) or c < 0 for c in codes):
             return explained[0]
-        for rank, failure in sorted(exc.failures.items()):
-            print(f"dtrain launch: worker rank {rank} (pid {failure.pid}) {describe_exit(failure.exitcode)}",
+        # The first to fail is the cause; the others are usually torchrun's shutdown of the group.
+        for i, (rank, failure) in enumerate(sorted(exc.failures.items(), key=lambda item: item[1].timestamp)):
+            first = " (failed first)" if i == 0 and len(exc.failures) > 1 else ""
+            print(f"dtrain launch: worker rank {rank}{first} (pid {failure.pid}) {describe_exit(failure.exitcode)}",
                   file=sys.stderr)
         return 1
     return 0

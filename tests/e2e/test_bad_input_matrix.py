@@ -155,6 +155,9 @@ ONE_LINERS = {
     "task_args at sign": (["--task_args.data=@corpus"], "--task_args.data=@corpus is not a YAML value"),
     "task_args mapping": (["--task_args.x=a: b: c"], "quote a string in YAML: --task_args.x=\"'a: b: c'\""),
     "task_args key twice": (["--task_args.x={a: 1, a: 2}"], "--task_args.x={a: 1, a: 2}: key 'a' appears twice"),
+    "negative __len__": ([BAD + "NegativeLength"], "task.train_dataset()'s dataset cannot tell its length: "
+                                                    "__len__ raised ValueError: __len__() should return >= 0"),
+    "raising __len__": ([BAD + "RaisingLength"], "__len__ raised OSError: the index file is gone"),
     "worker start method": (["--data.worker_start_method=thread"],
                             "data.worker_start_method must be one of default, fork, forkserver, spawn; got 'thread'"),
 }

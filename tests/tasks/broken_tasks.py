@@ -119,3 +119,30 @@ class RaisingLoss(_StepMisbehaviour):
 
     def misbehave(self, loss: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("simulated crash in rank's loss()")
+
+
+class _BadLength(Dataset):
+    def __init__(self, length):
+        self.length = length
+
+    def __len__(self):
+        if isinstance(self.length, Exception):
+            raise self.length
+        return self.length
+
+    def __getitem__(self, index):
+        return torch.zeros(4), torch.zeros(())
+
+
+class NegativeLength(Regression):
+    """A dataset whose __len__ is negative."""
+
+    def train_dataset(self):
+        return _BadLength(-1)
+
+
+class RaisingLength(Regression):
+    """A dataset whose __len__ raises (an index file gone)."""
+
+    def train_dataset(self):
+        return _BadLength(OSError("the index file is gone"))

@@ -180,6 +180,27 @@ def test_accelerate_sharded_evaluates_the_prepared_model_and_saves_the_whole_mod
     assert engine.eval_model() is engine.raw_model and set(engine.model_state_dict()) == {"weight", "bias"}
 
 
+def test_the_launcher_names_the_worker_that_failed_first(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from distributed_train.cli.launch import run_torchrun
+
+    first, shut_down = ProcessFailure(1, 200, 1, "<N/A>"), ProcessFailure(0, 100, -15, "<N/A>")
+    first.timestamp, shut_down.timestamp = 1000, 1005  # rank 1 failed; torchrun then stopped rank 0
+
+    def fail(parsed):
+        raise ChildFailedError("train", {0: shut_down, 1: first})
+
+    monkeypatch.setattr(torch.distributed.run, "run", fail)
+    assert run_torchrun(SimpleNamespace(rdzv_endpoint="", master_addr="", master_port=0)) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtrain launch:")]
+    assert lines[0].startswith("dtrain launch: worker rank 1 (failed first) (pid 200) exited with code 1")
+    assert lines[1].startswith("dtrain launch: worker rank 0 (pid 100) died from SIGTERM")
+
+
 def test_the_launcher_explains_a_worker_killed_by_a_signal():
     from distributed_train.cli.launch import describe_exit
 
