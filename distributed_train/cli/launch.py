@@ -223,8 +223,8 @@ def run_torchrun(parsed, run_dir: str | None = None) -> int:
             return explained[0]
         # The first to fail is the cause; the others are usually torchrun's shutdown of the group.
         for i, (rank, failure) in enumerate(sorted(exc.failures.items(), key=lambda item: item[1].timestamp)):
-            first = " (failed first)" if i == 0 and len(exc.failures) > 1 else ""
-            print(f"dtrain launch: worker rank {rank}{first} (pid {failure.pid}) {describe_exit(failure.exitcode)}",
+            first = " (the first to fail)" if i == 0 and len(exc.failures) > 1 else ""
+            print(f"dtrain launch: worker rank {rank} (pid {failure.pid}) {describe_exit(failure.exitcode)}{first}",
                   file=sys.stderr)
         return 1
     return 0

@@ -197,7 +197,8 @@ def test_the_launcher_names_the_worker_that_failed_first(monkeypatch, capsys):
     monkeypatch.setattr(torch.distributed.run, "run", fail)
     assert run_torchrun(SimpleNamespace(rdzv_endpoint="", master_addr="", master_port=0)) == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtrain launch:")]
-    assert lines[0].startswith("dtrain launch: worker rank 1 (failed first) (pid 200) exited with code 1")
+    assert lines[0].startswith("dtrain launch: worker rank 1 (pid 200) exited with code 1")
+    assert lines[0].endswith("(the first to fail)")
     assert lines[1].startswith("dtrain launch: worker rank 0 (pid 100) died from SIGTERM")
 
 
