@@ -86,6 +86,9 @@ class JobSpec:
             raise UsageError("--cpu renders a job without GPUs: drop --gpus-per-node (or drop --cpu)")
         check_name(self.name)
         check_image(self.image)
+        for flag, value in [("--pvc-size", self.pvc_size), ("--cpus-per-node", self.cpus_per_node),
+                            ("--memory-per-node", self.memory_per_node)]:
+            check_quantity(flag, value)
         if self.pvc is not None and not _DNS_LABEL.match(self.pvc):
             raise UsageError(f"--pvc {self.pvc!r} is not a valid claim name: lowercase letters, digits, '-'")
         if self.pvc_access_mode not in (None, "ReadWriteOnce", "ReadWriteMany"):
@@ -165,8 +168,24 @@ def parse_nodes(nodes: int | str) -> tuple[int, int]:
     return minimum, maximum
 
 
+# An image reference as registries parse it: [host[:port]/]path[:tag][@algorithm:hex].
+_IMAGE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]+)?/)?"
+                    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+                    r"(?::[\w][\w.-]{0,127})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
+# A Kubernetes resource quantity (`8`, `500m`, `32Gi`, `1e3`).
+_QUANTITY = re.compile(r"(?:\d+(?:\.\d+)?|\.\d+)(?:Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?")
+
+
+def check_quantity(flag: str, value: str | None) -> None:
+    """Raise UsageError unless `value` is a positive Kubernetes quantity (None: not given)."""
+    if value is not None and (not _QUANTITY.fullmatch(value) or not re.search(r"[1-9]", value.split("e")[0])):
+        raise UsageError(f"{flag} {value!r} is not a Kubernetes quantity (e.g. 8, 500m, 32Gi)")
+
+
 def check_image(image: str) -> None:
     """Raise UsageError unless `image` names a tag (not `latest`) or a digest: every node runs the same code."""
+    if not _IMAGE.fullmatch(image):
+        raise UsageError(f"--image {image!r} is not an image reference (e.g. registry.example.com/team/dtrain:0.1.0)")
     if "@" in image:
         return
     prefix, _, last = image.rpartition("/")
@@ -194,7 +213,8 @@ def container_args(spec: JobSpec) -> list[str]:
         "--shutdown-timeout", str(spec.grace_period_s - 15),
         CONFIG_PATH,
         f"--run_dir={spec.run_dir}",
-        *spec.overrides,
+        # The kubelet expands $(VAR) in args: $$( keeps an override's text as the user wrote it.
+        *(override.replace("$(", "$$(") for override in spec.overrides),
     ]
 
 

@@ -315,6 +315,11 @@ def test_cpu_mode_has_no_gpus_and_an_existing_claim_is_not_rendered(tmp_path):
     (["--name", "-job"], "--name"),
     (["--image", "registry.example.com:5000/dtrain"], "--image"),
     (["--image", "dtrain:latest"], "--image"),
+    (["--image", "my image:1.0"], "--image"),
+    (["--image", "Registry/Dtrain:1.0"], "--image"),
+    (["--pvc-size", "lots"], "--pvc-size"),
+    (["--cpus-per-node", "two"], "--cpus-per-node"),
+    (["--memory-per-node", "0Gi"], "--memory-per-node"),
     (["--nodes", "two"], "--nodes"),
     (["--run_dir=/elsewhere"], "--run_dir"),
     (["--train.lr=-1"], "train.lr"),
@@ -326,6 +331,15 @@ def test_bad_input_is_one_line_naming_the_flag_and_exit_2(args, flag, capsys):
     assert captured.out == ""  # no manifest printed
     lines = [line for line in captured.err.splitlines() if not line.startswith("dtrain k8s: warning")]
     assert len(lines) == 1 and lines[0].startswith("dtrain: error:") and flag in lines[0], captured.err
+
+
+def test_overrides_reach_torchrun_as_written_and_quantities_and_images_are_accepted():
+    objects = render("--cpus-per-node", "500m", "--memory-per-node", "1.5Gi", "--pvc-size", "1e3",
+                     "--task_args.path=$(HOME)/data")  # the kubelet would expand $(HOME)
+    args = by_kind(objects, "Job")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--task_args.path=$$(HOME)/data" in args
+    for image in ("registry.example.com:5000/team/dtrain:0.1.0", "dtrain@sha256:" + "a" * 64, "ghcr.io/a_b/c-d:v1.2"):
+        assert by_kind(list(yaml.safe_load_all(k8s.manifests(["--image", image]))), "Job")
 
 
 def _exit_code(argv: list[str]) -> int:
