@@ -188,7 +188,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def resume(self) -> None:
         """Continue from the checkpoint `checkpoint.resume` selects, if any (every rank loads it)."""
-        self.resumed = self.checkpointer.resume(self.engine)
+        self.resumed = self.checkpointer.resume(self.engine, self.total_steps)
         if self.resumed is None:
             return
         self.global_step = self.resumed.global_step

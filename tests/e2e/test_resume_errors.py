@@ -31,6 +31,8 @@ def test_incompatible_resume_and_never_are_refused(tmp_path):
     assert "already has checkpoints" in line and "checkpoint.overwrite=true" in line
     line = _one_error_line(dtrain(*base, f"--checkpoint.resume={tmp_path / 'missing'}", check=False))
     assert "checkpoint.resume=" in line
+    line = _one_error_line(dtrain(*base, "--train.max_steps=4", check=False))  # below the checkpoint's 6
+    assert "is at step 6, past this run's 4 steps: raise train.max_steps" in line
 
     after = [(p.name, (p / "train_state.pt").stat().st_mtime_ns)
              for p in committed_checkpoints(run_dir / "checkpoints")]

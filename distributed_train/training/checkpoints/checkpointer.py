@@ -100,8 +100,9 @@ class Checkpointer:
         """Wait for the checkpoint being written; raises if its write failed."""
         self.writer.wait()
 
-    def resume(self, engine: Engine) -> Resumed | None:
-        """Load the checkpoint `checkpoint.resume` selects into `engine` and this rank's RNGs."""
+    def resume(self, engine: Engine, total_steps: int) -> Resumed | None:
+        """Load the checkpoint `checkpoint.resume` selects into `engine` and this rank's RNGs; one
+        past this run's `total_steps` is refused (it would rewrite final_model.pt with a longer-trained model)."""
         path = distributed.main_computes(self.env, commit.resolve_resume, self.run_dir, self.settings.resume,
                                   self.settings.overwrite)
         if path is None:
@@ -111,6 +112,10 @@ class Checkpointer:
         if changed and not self.settings.allow_changes:
             raise UsageError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}); "
                              "resume with the same settings, or set checkpoint.allow_changes=true")
+        if state["progress"]["global_step"] > total_steps:
+            raise UsageError(f"checkpoint {path} is at step {state['progress']['global_step']}, past this run's "
+                             f"{total_steps} steps: raise train.max_steps to continue, or resume an earlier "
+                             "checkpoint (checkpoint.resume=PATH)")
         current_groups = hyperparameters(engine.optimizer)
         try:
             shards.load_model_and_optimizer(engine, path)

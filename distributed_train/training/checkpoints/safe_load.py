@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,10 @@ def load(state: dict, path: Path) -> None:
     """`dcp.load(state, path)` in place, reading nothing that could run code; a failure is one line."""
     SafeReader(str(path)).read_metadata()  # refused here in our words, not inside DCP's fallbacks
     try:
-        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(path),
-                 no_dist=not torch_dist.is_initialized())
+        with warnings.catch_warnings():  # one process: DCP's "torch.distributed is disabled ..." says nothing
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(path),
+                     no_dist=not torch_dist.is_initialized())
     except CheckpointException as exc:
         raise one_line(exc, path) from None
 

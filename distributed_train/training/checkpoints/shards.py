@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
@@ -134,7 +135,9 @@ class ShardedWriter:
         def write() -> None:
             import torch.distributed.checkpoint as dcp
 
-            dcp.save(model_and_optimizer(engine), checkpoint_id=str(tmp), no_dist=True)
+            with warnings.catch_warnings():  # DCP's "torch.distributed is disabled ...": meant, not news
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+                dcp.save(model_and_optimizer(engine), checkpoint_id=str(tmp), no_dist=True)
             write_train_state(tmp, train_state)
 
         final = commit.commit_directory(self.directory, step, write)
