@@ -3,6 +3,7 @@ one line naming the path and the OS error, and no partial file is left under any
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -21,7 +22,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "") 
         tmp.unlink(missing_ok=True)  # a leftover, or a planted link (unlinking removes the link only)
         # A fresh file, never opened through a link; the rename below replaces `path` itself, so a
         # link planted there is replaced, not followed.
-        with open(tmp, "xb", opener=_no_follow) as f:
+        with open(tmp, "xb", opener=open_no_follow) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -36,8 +37,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "") 
         raise UsageError(f"cannot write {what + ' ' if what else ''}{path}: {reason.lower()}") from exc
 
 
-def _no_follow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+def open_no_follow(path: str | Path, flags: int) -> int:
+    """os.open(path, flags), never through a symbolic link planted at `path` (it would truncate or
+    overwrite whatever it points at): a link there is one line. Other OSErrors are the caller's."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"{path} is a symbolic link; refused: dtrain never writes through a link in a "
+                             "run directory (remove it)") from None
+        raise
 
 
 def atomic_write_text(path: Path, text: str, what: str = "") -> None:

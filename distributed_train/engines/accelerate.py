@@ -154,7 +154,7 @@ class AccelerateEngine(EngineBase):
             raise UsageError("train.nonfinite=skip is not implemented by engine=accelerate; "
                              "use engine=ddp, or train.nonfinite=error")
         self.accelerator = make_accelerator(config, env, device, plan)
-        self.raw_model = build_model(task, config, device)
+        self.raw_model = build_model(task, device, self.float_dtype)
         checkpoint_activations(task, self.raw_model, config)
         optimizer = build_optimizer(task, self.raw_model, config)
         self.scheduler = lr_schedule(optimizer, config, total_steps)

@@ -35,10 +35,9 @@ def float_dtype(precision: str) -> torch.dtype | None:
     return torch.float64 if precision == "fp64" else None
 
 
-def build_model(task: Task, config: Config, device: torch.device) -> nn.Module:
-    """The task's model on `device`, its floating parameters and buffers in `float_dtype` if set."""
+def build_model(task: Task, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+    """The task's model on `device`, its floating parameters and buffers in `dtype` if given."""
     model = task.model().to(device)
-    dtype = float_dtype(config.train.precision)
     return model.to(dtype) if dtype is not None else model
 
 

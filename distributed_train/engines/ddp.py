@@ -39,7 +39,7 @@ class DDPEngine(EngineBase):
                  plan: BatchPlan, total_steps: int):
         super().__init__(task, config, env, device, plan)
         check_comm_hook(config.ddp.comm_hook, device)
-        self.raw_model = batch_statistics(build_model(task, config, device), config, env, device)
+        self.raw_model = batch_statistics(build_model(task, device, self.float_dtype), config, env, device)
         checkpoint_activations(task, self.raw_model, config)
         self.optimizer = build_optimizer(task, self.raw_model, config)
         self.scheduler = lr_schedule(self.optimizer, config, total_steps)

@@ -103,7 +103,7 @@ class FSDPEngine(EngineBase):
         super().__init__(task, config, env, device, plan)
         check_settings(config, env.world_size, device)
         ensure_process_group(device)
-        model = build_model(task, config, device)
+        model = build_model(task, device, self.float_dtype)
         units = find_units(task, model, config.fsdp.units)
         check_tied_weights(model, units)
         if config.train.activation_checkpointing == "units":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from distributed_train import distributed
 from distributed_train.errors import UsageError
+from distributed_train.files import open_no_follow
 from distributed_train.training.reporting.metrics import log
 
 LOCK_FILE = ".dtrain.lock"
@@ -76,12 +77,8 @@ class RunLock:
         """Lock run_dir or raise UsageError naming the directory and the job that holds it."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            # Never through a planted symbolic link: it would truncate whatever it points at.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UsageError(f"{self.path} is a symbolic link; refused: dtrain never writes through a "
-                                 "link in a run directory (remove it)") from None
             raise UsageError(f"run_dir {str(self.run_dir)!r} is not writable: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

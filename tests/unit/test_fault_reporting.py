@@ -56,11 +56,11 @@ def test_a_run_dir_deleted_or_replaced_under_the_job_stops_it_and_links_are_neve
     (planted / run_lock.LOCK_FILE).symlink_to(victim)
     with pytest.raises(UsageError, match=r"\.dtrain\.lock is a symbolic link; refused"):
         run_lock.RunLock(planted, ONE).acquire()
-    from distributed_train.training.reporting.metrics import open_no_follow
+    from distributed_train.training.reporting.metrics import open_for_append
 
     (planted / "metrics.jsonl").symlink_to(victim)
     with pytest.raises(UsageError, match=r"metrics\.jsonl is a symbolic link; refused"):
-        open_no_follow(planted / "metrics.jsonl")
+        open_for_append(planted / "metrics.jsonl")
     assert victim.read_text() == "keep me"
 
 

@@ -14,12 +14,13 @@ usage problem, not a crash.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -123,12 +124,20 @@ def one_line(exc: CheckpointException, path: Path) -> UsageError:
                       "it with the model that wrote it, or start over (checkpoint.resume=never)")
 
 
+@contextlib.contextmanager
+def single_process_quietly() -> Iterator[None]:
+    """DCP without a process group warns "torch.distributed is disabled ... assuming the intent is
+    to load/save in a single process": here that is the intent, so the line says nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def load(state: dict, path: Path) -> None:
     """`dcp.load(state, path)` in place, reading nothing that could run code; a failure is one line."""
     SafeReader(str(path)).read_metadata()  # refused here in our words, not inside DCP's fallbacks
     try:
-        with warnings.catch_warnings():  # one process: DCP's "torch.distributed is disabled ..." says nothing
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        with single_process_quietly():
             dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(path),
                      no_dist=not torch_dist.is_initialized())
     except CheckpointException as exc:

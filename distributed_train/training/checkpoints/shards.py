@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
@@ -135,8 +134,9 @@ class ShardedWriter:
         def write() -> None:
             import torch.distributed.checkpoint as dcp
 
-            with warnings.catch_warnings():  # DCP's "torch.distributed is disabled ...": meant, not news
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            from distributed_train.training.checkpoints.safe_load import single_process_quietly
+
+            with single_process_quietly():
                 dcp.save(model_and_optimizer(engine), checkpoint_id=str(tmp), no_dist=True)
             write_train_state(tmp, train_state)
 

@@ -7,7 +7,6 @@ at its checkpoint step, and `read_events()` drops what a killed attempt logged a
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -23,6 +22,7 @@ from distributed_train import __version__
 from distributed_train.config import Config, to_dict
 from distributed_train.distributed import DistEnv, main_computes
 from distributed_train.errors import UsageError
+from distributed_train.files import open_no_follow
 from distributed_train.training.reporting.progress import Progress, active_bar
 from distributed_train.training.reporting.trainjob import TrainJobProgress
 
@@ -116,14 +116,11 @@ def _last_line_torn(path: Path) -> bool:
         return False
 
 
-def open_no_follow(path: Path):
+def open_for_append(path: Path):
     """metrics.jsonl for appending (line-buffered), never through a planted symbolic link."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UsageError(f"{path} is a symbolic link; refused: dtrain never writes through a link in a "
-                             "run directory (remove it)") from None
         raise UsageError(f"cannot open {path}: {exc.strerror}") from None
     return os.fdopen(fd, "a", buffering=1)
 
@@ -176,7 +173,7 @@ class MetricsLogger:
         self.wandb_id = wandb_id  # kept through checkpoints even while wandb is off or failing
         path = self.run_dir / "metrics.jsonl"
         torn = _last_line_torn(path)
-        self._file = open_no_follow(path)
+        self._file = open_for_append(path)
         if torn:
             self._file.write("\n")  # a killed attempt's last line must not swallow our first
         if mode != "disabled":
