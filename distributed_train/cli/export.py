@@ -24,6 +24,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("source", help="a committed checkpoint directory, or a run directory (its latest "
                         "checkpoint, else its final_model.pt)")
     parser.add_argument("-o", "--output", required=True, help="FILE.pt or FILE.safetensors")
+    parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -75,6 +76,10 @@ def main(argv: list[str]) -> int:
     output = Path(args.output)
     if output.suffix not in (".pt", ".safetensors"):
         raise UsageError(f"-o {args.output!r}: the file must end in .pt or .safetensors")
+    if output.is_dir():
+        raise UsageError(f"-o {args.output!r} is a directory; name the file to write, e.g. {output / 'model.pt'}")
+    if output.exists() and not args.overwrite:
+        raise UsageError(f"-o {args.output!r} already exists; pass --overwrite to replace it")
     state, path = find_model(Path(args.source))
     write(state, output)
     total = sum(t.numel() for t in state.values())

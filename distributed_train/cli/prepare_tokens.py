@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 
 from distributed_train.errors import UsageError
+from distributed_train.files import atomic_write_text
 
 # Tokenizer worker processes import this module: what needs torch (the token-file format lives
 # beside the lm task's dataset, the parser beside `dtrain plot`) is imported inside functions.
@@ -168,13 +169,14 @@ class ShardWriter:
         self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
         self.shards: list[list] = []  # [file name, tokens] of the finished shards
         self.file: BinaryIO | None = None
+        self.tmp: Path | None = None  # the temporary name of the shard being written
         self.in_file = 0
 
     def write(self, ids: np.ndarray) -> None:
         while len(ids):
             if self.file is None:
-                name = f"{self.split}-{len(self.shards):06d}.bin"
-                self.file, self.in_file = open(self.directory / (name + ".tmp"), "wb"), 0
+                self.tmp = self.directory / f"{self.split}-{len(self.shards):06d}.bin.tmp"
+                self.file, self.in_file = open(self.tmp, "wb"), 0
             take = ids[: self.shard_tokens - self.in_file]
             take.astype(self.dtype, copy=False).tofile(self.file)  # DTYPES are little-endian
             self.in_file += len(take)
@@ -188,10 +190,20 @@ class ShardWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        tmp = Path(self.file.name)
-        tmp.replace(tmp.with_suffix(""))
-        self.shards.append([tmp.with_suffix("").name, self.in_file])
-        self.file = None
+        self.tmp.replace(self.tmp.with_suffix(""))
+        self.shards.append([self.tmp.with_suffix("").name, self.in_file])
+        self.file = self.tmp = None
+
+    def discard(self) -> None:
+        """Remove every file this writer wrote, the unfinished one included (after a failed write)."""
+        if self.file is not None:
+            self.file.close()
+        if self.tmp is not None:  # also when creating it failed half-way
+            self.tmp.unlink(missing_ok=True)
+        self.file = self.tmp = None
+        for name, _ in self.shards:
+            (self.directory / name).unlink(missing_ok=True)
+        self.shards = []
 
     @property
     def tokens(self) -> int:
@@ -225,6 +237,9 @@ def prepare_output(directory: Path, overwrite: bool) -> None:
 
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"-o {str(directory)!r} exists and is not a directory")
+    for parent in directory.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"-o {str(directory)!r}: {str(parent)!r} is a file, not a directory")
     if directory.is_dir() and any(directory.iterdir()):
         if not overwrite:
             raise UsageError(f"-o {str(directory)!r} already holds files; pass --overwrite to replace "
@@ -238,12 +253,7 @@ def prepare_output(directory: Path, overwrite: bool) -> None:
 def write_meta(directory: Path, meta: dict) -> None:
     from distributed_train.tasks.tokens import META_NAME
 
-    tmp = directory / (META_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(meta, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(directory / META_NAME)
+    atomic_write_text(directory / META_NAME, json.dumps(meta, indent=2) + "\n", "the token metadata")
 
 
 def _progress_bar(inputs: list[str]) -> Any:
@@ -264,37 +274,64 @@ def _progress_bar(inputs: list[str]) -> Any:
 
 
 def main(argv: list[str]) -> int:
-    from distributed_train.tasks.tokens import DTYPES, META_FORMAT
-
     args = parse_args(argv)
     tokenizer = make_tokenizer(args.tokenizer)
-    dtype_name = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
     directory = Path(args.output)
-    prepare_output(directory, args.overwrite)
-    writers = {split: ShardWriter(directory, split, DTYPES[dtype_name], args.shard_tokens)
-               for split in ("train", "val")}
-    splitter = Splitter(writers["train"], writers["val"], args.val_fraction)
+    try:
+        prepare_output(directory, args.overwrite)
+    except OSError as exc:
+        raise UsageError(f"cannot create -o {str(directory)!r}: {_reason(exc)}") from None
     start = time.perf_counter()
-    with _progress_bar(args.inputs) as progress:
-        for ids in tokenized(read_chunks(args.inputs, tokenizer.cuts_anywhere, progress), tokenizer, args.workers):
-            splitter.write(ids)
-            progress.set_postfix(tokens=f"{splitter.position:,}", refresh=False)
-    read_bytes = progress.bytes_read
-    for writer in writers.values():
-        writer.finish_shard()
-    if not writers["train"].tokens:
-        raise UsageError("the input holds no tokens for the training split (empty input, or "
-                         "--val-fraction too large for its size)")
-    meta = {"format": META_FORMAT, "version": 1, "dtype": dtype_name, "vocab_size": tokenizer.vocab_size,
-            "tokenizer": tokenizer.describe(), "val_fraction": args.val_fraction,
-            "split_block_tokens": SPLIT_BLOCK_TOKENS,
-            "splits": {s: {"tokens": w.tokens, "shards": w.shards} for s, w in writers.items()},
-            "inputs": [str(Path(p).resolve()) if p != "-" else "-" for p in args.inputs],
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    write_meta(directory, meta)
+    writers, read_bytes = _write_shards(args, tokenizer, directory)
     elapsed = time.perf_counter() - start
     print(f"prepare-tokens: {read_bytes / 1e6:,.1f} MB -> {writers['train'].tokens:,} train and "
-          f"{writers['val'].tokens:,} val tokens ({dtype_name}, vocabulary {tokenizer.vocab_size}) in "
-          f"{len(writers['train'].shards) + len(writers['val'].shards)} shard(s) under {directory}, "
-          f"{elapsed:.1f} s ({read_bytes / 1e6 / max(elapsed, 1e-9):,.1f} MB/s)", file=sys.stderr)
+          f"{writers['val'].tokens:,} val tokens ({np.dtype(writers['train'].dtype).name}, vocabulary "
+          f"{tokenizer.vocab_size}) in {len(writers['train'].shards) + len(writers['val'].shards)} shard(s) "
+          f"under {directory}, {elapsed:.1f} s ({read_bytes / 1e6 / max(elapsed, 1e-9):,.1f} MB/s)",
+          file=sys.stderr)
     return 0
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or type(exc).__name__).lower()
+
+
+def _write_shards(args: argparse.Namespace, tokenizer: Any, directory: Path) -> tuple[dict, int]:
+    """Tokenize every input into DIR's shards, then write meta.json. A write that fails (full disk,
+    read-only file system, no permission) is one line naming the file and the OS error, and every
+    shard of this run is removed: no partial file under any name, no directory that looks complete."""
+    from distributed_train.tasks.tokens import DTYPES, META_FORMAT
+
+    dtype_name = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+    writers = {split: ShardWriter(directory, split, DTYPES[dtype_name], args.shard_tokens)
+               for split in ("train", "val")}
+    try:
+        splitter = Splitter(writers["train"], writers["val"], args.val_fraction)
+        with _progress_bar(args.inputs) as progress:
+            for ids in tokenized(read_chunks(args.inputs, tokenizer.cuts_anywhere, progress), tokenizer,
+                                 args.workers):
+                splitter.write(ids)
+                progress.set_postfix(tokens=f"{splitter.position:,}", refresh=False)
+        for writer in writers.values():
+            writer.finish_shard()
+        if not writers["train"].tokens:
+            raise UsageError("the input holds no tokens for the training split (empty input, or "
+                             "--val-fraction too large for its size)")
+        meta = {"format": META_FORMAT, "version": 1, "dtype": dtype_name, "vocab_size": tokenizer.vocab_size,
+                "tokenizer": tokenizer.describe(), "val_fraction": args.val_fraction,
+                "split_block_tokens": SPLIT_BLOCK_TOKENS,
+                "splits": {s: {"tokens": w.tokens, "shards": w.shards} for s, w in writers.items()},
+                "inputs": [str(Path(p).resolve()) if p != "-" else "-" for p in args.inputs],
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        write_meta(directory, meta)
+    except BaseException as exc:
+        open_files = [w.tmp for w in writers.values() if w.tmp is not None]
+        for writer in writers.values():
+            writer.discard()
+        if not isinstance(exc, OSError):
+            raise
+        if exc.filename and exc.filename in args.inputs:
+            raise UsageError(f"cannot read {exc.filename}: {_reason(exc)}") from None
+        where = exc.filename or (open_files[0] if open_files else directory)
+        raise UsageError(f"cannot write {where}: {_reason(exc)}; removed the shards written so far") from None
+    return writers, progress.bytes_read

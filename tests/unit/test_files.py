@@ -103,3 +103,21 @@ def test_export_of_a_run_without_checkpoints_takes_its_final_model(tmp_path, cap
     with pytest.raises(UsageError, match=r"is neither a committed checkpoint nor a run directory with checkpoints "
                                          r"or a final_model.pt$"):
         export.main([str(tmp_path / "empty"), "-o", str(tmp_path / "x.pt")])
+
+
+def test_export_never_replaces_a_file_unasked_and_names_a_directory_given_as_the_file(tmp_path):
+    from distributed_train.cli import export
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"w": torch.ones(2)}, run / "final_model.pt")
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"someone else's model")
+    with pytest.raises(UsageError, match=r"model.pt' already exists; pass --overwrite to replace it$"):
+        export.main([str(run), "-o", str(out)])
+    assert out.read_bytes() == b"someone else's model"
+    assert export.main([str(run), "-o", str(out), "--overwrite"]) == 0
+    assert torch.equal(torch.load(out, weights_only=True)["w"], torch.ones(2))
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(UsageError, match=r"folder.pt' is a directory; name the file to write"):
+        export.main([str(run), "-o", str(tmp_path / "folder.pt"), "--overwrite"])

@@ -1,7 +1,9 @@
 """`dtrain prepare-tokens`: byte and Hugging Face tokenizers, streaming split, shards, refusals."""
 
+import errno
 import io
 import json
+import os
 import sys
 
 import numpy as np
@@ -56,3 +58,70 @@ def test_existing_directory_is_refused_unless_overwrite_and_stdin_works(tmp_path
     with pytest.raises(SystemExit) as info:
         dtrain(["prepare-tokens", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x")])
     assert info.value.code == 2 and "missing.txt" in capsys.readouterr().err
+
+
+def prepare_failing(tmp_path, monkeypatch, capsys, fail):
+    """Run prepare-tokens into tmp_path/tokens with shards of 100 tokens, `fail(path)` deciding
+    which file opened for writing fails and how; returns (exit code, stderr, files left in DIR)."""
+    (tmp_path / "in.txt").write_bytes(b"0123456789" * 100)  # ten shards
+    out = tmp_path / "tokens"
+    real_open = open
+
+    def open_failing(path, mode="r", *args, **kwargs):
+        if "w" in mode and (error := fail(str(path))) is not None:
+            if error.errno == errno.ENOSPC:  # a full disk: the file is created, then writing fails
+                real_open(path, mode).close()
+            raise error
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_tokens, "open", open_failing, raising=False)
+    with pytest.raises(SystemExit) as info:
+        dtrain(["prepare-tokens", str(tmp_path / "in.txt"), "-o", str(out), "--val-fraction", "0",
+                "--shard-tokens", "100"])
+    return info.value.code, capsys.readouterr().err.strip().splitlines(), sorted(p.name for p in out.iterdir())
+
+
+def test_a_full_disk_while_writing_shards_is_one_line_and_removes_every_shard(tmp_path, monkeypatch, capsys):
+    full = OSError(errno.ENOSPC, "No space left on device")
+    code, err, left = prepare_failing(tmp_path, monkeypatch, capsys,
+                                      lambda path: full if path.endswith("train-000003.bin.tmp") else None)
+    assert code == 2 and left == []  # three finished shards and the partial fourth are gone
+    assert err[-1] == (f"dtrain: error: cannot write {tmp_path}/tokens/train-000003.bin.tmp: no space left on "
+                       "device; removed the shards written so far")
+
+
+def test_a_read_only_file_system_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    def read_only(path):
+        return OSError(errno.EROFS, "Read-only file system", path)
+
+    code, err, left = prepare_failing(tmp_path, monkeypatch, capsys, read_only)
+    assert code == 2 and left == []
+    assert err[-1] == (f"dtrain: error: cannot write {tmp_path}/tokens/train-000000.bin.tmp: read-only file "
+                       "system; removed the shards written so far")
+
+
+def test_a_full_disk_while_writing_meta_leaves_no_shard_and_no_meta(tmp_path, monkeypatch, capsys):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    real_open = os.open
+
+    def open_full(path, flags, *args, **kwargs):
+        if str(path).endswith("meta.json.tmp"):
+            real_open(path, flags, *args, **kwargs)
+            return real_open("/dev/full", os.O_WRONLY)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_full)
+    code, err, left = prepare_failing(tmp_path, monkeypatch, capsys, lambda path: None)
+    assert code == 2 and left == []
+    assert err[-1] == (f"dtrain: error: cannot write the token metadata {tmp_path}/tokens/meta.json: no space "
+                       "left on device")
+
+
+def test_an_output_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "in.txt").write_bytes(b"abc")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as info:
+        dtrain(["prepare-tokens", str(tmp_path / "in.txt"), "-o", str(tmp_path / "file" / "tokens")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[-1].endswith(f"{str(tmp_path / 'file')!r} is a file, not a directory")
