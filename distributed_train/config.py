@@ -337,12 +337,26 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict, top: dict) -> dict:
-    """Deep-merge `top` over `base` (both nested dicts); returns a new dict."""
+def _merge(base: dict, top: dict, prefix: str = "") -> dict:
+    """Deep-merge `top` over `base` (both nested dicts); returns a new dict. A section given as a
+    plain value in one and as keys in the other (`train: 5` and `--train.lr=0.1`) is an error,
+    never one of the two silently dropped; free-form task_args values replace each other whole.
+    An empty section (`train:` with every key commented out) is no keys."""
     merged = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+        old = merged.get(key)
+        if value is None and isinstance(old, dict):
+            continue
+        if old is None and isinstance(value, dict):
+            old = {}
+        if isinstance(value, dict) and isinstance(old, dict):
+            merged[key] = _merge(old, value, f"{prefix}{key}.")
+        elif (isinstance(value, dict) != isinstance(old, dict) and key in merged
+              and not prefix.startswith("task_args.")):
+            section, plain = (value, old) if isinstance(value, dict) else (old, value)
+            first = next(iter(section), "key")
+            raise UsageError(f"{prefix}{key} is given both as a section ({prefix}{key}.{first}) and as the "
+                             f"value {plain!r}; a section takes keys: write {prefix}{key}.KEY=VALUE")
         else:
             merged[key] = value
     return merged
@@ -389,18 +403,50 @@ def _yaml_value(key: str, value: str) -> object:
                          f"--{key}=\"'{value}'\"") from None
 
 
+MAX_YAML_VALUES = 100_000  # values in a config once its aliases are expanded
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error."""
+    """PyYAML's safe loader, except that a key given twice in one mapping, a key that is not a
+    plain value (`? [a, b]`) and aliases that expand past MAX_YAML_VALUES are errors."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key_node, yaml.ScalarNode):
+                kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                raise UsageError(f"the key at line {line} is a {kind}; keys are plain names")
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
                 raise UsageError(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise UsageError(f"its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values; refused "
+                             "(a YAML alias bomb?)")
+        return self.construct_document(node)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict) -> int:
+    """How many values `node` holds once every alias is replaced by a copy of what it names;
+    linear in the document, however far the aliases expand (a node is sized once)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = MAX_YAML_VALUES + 1  # a node inside itself (a recursive alias) is too big
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+        total = 1
+        for child in children:
+            total += _expanded_size(child, sizes)
+            if total > MAX_YAML_VALUES:
+                break
+        sizes[id(node)] = total
+    return sizes[id(node)]
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

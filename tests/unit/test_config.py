@@ -121,6 +121,37 @@ def test_bad_config_files(tmp_path, text, needle):
         load_config(write(tmp_path, text))
 
 
+def alias_bomb(levels: int) -> str:
+    """A few hundred bytes of YAML whose aliases expand to 9**levels strings."""
+    lines = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "task_args:\n" + "".join(f"  {line}\n" for line in lines)
+
+
+def test_yaml_that_is_not_a_plain_config_is_one_line(tmp_path):
+    with pytest.raises(UsageError, match=r"config file '.*': the key at line 1 is a list; keys are plain names$"):
+        load_config(write(tmp_path, "? [a, b]\n: 1\n"))
+    with pytest.raises(UsageError, match=r"^--task_args.x=\{\[1\]: 2\}: the key at line 1 is a list"):
+        load_config(None, ["--task_args.x={[1]: 2}"])
+    bomb = alias_bomb(8)  # 43 million values from about 500 bytes
+    assert len(bomb) < 600
+    for text in (bomb, "task_args:\n  a: &x [*x]\n"):  # and an alias inside itself
+        with pytest.raises(UsageError, match=r"aliases \(\*name\) expand to more than 100,000 values; refused"):
+            load_config(write(tmp_path, text))
+    assert load_config(write(tmp_path, alias_bomb(3))).task_args["l3"][0][0][0] == ["x"] * 9  # 6,561 values: fine
+
+
+def test_a_section_given_as_a_value_and_as_keys_is_refused_never_dropped(tmp_path):
+    with pytest.raises(UsageError, match=r"^train is given both as a section \(train.lr\) and as the value 5; "):
+        load_config(write(tmp_path, "train: 5\n"), ["--train.lr=0.1"])
+    with pytest.raises(UsageError, match=r"^train is given both as a section \(train.lr\) and as the value '5'; "):
+        load_config(write(tmp_path, "train:\n  lr: 0.1\n"), ["--train=5"])
+    # an empty section is no keys; task_args values replace each other whole
+    config = load_config(write(tmp_path, "train:\n  # lr: 1\ntask_args:\n  a: [1]\n"),
+                         ["--train.lr=0.1", "--task_args.a.b=2"])
+    assert config.train.lr == 0.1 and config.task_args == {"a": {"b": 2}}
+
+
 def test_missing_config_file_names_it(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(UsageError, match="nope.yaml.*does not exist"):
