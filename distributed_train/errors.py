@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import threading
 from typing import Iterator
 
 
@@ -74,3 +75,23 @@ def user_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
         if not quiet or exc.every_rank:
             print_error(str(exc))
         raise SystemExit(exc.exit_code) from None
+
+
+_sigints = 0  # Ctrl-Cs (SIGINT) this process received outside training
+
+
+def _count_sigint(signum, frame) -> None:  # noqa: ARG001
+    global _sigints
+    _sigints += 1
+    raise KeyboardInterrupt
+
+
+def count_sigints() -> None:
+    """Ctrl-C raises KeyboardInterrupt as before, and is counted: a KeyboardInterrupt without one
+    was raised by code (a task's), which is a task failure, not a user's stop."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _count_sigint)
+
+
+def sigint_received() -> bool:
+    return _sigints > 0

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distributed_train.errors import UsageError
+from distributed_train.errors import UsageError, sigint_received
 
 BUILTIN_TASKS = {
     "digits": "distributed_train.tasks.digits:DigitsTask",
@@ -162,15 +162,15 @@ def check_model_before_spawn(spec: str, config: Any) -> None:
         with torch.device("meta"):
             model = task.obj.model()
     except SystemExit as exc:  # the launcher would exit 0 with it
-        raise exited("model", exc) from None
+        raise exited("task.model()", exc) from None
     except Exception:  # noqa: BLE001 - a model that needs a real device: the workers build it
         return
     check_model(model)
 
 
-def exited(method: str, exc: SystemExit) -> UsageError:
-    """A task method that called sys.exit(): a task error, never a finished job (exit code 0)."""
-    return UsageError(f"task.{method}() called sys.exit({exc.code!r}); a task method must return or raise, "
+def exited(where: str, exc: SystemExit) -> UsageError:
+    """Task code that called sys.exit(): a task error, never a finished job (exit code 0)."""
+    return UsageError(f"{where} called sys.exit({exc.code!r}); task code must return or raise, "
                       "not end the process")
 
 
@@ -214,6 +214,20 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return next((t for t in map(_first_tensor, items) if t is not None), None)
 
 
+def not_from_the_user(exc: BaseException) -> bool:
+    """A BaseException that is not the task's: a real Ctrl-C, or a generator closing."""
+    return isinstance(exc, GeneratorExit) or (isinstance(exc, KeyboardInterrupt) and sigint_received())
+
+
+def base_exception(where: str, exc: BaseException) -> UsageError:
+    """A KeyboardInterrupt no Ctrl-C caused, or another BaseException, raised by task code: a task
+    failure (exit 2), never a stop by the user (exit 130) or a crash without a name."""
+    what = "KeyboardInterrupt without a Ctrl-C (SIGINT)" if isinstance(exc, KeyboardInterrupt) else \
+        f"{type(exc).__name__} (a BaseException, not an Exception)"
+    detail = f": {(str(exc).splitlines() or [''])[0]}" if str(exc) else ""
+    return UsageError(f"{where} raised {what}{detail}; task code must return or raise an Exception")
+
+
 class Task:
     """The user's task with every result checked; the rest of the package only talks to this."""
 
@@ -230,9 +244,13 @@ class Task:
         except UsageError:
             raise
         except SystemExit as exc:  # exit code 0 from a worker would read as a finished job
-            raise exited(method, exc) from None
+            raise exited(f"task.{method}()", exc) from None
         except Exception as exc:
             raise UsageError(f"task.{method}() raised {type(exc).__name__}: {exc}") from exc
+        except BaseException as exc:
+            if not_from_the_user(exc):
+                raise
+            raise base_exception(f"task.{method}()", exc) from None
 
     def _check_dataset(self, dataset: Any, method: str) -> Any:
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from distributed_train.errors import user_errors
+from distributed_train.errors import EXIT_USAGE, count_sigints, print_error, sigint_received, user_errors
 
 
 def split_config_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
@@ -53,6 +53,7 @@ def main(argv: list[str]) -> int:
         return 0
     config_path, overrides, debug = split_config_args(argv)
     stop_with_launcher()
+    count_sigints()  # a KeyboardInterrupt without a Ctrl-C is task code's: a task failure
     from distributed_train import distributed
     from distributed_train.distributed.preemption import Preempted, print_stop
 
@@ -69,7 +70,12 @@ def main(argv: list[str]) -> int:
         if env.is_main:
             print_stop(exc, _committed(config.run_dir, exc.step))
         return _exit_worker(env, exc.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C before training started (or after it ended): nothing to save
+    except KeyboardInterrupt as exc:  # Ctrl-C before training started (or after it ended): nothing to save
+        if not sigint_received():  # raised by task code where no task method is wrapped (a dataset's)
+            from distributed_train.task import base_exception
+
+            print_error(str(base_exception("task code", exc)))
+            return _exit_worker(env, EXIT_USAGE)
         if env.is_main:
             print("dtrain: stopped by SIGINT before training started; nothing to resume", file=sys.stderr)
         return _exit_worker(env, 128 + signal.SIGINT)

@@ -30,6 +30,7 @@ from distributed_train.errors import (
     TrainingFailure,
     UsageError,
 )
+from distributed_train.task import base_exception, exited, not_from_the_user
 
 STORE_PREFIX = "dtrain/heartbeat/"
 BEAT_S = 1.0
@@ -282,14 +283,20 @@ def unused_parameters_message(names: list[str]) -> str:
             "those parameters from the model or freeze them (requires_grad=False)")
 
 
-def explain_step_error(exc: BaseException, first_step: bool) -> UsageError | None:
+def explain_step_error(exc: BaseException, first_step: bool) -> Exception | None:
     """A one-line UsageError for a mistake in task code or data, or None to keep the traceback.
 
     Errors on the first step of a run are the task's (nothing has worked yet); later ones are
-    explained only when their cause is certain, since a crash mid-run may be a real bug."""
+    explained only when their cause is certain, since a crash mid-run may be a real bug. Running
+    out of memory is the machine's limit, not a mistake: exit 1, which a scheduler may retry."""
     if isinstance(exc, (UsageError, TrainingFailure)) or is_communication_failure(exc):
         return None
     text = first_line(exc)
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return TrainingFailure(
+            f"out of memory in {position.phase} at step {position.step} ({type(exc).__name__}"
+            f"{': ' + text if str(exc).strip() else ''}); lower train.batch_size or set "
+            "train.micro_batch_size, or give each rank more memory (dtrain estimate TASK sizes a run)")
     if "Expected to have finished reduction" in str(exc):
         return UsageError("the model has parameters that got no gradient in a step; DDP needs "
                           "--ddp.find_unused_parameters=true for that, or remove those parameters")
@@ -315,6 +322,11 @@ def task_errors_explained(first_step: bool) -> Iterator[None]:
         if explained is None:
             raise
         raise explained from exc
+    except (SystemExit, KeyboardInterrupt) as exc:  # from task code: a task failure, never exit 0 or 130
+        if not_from_the_user(exc):
+            raise
+        where = f"{position.phase} at step {position.step}"
+        raise (exited(where, exc) if isinstance(exc, SystemExit) else base_exception(where, exc)) from None
 
 
 @contextlib.contextmanager

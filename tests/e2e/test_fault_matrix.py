@@ -165,9 +165,31 @@ def test_sys_exit_in_task_code_is_a_task_error_not_a_finished_job(tmp_path):
                   f"--run_dir={tmp_path}/run", cwd=REPO, check=False, timeout=150)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("dtrain: error:")]
-    assert lines == ["dtrain: error: task.model() called sys.exit(0); a task method must return or raise, "
+    assert lines == ["dtrain: error: task.model() called sys.exit(0); task code must return or raise, "
                      "not end the process"], proc.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("what, where, code, message", [
+    ("KeyboardInterrupt", "model", 2, "task.model() raised KeyboardInterrupt without a Ctrl-C (SIGINT); task code "
+                                      "must return or raise an Exception"),
+    ("KeyboardInterrupt", "loss", 2, "task.loss() at step 3 raised KeyboardInterrupt without a Ctrl-C (SIGINT); "
+                                     "task code must return or raise an Exception"),
+    ("SystemExit", "loss", 2, "task.loss() at step 3 called sys.exit(0); task code must return or raise, not end "
+                              "the process"),
+    ("MemoryError", "loss", 1, "out of memory in task.loss() at step 1 (MemoryError); lower "
+                               "train.batch_size or set train.micro_batch_size, or give each rank more memory "
+                               "(dtrain estimate TASK sizes a run)"),
+])
+def test_task_code_raising_a_base_exception_or_running_out_of_memory_is_named(tmp_path, what, where, code, message):
+    """Never exit 0 (sys.exit) or 130 (a stop by Ctrl-C) for what task code raised; out of memory is
+    exit 1, which a scheduler's retry policy may retry, not 2 ("fix the task")."""
+    step = 1 if what == "MemoryError" else 3
+    proc = dtrain("train", FAULTS + "Raises", f"--task_args.what={what}", f"--task_args.where={where}",
+                  f"--task_args.step={step}", *SMALL, "--train.max_steps=4", f"--run_dir={tmp_path}/run",
+                  cwd=REPO, check=False, timeout=120)
+    assert proc.returncode == code and _errors(proc) == [f"dtrain: error: {message}"], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "summary.json").exists()
 
 
 @pytest.mark.parametrize("signal, code, needle", [

@@ -21,6 +21,34 @@ class ExitsInModel(Regression):
         raise SystemExit(0)
 
 
+class Raises(Regression):
+    """Raises `task_args.what` (KeyboardInterrupt, SystemExit, MemoryError) in `task_args.where`:
+    model, or loss at step `task_args.step` (1-based)."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        args = dict(getattr(config, "task_args", None) or {})
+        self.what, self.where, self.step = args["what"], args["where"], args.get("step", 1)
+        self.losses = 0
+
+    def _raise(self):
+        if self.what == "SystemExit":
+            raise SystemExit(0)
+        raise {"KeyboardInterrupt": KeyboardInterrupt, "MemoryError": MemoryError}[self.what]()
+
+    def model(self):
+        if self.where == "model":
+            self._raise()
+        return super().model()
+
+    def loss(self, model, batch):
+        if torch.is_grad_enabled():  # training, not evaluation
+            self.losses += 1
+            if self.where == "loss" and self.losses == self.step:
+                self._raise()
+        return super().loss(model, batch)
+
+
 class NoParameters(Regression):
     """A model without parameters: nothing to train."""
 
