@@ -80,8 +80,12 @@ def _validate_before_spawn(train: list[str]):
     from distributed_train.training.trainer import default_run_dir
 
     config_path, overrides, _ = split_config_args(train)
-    config = resolve_config(config_path, overrides)
-    check_model_before_spawn(config.task, config)
+    start_dir = os.getcwd()
+    try:
+        config = resolve_config(config_path, overrides)
+        check_model_before_spawn(config.task, config)
+    finally:  # task code that changed directory (on import, or building the task) moves no worker
+        os.chdir(start_dir)
     if config.run_dir is None:
         config.run_dir = default_run_dir(config.task)
         train = [*train, f"--run_dir={config.run_dir}"]

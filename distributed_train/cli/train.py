@@ -37,6 +37,17 @@ def resolve_config(config_path: str | None, overrides: list[str]):
     return load_config(config_path, overrides, task_defaults=config_defaults)
 
 
+def anchor_paths(config, start_dir: str) -> None:
+    """run_dir (default: runs/<task>-<time>) and a checkpoint.resume path as absolute paths from
+    the directory the job started in, so that a task's os.chdir() cannot move where the job writes.
+    Rank 0's run_dir is the one every rank uses (broadcast when training starts)."""
+    from distributed_train.training.trainer import default_run_dir
+
+    config.run_dir = os.path.join(start_dir, os.path.expanduser(config.run_dir or default_run_dir(config.task)))
+    if config.checkpoint.resume not in ("auto", "never"):
+        config.checkpoint.resume = os.path.join(start_dir, os.path.expanduser(config.checkpoint.resume))
+
+
 def _print_train_help() -> None:
     from distributed_train.config import describe
 
@@ -51,6 +62,7 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         _print_train_help()
         return 0
+    start_dir = os.getcwd()  # task code may chdir (even on import); paths given here are relative to this
     config_path, overrides, debug = split_config_args(argv)
     stop_with_launcher()
     count_sigints()  # a KeyboardInterrupt without a Ctrl-C is task code's: a task failure
@@ -63,6 +75,7 @@ def main(argv: list[str]) -> int:
     try:
         with user_errors(debug, quiet=not env.is_main):
             config = resolve_config(config_path, overrides)
+            anchor_paths(config, start_dir)
             from distributed_train.training.run import run_training
 
             summary = run_training(config, env, debug=debug)
@@ -84,9 +97,10 @@ def main(argv: list[str]) -> int:
     if env.is_main:
         evals = " ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in summary["eval"].items())
         loss = summary["train_loss"]  # None when a resumed run had no step left to train
+        run_dir = os.path.dirname(summary["final_model"])
+        shown = os.path.relpath(run_dir, start_dir) if run_dir.startswith(start_dir + os.sep) else run_dir
         print(f"done: {summary['global_step']} steps, train loss {'-' if loss is None else f'{loss:.4f}'}"
-              f"{', eval ' + evals if evals else ''}; run dir {os.path.dirname(summary['final_model'])}",
-              flush=True)
+              f"{', eval ' + evals if evals else ''}; run dir {shown}", flush=True)
     return _exit_worker(env, 0)
 
 

@@ -192,6 +192,17 @@ def test_task_code_raising_a_base_exception_or_running_out_of_memory_is_named(tm
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "summary.json").exists()
 
 
+def test_a_task_that_changes_directory_cannot_move_the_run_folder(tmp_path):
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    proc = dtrain("launch", "--nproc-per-node", "2", f"--task={REPO}/tests/tasks/fault_tasks.py:ChangesDirectory",
+                  f"--task_args.to={elsewhere}", *SMALL, "--train.max_steps=2", "--run_dir=run", cwd=start,
+                  timeout=150)
+    assert (start / "run" / "final_model.pt").is_file() and list(elsewhere.iterdir()) == []
+    assert proc.stdout.strip().splitlines()[-1].endswith("; run dir run"), proc.stdout
+
+
 @pytest.mark.parametrize("signal, code, needle", [
     ("SIGSTOP", 4, "rank 1 is stopped in"),
     ("SIGKILL", 1, "dtrain launch: worker rank 1 (pid"),

@@ -49,6 +49,14 @@ class Raises(Regression):
         return super().loss(model, batch)
 
 
+class ChangesDirectory(Regression):
+    """Changes the working directory to `task_args.to` when it is built, as some scripts do."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        os.chdir(config.task_args["to"])
+
+
 class NoParameters(Regression):
     """A model without parameters: nothing to train."""
 
