@@ -37,6 +37,41 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "") 
         raise UsageError(f"cannot write {what + ' ' if what else ''}{path}: {reason.lower()}") from exc
 
 
+def path_problem(path: str | Path, want: str) -> str | None:
+    """Why `path` is not an existing `want` ("file" or "directory"), in words that tell a folder
+    given for a file (and the reverse) from a path that does not exist; None when it is one."""
+    path = Path(path).expanduser()
+    if (path.is_file() if want == "file" else path.is_dir()):
+        return None
+    if path.is_dir():
+        return "is a directory, not a file"
+    if path.exists():
+        return "is a file, not a directory" if want == "directory" else "is not a regular file"
+    blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    return f"does not exist ({str(blocker)!r} is a file, not a directory)" if blocker else "does not exist"
+
+
+def require(path: str | Path, want: str, what: str) -> None:
+    """UsageError `<what> '<path>' <problem>` unless `path` is an existing `want`."""
+    problem = path_problem(path, want)
+    if problem:
+        raise UsageError(f"{what} {str(path)!r} {problem}")
+
+
+def make_directory(path: str | Path, what: str) -> None:
+    """Create the directory `path` and its parents; a file in the way or a folder that cannot be
+    written is one line naming `what` it is."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        problem = path_problem(path, "directory") or ""
+        if problem.startswith("does not exist (") or problem.startswith("is a file"):
+            problem = problem.replace("does not exist (", "cannot be created (")
+        else:
+            problem = f"is not writable: {(exc.strerror or type(exc).__name__).lower()}"
+        raise UsageError(f"{what} {str(path)!r} {problem}") from None
+
+
 def open_no_follow(path: str | Path, flags: int) -> int:
     """os.open(path, flags), never through a symbolic link planted at `path` (it would truncate or
     overwrite whatever it points at): a link there is one line. Other OSErrors are the caller's."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from distributed_train.errors import UsageError, sigint_received
+from distributed_train.files import path_problem
 
 BUILTIN_TASKS = {
     "digits": "distributed_train.tasks.digits:DigitsTask",
@@ -92,8 +93,8 @@ def resolve_attr(spec: str) -> Any:
     where, attr = target.rsplit(":", 1)
     if where.endswith(".py") or "/" in where:
         path = Path(where)
-        if not path.is_file():
-            raise UsageError(f"task file {where!r} does not exist (task={spec!r})")
+        if problem := path_problem(path, "file"):
+            raise UsageError(f"task file {where!r} {problem} (task={spec!r})")
         module = _import_module_from_file(path)
     elif spec in BUILTIN_TASKS:
         module = importlib.import_module(where)

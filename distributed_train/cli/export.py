@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from distributed_train.errors import EXIT_OK, UsageError
-from distributed_train.files import atomic_write
+from distributed_train.files import atomic_write, require
 from distributed_train.training.checkpoints import commit, safe_load, shards
 
 
@@ -32,8 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def find_model(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The model `source` names, and where it came from: a committed checkpoint; a run directory's
     latest valid one, or its final_model.pt when it has no checkpoint (a run without them)."""
-    if not source.exists():
-        raise UsageError(f"{str(source)!r} does not exist")
+    require(source, "directory", "the checkpoint or run directory")
     if commit.commit_record(source, check_name=False) is not None or commit.committed_checkpoints(
             source / "checkpoints"):
         path = commit.resolve_resume(source, str(source), overwrite=False)

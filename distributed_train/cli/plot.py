@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_train.errors import UsageError
+from distributed_train.files import require
 from distributed_train.training.reporting.metrics import read_events
 
 
@@ -23,8 +24,7 @@ class CommandParser(argparse.ArgumentParser):
 
 def load_run(run_dir: Path) -> list[dict]:
     """The run's log events; a missing or empty metrics.jsonl is a usage error that says why."""
-    if not run_dir.is_dir():
-        raise UsageError(f"run directory {str(run_dir)!r} does not exist")
+    require(run_dir, "directory", "run directory")
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UsageError(f"{str(path)!r} does not exist: is {str(run_dir)!r} a run directory?")

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 
 from distributed_train.errors import UsageError
-from distributed_train.files import atomic_write_text
+from distributed_train.files import atomic_write_text, make_directory, path_problem, require
 
 # Tokenizer worker processes import this module: what needs torch (the token-file format lives
 # beside the lm task's dataset, the parser beside `dtrain plot`) is imported inside functions.
@@ -57,8 +57,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.shard_tokens < 1 or args.workers < 1:
         raise UsageError("--shard-tokens and --workers must be >= 1")
     for path in args.inputs:
-        if path != "-" and not Path(path).is_file():
-            raise UsageError(f"input {path!r} does not exist")
+        if path != "-":
+            require(path, "file", "input")
     return args
 
 
@@ -114,8 +114,8 @@ class HFTokenizer:
 def make_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     if spec == "byte":
         return ByteTokenizer()
-    if not Path(spec).is_file():
-        raise UsageError(f"--tokenizer must be byte or a tokenizer.json file; {spec!r} does not exist")
+    if problem := path_problem(spec, "file"):
+        raise UsageError(f"--tokenizer must be byte or a tokenizer.json file; {spec!r} {problem}")
     return HFTokenizer(spec)
 
 
@@ -236,10 +236,7 @@ def prepare_output(directory: Path, overwrite: bool) -> None:
     from distributed_train.tasks.tokens import META_NAME
 
     if directory.exists() and not directory.is_dir():
-        raise UsageError(f"-o {str(directory)!r} exists and is not a directory")
-    for parent in directory.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UsageError(f"-o {str(directory)!r}: {str(parent)!r} is a file, not a directory")
+        raise UsageError(f"-o {str(directory)!r} is a file, not a directory")
     if directory.is_dir() and any(directory.iterdir()):
         if not overwrite:
             raise UsageError(f"-o {str(directory)!r} already holds files; pass --overwrite to replace "
@@ -247,7 +244,7 @@ def prepare_output(directory: Path, overwrite: bool) -> None:
         (directory / META_NAME).unlink(missing_ok=True)
         for old in [*directory.glob("train-*.bin*"), *directory.glob("val-*.bin*")]:
             old.unlink()
-    directory.mkdir(parents=True, exist_ok=True)
+    make_directory(directory, "-o")
 
 
 def write_meta(directory: Path, meta: dict) -> None:

@@ -18,6 +18,7 @@ import yaml
 
 from distributed_train.cli.plot import CommandParser
 from distributed_train.errors import UsageError
+from distributed_train.files import path_problem
 from distributed_train.training.reporting.metrics import read_events
 from distributed_train.training.reporting.progress import format_duration
 
@@ -128,8 +129,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     root = Path(args.dir)
-    if not root.is_dir():
-        raise UsageError(f"folder {str(root)!r} does not exist; pass the folder that holds your run directories")
+    if problem := path_problem(root, "directory"):
+        raise UsageError(f"folder {str(root)!r} {problem}; pass the folder that holds your run directories")
     runs, table = [], []
     for path in find_runs(root):
         try:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from distributed_train.errors import UsageError
+from distributed_train.files import path_problem
 
 META_NAME = "meta.json"
 META_FORMAT = "dtrain-tokens"
@@ -79,6 +80,9 @@ def find_shards(patterns: str | list[str], dtype: np.dtype, key: str) -> list[Sh
 
 def read_meta(directory: str) -> dict:
     """DIR/meta.json as written by `dtrain prepare-tokens`, checked for the keys the task uses."""
+    if problem := path_problem(directory, "directory"):
+        raise UsageError(f"task_args.data={directory!r} {problem}: give the folder `dtrain prepare-tokens "
+                         "INPUT -o DIR` wrote")
     path = Path(directory).expanduser() / META_NAME
     if not path.is_file():
         raise UsageError(f"task_args.data={directory!r} has no {META_NAME}: write the directory with "

@@ -17,7 +17,7 @@ from distributed_train import distributed
 from distributed_train.distributed.diagnose import describe
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
-from distributed_train.files import atomic_write, atomic_write_text
+from distributed_train.files import atomic_write, atomic_write_text, make_directory
 from distributed_train.training.reporting.metrics import log
 
 
@@ -33,10 +33,7 @@ class RunOutputs:
         distributed.main_computes(self.env, self._prepare, config_yaml)
 
     def _prepare(self, config_yaml: str) -> None:
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"run_dir {str(self.run_dir)!r} is not writable: {exc.strerror}") from exc
+        make_directory(self.run_dir, "run_dir")
         atomic_write_text(self.run_dir / "config.yaml", config_yaml, "the resolved config")
 
     def write_model(self, engine: Engine) -> None:

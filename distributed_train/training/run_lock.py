@@ -21,7 +21,7 @@ from pathlib import Path
 
 from distributed_train import distributed
 from distributed_train.errors import UsageError
-from distributed_train.files import open_no_follow
+from distributed_train.files import make_directory, open_no_follow
 from distributed_train.training.reporting.metrics import log
 
 LOCK_FILE = ".dtrain.lock"
@@ -75,8 +75,8 @@ class RunLock:
 
     def acquire(self) -> None:
         """Lock run_dir or raise UsageError naming the directory and the job that holds it."""
+        make_directory(self.run_dir, "run_dir")
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise UsageError(f"run_dir {str(self.run_dir)!r} is not writable: {exc.strerror}") from exc

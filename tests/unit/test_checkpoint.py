@@ -131,8 +131,14 @@ def test_resolve_resume_modes(tmp_path):
     assert commit.resolve_resume(run_dir, "never", overwrite=True) is None
     assert commit.resolve_resume(tmp_path / "x", str(first), overwrite=False) == first
     assert commit.resolve_resume(tmp_path / "x", str(run_dir), overwrite=False) == first
-    with pytest.raises(UsageError, match="not a committed checkpoint"):
+    with pytest.raises(UsageError, match="nope' does not exist: give a checkpoint directory or a run directory$"):
         commit.resolve_resume(run_dir, str(tmp_path / "nope"), overwrite=False)
+    (tmp_path / "a-file").write_text("x")  # a file given where a folder is expected: said so
+    with pytest.raises(UsageError, match="a-file' is a file, not a directory: give a checkpoint directory"):
+        commit.resolve_resume(run_dir, str(tmp_path / "a-file"), overwrite=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="empty' is not a committed checkpoint"):
+        commit.resolve_resume(run_dir, str(tmp_path / "empty"), overwrite=False)
 
 
 def test_every_checkpoint_damaged_is_refused_never_a_silent_restart(tmp_path, monkeypatch):

@@ -121,3 +121,22 @@ def test_export_never_replaces_a_file_unasked_and_names_a_directory_given_as_the
     (tmp_path / "folder.pt").mkdir()
     with pytest.raises(UsageError, match=r"folder.pt' is a directory; name the file to write"):
         export.main([str(run), "-o", str(tmp_path / "folder.pt"), "--overwrite"])
+
+
+def test_a_folder_given_for_a_file_and_the_reverse_are_named_not_called_missing(tmp_path):
+    from distributed_train.files import make_directory, path_problem
+
+    (tmp_path / "f").write_text("x")
+    assert path_problem(tmp_path / "f", "file") is None and path_problem(tmp_path, "directory") is None
+    assert path_problem(tmp_path, "file") == "is a directory, not a file"
+    assert path_problem(tmp_path / "f", "directory") == "is a file, not a directory"
+    assert path_problem(tmp_path / "nope", "file") == "does not exist"
+    assert path_problem(tmp_path / "f" / "sub", "directory") == f"does not exist ({str(tmp_path / 'f')!r} is a " \
+                                                                 "file, not a directory)"
+    with pytest.raises(UsageError, match=r"^run_dir '.*/f' is a file, not a directory$"):
+        make_directory(tmp_path / "f", "run_dir")
+    with pytest.raises(UsageError, match=r"^run_dir '.*/f/a/b' cannot be created \('.*/f' is a file, not a "
+                                         r"directory\)$"):
+        make_directory(tmp_path / "f" / "a" / "b", "run_dir")
+    make_directory(tmp_path / "new" / "deep", "run_dir")
+    assert (tmp_path / "new" / "deep").is_dir()

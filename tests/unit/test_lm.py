@@ -92,8 +92,13 @@ def test_data_directory_checks_meta_against_options_and_files(tmp_path):
     write(tmp_path / "val-000000.bin", np.arange(10) % 7)
     with pytest.raises(UsageError, match="holds 10 tokens but meta.json says 12"):
         task(data=str(tmp_path), seq_len=3)
-    with pytest.raises(UsageError, match="has no meta.json"):
+    with pytest.raises(UsageError, match="missing' does not exist: give the folder `dtrain prepare-tokens"):
         task(data=str(tmp_path / "missing"))
+    with pytest.raises(UsageError, match="val-000000.bin' is a file, not a directory: give the folder"):
+        task(data=str(tmp_path / "val-000000.bin"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="has no meta.json"):
+        task(data=str(tmp_path / "empty"))
 
 
 @pytest.mark.parametrize("task_args, message", [

@@ -124,4 +124,8 @@ def test_an_output_under_a_file_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         dtrain(["prepare-tokens", str(tmp_path / "in.txt"), "-o", str(tmp_path / "file" / "tokens")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2 and err[-1].endswith(f"{str(tmp_path / 'file')!r} is a file, not a directory")
+    assert info.value.code == 2 and err[-1] == (f"dtrain: error: -o {str(tmp_path / 'file' / 'tokens')!r} cannot be "
+                                                f"created ({str(tmp_path / 'file')!r} is a file, not a directory)")
+    with pytest.raises(SystemExit):  # and the reverse: a directory given as an input file
+        dtrain(["prepare-tokens", str(tmp_path), "-o", str(tmp_path / "out")])
+    assert capsys.readouterr().err.strip().endswith(f"input {str(tmp_path)!r} is a directory, not a file")

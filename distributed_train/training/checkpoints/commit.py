@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from distributed_train.errors import TrainingFailure, UsageError
+from distributed_train.files import path_problem
 
 log = logging.getLogger("distributed_train")
 
@@ -223,6 +224,8 @@ def resolve_resume(run_dir: Path, resume: str, overwrite: bool) -> Path | None:
                 "checkpoint.resume=never checkpoint.overwrite=true")
         return found
     path = Path(resume)
+    if problem := path_problem(path, "directory"):
+        raise UsageError(f"checkpoint.resume={resume!r} {problem}: give a checkpoint directory or a run directory")
     if (path / "checkpoints").is_dir():  # a run directory: its latest checkpoint
         found = latest_valid(path / "checkpoints")
         if found is None:
