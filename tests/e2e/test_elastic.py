@@ -36,7 +36,6 @@ ELASTIC_CONFIG = {**CONFIG, "train": {**CONFIG["train"], "max_steps": 30}, "chec
 # keep_alive_max_attempt seconds (torch's default 5 x 3); then the last call waits last_call_timeout
 # (default 30) for more nodes. Shorter settings re-form faster; docs/kubernetes.md has the numbers.
 RDZV_CONF = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"
-REFORM_LIMIT_S = 30
 # Alone, this task pauses after step 8 until its agent stops it (SIGTERM) to let a joining node
 # in, so the join happens mid-run however long the second node takes to start on a loaded machine.
 WAITING_TASK = """
@@ -151,7 +150,10 @@ def test_lost_node_the_survivor_reforms_at_world_size_1_and_finishes_exactly(tmp
     reformed = next(e for e in starts if e["time"] > lost_at)
     print(f"re-formed at world size 1 in {reformed['time'] - lost_at:.1f} s after the node was lost")
     assert reformed["world_size"] == 1 and reformed["resumed"] and reformed["step"] >= 5
-    assert reformed["time"] - lost_at < REFORM_LIMIT_S
+    # What ended the wait, not how long it took (a loaded machine can take any time): the survivor's
+    # worker named the lost rank, and its agent re-formed the group and resumed the last commit.
+    survivor = logs[0].read_text()
+    assert "rank 1 died" in survivor and f"resuming from {run_dir}/checkpoints/step-" in survivor, survivor
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 30 and summary["world_size"] == 1 and summary["resumed_from"]
     assert_same_parameters(final_parameters(run_dir), one_process_reference())
