@@ -77,6 +77,7 @@ def _validate_before_spawn(train: list[str]):
     Returns the workers' arguments and the resolved config."""
     from distributed_train.cli.train import resolve_config, split_config_args
     from distributed_train.task import check_model_before_spawn
+    from distributed_train.training.checkpoints.checkpointer import check_resume_before_start
     from distributed_train.training.trainer import default_run_dir
 
     config_path, overrides, _ = split_config_args(train)
@@ -86,6 +87,7 @@ def _validate_before_spawn(train: list[str]):
         check_model_before_spawn(config.task, config)
     finally:  # task code that changed directory (on import, or building the task) moves no worker
         os.chdir(start_dir)
+    check_resume_before_start(config)
     if config.run_dir is None:
         config.run_dir = default_run_dir(config.task)
         train = [*train, f"--run_dir={config.run_dir}"]

@@ -34,6 +34,17 @@ def test_incompatible_resume_and_never_are_refused(tmp_path):
     line = _one_error_line(dtrain(*base, "--train.max_steps=4", check=False))  # below the checkpoint's 6
     assert "is at step 6, past this run's 4 steps: raise train.max_steps" in line
 
+    # dtrain launch finds the same mistakes before it starts any worker: its one line, and no
+    # worker's `start` event in the run's log.
+    starts = (run_dir / "metrics.jsonl").read_text().count('"kind": "start"')
+    assert starts >= 2
+    launch = ["launch", "--nproc-per-node", "2", *base[1:]]
+    for extra, needle in ((["--seed=1"], "seed: 0 -> 1"), (["--checkpoint.resume=never"], "already has checkpoints"),
+                          (["--train.max_steps=4"], "is at step 6, past this run's 4 steps")):
+        line = _one_error_line(dtrain(*launch, *extra, check=False))
+        assert line.startswith("dtrain: error: ") and needle in line, line
+    assert (run_dir / "metrics.jsonl").read_text().count('"kind": "start"') == starts
+
     after = [(p.name, (p / "train_state.pt").stat().st_mtime_ns)
              for p in committed_checkpoints(run_dir / "checkpoints")]
     assert after == before, "a refused resume touched the checkpoints"

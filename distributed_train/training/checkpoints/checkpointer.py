@@ -108,14 +108,7 @@ class Checkpointer:
         if path is None:
             return None
         state = shards.read_train_state(path)
-        changed = commit.incompatibilities(state["config"], to_dict(self.config))
-        if changed and not self.settings.allow_changes:
-            raise UsageError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}); "
-                             "resume with the same settings, or set checkpoint.allow_changes=true")
-        if state["progress"]["global_step"] > total_steps:
-            raise UsageError(f"checkpoint {path} is at step {state['progress']['global_step']}, past this run's "
-                             f"{total_steps} steps: raise train.max_steps to continue, or resume an earlier "
-                             "checkpoint (checkpoint.resume=PATH)")
+        check_resumable(path, state, self.config, total_steps)
         current_groups = hyperparameters(engine.optimizer)
         try:
             shards.load_model_and_optimizer(engine, path)
@@ -135,6 +128,31 @@ class Checkpointer:
         position = {"epoch": progress["epoch"], "samples_in_epoch": progress["samples_in_epoch"]}
         return Resumed(path, progress["global_step"], position, state.get("wandb_id"), state["world_size"],
                        changed)
+
+
+def check_resumable(path: Path, state: dict, config: Config, total_steps: int | None) -> None:
+    """UsageError if checkpoint `path` (its train_state `state`) cannot continue this run: settings
+    that change the math, or a step past the run's `total_steps` (None: not known yet)."""
+    changed = commit.incompatibilities(state["config"], to_dict(config))
+    if changed and not config.checkpoint.allow_changes:
+        raise UsageError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}); "
+                         "resume with the same settings, or set checkpoint.allow_changes=true")
+    if total_steps is not None and state["progress"]["global_step"] > total_steps:
+        raise UsageError(f"checkpoint {path} is at step {state['progress']['global_step']}, past this run's "
+                         f"{total_steps} steps: raise train.max_steps to continue, or resume an earlier "
+                         "checkpoint (checkpoint.resume=PATH)")
+
+
+def check_resume_before_start(config: Config) -> None:
+    """What the workers' resume would refuse, found by `dtrain launch` before any worker starts:
+    checkpoint.resume naming nothing resumable, checkpoints where resume=never, every checkpoint
+    damaged, changed settings, a checkpoint past train.max_steps. (Whether the checkpoint fits the
+    model is known only once the workers built it.)"""
+    if not config.run_dir:
+        return  # a new run directory: nothing to resume
+    path = commit.resolve_resume(Path(config.run_dir), config.checkpoint.resume, config.checkpoint.overwrite)
+    if path is not None:
+        check_resumable(path, shards.read_train_state(path), config, config.train.max_steps)
 
 
 # Settings that name the attempt rather than the run: they differ between attempts by design.
