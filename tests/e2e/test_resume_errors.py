@@ -37,7 +37,7 @@ def test_incompatible_resume_and_never_are_refused(tmp_path):
     # dtrain launch finds the same mistakes before it starts any worker: its one line, and no
     # worker's `start` event in the run's log.
     starts = (run_dir / "metrics.jsonl").read_text().count('"kind": "start"')
-    assert starts >= 2
+    assert starts >= 1
     launch = ["launch", "--nproc-per-node", "2", *base[1:]]
     for extra, needle in ((["--seed=1"], "seed: 0 -> 1"), (["--checkpoint.resume=never"], "already has checkpoints"),
                           (["--train.max_steps=4"], "is at step 6, past this run's 4 steps")):
