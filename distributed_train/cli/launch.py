@@ -6,6 +6,7 @@ Our arguments (CONFIG, --section.key=value) and torchrun's (--nproc-per-node, --
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -191,6 +192,15 @@ def describe_exit(exitcode: int) -> str:
     return f"died from {name} ({advice})"
 
 
+class _WorkerFailedLine(logging.Filter):
+    """Drops torchrun's `E... failed (exitcode: 2) local_rank: 0 (pid ...) of binary ...` line: the
+    failed worker said why in its own line, and the launcher names the failure itself below, so
+    that the last line of a failed job is an explanation, not torchrun's exit-code report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("failed (exitcode")
+
+
 def run_torchrun(parsed, run_dir: str | None = None) -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -201,6 +211,7 @@ def run_torchrun(parsed, run_dir: str | None = None) -> int:
     from distributed_train.distributed.diagnose import describe
     from distributed_train.errors import EXIT_COMMUNICATION, EXIT_NONFINITE
 
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_WorkerFailedLine())
     try:
         run(parsed)
     except SignalException as exc:

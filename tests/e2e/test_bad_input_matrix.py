@@ -77,14 +77,6 @@ def test_unreachable_rendezvous_in_launch(tmp_path):
     assert f"could not join the rendezvous at 127.0.0.1:{port}" in line and "join_timeout" in line
 
 
-def _torchrun_log_seconds(stderr: str, message: str) -> float:
-    """The time of day (s) of torchrun's log line holding `message` (`W1201 22:34:05.161000 PID ...]`)."""
-    match = re.search(r"^[IWE]\d{4} (\d\d):(\d\d):(\d\d\.\d+) .*\] " + re.escape(message), stderr, re.M)
-    assert match, f"no torchrun log line {message!r}:\n{stderr}"
-    hours, minutes, seconds = match.groups()
-    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-
-
 def test_hung_rank_is_named_and_the_job_ends_long_before_it_wakes(tmp_path):
     # Rank 1's loss sleeps 120 s at step 3; with dist.timeout_s=4 rank 0's gradient all-reduce
     # times out and names rank 1, and rank 1 (SIGTERMed by torchrun) ends itself soon after.
@@ -109,13 +101,9 @@ def test_hung_rank_is_named_and_the_job_ends_long_before_it_wakes(tmp_path):
                           r"for (\d+) s \(> dist\.timeout_s\); exiting without a checkpoint", line) for line in lines]
     stuck_s = [int(m.group(1)) for m in ended if m]
     assert len(stuck_s) == 1 and 6 <= stuck_s[0], proc.stderr
-    # torchrun's side: it sent SIGTERM, never needed its SIGKILL, and saw the workers gone well
-    # before that fallback would have fired.
-    sigterm = _torchrun_log_seconds(proc.stderr, "Sending process ")
+    # torchrun's side: it sent SIGTERM and never needed its SIGKILL fallback.
     assert re.search(r"Sending process \d+ closing signal SIGTERM", proc.stderr), proc.stderr
     assert "forcefully exiting via" not in proc.stderr, proc.stderr
-    took = (_torchrun_log_seconds(proc.stderr, "failed (exitcode: 4)") - sigterm) % 86_400  # past midnight too
-    assert 6 <= took, f"the stuck rank ended {took:.1f} s after torchrun's SIGTERM, before its grace"
     # No wall-clock bound (load can stretch any): that the stuck rank ended itself (its line above)
     # and torchrun never SIGKILLed is what shows the job did not wait out the 120 s sleep.
 

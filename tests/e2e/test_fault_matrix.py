@@ -167,6 +167,7 @@ def test_sys_exit_in_task_code_is_a_task_error_not_a_finished_job(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("dtrain: error:")]
     assert lines == ["dtrain: error: task.model() called sys.exit(0); task code must return or raise, "
                      "not end the process"], proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == lines[0], proc.stderr  # the last line: ours, not torchrun's
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
