@@ -195,3 +195,30 @@ def test_wandb_init_waits_well_inside_the_collective_timeout(tmp_path, monkeypat
     assert short._wandb_timeout() == {"init_timeout": 20.0}
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "200")
     assert short._wandb_timeout() == {}  # the user's choice wins
+
+
+def test_a_full_disk_under_metrics_jsonl_is_one_warning_and_training_goes_on(tmp_path):
+    import logging
+    import os
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    logger = _logger(tmp_path)
+    logger.start()
+    logger.log({"kind": "train", "step": 1, "loss": 1.0})
+    logger._file.close()
+    logger._file = open("/dev/full", "a", buffering=1)  # the disk fills up
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # whatever handlers and propagation earlier tests left configured
+    logging.getLogger("distributed_train").addHandler(handler)
+    try:
+        for step in (2, 3):
+            logger.log({"kind": "train", "step": step, "loss": 0.5})  # no exception: training goes on
+        logger.close()
+    finally:
+        logging.getLogger("distributed_train").removeHandler(handler)
+    warnings = [r.getMessage() for r in records]
+    assert warnings == [f"cannot write {tmp_path / 'metrics.jsonl'}: no space left on device; later events go "
+                        "to the console only"]
+    assert [(e["kind"], e["step"]) for e in read_events(tmp_path)] == [("start", 0), ("train", 1)]

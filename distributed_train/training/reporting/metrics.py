@@ -256,8 +256,23 @@ class MetricsLogger:
     def _write(self, event: dict) -> dict:
         event = _clean({"time": round(time.time(), 3), **event})
         if self._file:
-            self._file.write(json.dumps(event) + "\n")
+            try:
+                self._file.write(json.dumps(event) + "\n")
+            except OSError as exc:  # a full disk: the log is not worth the run; checkpoints decide
+                self._stop_file(exc)
         return event
+
+    def _stop_file(self, exc: OSError) -> None:
+        """After a failed write: one warning naming the file and the error, no more writes to it
+        (a torn last line is skipped by read_events); training goes on, and a checkpoint that
+        cannot be written either stops the job with its own line."""
+        log.warning("cannot write %s: %s; later events go to the console%s only", self.run_dir / "metrics.jsonl",
+                    (exc.strerror or type(exc).__name__).lower(), " and wandb" if self.wandb_run else "")
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        self._file = None
 
     def close(self, summary: dict | None = None) -> None:
         """Close the file, the progress bar and the wandb run (with the summary) on rank 0."""
@@ -270,7 +285,10 @@ class MetricsLogger:
             self.trainjob.close()  # the last post: 100% when training finished
             self.trainjob = None
         if self._file:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as exc:
+                self._stop_file(exc)
             self._file = None
         if self.wandb_run is not None:
             if summary:
