@@ -9,9 +9,12 @@ Exceptions are matched by type, never by their text.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import signal
 import sys
 import threading
+import time
 from typing import Iterator
 
 
@@ -53,8 +56,30 @@ class PeerCrashed(CommunicationFailure):
 
 
 def print_error(message: str) -> None:
-    """The one line a user sees for a known failure."""
+    """The one line a user sees for a known failure (under torchrun also left for the launcher)."""
     print(f"dtrain: error: {message}", file=sys.stderr, flush=True)
+    record_failure(message)
+
+
+# torchrun gives each worker a file for its failure (the agent reads it when the worker fails).
+ERROR_FILE_VAR = "TORCHELASTIC_ERROR_FILE"
+
+
+def record_failure(message: str, printed: bool = True) -> None:
+    """Leave this worker's first one-line explanation in its torchrun error file, with the time to
+    the microsecond, so that `dtrain launch` can end with the line of the rank that failed first
+    (after several ranks failed, the last line printed is otherwise whichever came last), and can
+    print it when this rank did not (a usage error is printed by rank 0 only: a mistake in the
+    configuration is the same on every rank, but one found in a step may be this rank's alone)."""
+    path = os.environ.get(ERROR_FILE_VAR)
+    if not path or os.path.exists(path):
+        return
+    now = time.time()
+    try:
+        with open(path, "x") as f:
+            json.dump({"message": message, "timestamp": int(now), "dtrain": {"time": now, "printed": printed}}, f)
+    except OSError:
+        pass  # best effort: the line above was printed
 
 
 @contextlib.contextmanager
@@ -68,6 +93,8 @@ def user_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
             raise
         if not quiet:
             print_error(str(exc))
+        else:
+            record_failure(str(exc), printed=False)
         raise SystemExit(EXIT_USAGE) from None
     except TrainingFailure as exc:
         if debug:

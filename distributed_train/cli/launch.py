@@ -192,6 +192,49 @@ def describe_exit(exitcode: int) -> str:
     return f"died from {name} ({advice})"
 
 
+def _failure_time(failure) -> float:
+    """When a worker failed: the time it recorded with its explanation, else torchrun's (1 s steps)."""
+    recorded = failure.error_file_data.get("dtrain") if isinstance(failure.error_file_data, dict) else None
+    return recorded["time"] if isinstance(recorded, dict) else float(failure.timestamp)
+
+
+def _failed_workers(exc, run_dir: str | None) -> int:
+    """The launcher's exit code for workers that failed, after naming them where they did not."""
+    from distributed_train.errors import EXIT_COMMUNICATION, EXIT_NONFINITE
+
+    in_order = sorted(exc.failures.items(), key=lambda item: _failure_time(item[1]))
+    codes = sorted({f.exitcode for f in exc.failures.values()})
+    if EXIT_USAGE in codes:
+        return EXIT_USAGE
+    stops = {128 + signal.SIGTERM, 128 + signal.SIGHUP, 128 + signal.SIGINT}
+    if set(codes) <= stops:  # a signal reached some workers: all stopped after the same step
+        print(f"dtrain launch: workers stopped by a signal{_resume_hint(run_dir)}", file=sys.stderr)
+        return max(codes)
+    explained = [f.exitcode for _, f in in_order if f.exitcode in (EXIT_NONFINITE, EXIT_COMMUNICATION)]
+    # The workers already said why; ranks killed by a signal (SIGKILLed after that, or a
+    # stopped rank a peer ended) are part of the same failure.
+    if explained and all(c in (EXIT_NONFINITE, EXIT_COMMUNICATION) or c < 0 for c in codes):
+        return explained[0]
+    # The first to fail is the cause; the others are usually torchrun's shutdown of the group.
+    for i, (rank, failure) in enumerate(in_order):
+        first = " (the first to fail)" if i == 0 and len(exc.failures) > 1 else ""
+        print(f"dtrain launch: worker rank {rank} (pid {failure.pid}) {describe_exit(failure.exitcode)}{first}",
+              file=sys.stderr)
+    return 1
+
+
+def _recap_first_failure(failures: dict) -> None:
+    """The explanation of the worker that failed first as the launcher's last line, when several
+    failed (the others usually only report that it left: they waited for it) or when that worker
+    did not print it (a usage error found on a rank other than 0)."""
+    explained = sorted((_failure_time(f), rank, f.message, f.error_file_data["dtrain"].get("printed", True))
+                       for rank, f in failures.items()
+                       if isinstance(f.error_file_data, dict) and isinstance(f.error_file_data.get("dtrain"), dict))
+    if explained and (len(failures) > 1 or not explained[0][3]):
+        _, rank, message, _ = explained[0]
+        print(f"dtrain launch: rank {rank} failed first: {message}", file=sys.stderr, flush=True)
+
+
 class _WorkerFailedLine(logging.Filter):
     """Drops torchrun's `E... failed (exitcode: 2) local_rank: 0 (pid ...) of binary ...` line: the
     failed worker said why in its own line, and the launcher names the failure itself below, so
@@ -209,7 +252,7 @@ def run_torchrun(parsed, run_dir: str | None = None) -> int:
     from torch.distributed.run import run
 
     from distributed_train.distributed.diagnose import describe
-    from distributed_train.errors import EXIT_COMMUNICATION, EXIT_NONFINITE
+    from distributed_train.errors import EXIT_COMMUNICATION
 
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_WorkerFailedLine())
     try:
@@ -225,25 +268,9 @@ def run_torchrun(parsed, run_dir: str | None = None) -> int:
               "network; raise --rdzv-conf join_timeout=SECONDS to wait longer", file=sys.stderr)
         return EXIT_COMMUNICATION
     except ChildFailedError as exc:
-        codes = sorted({f.exitcode for f in exc.failures.values()})
-        if EXIT_USAGE in codes:
-            return EXIT_USAGE
-        stops = {128 + signal.SIGTERM, 128 + signal.SIGHUP, 128 + signal.SIGINT}
-        if set(codes) <= stops:  # a signal reached some workers: all stopped after the same step
-            print(f"dtrain launch: workers stopped by a signal{_resume_hint(run_dir)}", file=sys.stderr)
-            return max(codes)
-        explained = [f.exitcode for _, f in sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
-                     if f.exitcode in (EXIT_NONFINITE, EXIT_COMMUNICATION)]
-        # The workers already said why; ranks killed by a signal (SIGKILLed after that, or a
-        # stopped rank a peer ended) are part of the same failure.
-        if explained and all(c in (EXIT_NONFINITE, EXIT_COMMUNICATION) or c < 0 for c in codes):
-            return explained[0]
-        # The first to fail is the cause; the others are usually torchrun's shutdown of the group.
-        for i, (rank, failure) in enumerate(sorted(exc.failures.items(), key=lambda item: item[1].timestamp)):
-            first = " (the first to fail)" if i == 0 and len(exc.failures) > 1 else ""
-            print(f"dtrain launch: worker rank {rank} (pid {failure.pid}) {describe_exit(failure.exitcode)}{first}",
-                  file=sys.stderr)
-        return 1
+        code = _failed_workers(exc, run_dir)
+        _recap_first_failure(exc.failures)
+        return code
     return 0
 
 

@@ -275,10 +275,12 @@ def explain_communication_failure(exc: BaseException, rank: int, world_size: int
     return kind(f"rank {rank}: {mine[1]} of step {mine[0]} {what} ({detail}): {cause}")
 
 
-def unused_parameters_message(names: list[str]) -> str:
+def unused_parameters_message(names: list[str], step: int | None = None, rank: int | None = None) -> str:
     """The one line for DDP's 'Expected to have finished reduction' mistake."""
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return (f"the model has parameters that got no gradient in the first step ({shown}); DDP needs "
+    where = "the first step" if step in (None, 1) else f"step {step}"
+    on = f" on rank {rank}" if rank is not None else ""
+    return (f"the model has parameters that got no gradient in {where}{on} ({shown}); DDP needs "
             "--ddp.find_unused_parameters=true for that (it costs a graph walk per step), or remove "
             "those parameters from the model or freeze them (requires_grad=False)")
 

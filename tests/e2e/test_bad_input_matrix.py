@@ -54,6 +54,26 @@ def test_model_with_parameters_unused_in_forward(tmp_path):
     assert "(unused.weight, unused.bias)" in line and "--ddp.find_unused_parameters=true" in line
 
 
+@pytest.mark.parametrize("shm", ["auto", "never"])  # our shared-memory all-reduce, and gloo's
+def test_a_parameter_unused_on_one_rank_at_a_later_step_is_named_at_once(tmp_path, shm):
+    """A conditional branch skipped on rank 1 at step 3 only: the first-step check cannot see it;
+    rank 1 finds it right after its backward, before any collective, and the launcher ends with
+    its line (rank 0, waiting for rank 1's gradients, only reports that rank 1 left)."""
+    proc = dtrain("launch", "--nproc-per-node", "2", BAD + "ConditionalBranch", "--task_args.step=3",
+                  "--task_args.rank=1", f"--ddp.shm_allreduce={shm}", "--dist.timeout_s=120", *SMALL,
+                  f"--run_dir={tmp_path}", check=False, timeout=150)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ("dtrain launch: rank 1 failed first: the model has parameters that got no gradient in step 3 "
+                    "on rank 1 (extra.weight, extra.bias); DDP needs --ddp.find_unused_parameters=true for that "
+                    "(it costs a graph walk per step), or remove those parameters from the model or freeze them "
+                    "(requires_grad=False)"), proc.stderr
+    assert "timed out" not in proc.stderr, proc.stderr  # found at once, not after dist.timeout_s
+    # and with find_unused_parameters the same model trains to the end
+    dtrain("launch", "--nproc-per-node", "2", BAD + "ConditionalBranch", "--ddp.find_unused_parameters=true",
+           f"--ddp.shm_allreduce={shm}", *SMALL, f"--run_dir={tmp_path}/ok", timeout=150)
+
+
 def test_rank_not_below_world_size(tmp_path):
     env = clean_env(RANK="2", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     line = _one_error_line(dtrain("train", *SMALL, f"--run_dir={tmp_path}", env=env, check=False), 2)

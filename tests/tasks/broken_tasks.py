@@ -12,6 +12,7 @@ import time
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from tests.tasks.toy import Regression
@@ -61,6 +62,36 @@ class UnusedParameter(Regression):
 
     def model(self) -> nn.Module:
         return _WithUnused()
+
+
+class _Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(4, 1)
+        self.extra = nn.Linear(4, 1)  # a conditional branch (think: an expert the router skipped)
+
+    def forward(self, x: torch.Tensor, take_extra: bool = True) -> torch.Tensor:
+        return self.used(x) + self.extra(x) if take_extra else self.used(x)
+
+
+class ConditionalBranch(Regression):
+    """The model's `extra` branch is skipped at step `task_args.step` on rank `task_args.rank`
+    (`-1`: every rank); used everywhere else, so the first step passes every check."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        args = dict(getattr(config, "task_args", None) or {})
+        self.skip_step, self.skip_rank, self.steps = args.get("step", 3), args.get("rank", 1), 0
+
+    def model(self) -> nn.Module:
+        return _Branches()
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.steps += 1
+        rank = int(os.environ.get("RANK", "0"))
+        skip = self.steps == self.skip_step and self.skip_rank in (-1, rank) and torch.is_grad_enabled()
+        return F.mse_loss(model(batch[0], take_extra=not skip).squeeze(-1), batch[1])
 
 
 class _StepMisbehaviour(Regression):

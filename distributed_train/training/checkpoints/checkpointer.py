@@ -150,7 +150,11 @@ def check_resume_before_start(config: Config) -> None:
     model is known only once the workers built it.)"""
     if not config.run_dir:
         return  # a new run directory: nothing to resume
-    path = commit.resolve_resume(Path(config.run_dir), config.checkpoint.resume, config.checkpoint.overwrite)
+    commit.log.disabled = True  # what it skips (damaged, foreign folders) rank 0 says once, when it resumes
+    try:
+        path = commit.resolve_resume(Path(config.run_dir), config.checkpoint.resume, config.checkpoint.overwrite)
+    finally:
+        commit.log.disabled = False
     if path is not None:
         check_resumable(path, shards.read_train_state(path), config, config.train.max_steps)
 
