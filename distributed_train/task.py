@@ -9,11 +9,13 @@ like `python path/to/file.py` (its folder first on sys.path), `package.module:at
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
 import importlib.util
 import inspect
+import io
 import os
 import sys
 from pathlib import Path
@@ -157,10 +159,12 @@ def check_model(model: Any) -> nn.Module:
 def check_model_before_spawn(spec: str, config: Any) -> None:
     """Build the task's model on the meta device (no memory, no weights) so that a model without
     trainable parameters stops `dtrain launch` before any worker starts. Other failures here are
-    left to the workers, which report them with the full context."""
+    left to the workers, which report them with the full context. What model() prints here is not
+    shown: each worker builds the model once and shows it, with its rank."""
     task = load_task(spec, config)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             model = task.obj.model()
     except SystemExit as exc:  # the launcher would exit 0 with it
         raise exited("task.model()", exc) from None
@@ -213,6 +217,15 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
         return value
     items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
     return next((t for t in map(_first_tensor, items) if t is not None), None)
+
+
+def _first_parameter(method: Any) -> str | None:
+    """The name of a bound method's first parameter (None when it takes none or cannot be read)."""
+    try:
+        names = list(inspect.signature(method).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names[0] if names else None
 
 
 def not_from_the_user(exc: BaseException) -> bool:
@@ -332,13 +345,37 @@ class Task:
         fn = getattr(self.obj, "collate", None)
         return fn if callable(fn) else None
 
-    def optimizer(self, params: Any, config: Any) -> torch.optim.Optimizer | None:
-        if not callable(getattr(self.obj, "optimizer", None)):
+    def optimizer(self, model: nn.Module, config: Any) -> torch.optim.Optimizer | None:
+        """The task's optimizer: `optimizer(model, config)` gets the module (nanoGPT's
+        configure_optimizers groups by parameter name), `optimizer(params, config)` its parameters."""
+        method = getattr(self.obj, "optimizer", None)
+        if not callable(method):
             return None
-        opt = self._call("optimizer", params, config)
+        takes_model = _first_parameter(method) == "model"
+        opt = self._call("optimizer", model if takes_model else model.parameters(), config)
         if not isinstance(opt, torch.optim.Optimizer):
             raise UsageError(f"task.optimizer() must return a torch.optim.Optimizer, got {type(opt).__name__}")
         return opt
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, config: Any) -> Any | None:
+        """The task's LR schedule, stepped once per optimizer step: an LRScheduler it built on
+        `optimizer`, or a function of the step (0, 1, ...) giving the learning rate (nanoGPT's
+        get_lr), applied to every parameter group. None: `train.schedule`."""
+        if not callable(getattr(self.obj, "scheduler", None)):
+            return None
+        made = self._call("scheduler", optimizer, config)
+        lr_scheduler = torch.optim.lr_scheduler
+        if isinstance(made, lr_scheduler.ReduceLROnPlateau):
+            raise UsageError("task.scheduler() returned ReduceLROnPlateau, which needs a metric at every step; "
+                             "return a schedule of the step (an LRScheduler, or a function step -> lr)")
+        if isinstance(made, lr_scheduler.LRScheduler):
+            if made.optimizer is not optimizer:
+                raise UsageError("task.scheduler(optimizer, config) must schedule the optimizer it is given")
+            return made
+        if callable(made) and not isinstance(made, type):
+            return made
+        raise UsageError("task.scheduler() must return a torch.optim.lr_scheduler.LRScheduler or a function "
+                         f"of the step returning the learning rate, got {type(made).__name__}")
 
     def shard_units(self, model: nn.Module) -> list[nn.Module] | None:
         """The task's own fsdp / activation-checkpointing units of `model`, or None."""

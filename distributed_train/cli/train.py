@@ -7,8 +7,35 @@ import logging
 import os
 import signal
 import sys
+from typing import TextIO
 
 from distributed_train.errors import EXIT_USAGE, count_sigints, print_error, sigint_received, user_errors
+
+
+class RankPrefixed:
+    """A text stream that starts each line with `[rank N] ` (ranks other than 0: a task's print
+    or warning appears once per rank, and rank 0's stays as the task wrote it). Lines dtrain
+    writes itself already name their rank (`dtrain: error: rank 1: ...`, `[rank 1] WARNING ...`)
+    and pass unchanged, so that their first word stays `dtrain` for anything that reads them."""
+
+    def __init__(self, stream: TextIO, rank: int):
+        self._stream, self._prefix, self._line_start = stream, f"[rank {rank}] ", True
+
+    def write(self, text: str) -> int:
+        pieces = []
+        for piece in text.splitlines(keepends=True):
+            if self._line_start and not piece.startswith(("dtrain", "[rank ")):
+                pieces.append(self._prefix)
+            pieces.append(piece)
+            self._line_start = piece.endswith(("\n", "\r"))
+        self._stream.write("".join(pieces))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, buffer...: the real stream's
+        return getattr(self._stream, name)
 
 
 def split_config_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
@@ -71,6 +98,8 @@ def main(argv: list[str]) -> int:
 
     with user_errors(debug):  # a garbage torchrun variable (RANK=x) is this process's own: always say it
         env = distributed.read_env()
+    if env.rank > 0:  # every rank runs the task's prints: tell them apart
+        sys.stdout, sys.stderr = RankPrefixed(sys.stdout, env.rank), RankPrefixed(sys.stderr, env.rank)
     config = None
     try:
         with user_errors(debug, quiet=not env.is_main):

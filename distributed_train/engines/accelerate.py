@@ -157,7 +157,7 @@ class AccelerateEngine(EngineBase):
         self.raw_model = build_model(task, device, self.float_dtype)
         checkpoint_activations(task, self.raw_model, config)
         optimizer = build_optimizer(task, self.raw_model, config)
-        self.scheduler = lr_schedule(optimizer, config, total_steps)
+        self.scheduler = lr_schedule(task, optimizer, config, total_steps)
         # DDP(compile(model)), not compile(DDP(model)): the latter graph-breaks and compiles nothing.
         model = torch.compile(self.raw_model) if config.train.compile else self.raw_model
         self.model, self.prepared_optimizer = self.accelerator.prepare(model, optimizer)

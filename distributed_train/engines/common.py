@@ -62,7 +62,7 @@ def batch_statistics(model: nn.Module, config: Config, env: DistEnv, device: tor
 
 def build_optimizer(task: Task, model: nn.Module, config: Config) -> torch.optim.Optimizer:
     """The task's own optimizer if it has one, else AdamW/SGD from `train.*`."""
-    own = task.optimizer(model.parameters(), config)
+    own = task.optimizer(model, config)
     if own is not None:
         return own
     train = config.train
@@ -134,9 +134,21 @@ def autocast_context(precision: str, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=_DTYPES[precision])
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, config: Config, total_steps: int
-                ) -> torch.optim.lr_scheduler.LambdaLR:
-    """`train.schedule` as a scheduler stepped once per optimizer step (factors from `lr_factor`)."""
+def lr_schedule(task: Task, optimizer: torch.optim.Optimizer, config: Config, total_steps: int
+                ) -> torch.optim.lr_scheduler.LRScheduler:
+    """The LR schedule, stepped once per optimizer step: the task's own `scheduler(optimizer,
+    config)` (an LRScheduler, or a function step -> lr), else `train.schedule` (factors from
+    `lr_factor`)."""
+    own = task.scheduler(optimizer, config)
+    if isinstance(own, torch.optim.lr_scheduler.LRScheduler):
+        return own
+    if own is not None:  # lr = own(step) in every group: a factor of each group's initial lr
+        initial = [group["lr"] for group in optimizer.param_groups]
+        if not all(initial):
+            raise UsageError("task.scheduler() returned a function of the step, but a parameter group's "
+                             "learning rate is 0; give the optimizer a nonzero lr")
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [lambda step, base=base: float(own(step)) / base for base in initial])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, total_steps))
 
 

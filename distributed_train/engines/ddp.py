@@ -42,7 +42,7 @@ class DDPEngine(EngineBase):
         self.raw_model = batch_statistics(build_model(task, device, self.float_dtype), config, env, device)
         checkpoint_activations(task, self.raw_model, config)
         self.optimizer = build_optimizer(task, self.raw_model, config)
-        self.scheduler = lr_schedule(self.optimizer, config, total_steps)
+        self.scheduler = lr_schedule(task, self.optimizer, config, total_steps)
         self.scaler = grad_scaler(config.train.precision, device)
         self.model = self._wrap(self.raw_model)
         self._trainable: list[nn.Parameter] | None = None  # checked for a gradient after each backward

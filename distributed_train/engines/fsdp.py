@@ -116,7 +116,7 @@ class FSDPEngine(EngineBase):
         shard(model, units, self.mesh, config)
         self.model = self.raw_model = model
         self.optimizer = build_optimizer(task, model, config)
-        self.scheduler = lr_schedule(self.optimizer, config, total_steps)
+        self.scheduler = lr_schedule(task, self.optimizer, config, total_steps)
         self.scaler = grad_scaler(config.train.precision, device)
         self.state_is_sharded = torch_dist.get_world_size() > 1
         self._buffers = list(model.buffers())

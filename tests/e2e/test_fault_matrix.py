@@ -193,6 +193,15 @@ def test_task_code_raising_a_base_exception_or_running_out_of_memory_is_named(tm
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "summary.json").exists()
 
 
+def test_what_a_task_prints_names_the_rank_beyond_rank_0(tmp_path):
+    proc = dtrain("launch", "--nproc-per-node", "2", FAULTS + "Prints", *SMALL, "--train.max_steps=2",
+                  f"--run_dir={tmp_path}/run", cwd=REPO, timeout=150)
+    out, err = proc.stdout.splitlines(), proc.stderr.splitlines()
+    assert out.count("building the model") == 1 and out.count("[rank 1] building the model") == 1, proc.stdout
+    assert err.count("a note on stderr") == 1 and err.count("[rank 1] a note on stderr") == 1, proc.stderr
+    assert out[-1].startswith("done: 2 steps"), proc.stdout  # dtrain's own lines are as they were
+
+
 def test_a_task_that_changes_directory_cannot_move_the_run_folder(tmp_path):
     start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
     start.mkdir()

@@ -57,6 +57,17 @@ class ChangesDirectory(Regression):
         os.chdir(config.task_args["to"])
 
 
+class Prints(Regression):
+    """Prints a line from model(), and one to stderr, as scripts do."""
+
+    def model(self):
+        import sys
+
+        print("building the model")
+        print("a note on stderr", file=sys.stderr)
+        return super().model()
+
+
 class NoParameters(Regression):
     """A model without parameters: nothing to train."""
 

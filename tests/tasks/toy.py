@@ -140,3 +140,27 @@ class ModelNotModule(Regression):
 class FailingConstructor:
     def __init__(self):
         raise RuntimeError("cannot find the data")
+
+
+class OwnSchedule(Regression):
+    """nanoGPT's shape: `optimizer(model, config)` groups parameters by name (decay for weights,
+    none for biases), and a `scheduler`: torch's StepLR (`task_args.schedule=step`) or a function
+    of the step giving the learning rate (`function`, like nanoGPT's get_lr)."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.schedule = dict(getattr(config, "task_args", None) or {}).get("schedule", "step")
+
+    def optimizer(self, model, config):
+        assert isinstance(model, nn.Module), f"optimizer() got {type(model).__name__}, not the model"
+        weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
+        biases = [p for name, p in model.named_parameters() if not name.endswith("weight")]
+        return torch.optim.SGD([{"params": weights, "weight_decay": 0.01}, {"params": biases, "weight_decay": 0.0}],
+                               lr=0.05, momentum=0.9)
+
+    def scheduler(self, optimizer, config):
+        if self.schedule == "step":
+            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+        if self.schedule == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+        return lambda step: 0.05 * 0.8 ** step

@@ -208,6 +208,9 @@ def apply_hyperparameters(engine: Engine, groups: list[dict]) -> None:
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, factors):
             group["lr"] = base * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    else:  # the task's own LRScheduler: the learning rate it had reached at the checkpoint
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
 
 
 def training_state(engine: Engine, global_step: int, position: dict, rngs: list, world_size: int,
