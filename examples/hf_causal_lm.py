@@ -1,7 +1,11 @@
 """Train a Hugging Face `transformers` causal LM on the `lm` task's token files.
 
+    dtrain launch --nproc-per-node 2 examples/hf_causal_lm.yaml       # the bundled text, bytes
     dtrain prepare-tokens corpus.txt -o tokens
     dtrain launch --nproc-per-node 2 examples/hf_causal_lm.yaml --task_args.data=tokens
+
+Without `data` or `train` it trains on the text the package ships (the charlm task's 1.2 MB of
+public-domain English, one token per byte), written once per process to a temporary file.
 
 The model comes from a config, built locally (AutoConfig.for_model + from_config, nothing is
 downloaded): `task_args.model_type` (llama, gpt2, qwen2, ...) and `task_args.config.KEY=VALUE`
@@ -13,8 +17,14 @@ decoder layers are its shard units (FSDP, activation checkpointing).
 
 from __future__ import annotations
 
+import atexit
+import gzip
+import os
+import shutil
+import tempfile
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +42,18 @@ def _transformers() -> Any:
         raise UsageError("examples/hf_causal_lm.py needs transformers: pip install transformers "
                          "(or pip install 'distributed_train[lm]')") from None
     return transformers
+
+
+def bundled_text_as_bytes() -> str:
+    """The package's bundled text as a .npy file of byte tokens (uint16), in a temporary folder
+    removed when this process ends. One copy per process: ranks never race for one file."""
+    from distributed_train.tasks.charlm import TEXT_PATH
+
+    folder = tempfile.mkdtemp(prefix="dtrain-hf-example-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = os.path.join(folder, "bundled-text.npy")
+    np.save(path, np.frombuffer(gzip.decompress(TEXT_PATH.read_bytes()), dtype=np.uint8).astype(np.uint16))
+    return path
 
 
 class HFCausalLMTask:
@@ -52,7 +74,10 @@ class HFCausalLMTask:
         self.model_dir, self.model_type = task_args.get("model"), task_args.get("model_type")
         self.config_fields = dict(task_args.get("config") or {})
         self.seq_len = self.tokens_per_sample = int(task_args.get("seq_len", 256))
-        self.data = TokenData({k: v for k, v in task_args.items() if k in DATA_OPTIONS})
+        data_args = {k: v for k, v in task_args.items() if k in DATA_OPTIONS}
+        if not data_args.get("data") and not data_args.get("train"):
+            data_args.update(train=bundled_text_as_bytes(), dtype="uint16", vocab_size=256)
+        self.data = TokenData(data_args)
         self._train, self._eval = self.data.windows(self.seq_len)
         self.model_config = self._model_config()
         if self.model_config.vocab_size < self.data.vocab_size:

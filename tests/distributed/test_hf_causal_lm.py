@@ -35,3 +35,17 @@ def test_tiny_llama_trains_on_two_ranks_and_its_decoder_layers_are_the_units(tmp
     assert summary["global_step"] == 12 and summary["world_size"] == 2
     assert summary["train_loss"] < 5.0  # ln(256) = 5.5 at the start
     assert set(results[0]["state"]) == set(model.state_dict())
+
+
+def test_the_example_as_shipped_trains_on_the_bundled_text(tmp_path):
+    """examples/hf_causal_lm.yaml needs no corpus and no GPU: its defaults learn on this machine."""
+    from distributed_train import distributed
+    from distributed_train.cli.train import resolve_config
+    from distributed_train.training.run import run_training
+
+    config = resolve_config(str(REPO / "examples" / "hf_causal_lm.yaml"), [
+        "--train.max_steps=40", "--train.warmup_steps=5", "--eval.every_steps=0", "--checkpoint.every_steps=0",
+        "--log.wandb=disabled", f"--run_dir={tmp_path / 'run'}"])
+    assert "data" not in config.task_args and "train" not in config.task_args
+    summary = run_training(config, distributed.DistEnv())
+    assert summary["global_step"] == 40 and summary["train_loss"] < 3.5  # ln(256) = 5.5 at the start

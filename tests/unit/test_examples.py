@@ -12,10 +12,10 @@ WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64)  # one GPU up to eight nodes of eight
 
 def example_overrides(path, tmp_path) -> list[str]:
     """What an example needs to load here: language models get a small token directory."""
-    if "task_args:\n  data:" not in path.read_text():
-        return []
     if "hf_causal_lm" in path.name:
         pytest.importorskip("transformers", reason="transformers is not installed")
+    if "task_args:\n  data:" not in path.read_text():
+        return []
     from distributed_train.cli import prepare_tokens
 
     assert prepare_tokens.main([__file__, "-o", str(tmp_path / "tokens"), "--val-fraction", "0"]) == 0
