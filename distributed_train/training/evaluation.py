@@ -15,6 +15,7 @@ from distributed_train.errors import UsageError
 from distributed_train.task import Task
 from distributed_train.training.data import EvalBatchSampler, eval_subset, make_loader
 from distributed_train.training.reporting.metrics import log
+from distributed_train.training.reporting.progress import EvalProgress
 from distributed_train.training.rng import rng_state, set_rng_state
 
 
@@ -85,8 +86,9 @@ class Evaluator:
         return None
 
     @torch.no_grad()
-    def evaluate(self, engine: Engine) -> dict[str, float]:
-        """Metrics over the whole eval set (collective: every rank calls it)."""
+    def evaluate(self, engine: Engine, step: int = 0) -> dict[str, float]:
+        """Metrics over the whole eval set (collective: every rank calls it); a long one shows
+        rank 0's progress."""
         engine.sync_buffers()  # one model on every rank, also the one final_model.pt holds
         if self.loader is None:
             return {}
@@ -94,11 +96,16 @@ class Evaluator:
         model.eval()
         # (sum, count) per metric, kept on the device: one transfer at the end, not two per batch.
         sums: dict[str, torch.Tensor] = {}
+        progress = EvalProgress(step, len(self.loader), self.env.is_main)
         with engine.autocast():
-            for batch in self.loader:
-                batch = self.on_device(batch, engine)
-                for name, pair in self.batch_sums(model, batch).items():
-                    sums[name] = sums[name] + pair if name in sums else pair
+            try:
+                for batch in self.loader:
+                    batch = self.on_device(batch, engine)
+                    for name, pair in self.batch_sums(model, batch).items():
+                        sums[name] = sums[name] + pair if name in sums else pair
+                    progress.update()
+            finally:
+                progress.close()
             if engine.eval_in_lockstep:  # each forward is a collective: as many as the busiest rank (not counted)
                 for _ in range(self.missing_batches):
                     self.batch_sums(model, self.on_device(next(iter(self.filler)), engine))

@@ -180,7 +180,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Exact metrics over the eval set, logged as one `eval` event (collective)."""
-        metrics = self.evaluator.evaluate(self.engine)
+        metrics = self.evaluator.evaluate(self.engine, self.global_step)
         if metrics:
             self.logger.log({"kind": "eval", "step": self.global_step, "epoch": self.data.epoch, **metrics})
         return metrics

@@ -222,3 +222,41 @@ def test_a_full_disk_under_metrics_jsonl_is_one_warning_and_training_goes_on(tmp
     assert warnings == [f"cannot write {tmp_path / 'metrics.jsonl'}: no space left on device; later events go "
                         "to the console only"]
     assert [(e["kind"], e["step"]) for e in read_events(tmp_path)] == [("start", 0), ("train", 1)]
+
+
+def test_a_long_evaluation_shows_progress_and_a_short_one_nothing(monkeypatch):
+    import io
+    import logging
+
+    from distributed_train.training.reporting import progress
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("distributed_train")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        quiet = progress.EvalProgress(300, 4, enabled=True, tty=False)
+        for _ in range(4):
+            quiet.update()  # well under EVAL_LINE_EVERY_S: nothing
+        assert lines == []
+        monkeypatch.setattr(progress, "EVAL_LINE_EVERY_S", 0.0)  # in a log: a line per interval
+        slow = progress.EvalProgress(300, 4, enabled=True, tty=False)
+        slow.update()
+        assert len(lines) == 1 and lines[0].startswith("step 300 eval: 1/4 batches in 0s, eta ")
+        other_rank = progress.EvalProgress(300, 4, enabled=False, tty=False)
+        other_rank.update()
+        assert len(lines) == 1
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    monkeypatch.setattr(progress, "EVAL_QUIET_S", 0.0)  # on a terminal: a bar, cleared at the end
+    screen = io.StringIO()
+    bar = progress.EvalProgress(300, 4, enabled=True, tty=True, stream=screen)
+    for _ in range(4):
+        bar.update()
+    assert bar.bar is not None and "eval at step 300" in screen.getvalue()
+    bar.close()
+    assert bar.bar is None

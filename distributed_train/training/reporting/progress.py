@@ -110,6 +110,50 @@ class Progress:
             self.bar = None
 
 
+EVAL_QUIET_S = 10.0  # an evaluation shorter than this shows nothing
+EVAL_LINE_EVERY_S = 30.0  # in a log (not a terminal): one line this often while an evaluation runs
+
+
+class EvalProgress:
+    """Rank 0's view of one evaluation that takes long: a bar on a terminal once it has run
+    EVAL_QUIET_S, a line every EVAL_LINE_EVERY_S in a log; a short one shows nothing. Counts
+    batches on the host: no sync with the device."""
+
+    def __init__(self, step: int, batches: int, enabled: bool, tty: bool | None = None,
+                 stream: TextIO | None = None):
+        self.step, self.batches, self.done = step, batches, 0
+        self.enabled = enabled and batches > 0
+        self.stream = stream or sys.stderr
+        self.tty = tty if tty is not None else _isatty(self.stream)
+        self.started = self.last_line = time.perf_counter()
+        self.bar = None
+
+    def update(self) -> None:
+        """One more batch evaluated."""
+        if not self.enabled:
+            return
+        self.done += 1
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.tty and now - self.started >= EVAL_QUIET_S:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.batches, initial=self.done, desc=f"eval at step {self.step}", unit="batch",
+                            file=self.stream, dynamic_ncols=True, leave=False)
+        elif not self.tty and now - self.last_line >= EVAL_LINE_EVERY_S:
+            self.last_line = now
+            elapsed = now - self.started
+            eta = elapsed / self.done * (self.batches - self.done)
+            log.info("step %d eval: %d/%d batches in %s, eta %s", self.step, self.done, self.batches,
+                     format_duration(elapsed), format_duration(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _isatty(stream: Any) -> bool:
     try:
         return stream.isatty()
