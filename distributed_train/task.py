@@ -267,10 +267,16 @@ class Task:
             raise base_exception(f"task.{method}()", exc) from None
 
     def _check_dataset(self, dataset: Any, method: str) -> Any:
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            if method == "train_dataset":
+                return dataset  # a stream: training/iterable.py
+            raise UsageError(f"task.{method}() returned an IterableDataset; evaluation counts every sample "
+                             "exactly once on any world size, which needs a map-style Dataset (a list or "
+                             "TensorDataset of the held-out samples)")
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise UsageError(
-                f"task.{method}() must return a map-style Dataset (with __len__ and __getitem__), "
-                f"got {type(dataset).__name__}"
+                f"task.{method}() must return a map-style Dataset (with __len__ and __getitem__) or, "
+                f"for training, an IterableDataset; got {type(dataset).__name__}"
             )
         try:
             size = len(dataset)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -111,13 +112,15 @@ def in_precision(obj: Any, precision: str) -> Any:
 
 def sample_batch(task: Task, size: int) -> Any:
     """The first `size` training samples as one batch, as the trainer would collate them."""
+    from torch.utils.data import IterableDataset, default_collate
+
     dataset = task.train_dataset()
+    if isinstance(dataset, IterableDataset):  # a stream: its first samples
+        return (task.collate_fn() or default_collate)(list(itertools.islice(dataset, size)))
     indices = list(range(min(size, len(dataset))))
     fetch = batch_fetcher(dataset) if task.collate_fn() is None else None
     if fetch is not None:
         return fetch(indices)
-    from torch.utils.data import default_collate
-
     return (task.collate_fn() or default_collate)([dataset[i] for i in indices])
 
 

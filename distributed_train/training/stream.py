@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from torch.utils.data import IterableDataset
 
 from distributed_train.batches import BatchPlan
-from distributed_train.training.data import TrainBatchSampler
+from distributed_train.config import Config
+from distributed_train.errors import UsageError
+from distributed_train.training.data import TrainBatchSampler, make_loader
+from distributed_train.training.iterable import IterableStream
+
+
+def open_train_stream(train_set: Any, config: Config, plan: BatchPlan, rank: int, collate: Callable | None,
+                      pin_memory: bool) -> tuple[TrainStream | IterableStream, int]:
+    """This rank's stream of training steps over the task's dataset, and the steps to train:
+    `train.max_steps`, else `train.epochs` of a map-style dataset (a stream has no length)."""
+    data = config.data
+    if isinstance(train_set, IterableDataset):
+        if not config.train.max_steps:
+            raise UsageError("task.train_dataset() is an IterableDataset (a stream without a length): set "
+                             "train.max_steps, the optimizer steps to train (train.epochs cannot be counted)")
+        stream = IterableStream(train_set, plan, rank, collate, data.num_workers, pin_memory,
+                                data.worker_start_method)
+        return stream, config.train.max_steps
+    sampler = TrainBatchSampler(len(train_set), plan, rank, config.seed)
+    loader = make_loader(train_set, sampler, collate, data.num_workers, pin_memory, config.seed + rank,
+                         data.worker_start_method)
+    return TrainStream(loader, sampler, plan), config.train.max_steps or config.train.epochs * sampler.steps_per_epoch
 
 
 class TrainStream:

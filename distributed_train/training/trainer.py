@@ -20,8 +20,8 @@ from distributed_train.engines.memory import state_bytes_per_rank
 from distributed_train.errors import NonFiniteLoss
 from distributed_train.task import Task, load_task
 from distributed_train.training.checkpoints.checkpointer import Checkpointer, Resumed, training_state
-from distributed_train.training.data import TrainBatchSampler, make_loader
 from distributed_train.training.evaluation import Evaluator
+from distributed_train.training.iterable import IterableStream
 from distributed_train.training.outputs import RunOutputs
 from distributed_train.training.reporting.flops import MFUMeter
 from distributed_train.training.reporting.metrics import MetricsLogger, log
@@ -29,7 +29,7 @@ from distributed_train.training.reporting.profiling import StepProfiler
 from distributed_train.training.reporting.step_metrics import TrainMetrics
 from distributed_train.training.rng import reseed_step, seed_everything
 from distributed_train.training.run_lock import RunLock
-from distributed_train.training.stream import TrainStream
+from distributed_train.training.stream import TrainStream, open_train_stream
 
 
 def default_run_dir(task: str) -> str:
@@ -50,7 +50,7 @@ class Trainer:
     # components
     task: Task
     plan: BatchPlan
-    data: TrainStream
+    data: TrainStream | IterableStream
     engine: Engine
     evaluator: Evaluator
     logger: MetricsLogger
@@ -72,13 +72,9 @@ class Trainer:
         self.plan = BatchPlan.make(config.train.batch_size, env.world_size, config.train.micro_batch_size)
         seed_everything(config.seed)
         train_set = self.task.train_dataset()
-        sampler = TrainBatchSampler(len(train_set), self.plan, env.rank, config.seed)
-        self.total_steps = config.train.max_steps or config.train.epochs * sampler.steps_per_epoch
         pin = config.data.pin_memory if config.data.pin_memory is not None else device.type == "cuda"
         collate = self.task.collate_fn()
-        loader = make_loader(train_set, sampler, collate, config.data.num_workers, pin, config.seed + env.rank,
-                             config.data.worker_start_method)
-        self.data = TrainStream(loader, sampler, self.plan)
+        self.data, self.total_steps = open_train_stream(train_set, config, self.plan, env.rank, collate, pin)
         self.evaluator = Evaluator(self.task, config.eval, config.seed, env, device, collate, pin, self.plan)
         self.engine = build_engine(self.task, config, env, device, self.plan, self.total_steps)
         self.logger = MetricsLogger(config, env, self.run_dir, self.total_steps)

@@ -125,7 +125,7 @@ class Checkpointer:
         if state["world_size"] == self.env.world_size and self.env.rank < len(rngs):
             set_rng_state(rngs[self.env.rank])
         progress = state["progress"]
-        position = {"epoch": progress["epoch"], "samples_in_epoch": progress["samples_in_epoch"]}
+        position = {key: value for key, value in progress.items() if key != "global_step"}  # the data stream's
         return Resumed(path, progress["global_step"], position, state.get("wandb_id"), state["world_size"],
                        changed)
 
