@@ -98,14 +98,14 @@ class IterableStream:
 
     def _start_pass(self) -> None:
         self.share.first_step = self.step_in_epoch
-        self.share.skip = 0
+        self.share.skip = self.step_in_epoch * self.plan.global_batch
+        # The pass number first, also before a saved state is loaded: Hugging Face streams apply a
+        # state only in the pass it was taken in (else they start the pass over, silently).
+        if callable(getattr(self.dataset, "set_epoch", None)):
+            self.dataset.set_epoch(self.epoch)
         if self._resume_state is not None:
             self.dataset.load_state_dict(self._resume_state)
-            self._resume_state = None
-        else:
-            if callable(getattr(self.dataset, "set_epoch", None)):
-                self.dataset.set_epoch(self.epoch)
-            self.share.skip = self.step_in_epoch * self.plan.global_batch
+            self._resume_state, self.share.skip = None, 0
         self._batches = iter(self.loader)
 
     def advance(self) -> None:

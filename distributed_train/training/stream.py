@@ -22,6 +22,9 @@ def open_train_stream(train_set: Any, config: Config, plan: BatchPlan, rank: int
         if not config.train.max_steps:
             raise UsageError("task.train_dataset() is an IterableDataset (a stream without a length): set "
                              "train.max_steps, the optimizer steps to train (train.epochs cannot be counted)")
+        if getattr(train_set, "_distributed", None) is not None:  # datasets.distributed.split_dataset_by_node
+            raise UsageError("task.train_dataset() returned a stream already split by node "
+                             "(split_dataset_by_node); return the whole stream: dtrain gives each rank its part")
         stream = IterableStream(train_set, plan, rank, collate, data.num_workers, pin_memory,
                                 data.worker_start_method)
         return stream, config.train.max_steps

@@ -80,3 +80,22 @@ def test_a_stream_needs_max_steps_a_whole_batch_and_a_map_style_eval_set(tmp_pat
         train_here(*base, "--task_args.n=20", "--train.max_steps=2", f"--run_dir={tmp_path / 'b'}")
     with pytest.raises(UsageError, match=r"task.eval_dataset\(\) returned an IterableDataset; evaluation counts"):
         train_here(*base, f"--task={STREAMS}:StreamingEval", "--train.max_steps=2", f"--run_dir={tmp_path / 'c'}")
+
+
+def test_a_hugging_face_streaming_dataset_trains_alike_on_any_world_size_and_resumes_from_its_state(tmp_path,
+                                                                                                   capsys):
+    pytest.importorskip("datasets", reason="datasets is not installed")
+    from tests.tasks.streams import write_json_lines
+
+    write_json_lines(tmp_path / "data.jsonl")
+    hf = [f"--task={STREAMS}:HFJsonStream", f"--task_args.path={tmp_path / 'data.jsonl'}", "--train.micro_batch_size=4"]
+    _, one = train_here(*job(tmp_path / "one", *hf))
+    two = run_ranks(train_in_rank, 2, job(tmp_path / "two", *hf))[0]["state"]
+    assert max_diff(two, one) < EXACT
+    run_ranks(train_in_rank, 2, job(tmp_path / "run", *hf, "--train.max_steps=6", "--checkpoint.every_steps=3"))
+    capsys.readouterr()
+    _, resumed = train_here(*job(tmp_path / "run", *hf, "--checkpoint.every_steps=3"))
+    assert "resuming the stream" not in capsys.readouterr().err  # from the dataset's own state
+    assert max_diff(resumed, one) < EXACT
+    with pytest.raises(UsageError, match=r"already split by node \(split_dataset_by_node\); return the whole"):
+        train_here(*job(tmp_path / "split", *hf, "--task_args.split_by_node=true"))

@@ -67,3 +67,37 @@ class StreamingRegression(Regression):
 class StreamingEval(StreamingRegression):
     def eval_dataset(self):
         return RegressionStream(10)
+
+
+class HFJsonStream(Regression):
+    """The toy regression from a JSON-lines file through Hugging Face `datasets` streaming (an
+    IterableDataset with its own state_dict); `task_args.path`, `task_args.split_by_node`."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        args = dict(getattr(config, "task_args", None) or {})
+        self.path, self.split_by_node = args["path"], args.get("split_by_node", False)
+
+    def train_dataset(self):
+        import datasets
+
+        # rows as they are; collate() makes the tensors
+        stream = datasets.load_dataset("json", data_files=self.path, split="train", streaming=True)
+        if self.split_by_node:
+            from datasets.distributed import split_dataset_by_node
+
+            stream = split_dataset_by_node(stream, rank=0, world_size=2)
+        return stream
+
+    def collate(self, samples):
+        if isinstance(samples[0], dict):  # the stream's rows; the eval set's are (x, y, id) tuples
+            return torch.tensor([s["x"] for s in samples]), torch.tensor([s["y"] for s in samples])
+        return torch.utils.data.default_collate(samples)
+
+
+def write_json_lines(path, n: int = 100) -> None:
+    """The toy regression's first `n` samples as JSON lines {"x": [4 floats], "y": float}."""
+    import json
+
+    x, y = regression_data(n, seed=0)
+    path.write_text("".join(json.dumps({"x": row.tolist(), "y": float(t)}) + "\n" for row, t in zip(x, y)))
