@@ -1,0 +1,52 @@
+"""Code in the shapes nobody here wrote (tests/tasks/third_party.py) trains as it would alone:
+2 ranks give one process's parameters where the math allows; where it does not (BatchNorm), the
+user is told, and the ranks still hold one model."""
+
+import pytest
+import torch
+
+from distributed_train.cli.train import resolve_config
+from distributed_train.distributed import DistEnv
+from distributed_train.training.run import run_training
+from tests.helpers import EXACT, FP64, max_diff, run_ranks, train_in_rank
+
+pytestmark = pytest.mark.distributed
+
+TASKS = "tests.tasks.third_party"
+COMMON = [FP64, "--train.batch_size=24", "--train.max_steps=12", "--seed=5", "--log.wandb=disabled"]
+
+
+def one_process(run_dir, *extra):
+    summary = run_training(resolve_config(None, ["--log.wandb=disabled", *extra, f"--run_dir={run_dir}"]),
+                           DistEnv())
+    return summary, torch.load(summary["final_model"], weights_only=True)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_a_nanogpt_style_model_with_tied_weights_its_optimizer_groups_and_get_lr(tmp_path, engine):
+    args = [f"--task={TASKS}:NanoGPT", *COMMON, f"--engine={engine}"]
+    summary, alone = one_process(tmp_path / "one", *args)
+    assert summary["train_loss"] < 3.45  # ln(32) = 3.47 at the start: it learns
+    # tied: one tensor under both names, in the final model too
+    assert torch.equal(alone["lm_head.weight"], alone["transformer.wte.weight"])
+    two = run_ranks(train_in_rank, 2, [*args, "--train.micro_batch_size=4", f"--run_dir={tmp_path / 'two'}"])
+    assert max_diff(two[0]["state"], alone) < EXACT
+
+
+def test_padded_variable_length_batches(tmp_path):
+    args = [f"--task={TASKS}:PaddedSequences", *COMMON, "--train.optimizer=sgd", "--train.lr=0.05"]
+    _, alone = one_process(tmp_path / "one", *args)
+    for world_size in (2, 3):
+        ranks = run_ranks(train_in_rank, world_size, [*args, f"--run_dir={tmp_path / f'w{world_size}'}"])
+        assert max_diff(ranks[0]["state"], alone) < EXACT, world_size
+
+
+def test_a_resnet_with_batchnorm_trains_and_keeps_one_model(tmp_path):
+    """Per-rank batch statistics are not one process's math (the one-line warning that says so:
+    tests/unit/test_engine.py); the job trains, and rank 0's buffers are the model's."""
+    args = [f"--task={TASKS}:TinyResNet", *COMMON, "--train.optimizer=sgd", "--train.lr=0.1"]
+    ranks = run_ranks(train_in_rank, 2, [*args, f"--run_dir={tmp_path / 'two'}"])
+    assert ranks[0]["summary"]["global_step"] == 12
+    _, alone = one_process(tmp_path / "one", *args)
+    assert max_diff(ranks[0]["state"], alone) > 1e-6  # per-rank batch statistics: not the same math
+    assert "1.running_mean" in ranks[0]["state"]  # the buffers DDP broadcasts from rank 0 are saved

@@ -1,0 +1,158 @@
+"""Tiny versions of code nobody here wrote, in the shapes it comes in (issue 30):
+a nanoGPT-style GPT (tied embedding and head, configure_optimizers grouping by dimension, a get_lr
+warmup-cosine schedule), a torchvision-style ResNet (BatchNorm), padded variable-length batches.
+
+Load by module: `--task=tests.tasks.third_party:NanoGPT`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset, TensorDataset
+
+VOCAB, CTX = 32, 8
+
+
+def token_data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (n, CTX + 1), generator=g)
+    x[:, 1:] = (x[:, :-1] * 3 + 1) % VOCAB  # learnable: the next token follows from the last
+    return TensorDataset(x[:, :-1], x[:, 1:])
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1)
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class _GPT(nn.Module):
+    """nanoGPT's layout: transformer.{wte, wpe, h, ln_f}, lm_head tied to wte."""
+
+    def __init__(self, d: int = 16, layers: int = 2):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(VOCAB, d), wpe=nn.Embedding(CTX, d),
+                                              h=nn.ModuleList(_Block(d) for _ in range(layers)), ln_f=nn.LayerNorm(d)))
+        self.lm_head = nn.Linear(d, VOCAB, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as nanoGPT does
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        return logits, loss
+
+
+class NanoGPT:
+    def __init__(self, config=None):
+        self.max_steps = getattr(getattr(config, "train", None), "max_steps", None) or 8
+
+    def train_dataset(self) -> Dataset:
+        return token_data(96, seed=0)
+
+    def eval_dataset(self) -> Dataset:
+        return token_data(16, seed=1)
+
+    def model(self) -> nn.Module:
+        return _GPT()
+
+    def loss(self, model, batch):
+        return model(*batch)[1]  # nanoGPT's model returns (logits, loss)
+
+    def shard_units(self, model):
+        return list(model.transformer.h)
+
+    def optimizer(self, model, config):  # nanoGPT's configure_optimizers: decay only >= 2-D tensors
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95))
+
+    def scheduler(self, optimizer, config):  # nanoGPT's get_lr: linear warmup, cosine decay
+        warmup, max_lr, min_lr = 2, 1e-2, 1e-3
+
+        def get_lr(it: int) -> float:
+            if it < warmup:
+                return max_lr * (it + 1) / (warmup + 1)
+            ratio = min(1.0, (it - warmup) / max(1, self.max_steps - warmup))
+            return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+        return get_lr
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class TinyResNet:
+    """torchvision's resnet shape: conv-bn stem, basic blocks, global pool, fc; a criterion."""
+
+    criterion = nn.CrossEntropyLoss()
+
+    def train_dataset(self) -> Dataset:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 3, 8, 8, generator=g)
+        return TensorDataset(x, (x.mean(dim=(1, 2, 3)) > 0).long())
+
+    def model(self) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                             _BasicBlock(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+
+class _Sequences(Dataset):
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.items = [torch.randn(int(torch.randint(2, 9, (1,), generator=g)), 4, generator=g) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        seq = self.items[i]
+        return seq, seq.sum()
+
+
+class PaddedSequences:
+    """Variable-length sequences padded per batch with a mask; each sample's loss is a mean over
+    its own tokens, and the batch loss the mean over samples (so it does not depend on how the
+    batch is split across ranks)."""
+
+    def train_dataset(self) -> Dataset:
+        return _Sequences(48, seed=0)
+
+    def collate(self, samples):
+        seqs, targets = zip(*samples)
+        lengths = torch.tensor([len(s) for s in seqs])
+        padded = pad_sequence(list(seqs), batch_first=True)
+        mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
+        return padded, mask, torch.stack(targets)
+
+    def model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def loss(self, model, batch):
+        padded, mask, targets = batch
+        per_token = model(padded).squeeze(-1) * mask
+        per_sample = per_token.sum(1) / mask.sum(1) * mask.sum(1).to(per_token.dtype).sqrt()
+        return F.mse_loss(per_sample, targets / 4)
