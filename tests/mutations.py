@@ -11,7 +11,26 @@ from mutation_check import Mutation
 RESUME_MIDRUN = "tests/distributed/test_resume_midrun.py"
 MECHANISMS = "tests/distributed/test_mechanisms.py"
 
+ITERABLE = "tests/distributed/test_iterable.py"
+
 MUTATIONS = [
+    Mutation(
+        "a stream's global batch split by rank (rank r takes every W-th sample)",
+        "distributed_train/training/iterable.py",
+        "            share = chunk[self.rank::W]\n", "            share = chunk[:B // W]\n",
+        (ITERABLE + "::test_two_and_three_ranks_and_workers_train_the_same_model_as_one_process",)),
+    Mutation(
+        "a stream's saved state loaded in its own pass (set_epoch first)", "distributed_train/training/iterable.py",
+        "        if callable(getattr(self.dataset, \"set_epoch\", None)):\n",
+        "        if self._resume_state is None and callable(getattr(self.dataset, \"set_epoch\", None)):\n",
+        (ITERABLE + "::test_a_hugging_face_streaming_dataset_trains_alike_on_any_world_size_and_resumes_from_"
+         "its_state",)),
+    Mutation(
+        "a parameter without a gradient looked for after every backward, not only the first",
+        "distributed_train/engines/ddp.py",
+        "        if any(p.grad is None for p in self._trainable):\n",
+        "        if not self.stepped and any(p.grad is None for p in self._trainable):\n",
+        ("tests/e2e/test_bad_input_matrix.py::test_a_parameter_unused_on_one_rank_at_a_later_step_is_named_at_once",)),
     Mutation(
         "LR scheduler restore on resume", "distributed_train/engines/base.py",
         '        self.scheduler.load_state_dict(state["scheduler"])\n', "        pass\n",
