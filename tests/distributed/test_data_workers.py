@@ -48,7 +48,7 @@ START_METHODS = {"in-process": ["--data.num_workers=0"],
 
 def jobs_with_start_methods(rank: int, world_size: int, tmp: str) -> dict:
     """Each START_METHODS job; the start method of each train loader this rank built."""
-    from distributed_train.training import trainer
+    from distributed_train.training import stream
 
     built = []
 
@@ -58,7 +58,7 @@ def jobs_with_start_methods(rank: int, world_size: int, tmp: str) -> dict:
         built.append(context.get_start_method() if context is not None else None)
         return loader
 
-    make_loader, trainer.make_loader = trainer.make_loader, recording_make_loader
+    make_loader, stream.make_loader = stream.make_loader, recording_make_loader
     jobs = [(name, [*AUGMENT, *overrides, f"--run_dir={tmp}/{name}"]) for name, overrides in START_METHODS.items()]
     return {"results": jobs_in_rank(rank, world_size, jobs, tmp), "start_methods": built}
 
