@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -235,6 +236,11 @@ class Config:
     def __post_init__(self) -> None:
         if not self.task:
             raise UsageError("task must name a built-in task, module:attr or file.py:attr")
+        for key, value in (("run_dir", self.run_dir), ("checkpoint.resume", self.checkpoint.resume)):
+            if value and _URL.match(value):  # never a local folder named "s3:" (issue 28)
+                raise UsageError(f"{key}={value!r} is a URL; this version reads and writes run directories "
+                                 "on a file system only (a local path, or one every node mounts: NFS, a "
+                                 "Kubernetes volume); object storage is not supported yet")
         if not 0 <= self.seed <= SEED_MAX:
             raise UsageError(f"seed must be an integer from 0 to {SEED_MAX} (2**32-1), got {self.seed}")
         if (self.accelerate.fsdp or self.accelerate.deepspeed) and self.engine != "accelerate":
@@ -247,6 +253,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Building a Config from nested dicts (file, task defaults) and `--key=value` strings.
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, file://, https://
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 

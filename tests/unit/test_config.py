@@ -152,6 +152,15 @@ def test_a_section_given_as_a_value_and_as_keys_is_refused_never_dropped(tmp_pat
     assert config.train.lr == 0.1 and config.task_args == {"a": {"b": 2}}
 
 
+@pytest.mark.parametrize("key, url", [("run_dir", "s3://bucket/runs/x"), ("run_dir", "gs://b/x"),
+                                      ("checkpoint.resume", "file:///runs/x/checkpoints/step-00000004")])
+def test_a_url_as_run_dir_is_refused_never_a_local_folder_named_after_it(key, url):
+    with pytest.raises(UsageError, match=rf"^{key}='{url}' is a URL; this version reads and writes run "
+                                         r"directories on a file system only .*; object storage is not supported yet$"):
+        load_config(None, [f"--{key}={url}"])
+    assert load_config(None, ["--run_dir=runs/s3:x"]).run_dir == "runs/s3:x"  # a path with a colon is a path
+
+
 def test_missing_config_file_names_it(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(UsageError, match="nope.yaml.*does not exist"):
