@@ -25,6 +25,12 @@ def open_train_stream(train_set: Any, config: Config, plan: BatchPlan, rank: int
         if getattr(train_set, "_distributed", None) is not None:  # datasets.distributed.split_dataset_by_node
             raise UsageError("task.train_dataset() returned a stream already split by node "
                              "(split_dataset_by_node); return the whole stream: dtrain gives each rank its part")
+        if data.num_workers > 0 and (getattr(train_set, "n_shards", 1) or 1) > 1:
+            # A Hugging Face stream of several shards gives each DataLoader worker its own shards:
+            # the worker would then split an already split stream, and samples would be lost.
+            raise UsageError(f"task.train_dataset() is a stream of {train_set.n_shards} shards that splits "
+                             "itself across DataLoader workers; dtrain splits the stream by rank and by "
+                             "worker: set data.num_workers=0")
         stream = IterableStream(train_set, plan, rank, collate, data.num_workers, pin_memory,
                                 data.worker_start_method)
         return stream, config.train.max_steps

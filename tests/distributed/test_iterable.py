@@ -99,3 +99,8 @@ def test_a_hugging_face_streaming_dataset_trains_alike_on_any_world_size_and_res
     assert max_diff(resumed, one) < EXACT
     with pytest.raises(UsageError, match=r"already split by node \(split_dataset_by_node\); return the whole"):
         train_here(*job(tmp_path / "split", *hf, "--task_args.split_by_node=true"))
+    # a stream of several shards splits itself across DataLoader workers: refused with workers
+    write_json_lines(tmp_path / "more.jsonl")
+    shards = [f"--task_args.path=[{tmp_path / 'data.jsonl'}, {tmp_path / 'more.jsonl'}]"]
+    with pytest.raises(UsageError, match=r"is a stream of 2 shards that splits itself across DataLoader workers"):
+        train_here(*job(tmp_path / "workers", *hf, *shards, "--data.num_workers=2"))
