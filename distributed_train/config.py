@@ -237,7 +237,7 @@ class Config:
         if not self.task:
             raise UsageError("task must name a built-in task, module:attr or file.py:attr")
         for key, value in (("run_dir", self.run_dir), ("checkpoint.resume", self.checkpoint.resume)):
-            if value and _URL.match(value):  # never a local folder named "s3:" (issue 28)
+            if value and _URL.match(value):  # never a local folder named "s3:"
                 raise UsageError(f"{key}={value!r} is a URL; this version reads and writes run directories "
                                  "on a file system only (a local path, or one every node mounts: NFS, a "
                                  "Kubernetes volume); object storage is not supported yet")

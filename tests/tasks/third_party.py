@@ -1,4 +1,4 @@
-"""Tiny versions of code nobody here wrote, in the shapes it comes in (issue 30):
+"""Tiny versions of code nobody here wrote, in the shapes it comes in:
 a nanoGPT-style GPT (tied embedding and head, configure_optimizers grouping by dimension, a get_lr
 warmup-cosine schedule), a torchvision-style ResNet (BatchNorm), padded variable-length batches.
 
