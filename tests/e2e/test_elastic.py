@@ -153,7 +153,10 @@ def test_lost_node_the_survivor_reforms_at_world_size_1_and_finishes_exactly(tmp
     # What ended the wait, not how long it took (a loaded machine can take any time): the survivor's
     # worker named the lost rank, and its agent re-formed the group and resumed the last commit.
     survivor = logs[0].read_text()
-    assert "rank 1 died" in survivor and f"resuming from {run_dir}/checkpoints/step-" in survivor, survivor
+    # its collective failed naming rank 1 ("died", or "did not arrive" when its last heartbeat is
+    # read before the kill is noticed), and the restarted worker resumed the last commit
+    assert any(line.startswith("dtrain: error: rank 0: ") and "rank 1 " in line for line in survivor.splitlines())
+    assert f"resuming from {run_dir}/checkpoints/step-" in survivor, survivor
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 30 and summary["world_size"] == 1 and summary["resumed_from"]
     assert_same_parameters(final_parameters(run_dir), one_process_reference())
