@@ -37,6 +37,23 @@ def is_stateful(dataset: Any) -> bool:
     return callable(getattr(dataset, "state_dict", None)) and callable(getattr(dataset, "load_state_dict", None))
 
 
+def check_stream(dataset: IterableDataset, max_steps: int | None, num_workers: int) -> None:
+    """What training on a stream needs, one line each: a step count (it has no length to count
+    epochs by), the whole stream (dtrain splits it), no splitting of its own across workers."""
+    if not max_steps:
+        raise UsageError("task.train_dataset() is an IterableDataset (a stream without a length): set "
+                         "train.max_steps, the optimizer steps to train (train.epochs cannot be counted)")
+    if getattr(dataset, "_distributed", None) is not None:  # datasets.distributed.split_dataset_by_node
+        raise UsageError("task.train_dataset() returned a stream already split by node "
+                         "(split_dataset_by_node); return the whole stream: dtrain gives each rank its part")
+    if num_workers > 0 and (getattr(dataset, "n_shards", 1) or 1) > 1:
+        # A Hugging Face stream of several shards gives each DataLoader worker its own shards: the
+        # worker would then split an already split stream, and samples would be lost.
+        raise UsageError(f"task.train_dataset() is a stream of {dataset.n_shards} shards that splits itself "
+                         "across DataLoader workers; dtrain splits the stream by rank and by worker: set "
+                         "data.num_workers=0")
+
+
 class RankShare(IterableDataset):
     """This rank's micro-batches' samples of one pass, from chunk `first_step` on (module docstring)."""
 

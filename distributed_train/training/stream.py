@@ -8,9 +8,8 @@ from torch.utils.data import IterableDataset
 
 from distributed_train.batches import BatchPlan
 from distributed_train.config import Config
-from distributed_train.errors import UsageError
 from distributed_train.training.data import TrainBatchSampler, make_loader
-from distributed_train.training.iterable import IterableStream
+from distributed_train.training.iterable import IterableStream, check_stream
 
 
 def open_train_stream(train_set: Any, config: Config, plan: BatchPlan, rank: int, collate: Callable | None,
@@ -19,18 +18,7 @@ def open_train_stream(train_set: Any, config: Config, plan: BatchPlan, rank: int
     `train.max_steps`, else `train.epochs` of a map-style dataset (a stream has no length)."""
     data = config.data
     if isinstance(train_set, IterableDataset):
-        if not config.train.max_steps:
-            raise UsageError("task.train_dataset() is an IterableDataset (a stream without a length): set "
-                             "train.max_steps, the optimizer steps to train (train.epochs cannot be counted)")
-        if getattr(train_set, "_distributed", None) is not None:  # datasets.distributed.split_dataset_by_node
-            raise UsageError("task.train_dataset() returned a stream already split by node "
-                             "(split_dataset_by_node); return the whole stream: dtrain gives each rank its part")
-        if data.num_workers > 0 and (getattr(train_set, "n_shards", 1) or 1) > 1:
-            # A Hugging Face stream of several shards gives each DataLoader worker its own shards:
-            # the worker would then split an already split stream, and samples would be lost.
-            raise UsageError(f"task.train_dataset() is a stream of {train_set.n_shards} shards that splits "
-                             "itself across DataLoader workers; dtrain splits the stream by rank and by "
-                             "worker: set data.num_workers=0")
+        check_stream(train_set, config.train.max_steps, data.num_workers)
         stream = IterableStream(train_set, plan, rank, collate, data.num_workers, pin_memory,
                                 data.worker_start_method)
         return stream, config.train.max_steps
