@@ -266,6 +266,9 @@ def explain_communication_failure(exc: BaseException, rank: int, world_size: int
         cause = "; ".join(peers) + ": see that rank's own error"
     elif crashed or stopped:
         cause = "; ".join(peers) + (": see the launcher's report of its exit" if crashed else "")
+    elif not timed_out:  # the peer closed its connection: it ended (or is ending), it is not slow
+        cause = "; ".join(peers) + ", and closed its connection: it ended or is ending (see its own error or the " \
+            "launcher's report of its exit)"
     else:
         cause = "; ".join(peers) + (": find out why it is slow (py-spy dump --pid PID), or raise "
                                     f"{TIMEOUT_SETTING} if it is legitimately slow")

@@ -218,3 +218,16 @@ def test_charlm_eval_counts_are_python_numbers_not_per_batch_copies():
     x, y = task.eval_dataset()[0]
     pairs = task.metrics(task.model(), (x[None], y[None]))
     assert all(isinstance(count, int) and count == y.numel() for _, count in pairs.values())
+
+
+def test_a_peer_that_closed_its_connection_is_said_to_have_ended_not_to_be_slow(monkeypatch):
+    """A node killed mid-step: its last heartbeat (in task.loss()) may be read before its process
+    is seen gone. A reset connection is not a slow peer: no advice to profile it."""
+    diagnose.at("backward (DDP gradient all-reduce)", step=7)
+    monkeypatch.setattr(diagnose, "read_positions", lambda world: {1: _beat(4, "task.loss()", 0.1)})
+    monkeypatch.setattr(diagnose, "process_state", lambda host, pid: "running")
+    exc = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:58065: "
+                       "Connection reset by peer")
+    explained = str(diagnose.explain_communication_failure(exc, rank=0, world_size=2, timeout_s=300))
+    assert "rank 1 did not arrive: it is in task.loss() of step 4" in explained
+    assert "closed its connection: it ended or is ending" in explained and "py-spy" not in explained
