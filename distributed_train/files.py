@@ -11,6 +11,14 @@ from typing import BinaryIO, Callable
 from distributed_train.errors import UsageError
 
 
+def error_text(exc: BaseException) -> str:
+    """An I/O error in the words of a one-line message: the OS's text lowercased ("no space left on
+    device"), else the exception's first line, else its type."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].lower()
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "") -> None:
     """`write(f)` into `path`'s temporary sibling, fsynced, then renamed over `path`.
 
@@ -32,9 +40,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "") 
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
-            (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UsageError(f"cannot write {what + ' ' if what else ''}{path}: {reason.lower()}") from exc
+        raise UsageError(f"cannot write {what + ' ' if what else ''}{path}: {error_text(exc)}") from exc
 
 
 def path_problem(path: str | Path, want: str) -> str | None:
@@ -68,7 +74,7 @@ def make_directory(path: str | Path, what: str) -> None:
         if problem.startswith("does not exist (") or problem.startswith("is a file"):
             problem = problem.replace("does not exist (", "cannot be created (")
         else:
-            problem = f"is not writable: {(exc.strerror or type(exc).__name__).lower()}"
+            problem = f"is not writable: {error_text(exc)}"
         raise UsageError(f"{what} {str(path)!r} {problem}") from None
 
 

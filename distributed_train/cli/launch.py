@@ -192,10 +192,17 @@ def describe_exit(exitcode: int) -> str:
     return f"died from {name} ({advice})"
 
 
+def _recorded(failure) -> dict | None:
+    """What a worker left in its torchrun error file with its one-line error (errors.record_failure)."""
+    data = failure.error_file_data
+    recorded = data.get("dtrain") if isinstance(data, dict) else None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def _failure_time(failure) -> float:
     """When a worker failed: the time it recorded with its explanation, else torchrun's (1 s steps)."""
-    recorded = failure.error_file_data.get("dtrain") if isinstance(failure.error_file_data, dict) else None
-    return recorded["time"] if isinstance(recorded, dict) else float(failure.timestamp)
+    recorded = _recorded(failure)
+    return recorded["time"] if recorded else float(failure.timestamp)
 
 
 def _failed_workers(exc, run_dir: str | None) -> int:
@@ -227,9 +234,8 @@ def _recap_first_failure(failures: dict) -> None:
     """The explanation of the worker that failed first as the launcher's last line, when several
     failed (the others usually only report that it left: they waited for it) or when that worker
     did not print it (a usage error found on a rank other than 0)."""
-    explained = sorted((_failure_time(f), rank, f.message, f.error_file_data["dtrain"].get("printed", True))
-                       for rank, f in failures.items()
-                       if isinstance(f.error_file_data, dict) and isinstance(f.error_file_data.get("dtrain"), dict))
+    explained = sorted((_failure_time(f), rank, f.message, _recorded(f).get("printed", True))
+                       for rank, f in failures.items() if _recorded(f))
     if explained and (len(failures) > 1 or not explained[0][3]):
         _, rank, message, _ = explained[0]
         print(f"dtrain launch: rank {rank} failed first: {message}", file=sys.stderr, flush=True)

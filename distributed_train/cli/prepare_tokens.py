@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 
 from distributed_train.errors import UsageError
-from distributed_train.files import atomic_write_text, make_directory, path_problem, require
+from distributed_train.files import atomic_write_text, error_text, make_directory, path_problem, require
 
 # Tokenizer worker processes import this module: what needs torch (the token-file format lives
 # beside the lm task's dataset, the parser beside `dtrain plot`) is imported inside functions.
@@ -277,7 +277,7 @@ def main(argv: list[str]) -> int:
     try:
         prepare_output(directory, args.overwrite)
     except OSError as exc:
-        raise UsageError(f"cannot create -o {str(directory)!r}: {_reason(exc)}") from None
+        raise UsageError(f"cannot create -o {str(directory)!r}: {error_text(exc)}") from None
     start = time.perf_counter()
     writers, read_bytes = _write_shards(args, tokenizer, directory)
     elapsed = time.perf_counter() - start
@@ -287,10 +287,6 @@ def main(argv: list[str]) -> int:
           f"under {directory}, {elapsed:.1f} s ({read_bytes / 1e6 / max(elapsed, 1e-9):,.1f} MB/s)",
           file=sys.stderr)
     return 0
-
-
-def _reason(exc: OSError) -> str:
-    return (exc.strerror or type(exc).__name__).lower()
 
 
 def _write_shards(args: argparse.Namespace, tokenizer: Any, directory: Path) -> tuple[dict, int]:
@@ -328,7 +324,7 @@ def _write_shards(args: argparse.Namespace, tokenizer: Any, directory: Path) -> 
         if not isinstance(exc, OSError):
             raise
         if exc.filename and exc.filename in args.inputs:
-            raise UsageError(f"cannot read {exc.filename}: {_reason(exc)}") from None
+            raise UsageError(f"cannot read {exc.filename}: {error_text(exc)}") from None
         where = exc.filename or (open_files[0] if open_files else directory)
-        raise UsageError(f"cannot write {where}: {_reason(exc)}; removed the shards written so far") from None
+        raise UsageError(f"cannot write {where}: {error_text(exc)}; removed the shards written so far") from None
     return writers, progress.bytes_read

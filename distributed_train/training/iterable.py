@@ -22,6 +22,7 @@ size. A resume continues there in one of two ways:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Callable, Iterator
 
@@ -68,9 +69,7 @@ class RankShare(IterableDataset):
         B, W, m, accumulation = (self.plan.global_batch, self.plan.world_size, self.plan.micro_batch,
                                  self.plan.accumulation_steps)
         step, chunk = self.first_step, []
-        for read, sample in enumerate(self.dataset):
-            if read < self.skip:
-                continue
+        for sample in itertools.islice(self.dataset, self.skip, None):
             chunk.append(sample)
             if len(chunk) < B:
                 continue

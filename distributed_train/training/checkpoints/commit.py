@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from distributed_train.errors import TrainingFailure, UsageError
-from distributed_train.files import path_problem
+from distributed_train.files import error_text, path_problem
 
 log = logging.getLogger("distributed_train")
 
@@ -86,8 +86,7 @@ def commit_directory(directory: Path, step: int, write: Callable[[], None], fres
         _commit(final, step)
     except OSError as exc:
         discard_failed_write(directory, step)
-        reason = (exc.strerror or str(exc)).lower()
-        raise CheckpointWriteFailed(f"writing checkpoint {final} failed: {reason}; nothing of it was "
+        raise CheckpointWriteFailed(f"writing checkpoint {final} failed: {error_text(exc)}; nothing of it was "
                                     "kept and the previous committed checkpoint is intact") from exc
     return final
 

@@ -31,6 +31,7 @@ import torch.distributed as torch_dist
 
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
+from distributed_train.files import error_text
 from distributed_train.training.checkpoints import commit
 
 TRAIN_STATE = commit.TRAIN_STATE
@@ -173,6 +174,6 @@ def _reason(exc: BaseException) -> str:
     seen = exc
     while seen is not None:
         if isinstance(seen, OSError):
-            return (seen.strerror or str(seen)).lower()
+            return error_text(seen)
         seen = seen.__cause__ or seen.__context__
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

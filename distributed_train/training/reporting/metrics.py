@@ -22,7 +22,7 @@ from distributed_train import __version__
 from distributed_train.config import Config, to_dict
 from distributed_train.distributed import DistEnv, main_computes
 from distributed_train.errors import UsageError
-from distributed_train.files import open_no_follow
+from distributed_train.files import error_text, open_no_follow
 from distributed_train.training.reporting.progress import Progress, active_bar
 from distributed_train.training.reporting.trainjob import TrainJobProgress
 
@@ -267,7 +267,7 @@ class MetricsLogger:
         (a torn last line is skipped by read_events); training goes on, and a checkpoint that
         cannot be written either stops the job with its own line."""
         log.warning("cannot write %s: %s; later events go to the console%s only", self.run_dir / "metrics.jsonl",
-                    (exc.strerror or type(exc).__name__).lower(), " and wandb" if self.wandb_run else "")
+                    error_text(exc), " and wandb" if self.wandb_run else "")
         try:
             self._file.close()
         except OSError:
