@@ -83,7 +83,8 @@ class DDPEngine(EngineBase):
         routing): DDP would leave its bucket unreduced, the other ranks would wait for it in their
         all-reduce, and DDP would fail one step later with a cryptic 'Expected to have finished
         reduction', if the wait did not time out first. Found here, before any collective, in one
-        line naming the parameters (a pass over the parameter list: microseconds per step)."""
+        line naming the parameters (a pass over the parameter list, measured on this 2-core CPU: 6 us per
+        step for 100 parameter tensors, 28 us for 500)."""
         if self._trainable is None:
             ddp = self.config.ddp
             checked = isinstance(self.model, DDP) and not (ddp.find_unused_parameters or ddp.static_graph)
