@@ -27,6 +27,7 @@ EXIT_USAGE = 2
 EXIT_NONFINITE = 3  # train.nonfinite=error stopped a loss that became NaN/inf
 EXIT_COMMUNICATION = 4  # a collective timed out, a peer left, or the rendezvous was unreachable
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # stopped by SIGTERM after committing a checkpoint
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # each ends in a committed stop
 
 
 class TrainingFailure(Exception):
@@ -122,3 +123,60 @@ def count_sigints() -> None:
 
 def sigint_received() -> bool:
     return _sigints > 0
+
+
+class SignalToItself(RuntimeError):
+    """Task code tried to send a stop signal to its own process; the signal was not sent.
+
+    A stop signal is a scheduler's or a user's (committed, exit 143/129/130, which a retry policy
+    reads as a preemption); one that task code sends itself is a task failure: raised where it was
+    sent, it is named like any error of the task method (exit 2)."""
+
+
+_refusing = False  # armed by refuse_signals_to_self() for the worker's lifetime
+_hook_installed = False
+
+
+def _own_target(event: str, args: tuple) -> bool:
+    """The audited call would signal this process: its pid, its process group, one of its threads."""
+    if event == "signal.pthread_kill":
+        return True  # a thread id names a thread of this process
+    target = args[0]
+    if event == "os.killpg":
+        return target in (0, os.getpgrp())
+    return target in (os.getpid(), 0, -1, -os.getpgrp())
+
+
+def _refuse(call: str, signum: int) -> None:
+    name = signal.Signals(signum).name
+    raise SignalToItself(f"{call} would send {name} to its own process (not sent); a task cannot stop "
+                         "the job with a signal, which would commit and exit as if a scheduler had "
+                         "stopped it: raise an exception to fail it")
+
+
+def _audit(event: str, args: tuple) -> None:
+    # os.kill, os.killpg and signal.pthread_kill raise audit events; raising here aborts the call.
+    if _refusing and event in ("os.kill", "os.killpg", "signal.pthread_kill") and args[1] in STOP_SIGNALS \
+            and _own_target(event, args):
+        _refuse(f"{event}()", args[1])
+
+
+def _raise_signal(signum) -> None:  # signal.raise_signal has no audit event: this replaces it while armed
+    if _refusing and signum in STOP_SIGNALS:
+        _refuse("signal.raise_signal()", signum)
+    _original_raise_signal(signum)
+
+
+_original_raise_signal = signal.raise_signal
+
+
+def refuse_signals_to_self(refuse: bool = True) -> None:
+    """From now on (until called with False), a stop signal this process sends itself through
+    Python raises SignalToItself in the sender instead. A signal from any other process (kill,
+    torchrun, the kubelet, a `kill` command run by task code) is a stop as before."""
+    global _refusing, _hook_installed
+    if not _hook_installed:  # an audit hook cannot be removed: it is installed once and disarmed
+        sys.addaudithook(_audit)
+        _hook_installed = True
+    _refusing = refuse
+    signal.raise_signal = _raise_signal if refuse else _original_raise_signal

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distributed_train.errors import UsageError, sigint_received
+from distributed_train.errors import UsageError, refuse_signals_to_self, sigint_received
 from distributed_train.files import path_problem
 
 BUILTIN_TASKS = {
@@ -162,6 +162,7 @@ def check_model_before_spawn(spec: str, config: Any) -> None:
     left to the workers, which report them with the full context. What model() prints here is not
     shown: each worker builds the model once and shows it, with its rank."""
     task = load_task(spec, config)
+    refuse_signals_to_self()  # a SIGTERM model() sent itself would stop the launcher
     try:
         with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
@@ -170,6 +171,8 @@ def check_model_before_spawn(spec: str, config: Any) -> None:
         raise exited("task.model()", exc) from None
     except Exception:  # noqa: BLE001 - a model that needs a real device: the workers build it
         return
+    finally:
+        refuse_signals_to_self(False)
     check_model(model)
 
 

@@ -15,6 +15,11 @@ ITERABLE = "tests/distributed/test_iterable.py"
 
 MUTATIONS = [
     Mutation(
+        "a stop signal task code sends its own process refused (a task failure, not a stop)",
+        "distributed_train/errors.py", "    _refusing = refuse\n", "    _refusing = False\n",
+        ("tests/unit/test_preemption.py::test_a_stop_signal_this_process_sends_itself_is_refused_where_it_is_sent_"
+         "and_others_pass",)),
+    Mutation(
         "a stream's global batch split by rank (rank r takes every W-th sample)",
         "distributed_train/training/iterable.py",
         "            share = chunk[self.rank::W]\n", "            share = chunk[:B // W]\n",

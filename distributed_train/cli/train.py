@@ -9,7 +9,14 @@ import signal
 import sys
 from typing import TextIO
 
-from distributed_train.errors import EXIT_USAGE, count_sigints, print_error, sigint_received, user_errors
+from distributed_train.errors import (
+    EXIT_USAGE,
+    count_sigints,
+    print_error,
+    refuse_signals_to_self,
+    sigint_received,
+    user_errors,
+)
 
 
 class RankPrefixed:
@@ -96,6 +103,8 @@ def main(argv: list[str]) -> int:
     from distributed_train import distributed
     from distributed_train.distributed.preemption import Preempted, print_stop
 
+    refuse_signals_to_self()  # before any task code runs: a stop it sends itself is a task failure
+
     with user_errors(debug):  # a garbage torchrun variable (RANK=x) is this process's own: always say it
         env = distributed.read_env()
     if env.rank > 0:  # every rank runs the task's prints: tell them apart
@@ -172,6 +181,7 @@ def _exit_worker(env, code: int) -> int:
     interpreter goes away. torchrun would report that as a failed worker, and restart it.
     """
     if not env.is_distributed:
+        refuse_signals_to_self(False)  # this process goes on (a test, a notebook): signals are its own again
         return code
     logging.shutdown()
     sys.stdout.flush()

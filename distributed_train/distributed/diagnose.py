@@ -27,6 +27,7 @@ from distributed_train.errors import (
     EXIT_COMMUNICATION,
     CommunicationFailure,
     PeerCrashed,
+    SignalToItself,
     TrainingFailure,
     UsageError,
 )
@@ -302,6 +303,8 @@ def explain_step_error(exc: BaseException, first_step: bool) -> Exception | None
             f"out of memory in {position.phase} at step {position.step} ({type(exc).__name__}"
             f"{': ' + text if str(exc).strip() else ''}); lower train.batch_size or set "
             "train.micro_batch_size, or give each rank more memory (dtrain estimate TASK sizes a run)")
+    if isinstance(exc, SignalToItself):  # certain at any step: task code signalled its own process
+        return UsageError(f"{position.phase} at step {position.step} raised SignalToItself: {text}")
     if "Expected to have finished reduction" in str(exc):
         return UsageError("the model has parameters that got no gradient in a step; DDP needs "
                           "--ddp.find_unused_parameters=true for that, or remove those parameters")

@@ -15,6 +15,9 @@ whose step takes a millisecond (where a vote per step would cost several percent
 
 The first SIGINT (Ctrl-C) stops like SIGTERM, with exit code 130; a second one ends the process
 at once. SIGHUP stops like SIGTERM too, with exit code 129.
+
+A stop signal that a worker sends to itself is task code's, not a scheduler's: it never arrives
+(`errors.refuse_signals_to_self`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import time
 
 import torch
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+from distributed_train.errors import STOP_SIGNALS
+
 # What each rank adds to the agreement: the largest wins, so SIGTERM (a scheduler's stop) beats
 # a hang-up and Ctrl-C when several arrive.
 _SIGNAL_CODE = {signal.SIGINT: 1, signal.SIGHUP: 2, signal.SIGTERM: 3}

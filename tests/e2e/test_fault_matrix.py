@@ -178,6 +178,15 @@ def test_sys_exit_in_task_code_is_a_task_error_not_a_finished_job(tmp_path):
                                      "task code must return or raise an Exception"),
     ("SystemExit", "loss", 2, "task.loss() at step 3 called sys.exit(0); task code must return or raise, not end "
                               "the process"),
+    ("kill:SIGTERM", "loss", 2, "task.loss() at step 3 raised SignalToItself: os.kill() would send SIGTERM to "
+                                "its own process (not sent); a task cannot stop the job with a signal, which "
+                                "would commit and exit as if a scheduler had stopped it: raise an exception to "
+                                "fail it"),
+    ("killpg:SIGINT", "loss", 2, "task.loss() at step 3 raised SignalToItself: os.killpg() would send SIGINT"),
+    ("raise_signal:SIGHUP", "model", 2, "task.model() raised SignalToItself: signal.raise_signal() would send "
+                                        "SIGHUP"),
+    ("pthread_kill:SIGTERM", "loss", 2, "task.loss() at step 3 raised SignalToItself: signal.pthread_kill() "
+                                        "would send SIGTERM"),
     ("MemoryError", "loss", 1, "out of memory in task.loss() at step 1 (MemoryError); lower "
                                "train.batch_size or set train.micro_batch_size, or give each rank more memory "
                                "(dtrain estimate TASK sizes a run)"),
@@ -189,8 +198,27 @@ def test_task_code_raising_a_base_exception_or_running_out_of_memory_is_named(tm
     proc = dtrain("train", FAULTS + "Raises", f"--task_args.what={what}", f"--task_args.where={where}",
                   f"--task_args.step={step}", *SMALL, "--train.max_steps=4", f"--run_dir={tmp_path}/run",
                   cwd=REPO, check=False, timeout=120)
-    assert proc.returncode == code and _errors(proc) == [f"dtrain: error: {message}"], proc.stderr
+    errors = _errors(proc)  # the signal cases after the first give the start of the line
+    assert proc.returncode == code and len(errors) == 1 and errors[0].startswith(f"dtrain: error: {message}"), \
+        proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("what, where, needle", [
+    ("kill:SIGTERM", "loss", "task.loss() at step 3 raised SignalToItself: os.kill() would send SIGTERM"),
+    ("raise_signal:SIGTERM", "model", "task.model() raised SignalToItself: signal.raise_signal() would send "
+                                      "SIGTERM"),
+])
+def test_a_stop_signal_task_code_sends_itself_fails_the_job_under_the_launcher(tmp_path, what, where, needle):
+    """Not a stop: no checkpoint committed for it, no exit 143 (a retry policy would retry it forever);
+    model() also runs in the launcher's own check, which the signal must not stop either."""
+    proc = dtrain("launch", "--nproc-per-node", "2", FAULTS + "Raises", f"--task_args.what={what}",
+                  f"--task_args.where={where}", "--task_args.step=3", *SMALL, "--train.max_steps=6",
+                  "--checkpoint.every_steps=100", f"--run_dir={tmp_path}/run", cwd=REPO, check=False, timeout=150)
+    errors = _errors(proc)
+    assert proc.returncode == 2 and errors and errors[0].startswith(f"dtrain: error: {needle}"), proc.stderr
+    assert "stopped by" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
 def test_what_a_task_prints_names_the_rank_beyond_rank_0(tmp_path):

@@ -23,7 +23,8 @@ class ExitsInModel(Regression):
 
 class Raises(Regression):
     """Raises `task_args.what` (KeyboardInterrupt, SystemExit, MemoryError) in `task_args.where`:
-    model, or loss at step `task_args.step` (1-based)."""
+    model, or loss at step `task_args.step` (1-based); or sends a signal to its own process
+    (`kill:SIGTERM`, `killpg:SIGINT`, `raise_signal:SIGHUP`, `pthread_kill:SIGTERM`)."""
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -32,6 +33,16 @@ class Raises(Regression):
         self.losses = 0
 
     def _raise(self):
+        how, _, name = self.what.partition(":")
+        if name:
+            import signal
+            import threading
+
+            signum = getattr(signal, name)
+            {"kill": lambda: os.kill(os.getpid(), signum), "killpg": lambda: os.killpg(0, signum),
+             "raise_signal": lambda: signal.raise_signal(signum),
+             "pthread_kill": lambda: signal.pthread_kill(threading.main_thread().ident, signum)}[how]()
+            return
         if self.what == "SystemExit":
             raise SystemExit(0)
         raise {"KeyboardInterrupt": KeyboardInterrupt, "MemoryError": MemoryError}[self.what]()
@@ -151,7 +162,8 @@ class DeletesItsRunDir(Regression):
 
 
 class StopsItself(Regression):
-    """Rank `task_args.rank` sends itself `task_args.signal` (SIGSTOP, SIGKILL) at step `task_args.step`."""
+    """Rank `task_args.rank` gets `task_args.signal` (SIGSTOP, SIGKILL, SIGTERM) at step `task_args.step`,
+    sent from another process as a scheduler or the OOM killer would."""
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -165,5 +177,6 @@ class StopsItself(Regression):
             if self.calls == self.step and int(os.environ.get("RANK", "0")) == self.rank:
                 import signal
 
-                os.kill(os.getpid(), getattr(signal, self.signal))
+                from tests.tasks.stop_signal import send
+                send(os.getpid(), getattr(signal, self.signal))
         return super().loss(model, batch)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed_train.distributed import diagnose
+from tests.tasks.stop_signal import send
 from tests.tasks.toy import Regression
 
 
@@ -34,7 +35,7 @@ class NoisyRegression(Regression):
         # The step being trained, as the trainer records it (loss() also runs outside training steps).
         if not self.sent and model.training and diagnose.position.step == self.stop_at_step:
             self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)  # handled at the end of this step
+            send(os.getpid(), signal.SIGTERM)  # handled at the end of this step
         x, y = batch[0], batch[1]
         # Python and NumPy streams are not reseeded per step: only the checkpoint restores them.
         scale = 1.0 + 0.1 * random.random() + 0.1 * float(np.random.rand())

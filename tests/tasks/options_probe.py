@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from tests.tasks.stop_signal import send
 from tests.tasks.toy import N_TRAIN, Regression, regression_data
 
 
@@ -54,7 +55,7 @@ class NaNAndSigterm(Regression):
         if _training(model):
             self.calls += 1
             if self.calls == self.step and int(os.environ.get("RANK", "0")) == self.rank:
-                os.kill(os.getpid(), signal.SIGTERM)
+                send(os.getpid(), signal.SIGTERM)
                 return loss * float("nan")
         return loss
 
