@@ -165,7 +165,7 @@ def test_weights_only_refuses_code(tmp_path):
     # Re-commit the marker for the evil file so only weights_only stands in the way.
     os.remove(path / commit.MARKER)
     marker = {"program": commit.PROGRAM, "step": 1, "format": commit.FORMAT_VERSION,
-              "files": {STATE: {"size": (path / STATE).stat().st_size, "sha256": commit._sha256(path / STATE)}}}
+              "files": {STATE: {"size": (path / STATE).stat().st_size, "sha256": commit.sha256(path / STATE)}}}
     (path / commit.MARKER).write_text(json.dumps(marker))
     with pytest.raises(UsageError, match="cannot be loaded"):
         shards.read_train_state(path)

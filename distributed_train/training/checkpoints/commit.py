@@ -55,7 +55,7 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -100,11 +100,19 @@ def discard_failed_write(directory: Path, step: int) -> None:
         shutil.rmtree(final, ignore_errors=True)
 
 
+def new_record(step: int, files: dict) -> dict:
+    """The commit record of checkpoint `step` whose files are {name: {"size", "sha256"}}."""
+    return {"program": PROGRAM, "step": step, "format": FORMAT_VERSION, "time": time.time(), "files": files}
+
+
+def file_facts(path: Path) -> dict:
+    """{"size", "sha256"} of one file, as a commit record lists it."""
+    return {"size": path.stat().st_size, "sha256": sha256(path)}
+
+
 def _commit(final: Path, step: int) -> None:
     """Write the commit record (through a rename, so it is whole or absent)."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(final.iterdir())}
-    marker = {"program": PROGRAM, "step": step, "format": FORMAT_VERSION, "time": time.time(),
-              "files": files}
+    marker = new_record(step, {p.name: file_facts(p) for p in sorted(final.iterdir())})
     marker_tmp = final / f".{MARKER}.tmp"
     with open(marker_tmp, "w") as f:
         json.dump(marker, f, indent=1)
@@ -120,8 +128,19 @@ def commit_record(path: Path, check_name: bool = True) -> dict | None:
     Records from before the `program` field was added are accepted; `check_name` also requires
     the folder's name to be the one this program gives that step (a renamed copy is not one)."""
     try:
-        record = json.loads((path / MARKER).read_text())
-    except (OSError, ValueError):
+        record = parse_record((path / MARKER).read_text())
+    except OSError:
+        return None
+    if record is None or (check_name and path.name != checkpoint_name(record["step"])):
+        return None
+    return record
+
+
+def parse_record(text: str | bytes) -> dict | None:
+    """A commit record's content if this program wrote it (in this format), else None."""
+    try:
+        record = json.loads(text)
+    except ValueError:
         return None
     if not isinstance(record, dict) or record.get("program", PROGRAM) != PROGRAM:
         return None
@@ -129,8 +148,6 @@ def commit_record(path: Path, check_name: bool = True) -> dict | None:
     if type(step) is not int or step < 0 or record.get("format") != FORMAT_VERSION:
         return None
     if not isinstance(files, dict) or TRAIN_STATE not in files:
-        return None
-    if check_name and path.name != checkpoint_name(step):
         return None
     return record
 
@@ -175,7 +192,7 @@ def verify(path: Path) -> str | None:
                 return f"{name} is missing"
             if file.stat().st_size != meta["size"]:
                 return f"{name} has {file.stat().st_size} bytes, the marker says {meta['size']}"
-            if _sha256(file) != meta["sha256"]:
+            if sha256(file) != meta["sha256"]:
                 return f"{name} fails its checksum"
     except (OSError, KeyError, TypeError) as exc:
         return f"unreadable commit marker ({exc})"

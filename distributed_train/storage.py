@@ -1,0 +1,126 @@
+"""Object storage through fsspec: `s3://bucket/prefix` (s3fs), `gs://`, `az://`, `file://`, with
+one-line errors that name the URL.
+
+An object store has no rename and no append; what stands in for them here is a conditional
+create (`put_bytes(..., create=True)`: S3's `If-None-Match: *`, a local `O_EXCL` open): it
+succeeds for exactly one writer and tells the others the object exists. Listings are read fresh
+every time (never from fsspec's cache: another process may have written since).
+
+Credentials come only from each library's standard places (environment variables such as
+`AWS_ACCESS_KEY_ID` and `AWS_ENDPOINT_URL`, profiles, instance or pod identity); nothing here
+takes, stores or prints them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterator
+
+from distributed_train.files import error_text
+
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, file://, https://
+
+
+def is_url(value: object) -> bool:
+    return isinstance(value, str) and bool(URL.match(value))
+
+
+class StorageError(Exception):
+    """An object-store operation failed; the message names the URL and the error in one line."""
+
+
+def _reason(exc: BaseException) -> str:
+    """botocore's and aiohttp's errors in one line: the service's text, else the OS's."""
+    text = error_text(exc)
+    if "could not connect" in text or "connect" in type(exc).__name__.lower():
+        return f"cannot connect ({text})"
+    return text
+
+
+@contextlib.contextmanager
+def _named(url: str, what: str) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except ImportError as exc:  # s3fs, gcsfs, adlfs: the protocol's library
+        raise StorageError(f"{url}: {exc}; install the extra for it (pip install 'distributed-train[s3]' "
+                           "for s3://)") from exc
+    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp, OSError: every failure is one line
+        raise StorageError(f"{what} {url} failed: {_reason(exc)}") from exc
+
+
+class Store:
+    """The objects under one URL prefix; keys are '/'-separated paths below it."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        with _named(self.url, "opening"):
+            from fsspec.core import url_to_fs
+
+            self.fs, self.root = url_to_fs(self.url)
+        self.root = self.root.rstrip("/")
+
+    def url_of(self, key: str = "") -> str:
+        return f"{self.url}/{key}" if key else self.url
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def check_writable(self) -> None:
+        """Write and delete a probe object: a missing bucket, refused credentials or an unreachable
+        endpoint is a StorageError before anything else is written."""
+        probe = ".dtrain-probe"
+        with _named(self.url_of(probe), "writing"):
+            self.fs.pipe_file(self._path(probe), b"")
+        with _named(self.url_of(probe), "deleting"):
+            self.fs.rm_file(self._path(probe))
+
+    def put_bytes(self, key: str, data: bytes, create: bool = False) -> bool:
+        """Write object `key` whole; `create`: only if it does not exist (False when it did)."""
+        with _named(self.url_of(key), "writing"):
+            try:
+                self.fs.pipe_file(self._path(key), data, mode="create" if create else "overwrite")
+            except FileExistsError:
+                if create:
+                    return False
+                raise
+        return True
+
+    def put_file(self, local: str, key: str) -> None:
+        """Upload local file `local` as object `key` (whole: an object appears complete or not at all)."""
+        with _named(self.url_of(key), "uploading to"):
+            self.fs.put_file(str(local), self._path(key))
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """Object `key`'s content, or None when it does not exist."""
+        with _named(self.url_of(key), "reading"):
+            try:
+                return self.fs.cat_file(self._path(key))
+            except FileNotFoundError:
+                return None
+
+    def get_file(self, key: str, local: str) -> None:
+        with _named(self.url_of(key), "downloading"):
+            self.fs.get_file(self._path(key), str(local))
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """{key below `prefix`: size} of every object under `prefix`, listed fresh."""
+        base = self._path(prefix)
+        with _named(self.url_of(prefix), "listing"):
+            self.fs.invalidate_cache()
+            try:
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return {}
+        out = {}
+        for path, info in found.items():
+            if info.get("type", "file") == "file":
+                out[path[len(base):].lstrip("/")] = int(info.get("size") or 0)
+        return out
+
+    def delete(self, keys: list[str]) -> None:
+        with _named(self.url, "deleting under"):
+            if keys:
+                self.fs.rm([self._path(key) for key in keys])

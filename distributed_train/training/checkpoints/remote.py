@@ -1,0 +1,122 @@
+"""The commit protocol on object storage, where there is no rename: a checkpoint is committed
+when its commit record exists, and the record is created last, with a conditional write.
+
+Layout under the run's URL:
+    checkpoints/step-00000120-<save id>/.metadata, __0_0.distcp, ..., train_state.pt, COMMITTED
+
+Each save goes to a folder of its own (the save id), so that uploading a step again (a restart
+that reached the same step) never overwrites the objects of a committed checkpoint. Every rank
+uploads the files it wrote itself, with their sizes and sha256 (nothing is gathered on one rank
+but those facts); then one rank creates COMMITTED (the record format of the local protocol,
+commit.py) only if it does not exist. A crash before that leaves the folder uncommitted: never
+listed, never loaded, deleted by the next rotation. Listing takes a folder only when its record
+parses and every object it lists exists at its recorded size; downloading checks every sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from distributed_train.storage import StorageError, Store
+from distributed_train.training.checkpoints import commit
+
+log = logging.getLogger("distributed_train")
+
+PREFIX = "checkpoints"
+
+
+@dataclass
+class Remote:
+    """One committed checkpoint in the store: its step, folder (below checkpoints/) and record."""
+
+    step: int
+    folder: str
+    record: dict
+
+    def url(self, store: Store) -> str:
+        return store.url_of(f"{PREFIX}/{self.folder}")
+
+
+def new_folder(step: int) -> str:
+    """The folder of one save of `step`: the step's name and an id no other save has."""
+    return f"{commit.checkpoint_name(step)}-{secrets.token_hex(4)}"
+
+
+def upload(store: Store, folder: str, local_dir: Path, names: list[str]) -> dict:
+    """Upload the files `names` of `local_dir` into `folder`; returns their {name: {size, sha256}}
+    (what the commit record lists)."""
+    facts = {}
+    for name in names:
+        facts[name] = commit.file_facts(local_dir / name)
+        store.put_file(str(local_dir / name), f"{PREFIX}/{folder}/{name}")
+    return facts
+
+
+def commit_folder(store: Store, folder: str, step: int, files: dict) -> None:
+    """Create the commit record of `folder` last, only if none exists (one writer wins)."""
+    record = json.dumps(commit.new_record(step, files), indent=1).encode()
+    if not store.put_bytes(f"{PREFIX}/{folder}/{commit.MARKER}", record, create=True):
+        raise StorageError(f"{store.url_of(f'{PREFIX}/{folder}')} was committed by another writer; "
+                           "two jobs are writing this run directory")
+
+
+def _folders(store: Store) -> dict[str, dict[str, int]]:
+    """{folder: {object name: size}} of everything under checkpoints/."""
+    folders: dict[str, dict[str, int]] = {}
+    for key, size in store.sizes(PREFIX).items():
+        folder, _, name = key.partition("/")
+        if name and "/" not in name:
+            folders.setdefault(folder, {})[name] = size
+    return folders
+
+
+def committed(store: Store) -> tuple[list[Remote], list[str]]:
+    """(committed checkpoints oldest first, the other folders: uncommitted, damaged or foreign)."""
+    found, other = [], []
+    for folder, objects in sorted(_folders(store).items()):
+        record = None
+        if commit.MARKER in objects:
+            record = commit.parse_record(store.get_bytes(f"{PREFIX}/{folder}/{commit.MARKER}") or b"")
+        if record is None or not folder.startswith(commit.checkpoint_name(record["step"]) + "-"):
+            other.append(folder)
+            continue
+        missing = [name for name, meta in record["files"].items() if objects.get(name) != meta.get("size")]
+        if missing:
+            log.warning("skipping damaged checkpoint %s: %s missing or of another size",
+                        store.url_of(f"{PREFIX}/{folder}"), ", ".join(sorted(missing)[:5]))
+            other.append(folder)
+            continue
+        found.append(Remote(record["step"], folder, record))
+    return sorted(found, key=lambda remote: (remote.step, remote.record.get("time", 0))), other
+
+
+def download(store: Store, remote: Remote, into: Path) -> Path:
+    """Copy checkpoint `remote` to `into`/step-N (its commit record too, so the local protocol
+    verifies and loads it); every file's sha256 is checked. Returns the local folder."""
+    local = into / commit.checkpoint_name(remote.step)
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    for name, meta in remote.record["files"].items():
+        store.get_file(f"{PREFIX}/{remote.folder}/{name}", str(local / name))
+        if commit.sha256(local / name) != meta["sha256"]:
+            shutil.rmtree(local, ignore_errors=True)
+            raise StorageError(f"{remote.url(store)}/{name} fails its checksum; the checkpoint is damaged")
+    (local / commit.MARKER).write_text(json.dumps(remote.record, indent=1))
+    return local
+
+
+def rotate(store: Store, keep_last: int, kept_step: int) -> None:
+    """Keep the checkpoint of `kept_step` (just committed) and the `keep_last - 1` committed ones
+    before it; delete older committed ones and every uncommitted folder (a save that never
+    finished: one job writes a run directory, one save at a time). Never a newer checkpoint."""
+    found, _ = committed(store)
+    objects = _folders(store)
+    older = [remote for remote in found if remote.step <= kept_step]
+    uncommitted = [folder for folder, names in objects.items() if commit.MARKER not in names]
+    doomed = [remote.folder for remote in older[: max(0, len(older) - keep_last)]] + uncommitted
+    store.delete([f"{PREFIX}/{folder}/{name}" for folder in doomed for name in objects.get(folder, {})])
