@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from distributed_train.errors import UsageError
+from distributed_train.storage import is_url
 
 
 def opt(default: Any, help: str) -> Any:
@@ -148,6 +148,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class StorageConfig:
+    cache_dir: str = opt("", "with run_dir=URL: the local folder each node works in; default "
+                             "$DTRAIN_CACHE_DIR, else ~/.cache/dtrain")
+    upload_every_s: float = opt(30.0, "with run_dir=URL: seconds between uploads of metrics.jsonl and "
+                                      "refreshes of the lock's heartbeat")
+    lock_stale_s: float = opt(300.0, "with run_dir=URL: a lock whose heartbeat is older than this is "
+                                     "stale and taken over")
+
+    def __post_init__(self) -> None:
+        _positive("storage.upload_every_s", self.upload_every_s)
+        _positive("storage.lock_stale_s", self.lock_stale_s)
+        if self.lock_stale_s < 2 * self.upload_every_s:
+            raise UsageError(f"storage.lock_stale_s ({self.lock_stale_s:g}) must be at least twice "
+                             f"storage.upload_every_s ({self.upload_every_s:g}), the heartbeat's interval")
+
+
+@dataclass
 class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = opt("auto", "auto = nccl with CUDA, else gloo")
     timeout_s: float = opt(300.0, "collective timeout; a missing rank fails the job after this long")
@@ -229,6 +246,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     accelerate: AccelerateConfig = field(default_factory=AccelerateConfig)
@@ -236,11 +254,9 @@ class Config:
     def __post_init__(self) -> None:
         if not self.task:
             raise UsageError("task must name a built-in task, module:attr or file.py:attr")
-        for key, value in (("run_dir", self.run_dir), ("checkpoint.resume", self.checkpoint.resume)):
-            if value and _URL.match(value):  # never a local folder named "s3:"
-                raise UsageError(f"{key}={value!r} is a URL; this version reads and writes run directories "
-                                 "on a file system only (a local path, or one every node mounts: NFS, a "
-                                 "Kubernetes volume); object storage is not supported yet")
+        if is_url(self.checkpoint.resume):  # never a local folder named "s3:"
+            raise UsageError(f"checkpoint.resume={self.checkpoint.resume!r} is a URL; to continue a run in "
+                             "object storage, give its URL as run_dir (checkpoint.resume=auto)")
         if not 0 <= self.seed <= SEED_MAX:
             raise UsageError(f"seed must be an integer from 0 to {SEED_MAX} (2**32-1), got {self.seed}")
         if (self.accelerate.fsdp or self.accelerate.deepspeed) and self.engine != "accelerate":
@@ -253,7 +269,6 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Building a Config from nested dicts (file, task defaults) and `--key=value` strings.
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, file://, https://
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 

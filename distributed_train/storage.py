@@ -101,6 +101,33 @@ class Store:
             except FileNotFoundError:
                 return None
 
+    def get_tagged(self, key: str) -> tuple[bytes | None, str | None]:
+        """Object `key`'s content and version tag (S3's ETag), or (None, None) when it does not exist."""
+        with _named(self.url_of(key), "reading"):
+            try:
+                tag = self.fs.info(self._path(key)).get("ETag")
+                return self.fs.cat_file(self._path(key)), tag
+            except FileNotFoundError:
+                return None, None
+
+    def replace_if_unchanged(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Overwrite object `key` only if its version is still `tag` (S3: If-Match); False when
+        another writer changed it first. A store without the condition overwrites it."""
+        call = getattr(self.fs, "call_s3", None)
+        if call is None or tag is None:
+            return self.put_bytes(key, data)
+        bucket, path, _ = self.fs.split_path(self._path(key))
+        with _named(self.url_of(key), "writing"):
+            try:
+                call("put_object", Bucket=bucket, Key=path, Body=data, IfMatch=tag)
+            except (FileExistsError, FileNotFoundError):  # s3fs's translation of 412 / 404
+                return False
+            except OSError as exc:
+                if "precondition" in str(exc).lower():
+                    return False
+                raise
+        return True
+
     def get_file(self, key: str, local: str) -> None:
         with _named(self.url_of(key), "downloading"):
             self.fs.get_file(self._path(key), str(local))

@@ -39,9 +39,13 @@ def s3_server(bucket: str = "runs") -> Iterator[dict]:
                     raise RuntimeError(f"moto.server did not start on port {port} (exit {proc.poll()})") from None
                 time.sleep(0.1)
         env = {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        # fsspec keeps one client per set of arguments, and the endpoint comes from the environment:
+        # a client of an earlier server (another module's, stopped since) must not be reused.
+        s3fs.S3FileSystem.clear_instance_cache()
         s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key="testing", secret="testing").mkdir(bucket)
         yield env
     finally:
+        s3fs.S3FileSystem.clear_instance_cache()
         proc.terminate()
         try:
             proc.wait(timeout=10)

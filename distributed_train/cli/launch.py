@@ -284,8 +284,15 @@ def _resume_hint(run_dir: str | None) -> str:
     """'; rerun ... to continue' when a committed checkpoint exists to resume from."""
     from pathlib import Path
 
+    from distributed_train.storage import StorageError, Store, is_url
+    from distributed_train.training.checkpoints import remote
     from distributed_train.training.checkpoints.commit import committed_checkpoints
 
-    if run_dir and committed_checkpoints(Path(run_dir) / "checkpoints"):
+    try:
+        found = remote.committed(Store(run_dir))[0] if is_url(run_dir) else \
+            run_dir and committed_checkpoints(Path(run_dir) / "checkpoints")
+    except StorageError:
+        found = False
+    if found:
         return "; rerun the same command to continue from the last committed checkpoint"
     return " (no checkpoint to resume from)"

@@ -75,9 +75,11 @@ def anchor_paths(config, start_dir: str) -> None:
     """run_dir (default: runs/<task>-<time>) and a checkpoint.resume path as absolute paths from
     the directory the job started in, so that a task's os.chdir() cannot move where the job writes.
     Rank 0's run_dir is the one every rank uses (broadcast when training starts)."""
+    from distributed_train.storage import is_url
     from distributed_train.training.trainer import default_run_dir
 
-    config.run_dir = os.path.join(start_dir, os.path.expanduser(config.run_dir or default_run_dir(config.task)))
+    if not is_url(config.run_dir):  # a bucket's URL stays as it is
+        config.run_dir = os.path.join(start_dir, os.path.expanduser(config.run_dir or default_run_dir(config.task)))
     if config.checkpoint.resume not in ("auto", "never"):
         config.checkpoint.resume = os.path.join(start_dir, os.path.expanduser(config.checkpoint.resume))
 

@@ -18,10 +18,12 @@ from distributed_train.engines import build_engine
 from distributed_train.engines.base import Engine
 from distributed_train.engines.memory import state_bytes_per_rank
 from distributed_train.errors import NonFiniteLoss
+from distributed_train.storage import is_url
 from distributed_train.task import Task, load_task
 from distributed_train.training.checkpoints.checkpointer import Checkpointer, Resumed, training_state
 from distributed_train.training.evaluation import Evaluator
 from distributed_train.training.iterable import IterableStream
+from distributed_train.training.mirror import RunMirror
 from distributed_train.training.outputs import RunOutputs
 from distributed_train.training.reporting.flops import MFUMeter
 from distributed_train.training.reporting.metrics import MetricsLogger, log
@@ -45,7 +47,8 @@ class Trainer:
     config: Config
     env: distributed.DistEnv
     device: torch.device
-    run_dir: Path  # resolved by the caller, identical on every rank
+    run_dir: Path  # resolved by the caller, identical on every rank; a URL's local working copy
+    mirror: RunMirror | None  # with a run_dir URL: the bucket side of the run
     total_steps: int
     # components
     task: Task
@@ -67,7 +70,8 @@ class Trainer:
 
     def __init__(self, config: Config, env: distributed.DistEnv, device: torch.device):
         self.config, self.env, self.device = config, env, device
-        self.run_dir = Path(config.run_dir)
+        self.mirror = RunMirror(config.run_dir, env, config.storage) if is_url(config.run_dir) else None
+        self.run_dir = self.mirror.local if self.mirror else Path(config.run_dir)
         self.task = load_task(config.task, config)
         self.plan = BatchPlan.make(config.train.batch_size, env.world_size, config.train.micro_batch_size)
         seed_everything(config.seed)
@@ -81,8 +85,8 @@ class Trainer:
         mfu = MFUMeter(self.task, train_set, collate, device, config.train.precision, env.world_size,
                        config.log.peak_tflops)
         self.metrics = TrainMetrics(config.train, config.log, env, device, self.task, self.logger, mfu)
-        self.checkpointer = Checkpointer(config, env, self.run_dir, self.logger, self.engine)
-        self.outputs = RunOutputs(env, self.run_dir)
+        self.checkpointer = Checkpointer(config, env, self.run_dir, self.logger, self.engine, self.mirror)
+        self.outputs = RunOutputs(env, self.run_dir, self.mirror)
         self.stop = StopFlag(config.checkpoint.on_sigterm, device)
         self.profiler = StepProfiler(config.train.profile_steps, self.run_dir, env.rank, device)
         self.global_step, self.resumed, self.stepped = 0, None, False
@@ -90,7 +94,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train to `total_steps`, evaluating and logging on the way; returns the summary."""
         start = time.perf_counter()
-        with RunLock(self.run_dir, self.env) as self.lock:  # one job per run directory while this one runs
+        with RunLock(self.run_dir, self.env) as self.lock, self.outputs:  # one job per run directory
             self.outputs.prepare(dump_yaml(self.config))
             self.resume()
             self.logger.start(wandb_id=self.resumed and self.resumed.wandb_id, resumed_step=self.global_step,
@@ -214,6 +218,6 @@ class Trainer:
             "eval": eval_metrics,
             "samples_per_s": steps_here * self.plan.global_batch / train_s if steps_here and train_s > 0 else None,
             "wall_s": wall_s,
-            "final_model": str(self.run_dir / "final_model.pt"),
+            "final_model": self.outputs.shown_model_path,
             "resumed_from": str(self.resumed.path) if self.resumed else None,
         }

@@ -1,4 +1,4 @@
-"""What object-storage run directories (not supported yet) will rest on, checked against a real
+"""What object-storage run directories rest on, checked against a real
 S3-compatible server (tests/s3_server.py): DCP's sharded format written and read through fsspec,
 and the conditional create that can stand in for a rename when a checkpoint is committed."""
 

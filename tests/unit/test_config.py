@@ -152,12 +152,14 @@ def test_a_section_given_as_a_value_and_as_keys_is_refused_never_dropped(tmp_pat
     assert config.train.lr == 0.1 and config.task_args == {"a": {"b": 2}}
 
 
-@pytest.mark.parametrize("key, url", [("run_dir", "s3://bucket/runs/x"), ("run_dir", "gs://b/x"),
-                                      ("checkpoint.resume", "file:///runs/x/checkpoints/step-00000004")])
-def test_a_url_as_run_dir_is_refused_never_a_local_folder_named_after_it(key, url):
-    with pytest.raises(UsageError, match=rf"^{key}='{url}' is a URL; this version reads and writes run "
-                                         r"directories on a file system only .*; object storage is not supported yet$"):
-        load_config(None, [f"--{key}={url}"])
+def test_a_url_is_a_run_dir_in_object_storage_and_checkpoint_resume_takes_a_path_only():
+    """A run_dir URL is kept as it is (the bucket is the run directory); checkpoint.resume=URL is
+    refused with the way to continue such a run, never taken as a local folder named "s3:"."""
+    assert load_config(None, ["--run_dir=s3://bucket/runs/x"]).run_dir == "s3://bucket/runs/x"
+    url = "file:///runs/x/checkpoints/step-00000004"
+    with pytest.raises(UsageError, match=rf"^checkpoint.resume='{url}' is a URL; to continue a run in object "
+                                         r"storage, give its URL as run_dir \(checkpoint.resume=auto\)$"):
+        load_config(None, [f"--checkpoint.resume={url}"])
     assert load_config(None, ["--run_dir=runs/s3:x"]).run_dir == "runs/s3:x"  # a path with a colon is a path
 
 

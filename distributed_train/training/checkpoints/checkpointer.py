@@ -9,6 +9,7 @@ rank 0 saves alone where it holds the whole model (ddp), and under fsdp the rank
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,9 @@ from distributed_train.config import Config, to_dict
 from distributed_train.distributed import diagnose
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
-from distributed_train.training.checkpoints import commit, shards
+from distributed_train.storage import StorageError, Store, is_url
+from distributed_train.training.checkpoints import commit, remote, shards
+from distributed_train.training.mirror import RunMirror
 from distributed_train.training.reporting.metrics import MetricsLogger, log
 from distributed_train.training.rng import rng_state, set_rng_state
 
@@ -32,7 +35,7 @@ StateFn = Callable[[list], dict]
 class Resumed:
     """Where a resumed run continues: the checkpoint, its step, data position and wandb run."""
 
-    path: Path
+    path: Path | str  # a URL for a checkpoint in object storage
     global_step: int
     position: dict  # {"epoch", "samples_in_epoch"}: world-size free
     wandb_id: str | None
@@ -43,13 +46,17 @@ class Resumed:
 class Checkpointer:
     """Saves committed checkpoints of one run and finds the one to resume from."""
 
-    def __init__(self, config: Config, env: distributed.DistEnv, run_dir: Path, logger: MetricsLogger, engine: Engine):
+    def __init__(self, config: Config, env: distributed.DistEnv, run_dir: Path, logger: MetricsLogger, engine: Engine,
+                 mirror: RunMirror | None = None):
         self.config, self.env, self.logger, self.engine = config, env, logger, engine
         self.settings = config.checkpoint
-        self.directory = run_dir / "checkpoints"
+        self.directory = run_dir / "checkpoints"  # with a run_dir URL: the local staging folder
         self.run_dir = run_dir
-        self.writer = shards.ShardedWriter(
-            self.directory, env.is_main, lambda step: commit.rotate(self.directory, self.settings.keep_last, step))
+        self.store = mirror.store if mirror else None
+        keep = self.settings.keep_last
+        rotate = (lambda step: remote.rotate(self.store, keep, step)) if self.store else \
+            (lambda step: commit.rotate(self.directory, keep, step))
+        self.writer = shards.ShardedWriter(self.directory, env.is_main, rotate, self.store)
         self.sharded = engine.state_is_sharded
 
     def should_save(self, step: int, last_step: bool) -> bool:
@@ -89,8 +96,7 @@ class Checkpointer:
         else:
             self.writer.save_alone(step, self.engine, state([rng_state()]))
         if self.env.is_main:
-            log.warning("SIGTERM: committed %s; rerun the same command to continue",
-                        self.directory / commit.checkpoint_name(step))
+            log.warning("SIGTERM: committed %s; rerun the same command to continue", self.writer.last_committed)
 
     def check_writes(self) -> None:
         """At a step boundary: raise if a background write has failed (never waits for one)."""
@@ -103,18 +109,23 @@ class Checkpointer:
     def resume(self, engine: Engine, total_steps: int) -> Resumed | None:
         """Load the checkpoint `checkpoint.resume` selects into `engine` and this rank's RNGs; one
         past this run's `total_steps` is refused (it would rewrite final_model.pt with a longer-trained model)."""
-        path = distributed.main_computes(self.env, commit.resolve_resume, self.run_dir, self.settings.resume,
-                                  self.settings.overwrite)
+        if self.store and self.settings.resume in ("auto", "never"):
+            chosen = distributed.main_computes(self.env, remote.resolve_resume, self.store, self.settings.resume,
+                                               self.settings.overwrite)
+            path, shown = self._download(chosen), chosen and chosen.url(self.store)
+        else:
+            path = shown = distributed.main_computes(self.env, commit.resolve_resume, self.run_dir,
+                                                     self.settings.resume, self.settings.overwrite)
         if path is None:
             return None
         state = shards.read_train_state(path)
-        check_resumable(path, state, self.config, total_steps)
+        check_resumable(shown, state, self.config, total_steps)
         current_groups = hyperparameters(engine.optimizer)
         try:
             shards.load_model_and_optimizer(engine, path)
             engine.load_extra_state(state["engine"])
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise UsageError(f"checkpoint {path} does not fit this model/optimizer: "
+            raise UsageError(f"checkpoint {shown} does not fit this model/optimizer: "
                              f"{str(exc).splitlines()[0]}") from exc
         apply_hyperparameters(engine, current_groups)
         changed = changed_settings(state["config"], to_dict(self.config))
@@ -126,11 +137,28 @@ class Checkpointer:
             set_rng_state(rngs[self.env.rank])
         progress = state["progress"]
         position = {key: value for key, value in progress.items() if key != "global_step"}  # the data stream's
-        return Resumed(path, progress["global_step"], position, state.get("wandb_id"), state["world_size"],
+        return Resumed(shown, progress["global_step"], position, state.get("wandb_id"), state["world_size"],
                        changed)
 
 
-def check_resumable(path: Path, state: dict, config: Config, total_steps: int | None) -> None:
+    def _download(self, chosen: remote.Remote | None) -> Path | None:
+        """The bucket's checkpoint `chosen`, copied to this node (by its first rank; every sha256
+        checked); a failure on any node stops every rank with its one line."""
+        if chosen is None:
+            return None
+        error = None
+        if self.env.local_rank == 0:
+            try:
+                remote.download(self.store, chosen, self.directory)
+            except (StorageError, OSError) as exc:
+                error = f"cannot download checkpoint {chosen.url(self.store)}: {exc}"
+        failed = [problem for problem in distributed.all_gather_object(error) if problem]
+        if failed:
+            raise UsageError(failed[0])
+        return self.directory / commit.checkpoint_name(chosen.step)
+
+
+def check_resumable(path: Path | str, state: dict, config: Config, total_steps: int | None) -> None:
     """UsageError if checkpoint `path` (its train_state `state`) cannot continue this run: settings
     that change the math, or a step past the run's `total_steps` (None: not known yet)."""
     changed = commit.incompatibilities(state["config"], to_dict(config))
@@ -150,6 +178,9 @@ def check_resume_before_start(config: Config) -> None:
     model is known only once the workers built it.)"""
     if not config.run_dir:
         return  # a new run directory: nothing to resume
+    if is_url(config.run_dir) and config.checkpoint.resume in ("auto", "never"):
+        _check_remote_resume(config)
+        return
     commit.log.disabled = True  # what it skips (damaged, foreign folders) rank 0 says once, when it resumes
     try:
         path = commit.resolve_resume(Path(config.run_dir), config.checkpoint.resume, config.checkpoint.overwrite)
@@ -157,6 +188,26 @@ def check_resume_before_start(config: Config) -> None:
         commit.log.disabled = False
     if path is not None:
         check_resumable(path, shards.read_train_state(path), config, config.train.max_steps)
+
+
+def _check_remote_resume(config: Config) -> None:
+    """check_resume_before_start for a run_dir URL: the bucket answers and takes writes (a missing
+    bucket, refused credentials, an unreachable endpoint: one line), and the checkpoint a resume
+    would take can continue this run (its train_state.pt alone is read)."""
+    try:
+        store = Store(config.run_dir)
+        store.check_writable()
+    except StorageError as exc:
+        raise UsageError(f"run_dir {config.run_dir!r}: {exc}") from None
+    chosen = remote.resolve_resume(store, config.checkpoint.resume, config.checkpoint.overwrite)
+    if chosen is None:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            store.get_file(f"{remote.PREFIX}/{chosen.folder}/{commit.TRAIN_STATE}", f"{folder}/{commit.TRAIN_STATE}")
+        except StorageError as exc:
+            raise UsageError(f"run_dir {config.run_dir!r}: {exc}") from None
+        check_resumable(chosen.url(store), shards.read_train_state(Path(folder)), config, config.train.max_steps)
 
 
 # Settings that name the attempt rather than the run: they differ between attempts by design.

@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from distributed_train.errors import UsageError
 from distributed_train.storage import StorageError, Store
 from distributed_train.training.checkpoints import commit
 
@@ -97,17 +98,48 @@ def committed(store: Store) -> tuple[list[Remote], list[str]]:
 
 def download(store: Store, remote: Remote, into: Path) -> Path:
     """Copy checkpoint `remote` to `into`/step-N (its commit record too, so the local protocol
-    verifies and loads it); every file's sha256 is checked. Returns the local folder."""
+    verifies and loads it); every file's sha256 is checked. Several processes may download the
+    same checkpoint into one folder at once: each fills a folder of its own, renamed into place.
+    Returns the local folder."""
     local = into / commit.checkpoint_name(remote.step)
-    shutil.rmtree(local, ignore_errors=True)
-    local.mkdir(parents=True)
-    for name, meta in remote.record["files"].items():
-        store.get_file(f"{PREFIX}/{remote.folder}/{name}", str(local / name))
-        if commit.sha256(local / name) != meta["sha256"]:
-            shutil.rmtree(local, ignore_errors=True)
-            raise StorageError(f"{remote.url(store)}/{name} fails its checksum; the checkpoint is damaged")
-    (local / commit.MARKER).write_text(json.dumps(remote.record, indent=1))
+    staging = into / f"{commit.TMP_PREFIX}download-{secrets.token_hex(4)}"
+    staging.mkdir(parents=True)
+    try:
+        for name, meta in remote.record["files"].items():
+            store.get_file(f"{PREFIX}/{remote.folder}/{name}", str(staging / name))
+            if commit.sha256(staging / name) != meta["sha256"]:
+                raise StorageError(f"{remote.url(store)}/{name} fails its checksum; the checkpoint is damaged")
+        (staging / commit.MARKER).write_text(json.dumps(remote.record, indent=1))
+        if local.exists() and commit.commit_record(local) != remote.record:
+            shutil.rmtree(local, ignore_errors=True)  # an older download, or another checkpoint of the step
+        try:
+            staging.rename(local)
+        except OSError:  # another process put the same checkpoint there first
+            if commit.commit_record(local) != remote.record:
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return local
+
+
+def resolve_resume(store: Store, resume: str, overwrite: bool) -> Remote | None:
+    """The checkpoint in the bucket to start from for `checkpoint.resume` auto / never, or None
+    (the rules of commit.resolve_resume for a local run directory)."""
+    try:
+        found, other = committed(store)
+    except StorageError as exc:
+        raise UsageError(f"run_dir {store.url!r}: {exc}") from None
+    if resume == "never":
+        if found and not overwrite:
+            raise UsageError(f"run_dir {store.url!r} already has checkpoints; use checkpoint.resume=auto to "
+                             "continue it, or checkpoint.overwrite=true to start over and replace them")
+        return None
+    damaged = [folder for folder in other if folder.startswith("step-")]
+    if not found and damaged and any(store.sizes(f"{PREFIX}/{folder}/{commit.MARKER}") for folder in damaged):
+        raise UsageError(f"run_dir {store.url!r} has committed checkpoints and none is whole ({damaged[-1]} "
+                         "and older); restore them, or start over with checkpoint.resume=never "
+                         "checkpoint.overwrite=true")
+    return found[-1] if found else None
 
 
 def rotate(store: Store, keep_last: int, kept_step: int) -> None:

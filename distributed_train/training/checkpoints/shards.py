@@ -32,7 +32,8 @@ import torch.distributed as torch_dist
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
 from distributed_train.files import error_text
-from distributed_train.training.checkpoints import commit
+from distributed_train.storage import StorageError, Store
+from distributed_train.training.checkpoints import commit, remote
 
 TRAIN_STATE = commit.TRAIN_STATE
 DCP_METADATA = ".metadata"
@@ -96,10 +97,11 @@ class ShardedWriter:
     Its own gloo group keeps checkpoint traffic apart from training's collectives (and works next
     to NCCL)."""
 
-    def __init__(self, directory: Path, is_main: bool, rotate: Callable[[int], None]):
-        self.directory, self.is_main, self.rotate = directory, is_main, rotate
+    def __init__(self, directory: Path, is_main: bool, rotate: Callable[[int], None], store: Store | None = None):
+        self.directory, self.is_main, self.rotate, self.store = directory, is_main, rotate, store
         self.group = torch_dist.new_group(backend="gloo") if torch_dist.is_initialized() else None
         self.background = commit.AsyncWriter()
+        self.last_committed = ""  # where the last checkpoint this rank committed is (a path or a URL)
 
     @property
     def last_write_s(self) -> float:
@@ -116,13 +118,19 @@ class ShardedWriter:
                 tmp.mkdir(parents=True)
             except OSError as exc:
                 raise commit.CheckpointWriteFailed(f"cannot create {tmp}: {exc.strerror or exc}") from exc
+        folder = remote.new_folder(step) if self.store else ""
         if self.group is not None:
             torch_dist.barrier(group=self.group)  # the directory is empty before anyone writes
+            if self.store:  # one folder name for every rank's objects; each node stages in its own tmp
+                box = [folder]
+                torch_dist.broadcast_object_list(box, src=0, group=self.group)
+                folder = box[0]
+                tmp.mkdir(parents=True, exist_ok=True)
         import torch.distributed.checkpoint as dcp  # imported when a checkpoint is saved (~0.5 s)
 
         future = dcp.async_save(model_and_optimizer(engine), checkpoint_id=str(tmp), process_group=self.group,
                                 no_dist=self.group is None)
-        self.background.run(step, lambda: self._finish(future, step, train_state))
+        self.background.run(step, lambda: self._finish(future, step, train_state, folder))
         if blocking:
             self.wait()
 
@@ -141,11 +149,25 @@ class ShardedWriter:
                 dcp.save(model_and_optimizer(engine), checkpoint_id=str(tmp), no_dist=True)
             write_train_state(tmp, train_state)
 
+        if self.store:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            try:
+                write()
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise commit.CheckpointWriteFailed(f"writing checkpoint {tmp} failed: {error_text(exc)}; the "
+                                                   "previous committed checkpoint is intact") from exc
+            self._publish(step, tmp, remote.new_folder(step), alone=True)
+            return Path(self.last_committed)
         final = commit.commit_directory(self.directory, step, write)
         self.rotate(step)
+        self.last_committed = str(final)
         return final
 
-    def _finish(self, future: Future, step: int, train_state: dict | None) -> None:
+    def _finish(self, future: Future, step: int, train_state: dict | None, folder: str) -> None:
+        tmp = self.directory / f"{commit.TMP_PREFIX}{checkpoint_name(step)}"
         try:
             future.result()  # every rank's shard is written and fsynced once this returns on rank 0
         except Exception as exc:  # DCP wraps a rank's OSError (a full disk) in its own exception
@@ -154,11 +176,49 @@ class ShardedWriter:
             raise commit.CheckpointWriteFailed(
                 f"writing checkpoint {self.directory / checkpoint_name(step)} failed: {_reason(exc)}; "
                 "nothing of it was kept and the previous committed checkpoint is intact") from exc
-        if self.is_main:
-            tmp = self.directory / f"{commit.TMP_PREFIX}{checkpoint_name(step)}"
+        if self.store:
+            if self.is_main:
+                write_train_state(tmp, train_state)
+            self._publish(step, tmp, folder)
+        elif self.is_main:
             commit.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),
                                         fresh=False)
             self.rotate(step)
+            self.last_committed = str(self.directory / checkpoint_name(step))
+
+    def _publish(self, step: int, tmp: Path, folder: str, alone: bool = False) -> None:
+        """Object storage: every rank uploads the files it wrote (`alone`: this rank wrote them
+        all), their sizes and checksums go to rank 0, which creates the commit record last and
+        rotates. The local staging folder is removed either way."""
+        rank = 0 if alone or self.group is None else torch_dist.get_rank(self.group)
+        mine = sorted(name for name in os.listdir(tmp) if alone or name.startswith(f"__{rank}_")
+                      or (self.is_main and name in (DCP_METADATA, TRAIN_STATE)))
+        facts, error = {}, None
+        try:
+            facts = remote.upload(self.store, folder, tmp, mine)
+        except (StorageError, OSError) as exc:
+            error = str(exc) if isinstance(exc, StorageError) else f"{tmp}: {error_text(exc)}"
+        every = [(facts, error)]
+        if self.group is not None and not alone:
+            every = [None] * torch_dist.get_world_size(self.group)
+            torch_dist.all_gather_object(every, (facts, error), group=self.group)
+        try:
+            failed = [problem for _, problem in every if problem]
+            if failed:
+                raise commit.CheckpointWriteFailed(f"uploading checkpoint {step} failed: {failed[0]}; nothing "
+                                                   "of it was committed and the previous committed checkpoint "
+                                                   "is intact")
+            if self.is_main:
+                files = {name: meta for rank_facts, _ in every for name, meta in rank_facts.items()}
+                try:
+                    remote.commit_folder(self.store, folder, step, files)
+                    self.last_committed = self.store.url_of(f"{remote.PREFIX}/{folder}")
+                    self.rotate(step)
+                except StorageError as exc:
+                    raise commit.CheckpointWriteFailed(f"committing checkpoint {step} failed: {exc}; the "
+                                                       "previous committed checkpoint is intact") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def raise_if_failed(self) -> None:
         """At a step boundary: raise if a background write has failed (never waits for one)."""

@@ -1,0 +1,170 @@
+"""A run directory in object storage (`run_dir=s3://bucket/prefix`, any fsspec URL): the bucket is
+the run directory, and each node works in a local folder of its own.
+
+What lives where:
+- the bucket: `config.yaml` (at the start), the checkpoints (each rank uploads its own shard, the
+  commit record last: checkpoints/remote.py), `metrics.jsonl` (uploaded whole every
+  `storage.upload_every_s` and at the end), `final_model.pt`, `summary.json`, and `.dtrain.lock`;
+- the local folder (`storage.cache_dir`/<scheme>/<bucket>/<prefix>, on every node): what the job
+  writes before it goes up (metrics.jsonl is appended there as for a local run: a lost connection
+  never loses it), the shards of a checkpoint being uploaded, the checkpoint a resume downloaded,
+  wandb's files and profiler traces. Nothing there is needed to resume: a job on another node, or
+  after this node is gone, resumes from the bucket.
+
+One job per run directory: rank 0 creates the lock object with a conditional write (holder host,
+pid, start time, heartbeat time) and refreshes its heartbeat while the job runs; a second job
+exits 2 naming the holder; a lock whose heartbeat is older than `storage.lock_stale_s` is stale
+(its job died without removing it) and is taken over. On S3 the takeover is conditional too
+(If-Match on the stale lock's ETag: of two jobs taking over, one wins); where a store has no
+conditional writes, two jobs that take over the same stale lock at once are not told apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+from distributed_train import distributed
+from distributed_train.config import StorageConfig
+from distributed_train.errors import UsageError
+from distributed_train.storage import StorageError, Store
+from distributed_train.training.reporting.metrics import log
+from distributed_train.training.run_lock import LOCK_FILE, describe_holder
+
+METRICS = "metrics.jsonl"
+
+
+def local_folder(url: str, cache_dir: str) -> Path:
+    """The local working folder of run directory `url` on this node."""
+    root = Path(cache_dir or os.environ.get("DTRAIN_CACHE_DIR") or Path.home() / ".cache" / "dtrain").expanduser()
+    scheme, _, rest = url.partition("://")
+    parts = [re.sub(r"[^\w.-]", "_", part) for part in rest.strip("/").split("/") if part not in ("", ".", "..")]
+    return root / "runs" / scheme / Path(*parts) if parts else root / "runs" / scheme
+
+
+class RunMirror:
+    """The bucket side of one run: checks, the lock object, uploads (rank 0), metrics in batches."""
+
+    def __init__(self, url: str, env: distributed.DistEnv, settings: StorageConfig):
+        self.url, self.env, self.settings = url.rstrip("/"), env, settings
+        self.local = local_folder(url, settings.cache_dir)
+        try:
+            self.store = Store(self.url)
+        except StorageError as exc:
+            raise UsageError(f"run_dir {url!r}: {exc}") from None
+        self._lock_record: dict | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._uploaded_metrics = -1  # size of metrics.jsonl at its last upload
+        self._warned = False
+
+    def open(self) -> None:
+        """Rank 0, before anything is written: the store answers and takes writes, and this job
+        holds the run's lock object. A UsageError (exit 2) names the URL and the problem."""
+        try:
+            self.store.check_writable()
+            self._acquire_lock()
+        except StorageError as exc:
+            raise UsageError(f"run_dir {self.url!r}: {exc}") from None
+        self._thread = threading.Thread(target=self._background, name="run-dir-uploads", daemon=True)
+        self._thread.start()
+
+    def upload(self, name: str) -> None:
+        """Rank 0: the local file `name` of the run folder, uploaded whole (raises StorageError)."""
+        self.store.put_file(str(self.local / name), name)
+
+    def close(self) -> None:
+        """Rank 0: the last metrics upload, and the lock object removed. Never raises: a failure is
+        one warning (the local copy stays)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        self._upload_metrics()
+        try:
+            if self._lock_is_ours():
+                self.store.delete([LOCK_FILE])
+        except StorageError as exc:
+            log.warning("%s; the lock goes stale after storage.lock_stale_s", exc)
+
+    # -- metrics in batches, and the lock's heartbeat ------------------------------------------
+    def _background(self) -> None:
+        while not self._stop.wait(self.settings.upload_every_s):
+            self._upload_metrics()
+            self._heartbeat()
+
+    def _upload_metrics(self) -> None:
+        path = self.local / METRICS
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return
+        if size == self._uploaded_metrics:
+            return
+        try:
+            self.upload(METRICS)
+            self._uploaded_metrics = size
+        except StorageError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("%s; metrics go on in %s and are uploaded again later", exc, path)
+
+    # -- the lock object -----------------------------------------------------------------------
+    def _record(self) -> dict:
+        now = time.time()
+        started = self._lock_record["started"] if self._lock_record else now
+        return {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "heartbeat": now,
+                "token": self._lock_record["token"] if self._lock_record else os.urandom(8).hex()}
+
+    def _acquire_lock(self) -> None:
+        record = self._record()
+        if self.store.put_bytes(LOCK_FILE, json.dumps(record).encode(), create=True):
+            self._lock_record = record
+            return
+        holder, tag = self._read_lock()
+        age = time.time() - holder.get("heartbeat", 0) if isinstance(holder.get("heartbeat"), (int, float)) \
+            else float("inf")
+        if age <= self.settings.lock_stale_s:
+            raise UsageError(f"run_dir {self.url!r} is in use by another job ({describe_holder(holder)}, "
+                             f"last heartbeat {age:.0f} s ago); wait for it to end, or give this job another "
+                             f"run_dir (a lock without a heartbeat for storage.lock_stale_s="
+                             f"{self.settings.lock_stale_s:g} s is taken over)")
+        if not self._replace_lock(record, tag):
+            raise UsageError(f"run_dir {self.url!r}: another job took over its stale lock at the same time; "
+                             "give this job another run_dir")
+        log.warning("run_dir %s: took over a stale lock (%s, no heartbeat for %.0f s)", self.url,
+                    describe_holder(holder), age)
+        self._lock_record = record
+
+    def _read_lock(self) -> tuple[dict, str | None]:
+        data, tag = self.store.get_tagged(LOCK_FILE)
+        try:
+            holder = json.loads(data or b"{}")
+        except ValueError:
+            holder = {}
+        return (holder if isinstance(holder, dict) else {}), tag
+
+    def _replace_lock(self, record: dict, tag: str | None) -> bool:
+        """Overwrite the stale lock; on S3 only if it is still the one read (If-Match)."""
+        return self.store.replace_if_unchanged(LOCK_FILE, json.dumps(record).encode(), tag)
+
+    def _lock_is_ours(self) -> bool:
+        holder, _ = self._read_lock()
+        return bool(self._lock_record) and holder.get("token") == self._lock_record["token"]
+
+    def _heartbeat(self) -> None:
+        try:
+            if not self._lock_is_ours():
+                log.warning("run_dir %s: this job's lock was taken over by another job (its heartbeat "
+                            "went stale); two jobs may now write this run directory", self.url)
+                return
+            self._lock_record = self._record()
+            self.store.put_bytes(LOCK_FILE, json.dumps(self._lock_record).encode())
+        except StorageError as exc:
+            log.warning("%s; the lock's heartbeat is retried in %g s", exc, self.settings.upload_every_s)

@@ -1,0 +1,150 @@
+"""Run directories in object storage (`run_dir=s3://...`) against a real S3-compatible server
+(tests/s3_server.py): every output lands in the bucket, a run killed mid-way resumes from the
+bucket on another world size and another "node" (a fresh local folder) exactly, one job holds a
+prefix, and a bucket that cannot be used stops the job with one line before training."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from tests.helpers import EXACT, FP64, REPO, dtrain, free_port, max_diff, run_ranks, train_in_rank
+from tests.s3_server import s3  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.slow
+
+AUGMENT = [FP64, "--task=tests.tasks.augment:AugmentTask", "--train.batch_size=12", "--train.lr=0.01",
+           "--log.every_steps=5", "--checkpoint.every_steps=5", "--train.max_steps=20"]
+TOY = ["--task=tests/tasks/toy.py:Regression", "--train.batch_size=8", "--log.wandb=disabled"]
+
+
+def _bucket():
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+def _model_in_bucket(url: str) -> dict:
+    return torch.load(io.BytesIO(_bucket().cat_file(url)), weights_only=True)
+
+
+def train_then_kill_rank_1(rank: int, world_size: int, overrides: list[str], step: int) -> dict:
+    """train_in_rank, but rank 1 SIGKILLs itself in training step `step`."""
+    from tests.tasks import augment
+
+    augment.KILL_AT_STEP = step if rank == 1 else None
+    return train_in_rank(rank, world_size, overrides)
+
+
+def train_from_bucket(rank: int, world_size: int, overrides: list[str]) -> dict:
+    """One rank of a whole job whose run_dir is a URL; rank 0 returns the summary and the model
+    read back from the bucket."""
+    from distributed_train import distributed
+    from distributed_train.cli.train import resolve_config
+    from distributed_train.training.run import run_training
+
+    summary = run_training(resolve_config(None, ["--log.wandb=disabled", *overrides]), distributed.read_env())
+    return {"summary": summary, "state": _model_in_bucket(summary["final_model"]) if rank == 0 else None}
+
+
+def test_two_ranks_killed_then_three_ranks_on_another_node_resume_from_the_bucket_exactly(s3, tmp_path,  # noqa: F811
+                                                                                         monkeypatch):
+    url = "s3://runs/killed"
+    killable = [*AUGMENT, "--task=tests.tasks.augment:KilledAugmentTask", f"--run_dir={url}"]
+    monkeypatch.setenv("DTRAIN_CACHE_DIR", str(tmp_path / "node-a"))
+    with ThreadPoolExecutor(2) as pool:
+        reference = pool.submit(run_ranks, train_in_rank, 1, [*AUGMENT, f"--run_dir={tmp_path / 'ref'}"])
+        with pytest.raises(AssertionError, match=r"rank 0: .* of step 14 failed \(rank 1 |rank 1 exited with -9"):
+            run_ranks(train_then_kill_rank_1, 2, killable, 14, timeout=150)
+        reference = reference.result()[0]
+    bucket = _bucket()
+    committed = sorted(p.split("/")[-2] for p in bucket.find("runs/killed/checkpoints") if p.endswith("COMMITTED"))
+    assert committed and committed[-1].rsplit("-", 1)[0] in ("step-00000005", "step-00000010"), committed
+    assert not bucket.exists("runs/killed/final_model.pt")
+
+    monkeypatch.setenv("DTRAIN_CACHE_DIR", str(tmp_path / "node-b"))  # nothing of node a is seen
+    resumed = run_ranks(train_from_bucket, 3, killable)[0]
+    summary = resumed["summary"]
+    assert summary["resumed_from"] == f"{url}/checkpoints/{committed[-1]}"
+    assert (summary["global_step"], summary["world_size"]) == (20, 3)
+    assert summary["final_model"] == f"{url}/final_model.pt"
+    assert max_diff(resumed["state"], reference["state"]) <= EXACT
+    names = {p.rsplit("/", 1)[1] for p in bucket.ls("runs/killed")}
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "final_model.pt", "checkpoints"} <= names
+    assert ".dtrain.lock" not in names  # released at the end
+    assert json.loads(bucket.cat_file("runs/killed/summary.json"))["status"] == "done"
+    events = [json.loads(line) for line in bucket.cat_file("runs/killed/metrics.jsonl").splitlines()]
+    assert events[-1].get("step") == 20 and any(e.get("kind") == "checkpoint" for e in events)
+    # the uncommitted save the kill interrupted (if any) was rotated away with the old checkpoints
+    folders = {p.split("/")[-2] for p in bucket.find("runs/killed/checkpoints")}
+    assert all(bucket.exists(f"runs/killed/checkpoints/{folder}/COMMITTED") for folder in folders)
+
+
+def _agent(port: int, cache: str, steps: int, url: str, log) -> subprocess.Popen:
+    env = {**os.environ, "DTRAIN_CACHE_DIR": cache, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "distributed_train", "launch", "--nnodes", "2", "--nproc-per-node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"s3-{steps}",
+         *TOY, FP64, "--checkpoint.every_steps=2", f"--train.max_steps={steps}", f"--run_dir={url}"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_two_agents_without_a_shared_folder_checkpoint_to_the_bucket_and_resume_from_it(s3, tmp_path):  # noqa: F811
+    url = "s3://runs/two-nodes"
+    reference = dtrain("train", *TOY, FP64, "--train.max_steps=10", f"--run_dir={tmp_path / 'ref'}", cwd=REPO,
+                       timeout=150)
+    assert reference.returncode == 0
+    for attempt, steps in enumerate((6, 10)):
+        port = free_port()
+        logs = [open(tmp_path / f"agent-{attempt}-{n}.log", "w") for n in range(2)]
+        agents = [_agent(port, str(tmp_path / f"node-{attempt}-{n}"), steps, url, logs[n]) for n in range(2)]
+        codes = [agent.wait(timeout=240) for agent in agents]
+        output = "\n".join((tmp_path / f"agent-{attempt}-{n}.log").read_text() for n in range(2))
+        assert codes == [0, 0], output
+    assert f"resuming from {url}/checkpoints/step-00000006-" in output, output
+    state = _model_in_bucket(f"{url}/final_model.pt")
+    expected = torch.load(tmp_path / "ref" / "final_model.pt", weights_only=True)
+    assert max_diff(state, expected) <= EXACT
+    summary = json.loads(_bucket().cat_file("runs/two-nodes/summary.json"))
+    assert (summary["world_size"], summary["global_step"]) == (2, 10)
+
+
+def test_a_second_job_on_a_prefix_exits_2_naming_the_holder_and_a_stale_lock_is_taken_over(s3, tmp_path):  # noqa: F811
+    bucket = _bucket()
+    holder = {"host": "node-7", "pid": 4242, "started": time.time() - 60, "heartbeat": time.time(), "token": "x"}
+    bucket.pipe_file("runs/locked/.dtrain.lock", json.dumps(holder).encode())
+    args = ["train", *TOY, "--train.max_steps=2", "--run_dir=s3://runs/locked"]
+    proc = dtrain(*args, cwd=REPO, check=False, timeout=120,
+                  env={**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "dtrain: error: run_dir 's3://runs/locked' is in use by another job (pid 4242 on node-7, started "), proc.stderr
+    assert not bucket.exists("runs/locked/config.yaml")  # nothing written
+    holder["heartbeat"] = time.time() - 3600  # that job died an hour ago without removing its lock
+    bucket.pipe_file("runs/locked/.dtrain.lock", json.dumps(holder).encode())
+    proc = dtrain(*args, cwd=REPO, timeout=120, env={**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "cache")})
+    assert "took over a stale lock (pid 4242 on node-7" in proc.stderr, proc.stderr
+    assert bucket.exists("runs/locked/final_model.pt") and not bucket.exists("runs/locked/.dtrain.lock")
+
+
+@pytest.mark.parametrize("url, env, needle", [
+    ("s3://no-such-bucket/run", {}, "writing s3://no-such-bucket/run/.dtrain-probe failed: the specified bucket "
+                                    "does not exist"),
+    ("s3://runs/unreachable", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"},
+     "writing s3://runs/unreachable/.dtrain-probe failed: cannot connect"),
+])
+def test_a_bucket_that_cannot_be_used_is_one_line_and_exit_2_before_any_worker_starts(s3, tmp_path, url, env,  # noqa: F811
+                                                                                      needle):
+    proc = dtrain("launch", "--nproc-per-node", "2", *TOY, f"--run_dir={url}", cwd=REPO, check=False, timeout=120,
+                  env={**os.environ, **env, "DTRAIN_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"dtrain: error: run_dir {url!r}: {needle}"] or \
+        proc.stderr.strip().splitlines()[-1].startswith(f"dtrain: error: run_dir {url!r}: {needle}"), proc.stderr
+    assert "Traceback" not in proc.stderr and "training" not in proc.stdout
+    assert not (tmp_path / "cache").exists()  # the launcher refused it: no worker started
