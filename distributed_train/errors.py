@@ -56,17 +56,18 @@ class PeerCrashed(CommunicationFailure):
     exit_code = 1
 
 
-def print_error(message: str) -> None:
-    """The one line a user sees for a known failure (under torchrun also left for the launcher)."""
+def print_error(message: str, after_peer: bool = False) -> None:
+    """The one line a user sees for a known failure (under torchrun also left for the launcher);
+    `after_peer`: this rank failed because another one left (not the first failure, whenever seen)."""
     print(f"dtrain: error: {message}", file=sys.stderr, flush=True)
-    record_failure(message)
+    record_failure(message, after_peer=after_peer)
 
 
 # torchrun gives each worker a file for its failure (the agent reads it when the worker fails).
 ERROR_FILE_VAR = "TORCHELASTIC_ERROR_FILE"
 
 
-def record_failure(message: str, printed: bool = True) -> None:
+def record_failure(message: str, printed: bool = True, after_peer: bool = False) -> None:
     """Leave this worker's first one-line explanation in its torchrun error file, with the time to
     the microsecond, so that `dtrain launch` can end with the line of the rank that failed first
     (after several ranks failed, the last line printed is otherwise whichever came last), and can
@@ -78,7 +79,8 @@ def record_failure(message: str, printed: bool = True) -> None:
     now = time.time()
     try:
         with open(path, "x") as f:
-            json.dump({"message": message, "timestamp": int(now), "dtrain": {"time": now, "printed": printed}}, f)
+            json.dump({"message": message, "timestamp": int(now),
+                       "dtrain": {"time": now, "printed": printed, "after_peer": after_peer}}, f)
     except OSError:
         pass  # best effort: the line above was printed
 
@@ -101,7 +103,7 @@ def user_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
         if debug:
             raise
         if not quiet or exc.every_rank:
-            print_error(str(exc))
+            print_error(str(exc), after_peer=isinstance(exc, PeerCrashed))
         raise SystemExit(exc.exit_code) from None
 
 

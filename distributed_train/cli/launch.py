@@ -199,17 +199,19 @@ def _recorded(failure) -> dict | None:
     return recorded if isinstance(recorded, dict) else None
 
 
-def _failure_time(failure) -> float:
-    """When a worker failed: the time it recorded with its explanation, else torchrun's (1 s steps)."""
+def _failure_order(failure) -> tuple[bool, float]:
+    """Which worker failed first: one that failed because another left comes after every other
+    (it may have noticed before that rank recorded its own failure), then the time it recorded
+    with its explanation, else torchrun's (1 s steps)."""
     recorded = _recorded(failure)
-    return recorded["time"] if recorded else float(failure.timestamp)
+    return (bool(recorded.get("after_peer")), recorded["time"]) if recorded else (False, float(failure.timestamp))
 
 
 def _failed_workers(exc, run_dir: str | None) -> int:
     """The launcher's exit code for workers that failed, after naming them where they did not."""
     from distributed_train.errors import EXIT_COMMUNICATION, EXIT_NONFINITE
 
-    in_order = sorted(exc.failures.items(), key=lambda item: _failure_time(item[1]))
+    in_order = sorted(exc.failures.items(), key=lambda item: _failure_order(item[1]))
     codes = sorted({f.exitcode for f in exc.failures.values()})
     if EXIT_USAGE in codes:
         return EXIT_USAGE
@@ -234,7 +236,7 @@ def _recap_first_failure(failures: dict) -> None:
     """The explanation of the worker that failed first as the launcher's last line, when several
     failed (the others usually only report that it left: they waited for it) or when that worker
     did not print it (a usage error found on a rank other than 0)."""
-    explained = sorted((_failure_time(f), rank, f.message, _recorded(f).get("printed", True))
+    explained = sorted((_failure_order(f), rank, f.message, _recorded(f).get("printed", True))
                        for rank, f in failures.items() if _recorded(f))
     if explained and (len(failures) > 1 or not explained[0][3]):
         _, rank, message, _ = explained[0]

@@ -20,25 +20,36 @@ from distributed_train.errors import (
 
 
 class RankPrefixed:
-    """A text stream that starts each line with `[rank N] ` (ranks other than 0: a task's print
-    or warning appears once per rank, and rank 0's stays as the task wrote it). Lines dtrain
+    """A text stream that writes whole lines only, each starting with `[rank N] ` (ranks other
+    than 0: a task's print or warning appears once per rank; rank 0's, with no prefix, stays as
+    the task wrote it). Every rank writes to the same pipe: a line written in one piece is never
+    cut by another rank's (print() writes the text and its newline separately). Lines dtrain
     writes itself already name their rank (`dtrain: error: rank 1: ...`, `[rank 1] WARNING ...`)
     and pass unchanged, so that their first word stays `dtrain` for anything that reads them."""
 
     def __init__(self, stream: TextIO, rank: int):
-        self._stream, self._prefix, self._line_start = stream, f"[rank {rank}] ", True
+        self._stream, self._prefix, self._partial = stream, f"[rank {rank}] " if rank else "", ""
 
     def write(self, text: str) -> int:
         pieces = []
-        for piece in text.splitlines(keepends=True):
-            if self._line_start and not piece.startswith(("dtrain", "[rank ")):
-                pieces.append(self._prefix)
-            pieces.append(piece)
-            self._line_start = piece.endswith(("\n", "\r"))
-        self._stream.write("".join(pieces))
+        for piece in (self._partial + text).splitlines(keepends=True):
+            if not piece.endswith(("\n", "\r")):
+                self._partial = piece  # the start of a line: written with its end, or at flush()
+                break
+            pieces.append(self._prefixed(piece))
+        else:
+            self._partial = ""
+        if pieces:
+            self._stream.write("".join(pieces))
         return len(text)
 
+    def _prefixed(self, line: str) -> str:
+        return line if line.startswith(("dtrain", "[rank ")) else self._prefix + line
+
     def flush(self) -> None:
+        if self._partial:
+            self._stream.write(self._prefixed(self._partial))
+            self._partial = ""
         self._stream.flush()
 
     def __getattr__(self, name: str):  # fileno, isatty, encoding, buffer...: the real stream's
@@ -109,7 +120,7 @@ def main(argv: list[str]) -> int:
 
     with user_errors(debug):  # a garbage torchrun variable (RANK=x) is this process's own: always say it
         env = distributed.read_env()
-    if env.rank > 0:  # every rank runs the task's prints: tell them apart
+    if env.is_distributed:  # every rank runs the task's prints: tell them apart, never cut one
         sys.stdout, sys.stderr = RankPrefixed(sys.stdout, env.rank), RankPrefixed(sys.stderr, env.rank)
     config = None
     try:

@@ -185,3 +185,44 @@ def test_plot_of_a_single_train_row_draws_markers(tmp_path):
     lines = [line for ax in fig.axes for line in ax.lines]
     assert lines and all(line.get_marker() == "o" for line in lines)
     assert all(len(line.get_xdata()) == 1 for line in lines)
+
+
+def test_every_rank_writes_whole_lines_and_ranks_beyond_0_are_named():
+    """print() writes a line's text and its newline separately; ranks share one pipe, so a line
+    goes out in one write, never cut by another rank's."""
+    import io
+
+    from distributed_train.cli.train import RankPrefixed
+
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def write(self, text):
+            self.calls.append(text)
+            return super().write(text)
+
+    for rank, prefix in ((0, ""), (1, "[rank 1] ")):
+        sink = Writes()
+        out = RankPrefixed(sink, rank)
+        print("building the model", file=out)
+        print("two\nlines", end="", file=out)
+        assert sink.calls == [f"{prefix}building the model\n", f"{prefix}two\n"]
+        out.flush()  # a line without its end yet: written as it is
+        print("dtrain: error: rank 1: x", file=out)  # dtrain's own lines name their rank already
+        assert sink.calls[2:] == [f"{prefix}lines", "dtrain: error: rank 1: x\n"]
+
+
+def test_the_launcher_names_as_first_the_rank_that_did_not_fail_because_another_left():
+    from types import SimpleNamespace
+
+    from distributed_train.cli.launch import _failure_order
+
+    def failure(time, after_peer):
+        return SimpleNamespace(error_file_data={"dtrain": {"time": time, "printed": True, "after_peer": after_peer}},
+                               timestamp=int(time))
+
+    noticed = failure(100.0, True)  # rank 0 saw rank 1 leave before rank 1 recorded why
+    cause = failure(100.2, False)
+    assert sorted([noticed, cause], key=_failure_order) == [cause, noticed]
