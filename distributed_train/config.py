@@ -254,6 +254,10 @@ class Config:
     def __post_init__(self) -> None:
         if not self.task:
             raise UsageError("task must name a built-in task, module:attr or file.py:attr")
+        if is_url(self.run_dir) and "@" in self.run_dir.split("://", 1)[1].split("/", 1)[0]:
+            raise UsageError("run_dir must not carry credentials (it is written to config.yaml and the logs): "
+                             "give them the standard way, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a "
+                             "profile or the pod's identity (docs/storage.md)")
         if is_url(self.checkpoint.resume):  # never a local folder named "s3:"
             raise UsageError(f"checkpoint.resume={self.checkpoint.resume!r} is a URL; to continue a run in "
                              "object storage, give its URL as run_dir (checkpoint.resume=auto)")

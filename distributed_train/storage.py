@@ -128,6 +128,19 @@ class Store:
                 raise
         return True
 
+    def get_if_exists(self, key: str, local: str) -> bool:
+        """Download object `key` to `local` with its modification time; False when it does not exist."""
+        import os
+
+        with _named(self.url_of(key), "downloading"):
+            try:
+                modified = self.fs.modified(self._path(key)).timestamp()
+                self.fs.get_file(self._path(key), str(local))
+            except FileNotFoundError:
+                return False
+        os.utime(local, (modified, modified))
+        return True
+
     def get_file(self, key: str, local: str) -> None:
         with _named(self.url_of(key), "downloading"):
             self.fs.get_file(self._path(key), str(local))

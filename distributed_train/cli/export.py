@@ -1,5 +1,5 @@
 """`dtrain export CHECKPOINT_OR_RUN_DIR -o FILE`: the consolidated model of a committed checkpoint
-(a run directory: its latest one, or its final_model.pt when it has none).
+(a run directory: its latest one, or its final_model.pt when it has none), local or at a URL.
 
 Works on one process with no GPU, whatever engine and world size wrote the checkpoint: the
 shards are read by parameter name and assembled into full CPU tensors. FILE.pt is a plain
@@ -10,13 +10,15 @@ state_dict (like final_model.pt, loadable with weights_only=True); FILE.safetens
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
 
 from distributed_train.errors import EXIT_OK, UsageError
 from distributed_train.files import atomic_write, require
-from distributed_train.training.checkpoints import commit, safe_load, shards
+from distributed_train.storage import StorageError, Store, is_url
+from distributed_train.training.checkpoints import commit, remote, safe_load, shards
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,6 +47,32 @@ def find_model(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
             raise UsageError(f"{final} cannot be loaded ({safe_load.why_not_loaded(exc)})") from None
     raise UsageError(f"{str(source)!r} is neither a committed checkpoint nor a run directory with "
                      "checkpoints or a final_model.pt")
+
+
+def find_model_in_bucket(url: str, folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """find_model for a URL: a run directory in a bucket (its newest committed checkpoint, else
+    its final_model.pt) or one committed checkpoint folder in it; copied to `folder` first (every
+    checksum checked)."""
+    base, _, name = url.rpartition("/")
+    try:
+        if base.endswith(f"/{remote.PREFIX}"):  # .../checkpoints/step-00000120-<id>: one checkpoint
+            store = Store(base.rsplit("/", 1)[0])
+            chosen = next((r for r in remote.committed(store)[0] if r.folder == name), None)
+            if chosen is None:
+                raise UsageError(f"{url!r} is not a committed checkpoint (no {commit.MARKER} written by this "
+                                 "program, or an object it lists is missing)")
+        else:
+            store = Store(url)
+            found = remote.committed(store)[0]
+            chosen = found[-1] if found else None
+        if chosen is not None:
+            return model_state(remote.download(store, chosen, folder)), chosen.url(store)
+        if store.get_if_exists("final_model.pt", str(folder / "final_model.pt")):
+            return find_model(folder)[0], f"{url}/final_model.pt"
+    except StorageError as exc:
+        raise UsageError(str(exc)) from None
+    raise UsageError(f"{url!r} is neither a committed checkpoint nor a run directory with checkpoints or a "
+                     "final_model.pt")
 
 
 def model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -79,7 +107,11 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"-o {args.output!r} is a directory; name the file to write, e.g. {output / 'model.pt'}")
     if output.exists() and not args.overwrite:
         raise UsageError(f"-o {args.output!r} already exists; pass --overwrite to replace it")
-    state, path = find_model(Path(args.source))
+    if is_url(args.source):
+        with tempfile.TemporaryDirectory() as folder:
+            state, path = find_model_in_bucket(args.source.rstrip("/"), Path(folder))
+    else:
+        state, path = find_model(Path(args.source))
     write(state, output)
     total = sum(t.numel() for t in state.values())
     print(f"wrote {output}: {len(state)} tensors, {total:,} values, from {path}")

@@ -7,11 +7,14 @@ is an optional extra (`pip install 'distributed_train[plot]'`), imported only he
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from distributed_train.errors import UsageError
 from distributed_train.files import require
+from distributed_train.storage import StorageError, is_url
+from distributed_train.training.mirror import fetch_run
 from distributed_train.training.reporting.metrics import read_events
 
 
@@ -22,15 +25,17 @@ class CommandParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
-def load_run(run_dir: Path) -> list[dict]:
-    """The run's log events; a missing or empty metrics.jsonl is a usage error that says why."""
+def load_run(run_dir: Path, shown: str | None = None) -> list[dict]:
+    """The run's log events; a missing or empty metrics.jsonl is a usage error that says why
+    (naming the run as `shown`, the path or URL given)."""
     require(run_dir, "directory", "run directory")
     path = run_dir / "metrics.jsonl"
+    where, run = (f"{shown.rstrip('/')}/metrics.jsonl", shown) if shown else (str(path), str(run_dir))
     if not path.is_file():
-        raise UsageError(f"{str(path)!r} does not exist: is {str(run_dir)!r} a run directory?")
+        raise UsageError(f"{where!r} does not exist: is {run!r} a run directory?")
     events = [e for e in read_events(path) if e.get("kind") in ("train", "eval")]
     if not events:
-        raise UsageError(f"{str(path)!r} has no train or eval events yet")
+        raise UsageError(f"{where!r} has no train or eval events yet")
     return events
 
 
@@ -122,9 +127,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-o", "--output", metavar="FILE.png", help="default: RUN_DIR/metrics.png")
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    events = load_run(run_dir)
-    output = Path(args.output) if args.output else run_dir / "metrics.png"
+    if is_url(args.run_dir):  # a bucket: its metrics.jsonl, copied to a temporary folder
+        name = args.run_dir.rstrip("/").rsplit("/", 1)[-1]
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                run_dir = fetch_run(args.run_dir, Path(folder) / name)
+            except StorageError as exc:
+                raise UsageError(str(exc)) from None
+            return _plot(run_dir, Path(args.output or f"{name}-metrics.png"), args.run_dir)
+    return _plot(Path(args.run_dir), Path(args.output) if args.output else None, None)
+
+
+def _plot(run_dir: Path, output: Path | None, shown: str | None) -> int:
+    """Draw `run_dir`'s metrics into `output` (default RUN_DIR/metrics.png); `shown`: the URL given."""
+    events = load_run(run_dir, shown)
+    output = output or run_dir / "metrics.png"
     if output.suffix.lower() != ".png":
         raise UsageError(f"-o {str(output)!r}: dtrain plot writes PNG files; name it FILE.png")
     fig = draw(events, _title(run_dir))

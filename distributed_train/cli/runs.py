@@ -10,6 +10,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import yaml
 from distributed_train.cli.plot import CommandParser
 from distributed_train.errors import UsageError
 from distributed_train.files import path_problem
+from distributed_train.storage import is_url
 from distributed_train.training.reporting.metrics import read_events
 from distributed_train.training.reporting.progress import format_duration
 
@@ -128,9 +130,29 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if is_url(args.dir):  # a bucket: each run's small files, copied to a temporary folder
+        with tempfile.TemporaryDirectory() as folder:
+            return _list(_fetch_runs(args.dir, Path(folder)), args.json, args.dir)
     root = Path(args.dir)
     if problem := path_problem(root, "directory"):
         raise UsageError(f"folder {str(root)!r} {problem}; pass the folder that holds your run directories")
+    return _list(root, args.json, str(root))
+
+
+def _fetch_runs(url: str, folder: Path) -> Path:
+    """The runs under `url` as local folders under `folder` (named as below the URL)."""
+    from distributed_train.storage import StorageError
+    from distributed_train.training.mirror import fetch_run, find_runs
+
+    try:
+        for run in find_runs(url, _MAX_DEPTH):
+            fetch_run(f"{url.rstrip('/')}/{run}" if run else url, folder / (run or url.rstrip("/").rsplit("/", 1)[-1]))
+    except StorageError as exc:
+        raise UsageError(str(exc)) from None
+    return folder
+
+
+def _list(root: Path, as_json: bool, shown: str) -> int:
     runs, table = [], []
     for path in find_runs(root):
         try:
@@ -141,9 +163,9 @@ def main(argv: list[str]) -> int:
             print(f"dtrain runs: skipping {path}: cannot read it ({type(exc).__name__}: "
                   f"{(str(exc).splitlines() or [''])[0][:120]})", file=sys.stderr)
     if not runs:
-        print(f"no runs under {root} (a run directory holds metrics.jsonl)")
+        print(f"no runs under {shown} (a run directory holds metrics.jsonl)")
         return 0
-    if args.json:
+    if as_json:
         print("\n".join(json.dumps(run) for run in runs))
     else:
         print(format_table(table))

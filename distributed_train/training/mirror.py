@@ -37,6 +37,30 @@ from distributed_train.training.reporting.metrics import log
 from distributed_train.training.run_lock import LOCK_FILE, describe_holder
 
 METRICS = "metrics.jsonl"
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml")  # what `dtrain runs` and `dtrain plot` read
+
+
+def fetch_run(url: str, into: Path) -> Path:
+    """Copy the small files of the run directory at `url` (those it has, with their modification
+    times) into local folder `into`, for the commands that read a run; raises StorageError."""
+    store = Store(url)
+    into.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        store.get_if_exists(name, str(into / name))
+    return into
+
+
+def find_runs(url: str, max_depth: int) -> list[str]:
+    """The run directories under `url` (or `url` itself), as paths below it ("" for itself): the
+    prefixes that hold a metrics.jsonl or summary.json, at most `max_depth` folders down."""
+    found = set()
+    for key in Store(url).sizes():
+        folder, _, name = key.rpartition("/")
+        if name in ("metrics.jsonl", "summary.json") and (folder.count("/") + 1 if folder else 0) <= max_depth:
+            found.add(folder)
+    if "" in found:
+        return [""]  # the URL is a run directory itself: its folders are its own
+    return sorted(run for run in found if not any(run.startswith(other + "/") for other in found))
 
 
 def local_folder(url: str, cache_dir: str) -> Path:

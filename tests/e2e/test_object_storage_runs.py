@@ -148,3 +148,26 @@ def test_a_bucket_that_cannot_be_used_is_one_line_and_exit_2_before_any_worker_s
         proc.stderr.strip().splitlines()[-1].startswith(f"dtrain: error: run_dir {url!r}: {needle}"), proc.stderr
     assert "Traceback" not in proc.stderr and "training" not in proc.stdout
     assert not (tmp_path / "cache").exists()  # the launcher refused it: no worker started
+
+
+def test_export_runs_and_plot_read_a_run_directory_in_the_bucket(s3, tmp_path):  # noqa: F811
+    env = {**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "cache")}
+    dtrain("train", *TOY, "--train.max_steps=4", "--checkpoint.every_steps=2", "--run_dir=s3://runs/cli/one",
+           cwd=REPO, timeout=120, env=env)
+    final = _model_in_bucket("s3://runs/cli/one/final_model.pt")
+
+    exported = dtrain("export", "s3://runs/cli/one", "-o", str(tmp_path / "model.pt"), cwd=tmp_path, env=env)
+    assert "from s3://runs/cli/one/checkpoints/step-00000004-" in exported.stdout, exported.stdout
+    assert max_diff(torch.load(tmp_path / "model.pt", weights_only=True), final) == 0
+    folder = exported.stdout.strip().rsplit(" ", 1)[1]  # one committed checkpoint folder, by its URL
+    dtrain("export", folder, "-o", str(tmp_path / "again.pt"), cwd=tmp_path, env=env)
+    assert max_diff(torch.load(tmp_path / "again.pt", weights_only=True), final) == 0
+    missing = dtrain("export", "s3://runs/cli/none", "-o", str(tmp_path / "x.pt"), cwd=tmp_path, env=env, check=False)
+    assert missing.returncode == 2 and missing.stderr.strip() == (
+        "dtrain: error: 's3://runs/cli/none' is neither a committed checkpoint nor a run directory with "
+        "checkpoints or a final_model.pt"), missing.stderr
+
+    table = dtrain("runs", "s3://runs/cli", cwd=tmp_path, env=env).stdout.splitlines()
+    assert table[0].startswith("RUN") and table[1].split()[:4] == ["one", "toy.py:Regression", "4/4", "done"], table
+    plotted = dtrain("plot", "s3://runs/cli/one", cwd=tmp_path, env=env)
+    assert plotted.stdout.strip() == "one-metrics.png" and (tmp_path / "one-metrics.png").stat().st_size > 1000

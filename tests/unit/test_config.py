@@ -161,6 +161,8 @@ def test_a_url_is_a_run_dir_in_object_storage_and_checkpoint_resume_takes_a_path
                                          r"storage, give its URL as run_dir \(checkpoint.resume=auto\)$"):
         load_config(None, [f"--checkpoint.resume={url}"])
     assert load_config(None, ["--run_dir=runs/s3:x"]).run_dir == "runs/s3:x"  # a path with a colon is a path
+    with pytest.raises(UsageError, match=r"^run_dir must not carry credentials \(it is written to config.yaml"):
+        load_config(None, ["--run_dir=s3://AKIA:secret@bucket/x"])
 
 
 def test_missing_config_file_names_it(tmp_path):
