@@ -72,6 +72,10 @@ def _parser() -> _Parser:
     p.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts of a node's workers")
     p.add_argument("--grace-period", type=int, default=120, dest="grace_period_s",
                    help="seconds from SIGTERM to SIGKILL: the SIGTERM checkpoint must fit (default 120)")
+    p.add_argument("--run-dir-url", metavar="URL", help="run_dir in a bucket (s3://bucket/runs/NAME): no claim; "
+                   "each pod works in an emptyDir (docs/storage.md)")
+    p.add_argument("--storage-secret", metavar="NAME", help="a Secret whose keys become the pods' environment: "
+                   "the bucket's credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)")
     p.add_argument("--pvc", help="an existing PersistentVolumeClaim for run dirs (default: render NAME-runs)")
     p.add_argument("--pvc-size", default="20Gi", help="size of the rendered claim (default 20Gi)")
     p.add_argument("--pvc-access-mode", help="ReadWriteMany (default with GPUs) or ReadWriteOnce (default --cpu)")
@@ -109,7 +113,7 @@ def config_text(config_path: str | None, overrides: list[str]) -> str:
 
     if any(o.split("=", 1)[0].lstrip("-").replace("-", "_") == "run_dir" for o in overrides):
         raise UsageError("--run_dir is set by dtrain k8s (the claim's /runs/NAME, so restarts resume); "
-                         "drop it and choose --name / --pvc instead")
+                         "drop it and choose --name / --pvc instead, or --run-dir-url for a bucket")
     config = resolve_config(config_path, overrides)
     if config.checkpoint.every_steps == 0:
         print("dtrain k8s: warning: checkpoint.every_steps is 0, so a node lost without SIGTERM restarts "

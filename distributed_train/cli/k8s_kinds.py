@@ -21,6 +21,7 @@ from distributed_train.cli.k8s_render import (
     container_args,
     container_env,
     env_config,
+    env_from_secret,
     labels,
     metadata,
     pod_spec,
@@ -123,7 +124,8 @@ def train_job(spec: JobSpec) -> dict:
         "volumes": volumes(spec),
         "containers": [{"name": TRAINJOB_NODE,
                         "securityContext": security.container_security_context(spec.rdma is not None),
-                        "volumeMounts": volume_mounts()}],
+                        "volumeMounts": volume_mounts(), **({"envFrom": env_from_secret(spec)}
+                                                           if spec.storage_secret else {})}],
     }
     node_patch = {"name": TRAINJOB_NODE, "template": {"spec": {"template": {
         "metadata": {"labels": labels(spec)}, "spec": pod}}}}
@@ -152,7 +154,7 @@ def train_job(spec: JobSpec) -> dict:
 def render(spec: JobSpec, config_text: str) -> list[dict]:
     """Every object to apply, in the order `kubectl apply -f` should create them."""
     objects = config_maps(spec, config_text)
-    if spec.pvc is None:
+    if spec.pvc is None and not spec.run_dir_url:
         objects.append(run_claim(spec))
     objects.append(security.network_policy(spec.name, metadata(spec, spec.name), labels(spec)))
     if spec.kind == "pytorchjob":

@@ -16,6 +16,7 @@ import yaml
 
 from distributed_train.cli import k8s_security as security
 from distributed_train.errors import UsageError
+from distributed_train.storage import is_url
 
 RDZV_PORT = 29400
 CONFIG_DIR = "/etc/dtrain"
@@ -27,6 +28,7 @@ KINDS = ("job", "trainjob", "pytorchjob")
 TRAINJOB_NODE = "node"  # the torch runtime's replicated job and container name: pods `<job>-node-0-<i>`
 MAX_NAME = 50  # leaves room for "-worker-NN" and "-runs" inside a 63-character label
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _EXIT_BAD_CONFIG = 2  # errors.EXIT_USAGE: retrying cannot fix it
 
@@ -56,6 +58,8 @@ class JobSpec:
     priority_class: str | None = None
     rdma: str | None = None  # RESOURCE=COUNT of an RDMA device plugin: requested, plus IPC_LOCK
     nccl_socket_ifname: str | None = None  # None: NCCL picks its interface itself
+    run_dir_url: str | None = None  # a bucket as run_dir: no claim; each pod works in an emptyDir
+    storage_secret: str | None = None  # a Secret whose keys become the pods' environment (credentials)
     overrides: list[str] = field(default_factory=list)
     min_nodes: int = field(init=False)
 
@@ -94,6 +98,16 @@ class JobSpec:
         if self.pvc_access_mode not in (None, "ReadWriteOnce", "ReadWriteMany"):
             raise UsageError(f"--pvc-access-mode must be ReadWriteOnce or ReadWriteMany, "
                              f"got {self.pvc_access_mode!r}")
+        if self.run_dir_url is not None:
+            if not is_url(self.run_dir_url) or "@" in self.run_dir_url.split("://", 1)[1].split("/", 1)[0]:
+                raise UsageError(f"--run-dir-url must be a bucket's URL without credentials (e.g. "
+                                 f"s3://bucket/runs/NAME), got {self.run_dir_url!r}")
+            if self.pvc is not None or self.storage_class is not None or self.pvc_access_mode is not None:
+                raise UsageError("--run-dir-url puts run_dir in a bucket: drop --pvc, --storage-class and "
+                                 "--pvc-access-mode (no claim is rendered)")
+        if self.storage_secret is not None and not _DNS_SUBDOMAIN.match(self.storage_secret):
+            raise UsageError(f"--storage-secret {self.storage_secret!r} is not a Secret name: lowercase "
+                             "letters, digits, '-' and '.'")
         for flag, value in [("--namespace", self.namespace), ("--runtime", self.runtime)]:
             if value is not None and (not _DNS_LABEL.match(value) or len(value) > 63):
                 raise UsageError(f"{flag} {value!r} is not a DNS-1123 label: lowercase letters, digits, '-'")
@@ -145,7 +159,7 @@ class JobSpec:
 
     @property
     def run_dir(self) -> str:
-        return f"{RUNS_DIR}/{self.name}"
+        return self.run_dir_url or f"{RUNS_DIR}/{self.name}"
 
 
 def check_name(name: str) -> None:
@@ -226,6 +240,8 @@ def container_env(spec: JobSpec) -> list[dict]:
         {"name": "DTRAIN_WAIT_FOR_HOST", "value": spec.rdzv_host},
         *security.writable_env(),
     ]
+    if spec.run_dir_url:  # the local working folder of a bucket-backed run: the pod's emptyDir
+        env.append({"name": "DTRAIN_CACHE_DIR", "value": RUNS_DIR})
     cpus = _cpu_request(spec)
     if cpus.isdigit():  # else `dtrain launch` would split every core of the machine, not the request
         env.append({"name": "OMP_NUM_THREADS", "value": str(max(1, int(cpus) // spec.nproc_per_node))})
@@ -270,9 +286,14 @@ def volume_mounts() -> list[dict]:
 
 
 def volumes(spec: JobSpec) -> list[dict]:
-    return [{"name": "config", "configMap": {"name": f"{spec.name}-config"}},
-            {"name": "runs", "persistentVolumeClaim": {"claimName": spec.claim_name}},
+    runs = {"emptyDir": {}} if spec.run_dir_url else {"persistentVolumeClaim": {"claimName": spec.claim_name}}
+    return [{"name": "config", "configMap": {"name": f"{spec.name}-config"}}, {"name": "runs", **runs},
             *security.writable_volumes()]
+
+
+def env_from_secret(spec: JobSpec) -> list[dict]:
+    """`--storage-secret NAME`: every key of the Secret as a variable (AWS_ACCESS_KEY_ID, ...)."""
+    return [{"secretRef": {"name": spec.storage_secret}}] if spec.storage_secret else []
 
 
 def pod_spec(spec: JobSpec, container_name: str = CONTAINER) -> dict:
@@ -283,7 +304,7 @@ def pod_spec(spec: JobSpec, container_name: str = CONTAINER) -> dict:
         "command": [ENTRYPOINT],
         "args": container_args(spec),
         "env": container_env(spec),
-        "envFrom": [{"configMapRef": {"name": f"{spec.name}-env"}}],
+        "envFrom": [{"configMapRef": {"name": f"{spec.name}-env"}}, *env_from_secret(spec)],
         "ports": [{"name": "pytorchjob-port" if spec.kind == "pytorchjob" else "rdzv",
                    "containerPort": RDZV_PORT}],
         "resources": resources(spec),

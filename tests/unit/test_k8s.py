@@ -322,6 +322,10 @@ def test_cpu_mode_has_no_gpus_and_an_existing_claim_is_not_rendered(tmp_path):
     (["--memory-per-node", "0Gi"], "--memory-per-node"),
     (["--nodes", "two"], "--nodes"),
     (["--run_dir=/elsewhere"], "--run_dir"),
+    (["--run-dir-url", "runs/x"], "--run-dir-url"),
+    (["--run-dir-url", "s3://key:secret@bucket/x"], "--run-dir-url"),
+    (["--run-dir-url", "s3://bucket/x", "--pvc", "shared"], "--run-dir-url"),
+    (["--storage-secret", "S3_Creds"], "--storage-secret"),
     (["--train.lr=-1"], "train.lr"),
 ])
 def test_bad_input_is_one_line_naming_the_flag_and_exit_2(args, flag, capsys):
@@ -331,6 +335,26 @@ def test_bad_input_is_one_line_naming_the_flag_and_exit_2(args, flag, capsys):
     assert captured.out == ""  # no manifest printed
     lines = [line for line in captured.err.splitlines() if not line.startswith("dtrain k8s: warning")]
     assert len(lines) == 1 and lines[0].startswith("dtrain: error:") and flag in lines[0], captured.err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_bucket_backed_job_has_no_claim_an_emptydir_to_work_in_and_the_secret_as_environment(
+        kubernetes_validate, crd_validators, kind):
+    text = k8s.manifests(["--image", IMAGE, *variant_args(kind, True, 2), "--run-dir-url", "s3://runs/team/x",
+                          "--storage-secret", "s3-credentials"])
+    assert yamllint_problems(text) == []
+    objects = list(yaml.safe_load_all(text))
+    assert kubernetes_errors(kubernetes_validate, objects) == []
+    assert "PersistentVolumeClaim" not in {o["kind"] for o in objects}
+    job = by_kind(objects, WORKLOAD[kind])
+    if kind in CRDS:
+        assert [e.message for e in crd_validators[WORKLOAD[kind]].iter_errors(job)] == []
+    for pod in effective_pods(objects):
+        container = pod["containers"][0]
+        assert {v["name"]: v for v in pod["volumes"]}["runs"] == {"name": "runs", "emptyDir": {}}
+        assert {"secretRef": {"name": "s3-credentials"}} in container["envFrom"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["DTRAIN_CACHE_DIR"] == "/runs" and "--run_dir=s3://runs/team/x" in container["args"]
 
 
 def test_overrides_reach_torchrun_as_written_and_quantities_and_images_are_accepted():
