@@ -14,11 +14,13 @@ takes, stores or prints them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from typing import Iterator
 
 from distributed_train.files import error_text
 
+log = logging.getLogger("distributed_train")
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, file://, https://
 
 
@@ -51,6 +53,17 @@ def _named(url: str, what: str) -> Iterator[None]:
         raise StorageError(f"{what} {url} failed: {_reason(exc)}") from exc
 
 
+def _quiet_event_loop(fs) -> None:
+    """fsspec runs an async file system (s3fs, gcsfs) on an event loop of its own; when a connection
+    drops, aiohttp may leave a task whose error nobody reads, and asyncio prints its traceback on
+    stderr. The operation that failed raises anyway (one line, above): such leftovers go to the
+    debug log."""
+    from fsspec.asyn import AsyncFileSystem
+
+    if isinstance(fs, AsyncFileSystem):
+        fs.loop.set_exception_handler(lambda loop, context: log.debug("storage: %s", context.get("message")))
+
+
 class Store:
     """The objects under one URL prefix; keys are '/'-separated paths below it."""
 
@@ -61,6 +74,7 @@ class Store:
 
             self.fs, self.root = url_to_fs(self.url)
         self.root = self.root.rstrip("/")
+        _quiet_event_loop(self.fs)
 
     def url_of(self, key: str = "") -> str:
         return f"{self.url}/{key}" if key else self.url

@@ -6,6 +6,7 @@ prefix, and a bucket that cannot be used stops the job with one line before trai
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from distributed_train.storage import Store
+from distributed_train.training.checkpoints import commit, remote
 from tests.helpers import EXACT, FP64, REPO, dtrain, free_port, max_diff, run_ranks, train_in_rank
 from tests.s3_server import s3  # noqa: F401 - the fixture
 
@@ -171,3 +174,36 @@ def test_export_runs_and_plot_read_a_run_directory_in_the_bucket(s3, tmp_path): 
     assert table[0].startswith("RUN") and table[1].split()[:4] == ["one", "toy.py:Regression", "4/4", "done"], table
     plotted = dtrain("plot", "s3://runs/cli/one", cwd=tmp_path, env=env)
     assert plotted.stdout.strip() == "one-metrics.png" and (tmp_path / "one-metrics.png").stat().st_size > 1000
+
+
+def test_a_lost_connection_mid_run_is_one_line_and_keeps_the_committed_checkpoints_and_the_local_metrics(
+        s3, tmp_path):  # noqa: F811
+    from tests.s3_server import Cuttable
+
+    link = Cuttable(int(s3["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    env = {**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "cache"), "AWS_MAX_ATTEMPTS": "1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{link.port}"}
+    job = subprocess.Popen([sys.executable, "-m", "distributed_train", "launch", "--nproc-per-node", "2",
+                            "--task=tests/tasks/fault_tasks.py:SlowSteps", "--task_args.sleep_s=0.1",
+                            "--train.batch_size=8", "--log.wandb=disabled", "--log.every_steps=1",
+                            "--train.max_steps=80", "--checkpoint.every_steps=2", "--run_dir=s3://runs/cut"],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bucket = _bucket()
+    deadline = time.monotonic() + 120
+    while not [p for p in bucket.find("runs/cut/checkpoints") if p.endswith("COMMITTED")]:
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.05)
+    link.cut()  # the first checkpoint is committed: the network goes down
+    out, err = job.communicate(timeout=180)
+    errors = [line for line in err.splitlines() if line.startswith("dtrain: error:")]
+    assert job.returncode == 1 and errors, err
+    assert re.match(r"dtrain: error: (rank \d: )?uploading checkpoint \d+ failed: uploading to "
+                    r"s3://runs/cut/checkpoints/step-\d{8}-\w+/\S+ failed: ", errors[0]), err
+    assert "Traceback" not in err, err
+    found, _ = remote.committed(Store("s3://runs/cut"))  # read past the cut link: the real server
+    assert found, "the checkpoint committed before the cut is listed"
+    local = remote.download(Store("s3://runs/cut"), found[-1], tmp_path / "check")
+    assert commit.verify(local) is None
+    metrics = tmp_path / "cache" / "runs" / "s3" / "runs" / "cut" / "metrics.jsonl"
+    steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines()]
+    assert max(s for s in steps if s) > found[-1].step  # the local copy went on after the last upload

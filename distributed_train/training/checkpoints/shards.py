@@ -20,6 +20,7 @@ reshards) and into any engine: ddp's full tensors and fsdp's shards are the same
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from concurrent.futures import Future
@@ -34,6 +35,8 @@ from distributed_train.errors import UsageError
 from distributed_train.files import error_text
 from distributed_train.storage import StorageError, Store
 from distributed_train.training.checkpoints import commit, remote
+
+log = logging.getLogger("distributed_train")
 
 TRAIN_STATE = commit.TRAIN_STATE
 DCP_METADATA = ".metadata"
@@ -212,11 +215,15 @@ class ShardedWriter:
                 files = {name: meta for rank_facts, _ in every for name, meta in rank_facts.items()}
                 try:
                     remote.commit_folder(self.store, folder, step, files)
-                    self.last_committed = self.store.url_of(f"{remote.PREFIX}/{folder}")
-                    self.rotate(step)
                 except StorageError as exc:
                     raise commit.CheckpointWriteFailed(f"committing checkpoint {step} failed: {exc}; the "
                                                        "previous committed checkpoint is intact") from exc
+                self.last_committed = self.store.url_of(f"{remote.PREFIX}/{folder}")
+                try:
+                    self.rotate(step)
+                except StorageError as exc:  # committed all the same: older checkpoints stay a while
+                    log.warning("checkpoint %d is committed; deleting older ones failed: %s (the next save "
+                                "tries again)", step, exc)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
