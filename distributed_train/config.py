@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from distributed_train.errors import UsageError
-from distributed_train.storage import is_url
+from distributed_train.storage import has_credentials, is_url
 
 
 def opt(default: Any, help: str) -> Any:
@@ -254,7 +254,7 @@ class Config:
     def __post_init__(self) -> None:
         if not self.task:
             raise UsageError("task must name a built-in task, module:attr or file.py:attr")
-        if is_url(self.run_dir) and "@" in self.run_dir.split("://", 1)[1].split("/", 1)[0]:
+        if is_url(self.run_dir) and has_credentials(self.run_dir):
             raise UsageError("run_dir must not carry credentials (it is written to config.yaml and the logs): "
                              "give them the standard way, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a "
                              "profile or the pod's identity (docs/storage.md)")

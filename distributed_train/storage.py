@@ -28,6 +28,11 @@ def is_url(value: object) -> bool:
     return isinstance(value, str) and bool(URL.match(value))
 
 
+def has_credentials(url: str) -> bool:
+    """`s3://key:secret@bucket/x`: a URL that would put credentials in config.yaml and the logs."""
+    return "@" in url.split("://", 1)[-1].split("/", 1)[0]
+
+
 class StorageError(Exception):
     """An object-store operation failed; the message names the URL and the error in one line."""
 

@@ -16,7 +16,7 @@ import yaml
 
 from distributed_train.cli import k8s_security as security
 from distributed_train.errors import UsageError
-from distributed_train.storage import is_url
+from distributed_train.storage import has_credentials, is_url
 
 RDZV_PORT = 29400
 CONFIG_DIR = "/etc/dtrain"
@@ -98,8 +98,19 @@ class JobSpec:
         if self.pvc_access_mode not in (None, "ReadWriteOnce", "ReadWriteMany"):
             raise UsageError(f"--pvc-access-mode must be ReadWriteOnce or ReadWriteMany, "
                              f"got {self.pvc_access_mode!r}")
+        self._check_bucket()
+        for flag, value in [("--namespace", self.namespace), ("--runtime", self.runtime)]:
+            if value is not None and (not _DNS_LABEL.match(value) or len(value) > 63):
+                raise UsageError(f"{flag} {value!r} is not a DNS-1123 label: lowercase letters, digits, '-'")
+        for flag, value in [("--queue", self.queue), ("--priority-class", self.priority_class)]:
+            if value is not None and not _LABEL_VALUE.match(value):
+                raise UsageError(f"{flag} {value!r} is not a valid label value: letters, digits, "
+                                 "'-', '_', '.', at most 63 characters")
+
+    def _check_bucket(self) -> None:
+        """--run-dir-url is a URL without credentials and replaces the claim; --storage-secret a Secret name."""
         if self.run_dir_url is not None:
-            if not is_url(self.run_dir_url) or "@" in self.run_dir_url.split("://", 1)[1].split("/", 1)[0]:
+            if not is_url(self.run_dir_url) or has_credentials(self.run_dir_url):
                 raise UsageError(f"--run-dir-url must be a bucket's URL without credentials (e.g. "
                                  f"s3://bucket/runs/NAME), got {self.run_dir_url!r}")
             if self.pvc is not None or self.storage_class is not None or self.pvc_access_mode is not None:
@@ -108,13 +119,6 @@ class JobSpec:
         if self.storage_secret is not None and not _DNS_SUBDOMAIN.match(self.storage_secret):
             raise UsageError(f"--storage-secret {self.storage_secret!r} is not a Secret name: lowercase "
                              "letters, digits, '-' and '.'")
-        for flag, value in [("--namespace", self.namespace), ("--runtime", self.runtime)]:
-            if value is not None and (not _DNS_LABEL.match(value) or len(value) > 63):
-                raise UsageError(f"{flag} {value!r} is not a DNS-1123 label: lowercase letters, digits, '-'")
-        for flag, value in [("--queue", self.queue), ("--priority-class", self.priority_class)]:
-            if value is not None and not _LABEL_VALUE.match(value):
-                raise UsageError(f"{flag} {value!r} is not a valid label value: letters, digits, "
-                                 "'-', '_', '.', at most 63 characters")
 
     def rdma_resource(self) -> tuple[str, int] | None:
         """(resource name, count) of `--rdma RESOURCE=COUNT`, e.g. rdma/hca_shared_devices_a=1."""
