@@ -79,6 +79,8 @@ class Store:
 
             self.fs, self.root = url_to_fs(self.url)
         self.root = self.root.rstrip("/")
+        if self.fs.protocol in ("file", ("file", "local")):  # file://: folders appear as objects are written
+            self.fs.auto_mkdir = True
         _quiet_event_loop(self.fs)
 
     def url_of(self, key: str = "") -> str:

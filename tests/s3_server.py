@@ -20,14 +20,17 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 
 
 @contextlib.contextmanager
-def s3_server(bucket: str = "runs") -> Iterator[dict]:
+def s3_server(bucket: str = "runs", refuse_credentials: bool = False) -> Iterator[dict]:
     """Start `moto.server` on 127.0.0.1, create `bucket`, yield the environment a client needs
-    (credentials and AWS_ENDPOINT_URL); the server is stopped on exit, whatever happened."""
+    (credentials and AWS_ENDPOINT_URL); the server is stopped on exit, whatever happened.
+    `refuse_credentials`: no bucket; the server checks every request's signature against the keys
+    it knows (none), as a real store refuses wrong credentials."""
     pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[dev]')")
     s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[dev]')")
     port = free_port()
+    server_env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"} if refuse_credentials else None
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=server_env)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -42,7 +45,8 @@ def s3_server(bucket: str = "runs") -> Iterator[dict]:
         # fsspec keeps one client per set of arguments, and the endpoint comes from the environment:
         # a client of an earlier server (another module's, stopped since) must not be reused.
         s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key="testing", secret="testing").mkdir(bucket)
+        if not refuse_credentials:
+            s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key="testing", secret="testing").mkdir(bucket)
         yield env
     finally:
         s3fs.S3FileSystem.clear_instance_cache()

@@ -207,3 +207,71 @@ def test_a_lost_connection_mid_run_is_one_line_and_keeps_the_committed_checkpoin
     metrics = tmp_path / "cache" / "runs" / "s3" / "runs" / "cut" / "metrics.jsonl"
     steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines()]
     assert max(s for s in steps if s) > found[-1].step  # the local copy went on after the last upload
+
+
+def test_credentials_the_server_refuses_are_one_line_and_exit_2_before_any_worker_starts(tmp_path):
+    from tests.s3_server import s3_server
+
+    with s3_server(refuse_credentials=True) as env:  # every request checked: "testing" is no key it knows
+        proc = dtrain("launch", "--nproc-per-node", "2", *TOY, "--run_dir=s3://runs/x", cwd=REPO, check=False,
+                      timeout=120, env={**os.environ, **env, "DTRAIN_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "dtrain: error: run_dir 's3://runs/x': writing s3://runs/x/.dtrain-probe failed: "), proc.stderr
+    assert "access key" in proc.stderr.lower() and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_metrics_go_up_in_batches_and_the_lock_heartbeat_moves_while_the_job_runs(s3, tmp_path):  # noqa: F811
+    job = subprocess.Popen([sys.executable, "-m", "distributed_train", "train",
+                            "--task=tests/tasks/fault_tasks.py:SlowSteps", "--task_args.sleep_s=0.05",
+                            "--train.batch_size=8", "--log.wandb=disabled", "--log.every_steps=1",
+                            "--train.max_steps=400", "--storage.upload_every_s=0.2", "--storage.lock_stale_s=2",
+                            "--run_dir=s3://runs/batches"], cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "cache")})
+    bucket = _bucket()
+    seen_sizes, heartbeats = set(), set()
+    deadline = time.monotonic() + 120
+    try:
+        while len(seen_sizes) < 3 or len(heartbeats) < 3:
+            assert job.poll() is None and time.monotonic() < deadline, (seen_sizes, heartbeats, job.stderr.read())
+            if bucket.exists("runs/batches/metrics.jsonl"):
+                seen_sizes.add(bucket.size("runs/batches/metrics.jsonl"))
+            if bucket.exists("runs/batches/.dtrain.lock"):
+                heartbeats.add(json.loads(bucket.cat_file("runs/batches/.dtrain.lock"))["heartbeat"])
+            time.sleep(0.1)
+    finally:
+        job.kill()
+        job.wait()
+    # the job was SIGKILLed: its lock stays, and goes stale after storage.lock_stale_s
+    holder = json.loads(bucket.cat_file("runs/batches/.dtrain.lock"))
+    assert holder["pid"] == job.pid and time.time() - holder["heartbeat"] < 60
+
+
+def test_a_file_url_is_a_run_directory_through_the_same_code(tmp_path):
+    url = f"file://{tmp_path}/bucket/run"
+    env = {**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "cache")}
+    dtrain("train", *TOY, "--train.max_steps=4", "--checkpoint.every_steps=2", f"--run_dir={url}", cwd=REPO,
+           timeout=120, env=env)
+    folders = sorted(p.name for p in (tmp_path / "bucket" / "run" / "checkpoints").iterdir())
+    assert [f.rsplit("-", 1)[0] for f in folders] == ["step-00000002", "step-00000004"], folders
+    assert all((tmp_path / "bucket" / "run" / "checkpoints" / f / "COMMITTED").is_file() for f in folders)
+    resumed = dtrain("train", *TOY, "--train.max_steps=6", "--checkpoint.every_steps=2", f"--run_dir={url}",
+                     cwd=REPO, timeout=120, env={**env, "DTRAIN_CACHE_DIR": str(tmp_path / "elsewhere")})
+    assert f"resuming from {url}/checkpoints/{folders[-1]}" in resumed.stderr + resumed.stdout
+    assert json.loads((tmp_path / "bucket" / "run" / "summary.json").read_text())["global_step"] == 6
+
+
+def test_a_ddp_checkpoint_in_the_bucket_resumes_under_fsdp_on_another_world_size(s3, tmp_path):  # noqa: F811
+    url = "s3://runs/engines"
+    job = [*TOY, FP64, "--train.batch_size=12", "--checkpoint.every_steps=3", f"--run_dir={url}"]
+    env = {**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "a")}
+    dtrain("launch", "--nproc-per-node", "2", *job, "--train.max_steps=3", cwd=REPO, timeout=150, env=env)
+    dtrain("launch", "--nproc-per-node", "3", *job, "--train.max_steps=6", "--engine=fsdp", cwd=REPO, timeout=150,
+           env={**env, "DTRAIN_CACHE_DIR": str(tmp_path / "b")})
+    reference = dtrain("train", *TOY, FP64, "--train.batch_size=12", "--train.max_steps=6",
+                       f"--run_dir={tmp_path / 'ref'}", cwd=REPO, timeout=150)
+    assert reference.returncode == 0
+    expected = torch.load(tmp_path / "ref" / "final_model.pt", weights_only=True)
+    assert max_diff(_model_in_bucket(f"{url}/final_model.pt"), expected) <= EXACT
