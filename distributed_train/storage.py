@@ -122,6 +122,14 @@ class Store:
             except FileNotFoundError:
                 return None
 
+    def size(self, key: str) -> int | None:
+        """Object `key`'s size in bytes, or None when it does not exist."""
+        with _named(self.url_of(key), "reading"):
+            try:
+                return int(self.fs.info(self._path(key)).get("size") or 0)
+            except FileNotFoundError:
+                return None
+
     def get_tagged(self, key: str) -> tuple[bytes | None, str | None]:
         """Object `key`'s content and version tag (S3's ETag), or (None, None) when it does not exist."""
         with _named(self.url_of(key), "reading"):

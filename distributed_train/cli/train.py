@@ -181,8 +181,15 @@ def _committed(run_dir: str | None, step: int) -> bool:
     """Whether the stop committed checkpoint `step` (what a rerun would resume from)."""
     from pathlib import Path
 
+    from distributed_train.storage import StorageError, Store, is_url
+    from distributed_train.training.checkpoints import remote
     from distributed_train.training.checkpoints.commit import MARKER, checkpoint_name
 
+    if is_url(run_dir):
+        try:
+            return any(found.step == step for found in remote.committed(Store(run_dir))[0])
+        except StorageError:
+            return False
     return bool(run_dir) and (Path(run_dir) / "checkpoints" / checkpoint_name(step) / MARKER).is_file()
 
 

@@ -93,6 +93,7 @@ class RunMirror:
         try:
             self.store.check_writable()
             self._acquire_lock()
+            self._continue_metrics()
         except StorageError as exc:
             raise UsageError(f"run_dir {self.url!r}: {exc}") from None
         self._thread = threading.Thread(target=self._background, name="run-dir-uploads", daemon=True)
@@ -116,6 +117,16 @@ class RunMirror:
                 self.store.delete([LOCK_FILE])
         except StorageError as exc:
             log.warning("%s; the lock goes stale after storage.lock_stale_s", exc)
+
+    def _continue_metrics(self) -> None:
+        """metrics.jsonl holds every attempt of the run: an attempt on a node whose local folder is
+        new (or behind) continues the bucket's copy; a local copy longer than the bucket's (its
+        last upload failed) is kept."""
+        local = self.local / METRICS
+        in_bucket = self.store.size(METRICS)
+        if in_bucket is not None and in_bucket > (local.stat().st_size if local.exists() else -1):
+            self.local.mkdir(parents=True, exist_ok=True)
+            self.store.get_file(METRICS, str(local))
 
     # -- metrics in batches, and the lock's heartbeat ------------------------------------------
     def _background(self) -> None:

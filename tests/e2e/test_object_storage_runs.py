@@ -116,6 +116,9 @@ def test_two_agents_without_a_shared_folder_checkpoint_to_the_bucket_and_resume_
     assert max_diff(state, expected) <= EXACT
     summary = json.loads(_bucket().cat_file("runs/two-nodes/summary.json"))
     assert (summary["world_size"], summary["global_step"]) == (2, 10)
+    events = [json.loads(line) for line in _bucket().cat_file("runs/two-nodes/metrics.jsonl").splitlines()]
+    starts = [e for e in events if e.get("kind") == "start"]  # both attempts, though no folder was shared
+    assert [(s["step"], bool(s.get("resumed"))) for s in starts] == [(0, False), (6, True)], starts
 
 
 def test_a_second_job_on_a_prefix_exits_2_naming_the_holder_and_a_stale_lock_is_taken_over(s3, tmp_path):  # noqa: F811
@@ -275,3 +278,45 @@ def test_a_ddp_checkpoint_in_the_bucket_resumes_under_fsdp_on_another_world_size
     assert reference.returncode == 0
     expected = torch.load(tmp_path / "ref" / "final_model.pt", weights_only=True)
     assert max_diff(_model_in_bucket(f"{url}/final_model.pt"), expected) <= EXACT
+
+
+def test_a_damaged_newest_checkpoint_in_the_bucket_is_skipped_and_the_previous_one_resumed(s3, tmp_path):  # noqa: F811
+    env = {**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "cache")}
+    args = [*TOY, "--checkpoint.every_steps=2", "--run_dir=s3://runs/damaged-run"]
+    dtrain("train", *args, "--train.max_steps=4", cwd=REPO, timeout=120, env=env)
+    bucket = _bucket()
+    newest = sorted(p for p in bucket.find("runs/damaged-run/checkpoints") if p.endswith("__0_0.distcp"))[-1]
+    assert "/step-00000004-" in newest
+    size = bucket.size(newest)
+    bucket.pipe_file(newest, b"\0" * size)  # same size, other bytes: only the checksum tells
+    resumed = dtrain("train", *args, "--train.max_steps=6", cwd=REPO, timeout=120,
+                     env={**env, "DTRAIN_CACHE_DIR": str(tmp_path / "elsewhere")})
+    output = resumed.stdout + resumed.stderr
+    assert "skipping damaged checkpoint s3://runs/damaged-run/checkpoints/step-00000004-" in output, output
+    assert "__0_0.distcp fails its checksum" in output
+    assert "resuming from s3://runs/damaged-run/checkpoints/step-00000002-" in output, output
+
+
+def test_sigterm_commits_a_checkpoint_in_the_bucket_and_says_to_rerun(s3, tmp_path):  # noqa: F811
+    import signal
+
+    job = subprocess.Popen([sys.executable, "-m", "distributed_train", "launch", "--nproc-per-node", "2",
+                            "--task=tests/tasks/fault_tasks.py:SlowSteps", "--task_args.sleep_s=0.1",
+                            "--train.batch_size=8", "--log.wandb=disabled", "--train.max_steps=200",
+                            "--checkpoint.every_steps=100", "--run_dir=s3://runs/stopped"], cwd=REPO,
+                           env={**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "cache")},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bucket = _bucket()
+    deadline = time.monotonic() + 120
+    while not bucket.exists("runs/stopped/config.yaml"):  # training has started
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.05)
+    time.sleep(1)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 143, err
+    stop = re.search(r"stopped by SIGTERM after step (\d+); rerun the same command to continue", err)
+    assert stop, err
+    committed = [p for p in bucket.find("runs/stopped/checkpoints") if p.endswith("COMMITTED")]
+    assert [p.split("/")[-2].rsplit("-", 1)[0] for p in committed] == [f"step-{int(stop.group(1)):08d}"], err
+    assert not bucket.exists("runs/stopped/.dtrain.lock")

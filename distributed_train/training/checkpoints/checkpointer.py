@@ -110,9 +110,8 @@ class Checkpointer:
         """Load the checkpoint `checkpoint.resume` selects into `engine` and this rank's RNGs; one
         past this run's `total_steps` is refused (it would rewrite final_model.pt with a longer-trained model)."""
         if self.store and self.settings.resume in ("auto", "never"):
-            chosen = distributed.main_computes(self.env, remote.resolve_resume, self.store, self.settings.resume,
-                                               self.settings.overwrite)
-            path, shown = self._download(chosen), chosen and chosen.url(self.store)
+            path, shown = self._download(distributed.main_computes(
+                self.env, remote.resolve_resume, self.store, self.settings.resume, self.settings.overwrite))
         else:
             path = shown = distributed.main_computes(self.env, commit.resolve_resume, self.run_dir,
                                                      self.settings.resume, self.settings.overwrite)
@@ -141,21 +140,32 @@ class Checkpointer:
                        changed)
 
 
-    def _download(self, chosen: remote.Remote | None) -> Path | None:
-        """The bucket's checkpoint `chosen`, copied to this node (by its first rank; every sha256
-        checked); a failure on any node stops every rank with its one line."""
-        if chosen is None:
-            return None
-        error = None
-        if self.env.local_rank == 0:
-            try:
-                remote.download(self.store, chosen, self.directory)
-            except (StorageError, OSError) as exc:
-                error = f"cannot download checkpoint {chosen.url(self.store)}: {exc}"
-        failed = [problem for problem in distributed.all_gather_object(error) if problem]
-        if failed:
-            raise UsageError(failed[0])
-        return self.directory / commit.checkpoint_name(chosen.step)
+    def _download(self, candidates: list[remote.Remote]) -> tuple[Path | None, str | None]:
+        """The newest of the bucket's checkpoints `candidates` that every node downloads whole
+        (each node's first rank; every sha256 checked): (local folder, URL), or (None, None) when
+        there are none. A damaged one is skipped with a warning, as locally; any other failure, or
+        every candidate damaged, stops every rank with one line."""
+        for chosen in candidates:
+            problem = None
+            if self.env.local_rank == 0:
+                try:
+                    remote.download(self.store, chosen, self.directory)
+                except remote.DamagedCheckpoint as exc:
+                    problem = ("damaged", str(exc))
+                except (StorageError, OSError) as exc:
+                    problem = ("failed", f"cannot download checkpoint {chosen.url(self.store)}: {exc}")
+            problems = [p for p in distributed.all_gather_object(problem) if p]
+            if not problems:
+                return self.directory / commit.checkpoint_name(chosen.step), chosen.url(self.store)
+            if any(kind == "failed" for kind, _ in problems):
+                raise UsageError(next(text for kind, text in problems if kind == "failed"))
+            if self.env.is_main:
+                log.warning("skipping damaged checkpoint %s: %s", chosen.url(self.store), problems[0][1])
+        if candidates:
+            raise UsageError(f"run_dir {self.store.url!r} has {len(candidates)} committed checkpoint(s) and none "
+                             "downloads whole (every one fails a checksum); restore them, or start over with "
+                             "checkpoint.resume=never checkpoint.overwrite=true")
+        return None, None
 
 
 def check_resumable(path: Path | str, state: dict, config: Config, total_steps: int | None) -> None:
@@ -199,9 +209,10 @@ def _check_remote_resume(config: Config) -> None:
         store.check_writable()
     except StorageError as exc:
         raise UsageError(f"run_dir {config.run_dir!r}: {exc}") from None
-    chosen = remote.resolve_resume(store, config.checkpoint.resume, config.checkpoint.overwrite)
-    if chosen is None:
+    candidates = remote.resolve_resume(store, config.checkpoint.resume, config.checkpoint.overwrite)
+    if not candidates:
         return
+    chosen = candidates[0]
     with tempfile.TemporaryDirectory() as folder:
         try:
             store.get_file(f"{remote.PREFIX}/{chosen.folder}/{commit.TRAIN_STATE}", f"{folder}/{commit.TRAIN_STATE}")

@@ -31,6 +31,10 @@ log = logging.getLogger("distributed_train")
 PREFIX = "checkpoints"
 
 
+class DamagedCheckpoint(StorageError):
+    """A downloaded object of a committed checkpoint does not match its commit record."""
+
+
 @dataclass
 class Remote:
     """One committed checkpoint in the store: its step, folder (below checkpoints/) and record."""
@@ -102,13 +106,16 @@ def download(store: Store, remote: Remote, into: Path) -> Path:
     same checkpoint into one folder at once: each fills a folder of its own, renamed into place.
     Returns the local folder."""
     local = into / commit.checkpoint_name(remote.step)
+    for old in into.glob("step-*"):  # earlier downloads: the bucket holds them
+        if old != local:
+            shutil.rmtree(old, ignore_errors=True)
     staging = into / f"{commit.TMP_PREFIX}download-{secrets.token_hex(4)}"
     staging.mkdir(parents=True)
     try:
         for name, meta in remote.record["files"].items():
             store.get_file(f"{PREFIX}/{remote.folder}/{name}", str(staging / name))
             if commit.sha256(staging / name) != meta["sha256"]:
-                raise StorageError(f"{remote.url(store)}/{name} fails its checksum; the checkpoint is damaged")
+                raise DamagedCheckpoint(f"{remote.url(store)}/{name} fails its checksum")
         (staging / commit.MARKER).write_text(json.dumps(remote.record, indent=1))
         if local.exists() and commit.commit_record(local) != remote.record:
             shutil.rmtree(local, ignore_errors=True)  # an older download, or another checkpoint of the step
@@ -122,9 +129,10 @@ def download(store: Store, remote: Remote, into: Path) -> Path:
     return local
 
 
-def resolve_resume(store: Store, resume: str, overwrite: bool) -> Remote | None:
-    """The checkpoint in the bucket to start from for `checkpoint.resume` auto / never, or None
-    (the rules of commit.resolve_resume for a local run directory)."""
+def resolve_resume(store: Store, resume: str, overwrite: bool) -> list[Remote]:
+    """The checkpoints in the bucket to start from for `checkpoint.resume` auto / never, newest
+    first (the next is taken when one fails its checksums), or none (the rules of
+    commit.resolve_resume for a local run directory)."""
     try:
         found, other = committed(store)
     except StorageError as exc:
@@ -133,13 +141,13 @@ def resolve_resume(store: Store, resume: str, overwrite: bool) -> Remote | None:
         if found and not overwrite:
             raise UsageError(f"run_dir {store.url!r} already has checkpoints; use checkpoint.resume=auto to "
                              "continue it, or checkpoint.overwrite=true to start over and replace them")
-        return None
+        return []
     damaged = [folder for folder in other if folder.startswith("step-")]
     if not found and damaged and any(store.sizes(f"{PREFIX}/{folder}/{commit.MARKER}") for folder in damaged):
         raise UsageError(f"run_dir {store.url!r} has committed checkpoints and none is whole ({damaged[-1]} "
                          "and older); restore them, or start over with checkpoint.resume=never "
                          "checkpoint.overwrite=true")
-    return found[-1] if found else None
+    return found[::-1]
 
 
 def rotate(store: Store, keep_last: int, kept_step: int) -> None:
