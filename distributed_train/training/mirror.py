@@ -106,12 +106,13 @@ class RunMirror:
     def close(self) -> None:
         """Rank 0: the last metrics upload, and the lock object removed. Never raises: a failure is
         one warning (the local copy stays)."""
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
-        self._upload_metrics()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self._upload_metrics()
+        if self._lock_record is None:
+            return  # never held (the job stopped before, or another job holds it)
         try:
             if self._lock_is_ours():
                 self.store.delete([LOCK_FILE])

@@ -102,7 +102,9 @@ def test_two_agents_without_a_shared_folder_checkpoint_to_the_bucket_and_resume_
     url = "s3://runs/two-nodes"
     reference = dtrain("train", *TOY, FP64, "--train.max_steps=10", f"--run_dir={tmp_path / 'ref'}", cwd=REPO,
                        timeout=150)
-    assert reference.returncode == 0
+    same_size = dtrain("launch", "--nproc-per-node", "2", *TOY, FP64, "--train.max_steps=10",
+                       f"--run_dir={tmp_path / 'ref2'}", cwd=REPO, timeout=150)  # uninterrupted, 2 ranks
+    assert reference.returncode == 0 and same_size.returncode == 0
     for attempt, steps in enumerate((6, 10)):
         port = free_port()
         logs = [open(tmp_path / f"agent-{attempt}-{n}.log", "w") for n in range(2)]
@@ -114,6 +116,8 @@ def test_two_agents_without_a_shared_folder_checkpoint_to_the_bucket_and_resume_
     state = _model_in_bucket(f"{url}/final_model.pt")
     expected = torch.load(tmp_path / "ref" / "final_model.pt", weights_only=True)
     assert max_diff(state, expected) <= EXACT
+    uninterrupted = torch.load(tmp_path / "ref2" / "final_model.pt", weights_only=True)
+    assert all(torch.equal(state[k], uninterrupted[k]) for k in uninterrupted)  # same world size: bit for bit
     summary = json.loads(_bucket().cat_file("runs/two-nodes/summary.json"))
     assert (summary["world_size"], summary["global_step"]) == (2, 10)
     events = [json.loads(line) for line in _bucket().cat_file("runs/two-nodes/metrics.jsonl").splitlines()]
