@@ -61,9 +61,20 @@ def options_from_environ(environ=None) -> set[str]:
 
 def build_torchrun_args(torchrun: list[str], train: list[str], environ=None) -> list[str]:
     """torchrun's argument list: ours plus defaults (nproc, standalone rendezvous), then the worker."""
+    from distributed_train.distributed import slurm
+
+    environ = os.environ if environ is None else environ
     given = {a.split("=", 1)[0].replace("_", "-") for a in torchrun if a.startswith("--")}
     given |= options_from_environ(environ)
-    args = list(torchrun)
+    derived, said = slurm.launch_options(environ, given)  # an srun step: one agent per node
+    if said:
+        print(said, file=sys.stderr, flush=True)
+    elif slurm.alone_in_a_multi_node_job(environ):
+        print(f"dtrain launch: warning: Slurm job {environ['SLURM_JOB_ID']} has {environ['SLURM_NNODES']} nodes "
+              "but this runs on one: start it with srun --ntasks-per-node=1 (dtrain slurm writes such a "
+              "script)", file=sys.stderr, flush=True)
+    given |= {a for a in derived if a.startswith("--")}
+    args = list(torchrun) + derived
     if "--nproc-per-node" not in given:
         args += ["--nproc-per-node", str(default_nproc())]
     multi_node = given & {"--rdzv-endpoint", "--master-addr", "--nnodes", "--rdzv-backend"}

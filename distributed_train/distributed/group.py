@@ -11,7 +11,7 @@ from typing import Callable, Mapping, TypeVar
 import torch
 import torch.distributed as torch_dist
 
-from distributed_train.distributed import diagnose
+from distributed_train.distributed import diagnose, slurm
 from distributed_train.errors import UsageError
 
 T = TypeVar("T")
@@ -54,6 +54,7 @@ def _int_var(environ: Mapping[str, str], name: str) -> int:
 def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Read torchrun's variables into a DistEnv; none set means a single process."""
     environ = os.environ if environ is None else environ
+    environ = {**environ, **slurm.rank_environ(environ)}  # a task `srun` started without torchrun
     present = [v for v in _TORCHRUN_VARS if v in environ]
     if not present:
         return DistEnv()
