@@ -18,6 +18,7 @@ COMMANDS = {
     "plot": ("RUN_DIR [-o FILE.png]", "loss / eval / throughput curves of a run"),
     "runs": ("[DIR]", "table of the runs in a folder"),
     "k8s": ("...", "render Kubernetes manifests for a multi-node job"),
+    "slurm": ("... [--submit]", "a Slurm batch script for a multi-node job (stops and requeues with a checkpoint)"),
     "doctor": ("[--nproc-per-node N]", "preflight: environment, all-reduce bandwidth, matmul speed"),
     "prepare-tokens": ("INPUT... -o DIR", "text -> token shards + meta.json for `--task=lm --task_args.data=DIR`"),
     "export": ("CHECKPOINT_OR_RUN_DIR -o FILE", "the consolidated model of a checkpoint (.pt or .safetensors)"),
