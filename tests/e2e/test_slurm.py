@@ -49,6 +49,22 @@ def _wait_for(env: dict, job: str, states: set[str], tmp_path: Path, timeout: fl
         time.sleep(0.5)
 
 
+def _finish(env: dict, job: str, tmp_path: Path, timeout: float = 300) -> int:
+    """Wait until `job` completed; each time it is requeued, start it as soon as its previous run's
+    processes are gone (Slurm would hold it about two minutes). Returns its restart count."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state, restarts = job_state(env, job)
+        if state == "COMPLETED":
+            return restarts
+        if state == "PENDING" and restarts and not _steps_alive(job):
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, timeout=30,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if state in {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"} or time.monotonic() > deadline:
+            _wait_for(env, job, {"COMPLETED"}, tmp_path, timeout=0)  # raises with the logs
+        time.sleep(0.5)
+
+
 def _steps_alive(job: str) -> bool:
     """A slurmstepd of the job still runs on this host (every node of the test cluster is here)."""
     return subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], stdout=subprocess.DEVNULL).returncode == 0
@@ -89,3 +105,63 @@ def test_two_jobs_share_the_nodes_and_a_stopped_one_requeues_and_finishes_bit_id
              for name in ("one", "whole", "stopped")}
     assert all(torch.equal(state["stopped"][k], state["whole"][k]) for k in state["whole"])
     assert max_diff(state["whole"], state["one"]) <= EXACT
+
+
+def test_the_time_limit_signal_stops_with_a_checkpoint_and_the_requeued_job_finishes_exactly(cluster, tmp_path):
+    """--time=1 (minute) and USR1 45 s before it: the script turns USR1 into TERM on every node."""
+    reference = dtrain("train", *JOB, "--train.max_steps=150", f"--run_dir={tmp_path / 'one'}", cwd=REPO,
+                       timeout=180)
+    assert reference.returncode == 0
+    job = _submit(cluster, tmp_path, "limited", "--time=1", "--signal-before=45", "--train.max_steps=150")
+    restarts = _finish(cluster, job, tmp_path)
+    log = (tmp_path / f"limited-{job}.out").read_text()
+    assert restarts >= 1 and f"dtrain slurm: stopping job {job} with a checkpoint" in log, log
+    assert "stopped by SIGTERM after step" in log and "DUE TO TIME LIMIT" not in log, log
+    summary = json.loads((tmp_path / "limited" / "summary.json").read_text())
+    assert summary["resumed_from"] and summary["global_step"] == 150
+    state = torch.load(tmp_path / "limited" / "final_model.pt", weights_only=True)
+    assert max_diff(state, torch.load(tmp_path / "one" / "final_model.pt", weights_only=True)) <= EXACT
+
+
+def test_a_node_set_down_mid_run_requeues_the_job_which_resumes_from_its_last_checkpoint_exactly(cluster, tmp_path):
+    reference = dtrain("train", *JOB, f"--run_dir={tmp_path / 'one'}", cwd=REPO, timeout=180)
+    assert reference.returncode == 0
+    job = _submit(cluster, tmp_path, "lost", "--checkpoint.every_steps=5")
+    deadline = time.monotonic() + 180
+    while not list((tmp_path / "lost" / "checkpoints").glob("step-*/COMMITTED")):
+        assert time.monotonic() < deadline, "no checkpoint was committed"
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "update", "nodename=n2", "state=down", "reason=dtrain-test"], env=cluster,
+                   check=True, timeout=30)  # as a node failure would: the job is requeued
+    try:
+        deadline = time.monotonic() + 60
+        while job_state(cluster, job)[1] == 0:
+            assert time.monotonic() < deadline, job_state(cluster, job)
+            time.sleep(0.2)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], env=cluster, timeout=30,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _finish(cluster, job, tmp_path) >= 1
+    summary = json.loads((tmp_path / "lost" / "summary.json").read_text())
+    assert summary["resumed_from"] and (summary["world_size"], summary["global_step"]) == (2, 30), summary
+    state = torch.load(tmp_path / "lost" / "final_model.pt", weights_only=True)
+    assert max_diff(state, torch.load(tmp_path / "one" / "final_model.pt", weights_only=True)) <= EXACT
+
+
+def test_a_job_sbatch_refuses_is_one_line_and_exit_2(cluster, tmp_path):
+    proc = dtrain("slurm", "--partition", "nope", "--submit", *JOB, f"--run_dir={tmp_path / 'x'}", cwd=REPO,
+                  env=cluster, check=False, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.strip().splitlines()[-1].startswith("dtrain: error: sbatch refused the job: "), proc.stderr
+    assert "partition" in proc.stderr.lower(), proc.stderr
+
+
+def test_a_malformed_node_list_in_a_step_is_one_line_and_exit_2(tmp_path):
+    from tests.helpers import clean_env
+
+    env = {**clean_env(), "SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2",
+           "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "n[1-"}
+    proc = dtrain("launch", *JOB, f"--run_dir={tmp_path / 'x'}", cwd=REPO, env=env, check=False, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["dtrain: error: SLURM_STEP_NODELIST='n[1-' is not a Slurm host list: "
+                                                "unbalanced brackets"], proc.stderr
