@@ -183,8 +183,11 @@ exit "$code"
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] in JOB_COMMANDS:
+        return job_command(argv[0], argv[1:])
     if "-h" in argv or "--help" in argv:
         _parser().print_help()
+        print("\nA submitted job: dtrain slurm status JOBID | logs JOBID [--follow] | cancel JOBID")
         return 0
     ours, train = split_args(argv)
     options = _parser().parse_args(ours)
@@ -208,4 +211,108 @@ def submit(text: str) -> int:
         raise UsageError(f"sbatch refused the job: {lines[-1]}")
     job_id = proc.stdout.strip().split(";")[0]
     print(f"submitted Slurm job {job_id}")
+    return 0
+
+
+# -- a submitted job: status, logs, cancel ------------------------------------------------------
+JOB_COMMANDS = ("status", "logs", "cancel")
+_GONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE", ""}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    tool = shutil.which(args[0])
+    if tool is None:
+        raise UsageError(f"{args[0]} not found: run on a Slurm login node")
+    return subprocess.run([tool, *args[1:]], capture_output=True, text=True, timeout=60)
+
+
+def job_fields(job_id: str) -> dict[str, str]:
+    """`scontrol show job JOBID` as a dict; a job Slurm does not know is one line."""
+    proc = _run("scontrol", "show", "job", job_id)
+    if proc.returncode != 0 or "JobState=" not in proc.stdout:
+        raise UsageError(f"Slurm job {job_id!r}: {(proc.stderr or proc.stdout).strip() or 'unknown job'}")
+    return dict(part.split("=", 1) for part in proc.stdout.split() if "=" in part)
+
+
+def run_dir_of(job_id: str, fields: dict[str, str]) -> str | None:
+    """The RUN_DIR its batch script sets (a script dtrain slurm wrote), from the job's folder."""
+    proc = _run("scontrol", "write", "batch_script", job_id, "-")
+    for line in proc.stdout.splitlines():
+        if line.startswith("RUN_DIR="):
+            value = shlex.split(line[len("RUN_DIR="):])[0]
+            return value if "://" in value or value.startswith("/") else os.path.join(fields.get("WorkDir", ""), value)
+    return None
+
+
+def last_committed(run_dir: str) -> int | None:
+    from pathlib import Path
+
+    from distributed_train.storage import StorageError, Store, is_url
+    from distributed_train.training.checkpoints import commit, remote
+
+    try:
+        if is_url(run_dir):
+            found = remote.committed(Store(run_dir))[0]
+            return found[-1].step if found else None
+        steps = commit.checkpoint_steps(Path(run_dir) / "checkpoints")
+        return steps[-1][0] if steps else None
+    except StorageError:
+        return None
+
+
+def job_command(command: str, argv: list[str]) -> int:
+    """`dtrain slurm status|logs|cancel JOBID`."""
+    follow = "--follow" in argv or "-f" in argv
+    ids = [a for a in argv if not a.startswith("-")]
+    if len(ids) != 1 or not ids[0].isdigit() or (follow and command != "logs"):
+        raise UsageError(f"usage: dtrain slurm {command} JOBID" + (" [--follow]" if command == "logs" else ""))
+    job_id, fields = ids[0], job_fields(ids[0])
+    if command == "status":
+        run_dir = run_dir_of(job_id, fields)
+        step = last_committed(run_dir) if run_dir else None
+        print(f"job {job_id} ({fields.get('JobName', '?')}): {fields.get('JobState')}, nodes "
+              f"{fields.get('NodeList', '?')}, restarts {fields.get('Restarts', '0')}, run time "
+              f"{fields.get('RunTime', '?')}; run_dir {run_dir or '?'}, last committed step "
+              f"{'-' if step is None else step}")
+        return 0
+    if command == "logs":
+        return _logs(job_id, fields.get("StdOut", ""), follow)
+    return _cancel(job_id, fields)
+
+
+def _logs(job_id: str, path: str, follow: bool) -> int:
+    import time
+
+    try:
+        with open(path, errors="replace") as log:
+            while True:
+                sys.stdout.write(log.read())
+                sys.stdout.flush()
+                if not follow or job_fields(job_id).get("JobState") in _GONE:
+                    if follow:
+                        sys.stdout.write(log.read())
+                    return 0
+                time.sleep(1)
+    except OSError as exc:
+        raise UsageError(f"Slurm job {job_id}: cannot read its log {path!r}: {exc.strerror}") from None
+
+
+def _cancel(job_id: str, fields: dict[str, str]) -> int:
+    """Graceful: TERM to every node's steps (the agreed stop and a committed checkpoint), wait
+    until they ended, then the normal cancel (which also removes the requeued job)."""
+    import time
+
+    if fields.get("JobState") == "RUNNING":
+        _run("scancel", "--signal=TERM", job_id)
+        deadline = time.monotonic() + 600
+        while job_fields(job_id).get("JobState") in {"RUNNING", "COMPLETING"} and time.monotonic() < deadline:
+            time.sleep(1)
+    proc = _run("scancel", job_id)
+    if proc.returncode != 0 and job_fields(job_id).get("JobState") not in _GONE:
+        raise UsageError(f"scancel {job_id} failed: {(proc.stderr or proc.stdout).strip()}")
+    run_dir = run_dir_of(job_id, fields)
+    step = last_committed(run_dir) if run_dir else None
+    print(f"cancelled Slurm job {job_id}" + (f"; its last committed checkpoint is step {step} in {run_dir}"
+                                             if step is not None else ""))
     return 0

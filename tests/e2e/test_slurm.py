@@ -165,3 +165,23 @@ def test_a_malformed_node_list_in_a_step_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == ["dtrain: error: SLURM_STEP_NODELIST='n[1-' is not a Slurm host list: "
                                                 "unbalanced brackets"], proc.stderr
+
+
+def test_status_logs_and_a_graceful_cancel_of_a_running_job(cluster, tmp_path):
+    job = _submit(cluster, tmp_path, "tocancel", "--train.max_steps=2000")
+    deadline = time.monotonic() + 180
+    while not _started_training(tmp_path / "tocancel"):
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.2)
+    status = dtrain("slurm", "status", job, cwd=REPO, env=cluster, timeout=60).stdout
+    assert status.startswith(f"job {job} (tocancel): RUNNING, nodes n[1-2], restarts 0") and \
+        f"run_dir {tmp_path / 'tocancel'}, last committed step -" in status, status
+    cancelled = dtrain("slurm", "cancel", job, cwd=REPO, env=cluster, timeout=300).stdout
+    assert cancelled.startswith(f"cancelled Slurm job {job}; its last committed checkpoint is step "), cancelled
+    step = int(cancelled.split("step ")[1].split()[0])
+    assert job_state(cluster, job)[0] in ("CANCELLED", "")  # gone from the queue: not requeued
+    assert (tmp_path / "tocancel" / "checkpoints" / f"step-{step:08d}" / "COMMITTED").is_file()
+    log = dtrain("slurm", "logs", job, cwd=REPO, env=cluster, timeout=60).stdout
+    assert f"stopped by SIGTERM after step {step}; rerun the same command to continue" in log, log
+    unknown = dtrain("slurm", "status", "999999", cwd=REPO, env=cluster, check=False, timeout=60)
+    assert unknown.returncode == 2 and unknown.stderr.startswith("dtrain: error: Slurm job '999999': "), unknown.stderr
