@@ -89,3 +89,9 @@ def test_dtrain_train_in_a_step_reads_its_rank_from_slurm():
                     "SLURM_LOCALID": "1"})
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
     assert (env.master_addr, env.master_port) == ("n1", 24321)
+
+
+def test_a_step_without_a_node_list_says_to_run_inside_an_allocation():
+    no_list = {k: v for k, v in STEP.items() if "NODELIST" not in k}
+    with pytest.raises(UsageError, match=r"^SLURM_JOB_NODELIST is not set: run inside a Slurm allocation"):
+        slurm.launch_options(no_list, set())
