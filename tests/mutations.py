@@ -15,6 +15,19 @@ ITERABLE = "tests/distributed/test_iterable.py"
 
 MUTATIONS = [
     Mutation(
+        "a checkpoint in a bucket committed by a record created only if none exists (one writer wins)",
+        "distributed_train/training/checkpoints/remote.py",
+        "    if not store.put_bytes(f\"{PREFIX}/{folder}/{commit.MARKER}\", record, create=True):\n",
+        "    if not store.put_bytes(f\"{PREFIX}/{folder}/{commit.MARKER}\", record, create=False):\n",
+        ("tests/e2e/test_object_storage.py::test_a_commit_record_is_created_once",)),
+    Mutation(
+        "a bucket's rotation never deletes a checkpoint newer than the one just committed",
+        "distributed_train/training/checkpoints/remote.py",
+        "    older = [remote for remote in found if remote.step <= kept_step]\n",
+        "    older = list(found)\n",
+        ("tests/e2e/test_object_storage.py::test_rotation_deletes_older_committed_and_unfinished_saves_never_a_"
+         "newer_one",)),
+    Mutation(
         "a stop signal task code sends its own process refused (a task failure, not a stop)",
         "distributed_train/errors.py", "    _refusing = refuse\n", "    _refusing = False\n",
         ("tests/unit/test_preemption.py::test_a_stop_signal_this_process_sends_itself_is_refused_where_it_is_sent_"

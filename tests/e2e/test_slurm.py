@@ -108,17 +108,18 @@ def test_two_jobs_share_the_nodes_and_a_stopped_one_requeues_and_finishes_bit_id
 
 
 def test_the_time_limit_signal_stops_with_a_checkpoint_and_the_requeued_job_finishes_exactly(cluster, tmp_path):
-    """--time=1 (minute) and USR1 45 s before it: the script turns USR1 into TERM on every node."""
-    reference = dtrain("train", *JOB, "--train.max_steps=150", f"--run_dir={tmp_path / 'one'}", cwd=REPO,
-                       timeout=180)
+    """--time=1 (minute) and USR1 30 s before it: the script turns USR1 into TERM on every node. 400
+    steps of at least 0.1 s each cannot finish in the 30 s before the signal, however fast the machine."""
+    reference = dtrain("train", *JOB, "--task=tests/tasks/toy.py:Regression", "--train.max_steps=400",
+                       f"--run_dir={tmp_path / 'one'}", cwd=REPO, timeout=180)  # the same math, without the sleep
     assert reference.returncode == 0
-    job = _submit(cluster, tmp_path, "limited", "--time=1", "--signal-before=45", "--train.max_steps=150")
+    job = _submit(cluster, tmp_path, "limited", "--time=1", "--signal-before=30", "--train.max_steps=400")
     restarts = _finish(cluster, job, tmp_path)
     log = (tmp_path / f"limited-{job}.out").read_text()
     assert restarts >= 1 and f"dtrain slurm: stopping job {job} with a checkpoint" in log, log
     assert "stopped by SIGTERM after step" in log and "DUE TO TIME LIMIT" not in log, log
     summary = json.loads((tmp_path / "limited" / "summary.json").read_text())
-    assert summary["resumed_from"] and summary["global_step"] == 150
+    assert summary["resumed_from"] and summary["global_step"] == 400
     state = torch.load(tmp_path / "limited" / "final_model.pt", weights_only=True)
     assert max_diff(state, torch.load(tmp_path / "one" / "final_model.pt", weights_only=True)) <= EXACT
 
