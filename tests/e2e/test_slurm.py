@@ -125,9 +125,11 @@ def test_the_time_limit_signal_stops_with_a_checkpoint_and_the_requeued_job_fini
 
 
 def test_a_node_set_down_mid_run_requeues_the_job_which_resumes_from_its_last_checkpoint_exactly(cluster, tmp_path):
-    reference = dtrain("train", *JOB, f"--run_dir={tmp_path / 'one'}", cwd=REPO, timeout=180)
+    # 80 steps of at least 0.1 s: the job is still running when the node goes down, however fast.
+    reference = dtrain("train", *JOB, "--task=tests/tasks/toy.py:Regression", "--train.max_steps=80",
+                       f"--run_dir={tmp_path / 'one'}", cwd=REPO, timeout=180)
     assert reference.returncode == 0
-    job = _submit(cluster, tmp_path, "lost", "--checkpoint.every_steps=5")
+    job = _submit(cluster, tmp_path, "lost", "--checkpoint.every_steps=5", "--train.max_steps=80")
     deadline = time.monotonic() + 180
     while not list((tmp_path / "lost" / "checkpoints").glob("step-*/COMMITTED")):
         assert time.monotonic() < deadline, "no checkpoint was committed"
@@ -144,7 +146,7 @@ def test_a_node_set_down_mid_run_requeues_the_job_which_resumes_from_its_last_ch
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert _finish(cluster, job, tmp_path) >= 1
     summary = json.loads((tmp_path / "lost" / "summary.json").read_text())
-    assert summary["resumed_from"] and (summary["world_size"], summary["global_step"]) == (2, 30), summary
+    assert summary["resumed_from"] and (summary["world_size"], summary["global_step"]) == (2, 80), summary
     state = torch.load(tmp_path / "lost" / "final_model.pt", weights_only=True)
     assert max_diff(state, torch.load(tmp_path / "one" / "final_model.pt", weights_only=True)) <= EXACT
 
