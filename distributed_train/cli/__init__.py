@@ -27,6 +27,26 @@ COMMANDS = {
 }
 
 
+def split_options(parser, argv: list[str], never: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """(the options `parser` knows, with their values; everything else: CONFIG and `--key=value`
+    overrides) from one mixed command line, by option name (`never`: names left to the rest)."""
+    actions = parser._option_string_actions
+    ours, rest = [], []
+    i = 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        action = actions.get(name) if argv[i].startswith("-") and name not in never else None
+        if action is None:
+            rest.append(argv[i])
+        else:
+            ours.append(argv[i])
+            if "=" not in argv[i] and action.nargs != 0 and i + 1 < len(argv):
+                ours.append(argv[i + 1])
+                i += 1
+        i += 1
+    return ours, rest
+
+
 def usage() -> str:
     """`dtrain --help`: every command of COMMANDS with its arguments and what it does."""
     lines = ["usage: dtrain COMMAND [...]", "", "commands:"]

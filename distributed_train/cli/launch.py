@@ -26,22 +26,9 @@ def torchrun_parser():
 
 def split_launch_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """(torchrun options, `dtrain train` arguments) from one mixed command line."""
-    actions = torchrun_parser()._option_string_actions
-    torchrun, train = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name = arg.split("=", 1)[0]
-        action = actions.get(name) if arg.startswith("-") and name not in ("-h", "--help") else None
-        if action is None:
-            train.append(arg)
-        else:
-            torchrun.append(arg)
-            if "=" not in arg and action.nargs != 0 and i + 1 < len(argv):
-                torchrun.append(argv[i + 1])
-                i += 1
-        i += 1
-    return torchrun, train
+    from distributed_train.cli import split_options
+
+    return split_options(torchrun_parser(), argv, never=("-h", "--help"))
 
 
 def default_nproc() -> int:

@@ -59,20 +59,9 @@ def _parser() -> _Parser:
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """(our flags, CONFIG and overrides) from one mixed command line, by our option names."""
-    actions = _parser()._option_string_actions
-    ours, train = [], []
-    i = 0
-    while i < len(argv):
-        action = actions.get(argv[i].split("=", 1)[0]) if argv[i].startswith("-") else None
-        if action is None:
-            train.append(argv[i])
-        else:
-            ours.append(argv[i])
-            if "=" not in argv[i] and action.nargs != 0 and i + 1 < len(argv):
-                ours.append(argv[i + 1])
-                i += 1
-        i += 1
-    return ours, train
+    from distributed_train.cli import split_options
+
+    return split_options(_parser(), argv)
 
 
 def check(options: argparse.Namespace) -> None:
