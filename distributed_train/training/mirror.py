@@ -86,6 +86,7 @@ class RunMirror:
         self._stop = threading.Event()
         self._uploaded_metrics = -1  # size of metrics.jsonl at its last upload
         self._warned = False
+        self._lost_lock = False  # another job took the lock over (said once)
 
     def open(self) -> None:
         """Rank 0, before anything is written: the store answers and takes writes, and this job
@@ -195,12 +196,18 @@ class RunMirror:
         return bool(self._lock_record) and holder.get("token") == self._lock_record["token"]
 
     def _heartbeat(self) -> None:
+        """Refresh the lock's heartbeat, only if the lock is still this job's: on S3 the write is
+        conditional on the version just read (If-Match), so a takeover in between is not undone."""
         try:
-            if not self._lock_is_ours():
-                log.warning("run_dir %s: this job's lock was taken over by another job (its heartbeat "
-                            "went stale); two jobs may now write this run directory", self.url)
+            holder, tag = self._read_lock()
+            record = self._record()
+            if holder.get("token") != record["token"] or \
+                    not self.store.replace_if_unchanged(LOCK_FILE, json.dumps(record).encode(), tag):
+                if not self._lost_lock:  # said once; the job goes on (it cannot stop the other one)
+                    self._lost_lock = True
+                    log.warning("run_dir %s: this job's lock was taken over by another job (its heartbeat "
+                                "went stale); two jobs may now write this run directory", self.url)
                 return
-            self._lock_record = self._record()
-            self.store.put_bytes(LOCK_FILE, json.dumps(self._lock_record).encode())
+            self._lock_record = record
         except StorageError as exc:
             log.warning("%s; the lock's heartbeat is retried in %g s", exc, self.settings.upload_every_s)

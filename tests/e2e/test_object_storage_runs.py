@@ -242,18 +242,24 @@ def test_metrics_go_up_in_batches_and_the_lock_heartbeat_moves_while_the_job_run
     deadline = time.monotonic() + 120
     try:
         while len(seen_sizes) < 3 or len(heartbeats) < 3:
-            assert job.poll() is None and time.monotonic() < deadline, (seen_sizes, heartbeats, job.stderr.read())
+            assert job.poll() is None and time.monotonic() < deadline, (seen_sizes, heartbeats)
             if bucket.exists("runs/batches/metrics.jsonl"):
                 seen_sizes.add(bucket.size("runs/batches/metrics.jsonl"))
             if bucket.exists("runs/batches/.dtrain.lock"):
                 heartbeats.add(json.loads(bucket.cat_file("runs/batches/.dtrain.lock"))["heartbeat"])
             time.sleep(0.1)
+        holder = json.loads(bucket.cat_file("runs/batches/.dtrain.lock"))
+        assert holder["pid"] == job.pid and time.time() - holder["heartbeat"] < 60
+        # Another job takes the lock over (as after a heartbeat that went stale): said once, never
+        # overwritten by this job's heartbeat.
+        bucket.pipe_file("runs/batches/.dtrain.lock", json.dumps({**holder, "pid": 1, "token": "other"}).encode())
+        time.sleep(1.5)  # several heartbeat intervals
+        assert job.poll() is None
     finally:
         job.kill()
-        job.wait()
-    # the job was SIGKILLed: its lock stays, and goes stale after storage.lock_stale_s
-    holder = json.loads(bucket.cat_file("runs/batches/.dtrain.lock"))
-    assert holder["pid"] == job.pid and time.time() - holder["heartbeat"] < 60
+        _, err = job.communicate()
+    assert err.count("this job's lock was taken over by another job") == 1, err
+    assert json.loads(bucket.cat_file("runs/batches/.dtrain.lock"))["token"] == "other"
 
 
 def test_a_file_url_is_a_run_directory_through_the_same_code(tmp_path):
