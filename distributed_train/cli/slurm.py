@@ -28,13 +28,10 @@ _TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$")
 STOP_CODES = (143, 129, 130)  # stopped after committing a checkpoint (errors.py): requeue to continue
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"slurm: {message}")
+def _parser() -> argparse.ArgumentParser:
+    from distributed_train.cli.plot import CommandParser
 
-
-def _parser() -> _Parser:
-    p = _Parser(prog="dtrain slurm", description="Print (or submit) a Slurm batch script for an N-node job.",
+    p = CommandParser(prog="dtrain slurm", description="Print (or submit) a Slurm batch script for an N-node job.",
                 epilog="Anything else on the command line is CONFIG and --section.key=value overrides, "
                        "validated now and passed to every node.")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")

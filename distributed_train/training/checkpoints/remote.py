@@ -80,10 +80,11 @@ def _folders(store: Store) -> dict[str, dict[str, int]]:
     return folders
 
 
-def committed(store: Store) -> tuple[list[Remote], list[str]]:
-    """(committed checkpoints oldest first, the other folders: uncommitted, damaged or foreign)."""
+def committed(store: Store, folders: dict[str, dict[str, int]] | None = None) -> tuple[list[Remote], list[str]]:
+    """(committed checkpoints oldest first, the other folders: uncommitted, damaged or foreign);
+    `folders`: a listing (`_folders`) the caller already has."""
     found, other = [], []
-    for folder, objects in sorted(_folders(store).items()):
+    for folder, objects in sorted((_folders(store) if folders is None else folders).items()):
         record = None
         if commit.MARKER in objects:
             record = commit.parse_record(store.get_bytes(f"{PREFIX}/{folder}/{commit.MARKER}") or b"")
@@ -134,7 +135,8 @@ def resolve_resume(store: Store, resume: str, overwrite: bool) -> list[Remote]:
     first (the next is taken when one fails its checksums), or none (the rules of
     commit.resolve_resume for a local run directory)."""
     try:
-        found, other = committed(store)
+        folders = _folders(store)
+        found, other = committed(store, folders)
     except StorageError as exc:
         raise UsageError(f"run_dir {store.url!r}: {exc}") from None
     if resume == "never":
@@ -142,8 +144,8 @@ def resolve_resume(store: Store, resume: str, overwrite: bool) -> list[Remote]:
             raise UsageError(f"run_dir {store.url!r} already has checkpoints; use checkpoint.resume=auto to "
                              "continue it, or checkpoint.overwrite=true to start over and replace them")
         return []
-    damaged = [folder for folder in other if folder.startswith("step-")]
-    if not found and damaged and any(store.sizes(f"{PREFIX}/{folder}/{commit.MARKER}") for folder in damaged):
+    damaged = [folder for folder in other if folder.startswith("step-") and commit.MARKER in folders[folder]]
+    if not found and damaged:
         raise UsageError(f"run_dir {store.url!r} has committed checkpoints and none is whole ({damaged[-1]} "
                          "and older); restore them, or start over with checkpoint.resume=never "
                          "checkpoint.overwrite=true")
@@ -154,8 +156,8 @@ def rotate(store: Store, keep_last: int, kept_step: int) -> None:
     """Keep the checkpoint of `kept_step` (just committed) and the `keep_last - 1` committed ones
     before it; delete older committed ones and every uncommitted folder (a save that never
     finished: one job writes a run directory, one save at a time). Never a newer checkpoint."""
-    found, _ = committed(store)
-    objects = _folders(store)
+    objects = _folders(store)  # one listing for the choice and the deletion
+    found, _ = committed(store, objects)
     older = [remote for remote in found if remote.step <= kept_step]
     uncommitted = [folder for folder, names in objects.items() if commit.MARKER not in names]
     doomed = [remote.folder for remote in older[: max(0, len(older) - keep_last)]] + uncommitted
