@@ -1,7 +1,11 @@
 """The commit protocol, verification, fallback and rotation, without a process group."""
 
+import enum
+import io
 import json
 import os
+import pathlib
+import pickle
 
 import pytest
 import torch
@@ -277,3 +281,44 @@ def test_sharded_writer_rotates_only_after_the_new_checkpoint_is_committed(tmp_p
         writer.submit(step, engine, {"step": step}, blocking=True)
         assert [p.name for p in commit.committed_checkpoints(tmp_path)] == [f"step-{step:08d}"]
     assert seen == [["step-00000001"], ["step-00000001", "step-00000002"], ["step-00000002", "step-00000003"]]
+
+
+class _EnumsByGetattr(pickle.Pickler):
+    """Pickles enum members as `getattr(cls, name)`, as Debian bookworm's Python 3.11.2 does."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, enum.Enum):
+            return getattr, (type(obj), obj.name)
+        return NotImplemented
+
+
+def test_metadata_with_enum_members_pickled_by_getattr_loads_and_nothing_else_does(tmp_path):
+    """A checkpoint written under another Python release (the image's) resumes; getattr on
+    anything but a member of an allowed enum stays refused."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import metadata as dcp_metadata
+
+    from distributed_train.training.checkpoints import safe_load
+
+    with safe_load.single_process_quietly():
+        dcp.save({"w": torch.arange(4.0)}, checkpoint_id=str(tmp_path), no_dist=True)
+    with open(tmp_path / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # the test's own, trusted checkpoint
+    buffer = io.BytesIO()
+    _EnumsByGetattr(buffer, protocol=4).dump(metadata)
+    assert b"getattr" in buffer.getvalue() and b"_MEM_FORMAT_ENCODING" in buffer.getvalue()
+    (tmp_path / ".metadata").write_bytes(buffer.getvalue())
+    loaded = safe_load.SafeReader(str(tmp_path)).read_metadata()
+    assert loaded.state_dict_metadata == metadata.state_dict_metadata
+    state = {"w": torch.zeros(4)}
+    safe_load.load(state, tmp_path)
+    assert torch.equal(state["w"], torch.arange(4.0))
+
+    for planted in ((getattr, (pathlib.PosixPath, "__init__")),  # an allowed class, not an enum
+                    (getattr, (dcp_metadata._MEM_FORMAT_ENCODING, "__class__"))):  # not a member
+        class Planted:
+            def __reduce__(self, planted=planted):
+                return planted
+        (tmp_path / ".metadata").write_bytes(pickle.dumps(Planted(), protocol=4))
+        with pytest.raises(UsageError, match=r"\.metadata is not DCP metadata \(getattr\("):
+            safe_load.SafeReader(str(tmp_path)).read_metadata()

@@ -15,6 +15,7 @@ usage problem, not a crash.
 from __future__ import annotations
 
 import contextlib
+import enum
 import io
 import pickle
 import re
@@ -39,8 +40,19 @@ _ALLOWED = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "P
             ("collections", "OrderedDict"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
 
 
+def _enum_member(cls: Any, name: Any) -> Any:
+    """`getattr(cls, name)` as some Python releases pickle an enum member (Debian bookworm's 3.11.2
+    writes DCP's `_MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT` so): a member of an allowed enum only."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"getattr({getattr(cls, '__name__', type(cls).__name__)}, {name!r}) is not "
+                                 "part of a DCP checkpoint's metadata")
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member  # its class argument came through this allow-list too
         if (module, name) in _ALLOWED or (module == dcp_metadata.__name__ and isinstance(
                 getattr(dcp_metadata, name, None), type)) or (
                 module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
