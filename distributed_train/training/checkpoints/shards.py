@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
@@ -131,6 +132,11 @@ class ShardedWriter:
                 tmp.mkdir(parents=True, exist_ok=True)
         import torch.distributed.checkpoint as dcp  # imported when a checkpoint is saved (~0.5 s)
 
+        # One process alone (no group) saves in DCP's thread, where a `catch_warnings` around this
+        # call has ended: torch's "torch.distributed is disabled ... single process" is filtered
+        # for the process instead (it states this intent, nothing else).
+        if self.group is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         future = dcp.async_save(model_and_optimizer(engine), checkpoint_id=str(tmp), process_group=self.group,
                                 no_dist=self.group is None)
         self.background.run(step, lambda: self._finish(future, step, train_state, folder))
