@@ -14,7 +14,9 @@ CALLER_PREFIXES = ("WANDB_", "TORCH_", "TORCHELASTIC_", "PET_", "ACCELERATE_", "
                    "NCCL_", "GLOO_", "DTRAIN_")
 CALLER_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NETRC", "GROUP_RANK",
                "ROLE_RANK", *TORCHRUN_VARS)
-KEEP = {"DTRAIN_CHECKOV"}  # where the optional security scanner lives: a setting of the test run itself
+# Settings of the test run itself: where the optional security scanner lives; whether a real runtime
+# that cannot start fails its tests instead of skipping them (CI).
+KEEP = {"DTRAIN_CHECKOV", "DTRAIN_REQUIRE_RUNTIMES"}
 for _name in [n for n in os.environ if (n.startswith(CALLER_PREFIXES) or n in CALLER_VARS) and n not in KEEP]:
     del os.environ[_name]
 os.environ["WANDB_MODE"] = "disabled"

@@ -161,6 +161,16 @@ def fresh_port(rank: int, directory: Path, job: str) -> int:
     return int(path.read_text())
 
 
+def unavailable(reason: str) -> None:
+    """A real runtime (Slurm, podman) cannot run here: skip, or fail where CI requires every tier
+    (`.ci/run` sets DTRAIN_REQUIRE_RUNTIMES=1), so a tier never passes by skipping in CI."""
+    import pytest
+
+    if os.environ.get("DTRAIN_REQUIRE_RUNTIMES") == "1":
+        pytest.fail(f"required by DTRAIN_REQUIRE_RUNTIMES=1, but {reason}")
+    pytest.skip(reason)
+
+
 def clean_env(**extra: str) -> dict:
     """The current environment without torchrun variables, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}

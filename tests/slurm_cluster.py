@@ -20,9 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import pytest
-
-from tests.helpers import free_port
+from tests.helpers import free_port, unavailable
 
 PACKAGES = "slurmctld slurmd slurm-client munge"
 HOSTS_MARK = "# dtrain-test-slurm"
@@ -85,7 +83,7 @@ def _edit_hosts(nodes: int, add: bool) -> None:
 def slurm_cluster(nodes: int = 2) -> Iterator[dict]:
     """Start the cluster; yield the environment its clients need (SLURM_CONF) and its folder."""
     if reason := _missing():
-        pytest.skip(reason)
+        unavailable(reason)
     folder = Path(tempfile.mkdtemp(prefix="dtrain-slurm-"))
     procs: list[subprocess.Popen] = []
     try:

@@ -404,6 +404,10 @@ def test_dockerfile_keeps_the_image_contract():
     assert subprocess.run(["sh", "-n", str(REPO / "docker" / "entrypoint.sh")]).returncode == 0
     ignored = (REPO / ".dockerignore").read_text().splitlines()
     assert ignored[ignored.index("*") + 1:].count("!docker/entrypoint.sh") == 1
+    # The build stages slim the venv with a script the build context must carry, executable.
+    assert ignored[ignored.index("*") + 1:].count("!docker/slim-venv.sh") == 1
+    assert (REPO / "docker" / "slim-venv.sh").stat().st_mode & 0o111 == 0o111
+    assert subprocess.run(["sh", "-n", str(REPO / "docker" / "slim-venv.sh")]).returncode == 0
 
 
 def test_the_image_user_is_the_pods_user():
