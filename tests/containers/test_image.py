@@ -134,6 +134,8 @@ def test_no_arguments_trains_the_default_task_on_two_ranks(image, tmp_path):
     out = podman_image.podman("run", "--rm", "--network=host", "--ipc=host", *hardening,
                               "--tmpfs=/tmp:rw,exec,mode=1777", f"--volume={runs}:/workspace/runs", image,
                               timeout=900)
+    # Nothing tries to write outside /tmp and the run folder (wandb's cache, torch's, HOME).
+    assert "read-only file system" not in out.stderr.lower() and "Traceback" not in out.stderr, out.stderr
     (run_dir,) = runs.iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert run_dir.name.startswith("digits-") and summary["world_size"] == 2, out.stdout
