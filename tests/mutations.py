@@ -15,6 +15,12 @@ ITERABLE = "tests/distributed/test_iterable.py"
 
 MUTATIONS = [
     Mutation(
+        "goodput: an attempt's work after the point the next attempt resumed from counted as lost",
+        "distributed_train/training/reporting/goodput.py",
+        "        kept = [e for e in attempt if resumed_next is None or e[\"step\"] <= resumed_next]\n",
+        "        kept = list(attempt)\n",
+        ("tests/unit/test_goodput.py",)),
+    Mutation(
         "a checkpoint in a bucket committed by a record created only if none exists (one writer wins)",
         "distributed_train/training/checkpoints/remote.py",
         "    if not store.put_bytes(f\"{PREFIX}/{folder}/{commit.MARKER}\", record, create=True):\n",

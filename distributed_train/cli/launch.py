@@ -158,6 +158,9 @@ def main(argv: list[str]) -> int:
     from distributed_train.cli.train import LAUNCHER_PID_VAR
 
     os.environ[LAUNCHER_PID_VAR] = str(os.getpid())  # workers die with this process (parent-death signal)
+    from distributed_train.training.reporting.goodput import COMMAND_START_ENV, process_start
+
+    os.environ[COMMAND_START_ENV] = f"{process_start():.3f}"  # goodput's start-up counts from the command
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would force 1 thread per worker
         from distributed_train.distributed import cpu_count
 

@@ -1,4 +1,5 @@
-"""`dtrain plot RUN_DIR [-o FILE.png]`: loss, eval, throughput and learning-rate curves of a run.
+"""`dtrain plot RUN_DIR [-o FILE.png]`: loss, eval, throughput and learning-rate curves of a run,
+and where its wall time went (the goodput breakdown over every attempt).
 
 Reads run_dir/metrics.jsonl (the final timeline of a resumed run) and writes one PNG. matplotlib
 is an optional extra (`pip install 'distributed_train[plot]'`), imported only here.
@@ -15,7 +16,8 @@ from distributed_train.errors import UsageError
 from distributed_train.files import require
 from distributed_train.storage import StorageError, is_url
 from distributed_train.training.mirror import fetch_run
-from distributed_train.training.reporting.metrics import read_events
+from distributed_train.training.reporting.goodput import CATEGORIES, breakdown, read_raw
+from distributed_train.training.reporting.metrics import EVENT_FIELDS, read_events
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -65,15 +67,18 @@ def _line(ax: Any, xs: list, ys: list, style: str = "-", **kwargs: Any) -> None:
 
 
 def _eval_names(events: list[dict]) -> list[str]:
-    names = {k for e in events if e.get("kind") == "eval" for k in e
-             if k not in {"kind", "step", "epoch", "time", "loss"}}
+    names = {k for e in events if e.get("kind") == "eval" for k in e if k not in EVENT_FIELDS | {"loss"}}
     return sorted(names)
 
 
-def draw(events: list[dict], title: str) -> Any:
-    """A 2x2 figure: loss, eval metrics, throughput (and MFU), learning rate (and grad norm)."""
+def draw(events: list[dict], title: str, goodput: dict | None = None) -> Any:
+    """Loss, eval metrics, throughput (and MFU), learning rate (and grad norm) in a 2x2 grid, and
+    under them the goodput breakdown."""
     plt = _pyplot()
-    fig, ((loss_ax, eval_ax), (speed_ax, lr_ax)) = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig = plt.figure(figsize=(11, 9.5))
+    grid = fig.add_gridspec(3, 2, height_ratios=[1, 1, 0.45])
+    loss_ax, eval_ax, speed_ax, lr_ax = (fig.add_subplot(grid[i // 2, i % 2]) for i in range(4))
+    _goodput_bar(fig.add_subplot(grid[2, :]), goodput)
     fig.suptitle(title)
 
     _line(loss_ax, *_series(events, "train", "loss"), label="train (mean over ranks)")
@@ -111,6 +116,22 @@ def draw(events: list[dict], title: str) -> Any:
     return fig
 
 
+def _goodput_bar(ax: Any, parts: dict | None) -> None:
+    """One bar of the wall time, split into the goodput categories, each with its share."""
+    if not parts or not parts.get("wall_s"):
+        ax.text(0.5, 0.5, "no goodput record in this run's metrics.jsonl", ha="center", va="center")
+        ax.set_axis_off()
+        return
+    left = 0.0
+    for name in CATEGORIES:
+        if parts[name] > 0:
+            ax.barh(0, parts[name], left=left, label=f"{name} {parts[name] / parts['wall_s']:.1%}")
+            left += parts[name]
+    ax.set(title=f"wall time {parts['wall_s']:.0f} s over {parts['attempts']} attempt(s): goodput "
+                 f"{parts['goodput']:.1%}", xlabel="seconds", yticks=[])
+    ax.legend(ncol=4, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.45))
+
+
 def _title(run_dir: Path) -> str:
     starts = [e for e in read_events(run_dir / "metrics.jsonl") if e.get("kind") == "start"]
     if not starts:
@@ -144,7 +165,7 @@ def _plot(run_dir: Path, output: Path | None, shown: str | None) -> int:
     output = output or run_dir / "metrics.png"
     if output.suffix.lower() != ".png":
         raise UsageError(f"-o {str(output)!r}: dtrain plot writes PNG files; name it FILE.png")
-    fig = draw(events, _title(run_dir))
+    fig = draw(events, _title(run_dir), breakdown(read_raw(run_dir)))
     try:
         fig.savefig(output, dpi=100)
     except OSError as exc:

@@ -1,7 +1,9 @@
 """`dtrain runs [DIR]`: one line per run directory under DIR (default ./runs) — what users grep for.
 
 A run directory is any folder holding metrics.jsonl or summary.json. Columns: steps done/total,
-done or incomplete, ranks, resumed, samples/s, final train loss and eval metrics, last update.
+done or incomplete, ranks, resumed, samples/s, final train loss and eval metrics, goodput (the share
+of wall time, over every attempt, that became surviving progress; so far, for a run not done), last
+update.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from distributed_train.cli.plot import CommandParser
 from distributed_train.errors import UsageError
 from distributed_train.files import path_problem
 from distributed_train.storage import is_url
-from distributed_train.training.reporting.metrics import read_events
+from distributed_train.training.reporting.goodput import breakdown, read_raw
+from distributed_train.training.reporting.metrics import EVENT_FIELDS, read_events
 from distributed_train.training.reporting.progress import format_duration
 
-COLUMNS = ["RUN", "TASK", "STEPS", "STATUS", "RANKS", "RESUMED", "SAMPLES/S", "LOSS", "EVAL", "UPDATED"]
+COLUMNS = ["RUN", "TASK", "STEPS", "STATUS", "RANKS", "RESUMED", "SAMPLES/S", "LOSS", "EVAL", "GOODPUT",
+           "UPDATED"]
 _RUN_FILES = ("metrics.jsonl", "summary.json")
 _MAX_DEPTH = 4
 
@@ -90,7 +94,7 @@ def describe(run_dir: Path, root: Path) -> dict[str, Any]:
     status = "done" if done else "failed" if summary.get("status") == "failed" else "incomplete"
     speeds = [e["samples_per_s"] for e in train if isinstance(e.get("samples_per_s"), (int, float))]
     eval_metrics = summary.get("eval") if done and summary.get("eval") else \
-        {k: v for k, v in (evals[-1] if evals else {}).items() if k not in {"kind", "step", "epoch", "time"}}
+        {k: v for k, v in (evals[-1] if evals else {}).items() if k not in EVENT_FIELDS}
     return {
         "run": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
         "task": _task_name(run_dir, start),
@@ -101,6 +105,8 @@ def describe(run_dir: Path, root: Path) -> dict[str, Any]:
         "samples_per_s": summary.get("samples_per_s") if done else (statistics.median(speeds) if speeds else None),
         "train_loss": summary.get("train_loss") if done else (train[-1]["loss"] if train else None),
         "eval": eval_metrics,
+        "goodput": summary.get("goodput") if done and isinstance(summary.get("goodput"), dict) else
+        (breakdown(read_raw(run_dir)) if events else None),
         "updated_s_ago": time.time() - _updated(run_dir),
     }
 
@@ -113,7 +119,8 @@ def _row(run: dict) -> list[str]:
     evals = " ".join(f"{k} {num(v, '{:.4f}')}" for k, v in sorted(run["eval"].items())) or "-"
     return [run["run"], run["task"], steps, run["status"], num(run["world_size"], "{}"),
             "yes" if run["resumed"] else "no", num(run["samples_per_s"], "{:,.0f}"),
-            num(run["train_loss"], "{:.4f}"), evals, format_duration(run["updated_s_ago"]) + " ago"]
+            num(run["train_loss"], "{:.4f}"), evals, num((run["goodput"] or {}).get("goodput"), "{:.1%}"),
+            format_duration(run["updated_s_ago"]) + " ago"]
 
 
 def format_table(table: list[list[str]]) -> str:

@@ -96,10 +96,12 @@ class Trainer:
         start = time.perf_counter()
         with RunLock(self.run_dir, self.env) as self.lock, self.outputs:  # one job per run directory
             self.outputs.prepare(dump_yaml(self.config))
+            restore_start = time.perf_counter()
             self.resume()
             self.logger.start(wandb_id=self.resumed and self.resumed.wandb_id, resumed_step=self.global_step,
                               changed=self.resumed.changed if self.resumed else [],
-                              state_bytes_per_rank=state_bytes_per_rank(self.engine))
+                              state_bytes_per_rank=state_bytes_per_rank(self.engine),
+                              **self.logger.clock.started(restore_s=time.perf_counter() - restore_start))
             log.info("training %s: %d steps, global batch %d on %d rank(s) (%d micro-batch(es) of %d per rank)%s",
                      self.task.name, self.total_steps, self.plan.global_batch, self.env.world_size,
                      self.plan.accumulation_steps, self.plan.micro_batch,
@@ -180,7 +182,9 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Exact metrics over the eval set, logged as one `eval` event (collective)."""
+        start = time.perf_counter()
         metrics = self.evaluator.evaluate(self.engine, self.global_step)
+        self.logger.clock.add("evaluation", time.perf_counter() - start)
         if metrics:
             self.logger.log({"kind": "eval", "step": self.global_step, "epoch": self.data.epoch, **metrics})
         return metrics
@@ -220,4 +224,5 @@ class Trainer:
             "wall_s": wall_s,
             "final_model": self.outputs.shown_model_path,
             "resumed_from": str(self.resumed.path) if self.resumed else None,
+            "goodput": self.logger.goodput(),  # every attempt on this run directory, in seconds
         }

@@ -76,6 +76,18 @@ def _kill_a_worker_and_finish(proc: subprocess.Popen, run_dir: Path) -> dict:
     return summary
 
 
+def _assert_goodput(summary: dict, attempts: int) -> dict:
+    """The summary's goodput breakdown covers every attempt and adds up to its wall time."""
+    from distributed_train.training.reporting.goodput import CATEGORIES
+
+    parts = summary["goodput"]
+    assert parts["attempts"] == attempts, parts
+    assert sum(parts[k] for k in CATEGORIES) == pytest.approx(parts["wall_s"], abs=0.01), parts
+    assert min(parts[k] for k in CATEGORIES) >= 0 and 0 < parts["goodput"] < 1, parts
+    assert parts["productive"] > 0 and parts["startup"] > 0 and parts["checkpoint"] > 0, parts
+    return parts
+
+
 def _sigterm_after_a_checkpoint(proc: subprocess.Popen, run_dir: Path, steps: int) -> Path:
     """SIGTERM a launch after its first checkpoint: it commits one more and exits 143 before step
     `steps`. Returns that newest checkpoint."""
@@ -100,6 +112,12 @@ def test_sigkill_of_a_worker_restarts_and_resumes_bit_identical(tmp_path, refere
     run_dir = tmp_path / "run"
     summary = _kill_a_worker_and_finish(_launch(run_dir, "--max-restarts", "2"), run_dir)
     assert summary["global_step"] == STEPS
+    # The steps after the checkpoint the restart resumed from were done twice: lost work; the
+    # restart itself (torchrun noticing, starting new workers) is time between attempts.
+    parts = _assert_goodput(summary, attempts=2)
+    assert parts["lost"] > 0 and parts["restore"] > 0, parts
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["kind"] == "end" and events[-1]["goodput"]["attempts"] == 2, events[-1]
     _assert_identical(_final(run_dir), reference)
 
 
@@ -122,6 +140,9 @@ def test_sigterm_checkpoints_then_rerun_resumes_and_damaged_checkpoint_falls_bac
     assert code == 0, err
     assert f"resuming from {newest}" in err
     _assert_identical(_final(run_dir), reference)
+    # A SIGTERM checkpoint of the last step loses nothing; the pause until the rerun is between.
+    parts = _assert_goodput(json.loads((run_dir / "summary.json").read_text()), attempts=2)
+    assert parts["lost"] == 0 and parts["between"] > 0 and parts["restore"] > 0, parts
 
     # Truncate the newest checkpoint's largest file: one warning, fall back, still bit-identical.
     state = max((damaged / "checkpoints" / newest.name).iterdir(), key=lambda p: p.stat().st_size)

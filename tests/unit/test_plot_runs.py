@@ -17,12 +17,12 @@ def write_run(run_dir, steps, total, resumed_at=None, summary=True, eval_every=1
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text("task: digits\n")
     events = [{"kind": "start", "step": 0, "total_steps": total, "resumed": False, "world_size": 2,
-               "task": "tests/tasks/x.py:Task"}]
+               "task": "tests/tasks/x.py:Task", "time": 1000.0}]
     for step in range(1, steps + 1):
-        if resumed_at is not None and step == resumed_at + 1:
+        if resumed_at is not None and step == resumed_at + 1:  # half a second after the last record
             events.append({"kind": "start", "step": resumed_at, "total_steps": total, "resumed": True,
-                           "world_size": 2, "task": "tests/tasks/x.py:Task"})
-        events.append({"kind": "train", "step": step, "epoch": 0, "loss": 3.0 / step, "lr": 1e-3,
+                           "world_size": 2, "task": "tests/tasks/x.py:Task", "time": 1000.5 + resumed_at})
+        events.append({"kind": "train", "step": step, "epoch": 0, "time": 1000.0 + step, "loss": 3.0 / step, "lr": 1e-3,
                        "samples_per_s": 1000.0 + step, "grad_norm": 1.0 / step, "mfu": 0.3})
         if step % eval_every == 0:
             events.append({"kind": "eval", "step": step, "loss": 3.5 / step, "accuracy": step / (steps + 1)})
@@ -30,7 +30,8 @@ def write_run(run_dir, steps, total, resumed_at=None, summary=True, eval_every=1
     if summary:
         (run_dir / "summary.json").write_text(json.dumps({
             "global_step": steps, "world_size": 2, "train_loss": 3.0 / steps, "samples_per_s": 1234.0,
-            "eval": {"accuracy": 0.9, "loss": 0.25}, "resumed_from": "ckpt" if resumed_at else None}))
+            "eval": {"accuracy": 0.9, "loss": 0.25}, "resumed_from": "ckpt" if resumed_at else None,
+            "goodput": {"goodput": 0.75, "attempts": 1}}))
     return run_dir
 
 
@@ -77,8 +78,10 @@ def test_runs_table_shows_each_run_once_with_its_numbers(tmp_path, capsys):
     done, resumed = rows["a-done"], rows["team/b-resumed"]
     assert done[1:8] == ["x.py:Task", "20/20", "done", "2", "no", "1,234", "0.1500"]
     assert " ".join(done[8:12]) == "accuracy 0.9000 loss 0.2500"
+    assert done[12] == "75.0%"  # the summary's goodput
     assert resumed[1:6] == ["x.py:Task", "30/40", "incomplete", "2", "yes"]
     assert resumed[7] == "0.1000"  # the last train loss
+    assert resumed[12] == "98.3%"  # from metrics.jsonl so far: 29.5 s of 30 s (0.5 s between attempts)
     assert cli.main(["runs", str(tmp_path), "--json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {r["run"]: r["step"] for r in records} == {"a-done": 20, "team/b-resumed": 30}

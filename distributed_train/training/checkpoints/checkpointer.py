@@ -71,12 +71,14 @@ class Checkpointer:
         rngs = distributed.all_gather_object(rng_state())
         self.engine.sync_buffers()  # the buffers rank 0 holds are the ones every rank continues with
         self.writer.submit(step, self.engine, state(rngs) if self.env.is_main else None)
+        self.logger.clock.add("checkpoint", time.perf_counter() - start)
         self.logger.log({"kind": "checkpoint", "step": step, "stall_s": time.perf_counter() - start,
                          "previous_write_s": self.writer.last_write_s})
 
     def save_on_preemption(self, step: int, state: StateFn, poisoned: bool, agreed: bool = True) -> None:
         """After SIGTERM: rank 0 commits its local state synchronously with no collectives; sharded
         ranks that agreed to stop at this step save together."""
+        start = time.perf_counter()
         self.writer.wait()
         diagnose.at("committing a checkpoint after SIGTERM", may_take_long=True)
         if step == 0:
@@ -97,6 +99,9 @@ class Checkpointer:
             self.writer.save_alone(step, self.engine, state([rng_state()]))
         if self.env.is_main:
             log.warning("SIGTERM: committed %s; rerun the same command to continue", self.writer.last_committed)
+            self.logger.clock.add("checkpoint", time.perf_counter() - start)
+            self.logger.log({"kind": "checkpoint", "step": step, "stall_s": time.perf_counter() - start,
+                             "on_stop": True})  # the point the next attempt resumes from (goodput)
 
     def check_writes(self) -> None:
         """At a step boundary: raise if a background write has failed (never waits for one)."""

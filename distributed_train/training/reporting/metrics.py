@@ -23,10 +23,13 @@ from distributed_train.config import Config, to_dict
 from distributed_train.distributed import DistEnv, main_computes
 from distributed_train.errors import UsageError
 from distributed_train.files import error_text, open_no_follow
+from distributed_train.training.reporting.goodput import AttemptClock, breakdown, read_raw
 from distributed_train.training.reporting.progress import Progress, active_bar
 from distributed_train.training.reporting.trainjob import TrainJobProgress
 
 log = logging.getLogger("distributed_train")
+# Keys of every event that are bookkeeping, not metrics (shown, plotted or listed as numbers).
+EVENT_FIELDS = frozenset({"kind", "step", "epoch", "time", "attempt_s"})
 
 
 class _ConsoleHandler(logging.StreamHandler):
@@ -157,6 +160,7 @@ class MetricsLogger:
         self.wandb_id: str | None = None
         self.progress: Progress | None = None
         self.trainjob: TrainJobProgress | None = None  # posts to a Kubeflow TrainJob's status
+        self.clock = AttemptClock()  # this attempt's loop totals, in every later event (goodput)
         self._file = None
 
     def start(self, wandb_id: str | None = None, resumed_step: int = 0, **start_fields: object) -> None:
@@ -249,11 +253,21 @@ class MetricsLogger:
         if kind == "train":
             self.trainjob.update(event["step"], event.get("epoch"), train_loss=event.get("loss"))
         elif kind == "eval":
-            numbers = {k: v for k, v in event.items() if k not in {"step", "epoch", "time", "kind"}
+            numbers = {k: v for k, v in event.items() if k not in EVENT_FIELDS
                        and isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.trainjob.update(event["step"], event.get("epoch"), eval_metrics=numbers)
 
+    def goodput(self) -> dict | None:
+        """The goodput breakdown of every attempt so far, ending now (main process; else None)."""
+        if not self.env.is_main or not (self.run_dir / "metrics.jsonl").exists():
+            return None
+        if self._file:
+            self._file.flush()
+        return breakdown(read_raw(self.run_dir), now=time.time())
+
     def _write(self, event: dict) -> dict:
+        if event.get("kind") != "start":
+            event = {**event, "attempt_s": self.clock.snapshot()}
         event = _clean({"time": round(time.time(), 3), **event})
         if self._file:
             try:
@@ -284,6 +298,8 @@ class MetricsLogger:
         if self.trainjob is not None:
             self.trainjob.close()  # the last post: 100% when training finished
             self.trainjob = None
+        if self._file and summary:
+            self._write({"kind": "end", "step": summary["global_step"], "goodput": summary.get("goodput")})
         if self._file:
             try:
                 self._file.close()

@@ -23,7 +23,7 @@ _FORMATS = {
 }
 _NAMES = {"samples_per_s": "samples/s", "tokens_per_s": "tokens/s", "step_time_s": "step_s",
           "data_wait": "data_wait"}
-_HIDDEN = {"step", "time", "kind", "epoch"}
+_HIDDEN = {"step", "time", "kind", "epoch", "attempt_s"}  # = metrics.EVENT_FIELDS
 
 
 def active_bar() -> Any:

@@ -53,6 +53,7 @@ class TrainMetrics:
         self.window.losses.append(loss)
         self.window.grad_norm = grad_norm
         self.window.data_s += data_s
+        self.logger.clock.add("data_wait", data_s)
 
     def log(self, step: int, epoch: int, engine: Engine) -> None:
         """All-reduce the window's mean loss (collective) and log it with the rates; new window."""

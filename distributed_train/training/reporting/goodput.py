@@ -1,0 +1,133 @@
+"""Goodput: the share of a job's wall time that became training progress that survived, over every
+attempt on one run directory (torchrun restarts, requeues, a command run again), read back from
+metrics.jsonl.
+
+Each attempt's rank 0 writes, in its `start` event, when the attempt began (`attempt_t0`: the
+command's start for a first attempt, the process's start for a torchrun restart), how long it took
+until the training loop (`startup_s`) and the part of that spent loading the checkpoint
+(`restore_s`); every later event carries the loop's running totals (`attempt_s`: data wait,
+evaluation, checkpoint stall). Wall time then splits into categories that add up to it:
+
+- productive: loop time of steps whose results survived, less the three below;
+- data_wait, evaluation, checkpoint: those parts of the surviving loop time;
+- startup: command to the first step, less restore; restore: loading the checkpoint;
+- lost: an attempt's time after the last point that the next attempt resumed from (work redone);
+- between: from an attempt's last record to the next attempt's start (detecting the failure,
+  restarting, waiting in a queue). A killed attempt's time after its last record is unknown and
+  counts here: records come at every log, evaluation and checkpoint step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from distributed_train.errors import UsageError
+
+CATEGORIES = ("productive", "data_wait", "evaluation", "checkpoint", "startup", "restore", "lost", "between")
+LOOP_PARTS = ("data_wait", "evaluation", "checkpoint")
+COMMAND_START_ENV = "DTRAIN_COMMAND_T0"  # set by `dtrain launch` for its workers: the command's start
+
+
+def process_start() -> float:
+    """Unix time this process started (Linux: /proc/self/stat, to 10 ms), else now."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - max(0.0, age)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+
+
+def attempt_start(environ: dict | None = None) -> float:
+    """When this attempt began: the command's start (DTRAIN_COMMAND_T0) for a first attempt,
+    this process's start for a torchrun restart or without the variable."""
+    environ = os.environ if environ is None else environ
+    own = process_start()
+    if environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or COMMAND_START_ENV not in environ:
+        return own
+    try:
+        command = float(environ[COMMAND_START_ENV])
+    except ValueError:
+        raise UsageError(f"{COMMAND_START_ENV}={environ[COMMAND_START_ENV]!r} is not a Unix time in seconds "
+                         "(dtrain launch sets it; unset it)") from None
+    return command if command <= own else own
+
+
+class AttemptClock:
+    """This attempt's running totals, on every rank (rank 0's are logged)."""
+
+    def __init__(self) -> None:
+        self.t0 = attempt_start()
+        self.totals = dict.fromkeys(LOOP_PARTS, 0.0)
+
+    def started(self, restore_s: float) -> dict:
+        """The `start` event's fields, when the training loop is about to begin."""
+        return {"attempt_t0": round(self.t0, 3), "startup_s": round(max(0.0, time.time() - self.t0), 3),
+                "restore_s": round(restore_s, 3)}
+
+    def add(self, part: str, seconds: float) -> None:
+        self.totals[part] += seconds
+
+    def snapshot(self) -> dict:
+        return {k: round(v, 4) for k, v in self.totals.items()}
+
+
+def read_raw(path: str | Path) -> list[dict]:
+    """Every event of metrics.jsonl in file order, with the ones a later attempt replaced (the
+    accounting needs what was lost); lines torn or damaged are skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    events = []
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and type(event.get("step")) is int and isinstance(event.get("time"), (int, float)):
+            events.append(event)
+    return events
+
+
+def breakdown(events: list[dict], now: float | None = None) -> dict | None:
+    """The categories in seconds, `wall_s` (their sum), `goodput` (productive / wall) and the
+    number of attempts; None without a `start` event. `now` ends the last attempt (default: its
+    last record)."""
+    attempts: list[list[dict]] = []
+    for event in events:
+        if event.get("kind") == "start":
+            attempts.append([event])
+        elif attempts:
+            attempts[-1].append(event)
+    if not attempts:
+        return None
+    parts = dict.fromkeys(CATEGORIES, 0.0)
+    for index, attempt in enumerate(attempts):
+        start = attempt[0]
+        t0 = float(start.get("attempt_t0", start["time"]))
+        last = max(now if now is not None and index == len(attempts) - 1 else 0.0, *(e["time"] for e in attempt))
+        loop_start = min(last, t0 + float(start.get("startup_s", 0.0)))
+        restore = min(float(start.get("restore_s", 0.0)), loop_start - t0)
+        parts["restore"] += restore
+        parts["startup"] += loop_start - t0 - restore
+        resumed_next = attempts[index + 1][0]["step"] if index + 1 < len(attempts) else None
+        kept = [e for e in attempt if resumed_next is None or e["step"] <= resumed_next]
+        survived = max(kept[-1]["time"], loop_start) if resumed_next is not None else last
+        totals = next((e["attempt_s"] for e in reversed(kept) if isinstance(e.get("attempt_s"), dict)), {})
+        span = survived - loop_start
+        loop_parts = {k: max(0.0, float(totals.get(k, 0.0))) for k in LOOP_PARTS}
+        scale = min(1.0, span / sum(loop_parts.values())) if sum(loop_parts.values()) > 0 else 1.0
+        for key, seconds in loop_parts.items():
+            parts[key] += seconds * scale
+        parts["productive"] += span - sum(loop_parts.values()) * scale
+        parts["lost"] += last - survived
+        if resumed_next is not None:
+            following = attempts[index + 1][0]
+            parts["between"] += max(0.0, float(following.get("attempt_t0", following["time"])) - last)
+    rounded = {k: round(v, 3) for k, v in parts.items()}
+    wall = round(sum(rounded.values()), 3)  # the categories add up to it, by construction
+    return {**rounded, "wall_s": wall, "goodput": round(rounded["productive"] / wall, 4) if wall > 0 else None,
+            "attempts": len(attempts)}
