@@ -136,6 +136,13 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = opt(0, "commit a checkpoint every N steps; 0 = none")
+    every_minutes: float = opt(0.0, "commit a checkpoint every N minutes of rank 0's clock, at the same "
+                                    "step on every rank; 0 = none")
+    interval: Literal["fixed", "auto"] = opt(
+        "fixed", "auto: checkpoint at the interval in time that maximizes expected goodput, from the "
+                 "measured save stall and checkpoint.mtbf_hours (Young/Daly); docs/goodput.md")
+    mtbf_hours: float = opt(0.0, "with interval=auto: the job's mean time between failures; 0 = learned "
+                                 "from this run directory's failures so far")
     keep_last: int = opt(2, "committed checkpoints kept after rotation")
     resume: str = opt("auto", "auto (latest committed in run_dir), never, or a checkpoint path")
     on_sigterm: bool = opt(True, "on SIGTERM, finish the step, commit a checkpoint and exit")
@@ -144,7 +151,17 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every_steps", self.every_steps, allow_zero=True)
+        _positive("checkpoint.every_minutes", self.every_minutes, allow_zero=True)
+        _positive("checkpoint.mtbf_hours", self.mtbf_hours, allow_zero=True)
         _positive("checkpoint.keep_last", self.keep_last)
+        if self.interval == "auto" and (self.every_steps or self.every_minutes):
+            raise UsageError("checkpoint.interval=auto chooses the interval itself: leave checkpoint.every_steps "
+                             f"({self.every_steps}) and checkpoint.every_minutes ({self.every_minutes:g}) at 0")
+
+    @property
+    def periodic(self) -> bool:
+        """Checkpoints come during the run (by steps, by time or chosen), not only on a stop."""
+        return bool(self.every_steps or self.every_minutes or self.interval == "auto")
 
 
 @dataclass

@@ -103,7 +103,7 @@ def config_text(config_path: str | None, overrides: list[str]) -> str:
         raise UsageError("--run_dir is set by dtrain k8s (the claim's /runs/NAME, so restarts resume); "
                          "drop it and choose --name / --pvc instead, or --run-dir-url for a bucket")
     config = resolve_config(config_path, overrides)
-    if config.checkpoint.every_steps == 0:
+    if not config.checkpoint.periodic:
         print("dtrain k8s: warning: checkpoint.every_steps is 0, so a node lost without SIGTERM restarts "
               "the run from step 0; set checkpoint.every_steps", file=sys.stderr)
     data = read_config_file(config_path) if config_path else {}

@@ -95,7 +95,7 @@ def _validate_before_spawn(train: list[str]):
 
 def _warn_restarts_without_checkpoints(parsed, config) -> None:
     """Restarted workers resume from the last checkpoint; with none they start over."""
-    if int(parsed.max_restarts or 0) > 0 and config.checkpoint.every_steps == 0:
+    if int(parsed.max_restarts or 0) > 0 and not config.checkpoint.periodic:
         print("dtrain launch: warning: --max-restarts without checkpoint.every_steps: a restarted "
               "group starts again from step 0 (set --checkpoint.every_steps=N to resume instead)",
               file=sys.stderr)

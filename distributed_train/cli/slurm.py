@@ -94,7 +94,7 @@ def resolve(train: list[str]) -> tuple[str | None, list[str], str]:
     train.sort(key=lambda arg: arg.startswith("-"))  # CONFIG first, wherever it was given (a stable sort)
     config_path, overrides, _ = split_config_args(train)
     config = resolve_config(config_path, overrides)
-    if config.checkpoint.every_steps == 0:
+    if not config.checkpoint.periodic:
         print("dtrain slurm: warning: checkpoint.every_steps is 0: a node lost without a signal restarts the "
               "run from step 0; set checkpoint.every_steps", file=sys.stderr)
     return config_path, overrides, config.run_dir or ""

@@ -55,31 +55,33 @@ VOTE_EVERY_S = 0.05  # seconds between votes; a stop is taken within about two o
 
 
 class _PendingVote:
-    """One vote's all-reduced (stop code, steps to the next vote), readable without waiting for
-    later work (on CUDA through pinned memory)."""
+    """One vote's all-reduced (stop code, steps to the next vote, a checkpoint due by time),
+    readable without waiting for later work (on CUDA through pinned memory)."""
 
-    def __init__(self, stop_code: int, next_interval: int, device: torch.device):
+    def __init__(self, stop_code: int, next_interval: int, save_due: bool, device: torch.device):
         import torch.distributed as torch_dist
         # Filled on the device: a copy from pageable host memory would wait for the GPU's stream.
-        self.vote = torch.full((2,), stop_code, dtype=torch.int64, device=device)
+        self.vote = torch.full((3,), stop_code, dtype=torch.int64, device=device)
         self.vote[1].fill_(next_interval)
+        self.vote[2].fill_(int(save_due))
         self.work = torch_dist.all_reduce(self.vote, op=torch_dist.ReduceOp.MAX, async_op=True)
         self.host, self.event = self.vote, None
         if device.type == "cuda":
             self.work.wait()  # orders the copy after the all-reduce on the device; the host goes on
-            self.host = torch.empty((2,), dtype=torch.int64, pin_memory=True)
+            self.host = torch.empty((3,), dtype=torch.int64, pin_memory=True)
             self.host.copy_(self.vote, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
 
-    def result(self) -> tuple[int, int]:
-        """The largest stop code and interval any rank voted (waits for this vote only)."""
+    def result(self) -> tuple[int, int, bool]:
+        """The largest stop code and interval any rank voted, and whether a save is due (waits for
+        this vote only)."""
         if self.event is not None:
             self.event.synchronize()
         else:
             self.work.wait()
-        code, interval = self.host.tolist()
-        return int(code), max(1, int(interval))
+        code, interval, due = self.host.tolist()
+        return int(code), max(1, int(interval)), bool(due)
 
 
 class StopFlag:
@@ -94,6 +96,7 @@ class StopFlag:
         self._next_vote_step = 0  # the boundary where the pending vote is read and the next launched
         self._vote_started: tuple[int, float] = (0, 0.0)  # (step, time) of the last vote
         self._previous: dict[int, object] = {}
+        self.save_agreed = False  # a vote agreed a checkpoint is due by time: saved after the next step
 
     @property
     def requested(self) -> bool:
@@ -112,23 +115,35 @@ class StopFlag:
         if self.signum is None or _SIGNAL_CODE[signum] > _SIGNAL_CODE[self.signum]:
             self.signum = signum
 
-    def should_stop(self, step: int) -> bool:
-        """Called by every rank at every step boundary: True on all ranks after the same step."""
-        if not self.enabled:
+    def should_stop(self, step: int, save_due: bool | None = None) -> bool:
+        """Called by every rank at every step boundary: True on all ranks after the same step.
+        `save_due` (None when checkpoints are not timed: the same on every rank): this rank's clock
+        says a timed checkpoint is due; once a vote agrees, `take_save()` is True on every rank
+        after the same step."""
+        if not self.enabled and save_due is None:
             return False
         if not _group_active():
             self.agreed_signum = self.signum
+            self.save_agreed = self.save_agreed or bool(save_due)
             return self.signum is not None
         if step < self._next_vote_step:
             return False  # the cheap path: most steps of a fast model
-        code, interval = self._pending.result() if self._pending is not None else (0, 1)
+        code, interval, due = self._pending.result() if self._pending is not None else (0, 1, False)
+        self.save_agreed = self.save_agreed or due
         if code:
             self._pending = None
             self.agreed_signum = _CODE_SIGNAL[code]
             return True
-        self._pending = _PendingVote(_SIGNAL_CODE.get(self.signum, 0), self._propose_interval(step), self.device)
+        self._pending = _PendingVote(_SIGNAL_CODE.get(self.signum, 0), self._propose_interval(step),
+                                     bool(save_due), self.device)
         self._next_vote_step = step + interval
         return False
+
+    def take_save(self) -> bool:
+        """Whether a vote agreed a time-based checkpoint is due (then cleared): the same answer on
+        every rank after the same step."""
+        agreed, self.save_agreed = self.save_agreed, False
+        return agreed
 
     def _propose_interval(self, step: int) -> int:
         """Steps that take about VOTE_EVERY_S at this rank's pace since the last vote."""

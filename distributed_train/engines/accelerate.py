@@ -138,7 +138,7 @@ def make_accelerator(config: Config, env: DistEnv, device: torch.device, plan: B
     check_world(env, accelerator.num_processes, accelerator.process_index, accelerator.distributed_type)
     check_device(accelerator.device, device)
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded and config.checkpoint.every_steps:
+    if sharded and config.checkpoint.periodic:
         raise UsageError(f"checkpoint.every_steps with {accelerator.distributed_type} is not supported yet "
                          "(checkpoints are written from rank 0's full state); set checkpoint.every_steps=0")
     return accelerator

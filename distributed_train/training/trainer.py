@@ -173,11 +173,11 @@ class Trainer:
         if self.evaluator.should_evaluate(step, last):
             self.evaluate()
         self.checkpointer.check_writes()  # a failed background write stops the run at once
-        if self.checkpointer.should_save(step, last):
+        if self.checkpointer.should_save(step, last, self.stop.take_save()):
             self.lock.verify()  # the folder is still this job's
             self.metrics.check_finite(step)  # never commit a NaN state
             self.checkpointer.save(step, self.state)
-        if self.stop.should_stop(step):  # the same answer on every rank after the same step
+        if self.stop.should_stop(step, self.checkpointer.time_due()):  # the same on every rank, same step
             raise Preempted(step, self.stop.stop_signum)
 
     def evaluate(self) -> dict[str, float]:

@@ -93,3 +93,25 @@ def test_this_process_start_is_in_the_past():
     import time
 
     assert time.time() - 3600 < goodput.process_start() <= time.time()
+
+
+def test_the_model_peaks_at_the_optimal_interval_near_youngs():
+    import math
+
+    stall, mtbf, restart = 30.0, 3 * 3600.0, 600.0
+    best = goodput.optimal_interval(stall, mtbf)
+    assert best == pytest.approx(math.sqrt(2 * stall * mtbf), rel=0.05)  # Young's first-order interval
+    peak = goodput.expected_goodput(best, stall, mtbf, restart)
+    for factor in (0.25, 0.5, 0.9, 1.1, 2.0, 4.0):
+        assert goodput.expected_goodput(best * factor, stall, mtbf, restart) < peak
+    shares = goodput.predicted_breakdown(best, stall, mtbf, restart)
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["productive"] == peak
+    assert shares["restart"] == pytest.approx(restart / mtbf) and shares["lost"] > 0
+
+
+def test_failures_are_attempts_that_ended_without_an_end_or_a_stop_checkpoint():
+    events = [start(0.0, 0, startup=1.0), record("train", 10, 10.0),  # killed: a failure
+              start(20.0, 0, startup=1.0), {**record("checkpoint", 20, 30.0), "on_stop": True},  # stopped
+              start(40.0, 20, startup=1.0), record("train", 30, 50.0)]  # running
+    assert goodput.failures_and_time(events, now=60.0) == (1, 60.0)
+    assert goodput.failures_and_time([], now=5.0) == (0, 0.0)

@@ -23,6 +23,7 @@ from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
 from distributed_train.storage import StorageError, Store, is_url
 from distributed_train.training.checkpoints import commit, remote, shards
+from distributed_train.training.checkpoints.schedule import CheckpointSchedule
 from distributed_train.training.mirror import RunMirror
 from distributed_train.training.reporting.metrics import MetricsLogger, log
 from distributed_train.training.rng import rng_state, set_rng_state
@@ -58,12 +59,17 @@ class Checkpointer:
             (lambda step: commit.rotate(self.directory, keep, step))
         self.writer = shards.ShardedWriter(self.directory, env.is_main, rotate, self.store)
         self.sharded = engine.state_is_sharded
+        self.schedule = CheckpointSchedule(self.settings, env.is_main, run_dir)
 
-    def should_save(self, step: int, last_step: bool) -> bool:
-        """Every `checkpoint.every_steps`, and at the last step (so raising train.max_steps later
-        continues from the very end)."""
-        every = self.settings.every_steps
-        return bool(every) and (step % every == 0 or last_step)
+    def should_save(self, step: int, last_step: bool, timed_due: bool = False) -> bool:
+        """Every `checkpoint.every_steps`, when an agreed timed save is due (`timed_due`, the same
+        on every rank), and at the last step (so raising train.max_steps later continues from the
+        very end): schedule.py."""
+        return self.schedule.should_save(step, last_step, timed_due)
+
+    def time_due(self) -> bool | None:
+        """This rank's vote for a timed save (None when saves are not timed): schedule.py."""
+        return self.schedule.due()
 
     def save(self, step: int, state: StateFn) -> None:
         """Collective save at a step boundary: every rank stages its shard, the write is in the background."""
@@ -71,9 +77,10 @@ class Checkpointer:
         rngs = distributed.all_gather_object(rng_state())
         self.engine.sync_buffers()  # the buffers rank 0 holds are the ones every rank continues with
         self.writer.submit(step, self.engine, state(rngs) if self.env.is_main else None)
-        self.logger.clock.add("checkpoint", time.perf_counter() - start)
-        self.logger.log({"kind": "checkpoint", "step": step, "stall_s": time.perf_counter() - start,
-                         "previous_write_s": self.writer.last_write_s})
+        stall = time.perf_counter() - start
+        self.logger.clock.add("checkpoint", stall)
+        self.logger.log({"kind": "checkpoint", "step": step, "stall_s": stall,
+                         "previous_write_s": self.writer.last_write_s, **self.schedule.saved(stall)})
 
     def save_on_preemption(self, step: int, state: StateFn, poisoned: bool, agreed: bool = True) -> None:
         """After SIGTERM: rank 0 commits its local state synchronously with no collectives; sharded

@@ -20,6 +20,7 @@ evaluation, checkpoint stall). Wall time then splits into categories that add up
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -131,3 +132,53 @@ def breakdown(events: list[dict], now: float | None = None) -> dict | None:
     wall = round(sum(rounded.values()), 3)  # the categories add up to it, by construction
     return {**rounded, "wall_s": wall, "goodput": round(rounded["productive"] / wall, 4) if wall > 0 else None,
             "attempts": len(attempts)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: Daly's (2006) expected wall time of T_s seconds of work checkpointed every `interval_s`
+# of work, each save stalling `stall_s`, failures at exponential times of mean `mtbf_s`, each costing
+# `restart_s` (noticing it, restarting, restoring) and the work since the last checkpoint:
+#     T_w = M e^{R/M} (e^{(τ+δ)/M} - 1) T_s / τ     goodput = T_s / T_w
+# The interval that maximizes it does not depend on R; for δ << M it is Young's sqrt(2 δ M).
+
+def expected_goodput(interval_s: float, stall_s: float, mtbf_s: float, restart_s: float) -> float:
+    """The expected share of wall time that is surviving work (Daly's model, above)."""
+    x = (interval_s + stall_s) / mtbf_s
+    if x > 700:  # e^x overflows: the interval is hopeless against this failure rate
+        return 0.0
+    return interval_s / (mtbf_s * math.exp(min(restart_s / mtbf_s, 700)) * math.expm1(x))
+
+
+def optimal_interval(stall_s: float, mtbf_s: float) -> float:
+    """The work between checkpoints (seconds) that maximizes `expected_goodput`: the root of
+    e^x (1 - τ/M) = 1 with x = (τ + δ)/M, which lies in (0, M)."""
+    low, high = 0.0, mtbf_s
+    for _ in range(200):
+        middle = (low + high) / 2
+        if math.exp((middle + stall_s) / mtbf_s) * (1 - middle / mtbf_s) > 1:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def predicted_breakdown(interval_s: float, stall_s: float, mtbf_s: float, restart_s: float) -> dict:
+    """Shares of wall time: productive (the goodput), checkpoint stalls, restarts, lost work."""
+    productive = expected_goodput(interval_s, stall_s, mtbf_s, restart_s)
+    checkpoint = productive * stall_s / interval_s
+    restart = min(1.0 - productive - checkpoint, restart_s / mtbf_s)  # failures per wall second x cost
+    return {"productive": productive, "checkpoint": checkpoint, "restart": max(0.0, restart),
+            "lost": max(0.0, 1.0 - productive - checkpoint - max(0.0, restart))}
+
+
+def failures_and_time(events: list[dict], now: float) -> tuple[int, float]:
+    """Failures in a run directory's history (attempts that ended with neither an `end` event nor a
+    stop checkpoint as their last record) and the wall time observed so far, for an MTBF."""
+    attempts = [i for i, e in enumerate(events) if e.get("kind") == "start"]
+    failures = 0
+    for begin, end in zip(attempts, attempts[1:]):
+        last = events[end - 1]
+        if last.get("kind") != "end" and not (last.get("kind") == "checkpoint" and last.get("on_stop")):
+            failures += 1
+    first = events[attempts[0]] if attempts else {"time": now}
+    return failures, max(0.0, now - float(first.get("attempt_t0", first["time"])))
