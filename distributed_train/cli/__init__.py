@@ -24,6 +24,8 @@ COMMANDS = {
     "export": ("CHECKPOINT_OR_RUN_DIR -o FILE", "the consolidated model of a checkpoint (.pt or .safetensors)"),
     "estimate": ("[CONFIG] [--nproc-per-node N] [--nnodes M] [--gpu-memory-gib G]",
                  "per-rank memory of ddp, fsdp and HSDP (model on the meta device)"),
+    "plan": ("--gpus N --mtbf-hours H --stall-s S [...]",
+             "the checkpoint interval that maximizes goodput at scale, and what to expect"),
 }
 
 

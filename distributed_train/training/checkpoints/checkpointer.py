@@ -79,8 +79,9 @@ class Checkpointer:
         self.writer.submit(step, self.engine, state(rngs) if self.env.is_main else None)
         stall = time.perf_counter() - start
         self.logger.clock.add("checkpoint", stall)
-        self.logger.log({"kind": "checkpoint", "step": step, "stall_s": stall,
-                         "previous_write_s": self.writer.last_write_s, **self.schedule.saved(stall)})
+        write = self.writer.last_write_s
+        self.logger.log({"kind": "checkpoint", "step": step, "stall_s": stall, "previous_write_s": write,
+                         **self.schedule.saved(stall, write)})
 
     def save_on_preemption(self, step: int, state: StateFn, poisoned: bool, agreed: bool = True) -> None:
         """After SIGTERM: rank 0 commits its local state synchronously with no collectives; sharded

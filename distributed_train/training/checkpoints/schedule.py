@@ -7,10 +7,11 @@ Time-based saves must happen at the same step on every rank, though the ranks' c
 rank, and every rank saves after the same step (at most a vote, ~0.05 s, later).
 
 `interval=auto` takes a first checkpoint soon after the start to measure the save stall δ, then
-saves every τ seconds with τ the argmax of Daly's expected goodput (goodput.optimal_interval) for
-the job's mean time between failures M: `checkpoint.mtbf_hours`, or learned from this run
-directory's history (its wall time so far over its failures, at least one: an estimate that grows
-as the run survives). τ is chosen again after every save, from that save's stall.
+saves every τ seconds with τ the argmax of Daly's expected goodput (goodput.best_interval; a save
+also waits for the previous background write) for the job's mean time between failures M:
+`checkpoint.mtbf_hours`, or learned from this run directory's history (its wall time so far over
+its failures, at least one: an estimate that grows as the run survives). τ is chosen again after
+every save, from that save's stall.
 """
 
 from __future__ import annotations
@@ -50,18 +51,20 @@ class CheckpointSchedule:
             return True
         return time.monotonic() - self.last_save >= self.interval_s
 
-    def saved(self, stall_s: float) -> dict:
+    def saved(self, stall_s: float, write_s: float) -> dict:
         """After a save (every rank): restart the clock; with interval=auto choose the next
-        interval from this stall. Returns fields for the checkpoint event."""
+        interval from this save's stall and the last background write's time (a save waits for
+        it). Returns fields for the checkpoint event."""
         self.last_save = time.monotonic()
         if self.settings.interval != "auto" or not self.is_main:
             return {"interval_s": round(self.interval_s, 3)} if self.interval_s else {}
         mtbf_s, source = self._mtbf()
-        chosen = goodput.optimal_interval(stall_s, mtbf_s)
+        inputs = {"stall_s": stall_s, "write_s": write_s, "mtbf_s": mtbf_s, "restart_s": 0.0}
+        chosen = goodput.best_interval(inputs)
         if self.interval_s is None or abs(chosen - self.interval_s) > 0.1 * self.interval_s:
-            log.info("checkpoint.interval=auto: a checkpoint every %.1f s (save stall %.3f s, mean time between "
-                     "failures %.2f h %s; expected goodput from checkpoints and failures %.1f%%)", chosen, stall_s,
-                     mtbf_s / 3600, source, 100 * goodput.expected_goodput(chosen, stall_s, mtbf_s, 0.0))
+            log.info("checkpoint.interval=auto: a checkpoint every %.1f s (save stall %.3f s, write %.2f s, mean "
+                     "time between failures %.2f h %s; expected goodput from checkpoints and failures %.1f%%)",
+                     chosen, stall_s, write_s, mtbf_s / 3600, source, 100 * goodput.goodput_at(chosen, inputs))
         self.interval_s = chosen
         return {"interval_s": round(chosen, 3), "mtbf_s": round(mtbf_s, 1)}
 

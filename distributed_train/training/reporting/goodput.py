@@ -162,6 +162,26 @@ def optimal_interval(stall_s: float, mtbf_s: float) -> float:
     return (low + high) / 2
 
 
+def goodput_at(interval_s: float, inputs: dict) -> float:
+    """Expected goodput checkpointing every `interval_s` of work, `inputs` holding stall_s, write_s,
+    mtbf_s and restart_s: a save waits for the previous write, so a shorter interval stalls longer."""
+    stall = inputs["stall_s"] + max(0.0, inputs["write_s"] - interval_s)
+    return expected_goodput(interval_s, stall, inputs["mtbf_s"], inputs["restart_s"])
+
+
+def best_interval(inputs: dict) -> float:
+    """The argmax of `goodput_at` (a log grid, then a golden-section refinement)."""
+    low, high = 1e-3, max(1.0, inputs["mtbf_s"])
+    grid = [low * (high / low) ** (i / 400) for i in range(401)]
+    k = max(range(len(grid)), key=lambda i: goodput_at(grid[i], inputs))
+    a, b = grid[max(0, k - 1)], grid[min(len(grid) - 1, k + 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(80):
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        a, b = (a, d) if goodput_at(c, inputs) > goodput_at(d, inputs) else (c, b)
+    return (a + b) / 2
+
+
 def predicted_breakdown(interval_s: float, stall_s: float, mtbf_s: float, restart_s: float) -> dict:
     """Shares of wall time: productive (the goodput), checkpoint stalls, restarts, lost work."""
     productive = expected_goodput(interval_s, stall_s, mtbf_s, restart_s)
