@@ -1,5 +1,5 @@
-"""The benchmark scripts run: one pair of runs agrees on the final loss; the GPU acceptance script
-parses and covers every check (both start subprocesses)."""
+"""The benchmark scripts run: one pair of runs agrees on the final loss; the goodput validation
+kills a worker and accounts for it; the GPU acceptance script parses and covers every check."""
 
 import re
 import sys
@@ -24,6 +24,18 @@ def test_one_pair_of_runs_agrees_on_the_final_loss():
     assert ours_loss == pytest.approx(plain_loss, rel=1e-3)
     assert "DIFFER" not in row and "torch " in proc.stdout  # the machine/torch/date line
 
+
+def test_the_goodput_validation_kills_a_worker_and_accounts_for_it(tmp_path):
+    """The fault-injection benchmark's short form: one SIGKILL of a worker, torchrun restarts, the
+    job finishes; its measured costs and both goodput figures are reported (the 5-point goal is the
+    full benchmark's, on a quiet machine: not asserted here)."""
+    out = tmp_path / "goodput.json"
+    proc = run_cmd([sys.executable, str(REPO / "benchmarks" / "goodput_validation.py"), "--short", "--out", str(out)],
+                   timeout=240, check=False)
+    assert proc.returncode in (0, 1) and "| every 1.2 s, one kill |" in proc.stdout, proc.stdout + proc.stderr
+    (row,) = __import__("json").loads(out.read_text())["rows"]
+    assert row["kills"] == 1 and row["restart_s"] > 0 and row["stall_s"] > 0, row
+    assert 0 < row["measured"] < 1 and 0 < row["predicted"] < 1, row
 
 
 def test_the_gpu_acceptance_script_parses_and_covers_every_check():
