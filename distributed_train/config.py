@@ -143,6 +143,9 @@ class CheckpointConfig:
                  "measured save stall and checkpoint.mtbf_hours (Young/Daly); docs/goodput.md")
     mtbf_hours: float = opt(0.0, "with interval=auto: the job's mean time between failures; 0 = learned "
                                  "from this run directory's failures so far")
+    grace_s: float = opt(25.0, "seconds a checkpoint after SIGTERM may take (torchrun and Kubernetes kill "
+                               "30 s after it by default); when this attempt's last save says it would not "
+                               "fit, the last committed checkpoint stands")
     keep_last: int = opt(2, "committed checkpoints kept after rotation")
     resume: str = opt("auto", "auto (latest committed in run_dir), never, or a checkpoint path")
     on_sigterm: bool = opt(True, "on SIGTERM, finish the step, commit a checkpoint and exit")
@@ -153,6 +156,7 @@ class CheckpointConfig:
         _positive("checkpoint.every_steps", self.every_steps, allow_zero=True)
         _positive("checkpoint.every_minutes", self.every_minutes, allow_zero=True)
         _positive("checkpoint.mtbf_hours", self.mtbf_hours, allow_zero=True)
+        _positive("checkpoint.grace_s", self.grace_s)
         _positive("checkpoint.keep_last", self.keep_last)
         if self.interval == "auto" and (self.every_steps or self.every_minutes):
             raise UsageError("checkpoint.interval=auto chooses the interval itself: leave checkpoint.every_steps "

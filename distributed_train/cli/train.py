@@ -178,19 +178,21 @@ def stop_with_launcher() -> None:
 
 
 def _committed(run_dir: str | None, step: int) -> bool:
-    """Whether the stop committed checkpoint `step` (what a rerun would resume from)."""
+    """Whether a rerun has a checkpoint to resume from: the stop's (`step`) or, when the stop
+    committed none (checkpoint.grace_s, NaN), an earlier one."""
     from pathlib import Path
 
     from distributed_train.storage import StorageError, Store, is_url
     from distributed_train.training.checkpoints import remote
-    from distributed_train.training.checkpoints.commit import MARKER, checkpoint_name
+    from distributed_train.training.checkpoints.commit import committed_checkpoints
 
     if is_url(run_dir):
         try:
-            return any(found.step == step for found in remote.committed(Store(run_dir))[0])
+            return any(found.step <= step for found in remote.committed(Store(run_dir))[0])
         except StorageError:
             return False
-    return bool(run_dir) and (Path(run_dir) / "checkpoints" / checkpoint_name(step) / MARKER).is_file()
+    return bool(run_dir) and any(int(path.name.split("-")[1]) <= step
+                                 for path in committed_checkpoints(Path(run_dir) / "checkpoints"))
 
 
 def _exit_worker(env, code: int) -> int:

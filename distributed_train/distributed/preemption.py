@@ -91,6 +91,7 @@ class StopFlag:
         self.enabled = enabled
         self.device = device or torch.device("cpu")
         self.signum: int | None = None  # the first stop signal this process received
+        self.signal_time: float | None = None  # time.monotonic() when it arrived
         self.agreed_signum: int | None = None  # the signal every rank stops for, once agreed
         self._pending: _PendingVote | None = None
         self._next_vote_step = 0  # the boundary where the pending vote is read and the next launched
@@ -114,6 +115,8 @@ class StopFlag:
             os._exit(128 + signal.SIGINT)
         if self.signum is None or _SIGNAL_CODE[signum] > _SIGNAL_CODE[self.signum]:
             self.signum = signum
+        if self.signal_time is None:
+            self.signal_time = time.monotonic()
 
     def should_stop(self, step: int, save_due: bool | None = None) -> bool:
         """Called by every rank at every step boundary: True on all ranks after the same step.

@@ -209,7 +209,7 @@ class Trainer:
     def save_on_preemption(self, agreed: bool = True) -> None:
         """After SIGTERM: commit the last completed step, unless rank 0 holds NaN/inf."""
         poisoned = self.env.is_main and self.metrics.poisoned(self.engine)
-        self.checkpointer.save_on_preemption(self.global_step, self.state, poisoned, agreed)
+        self.checkpointer.save_on_preemption(self.global_step, self.state, poisoned, agreed, self.stop.signal_time)
 
     def summary(self, eval_metrics: dict, train_s: float, wall_s: float) -> dict:
         """summary.json: the contract in the architecture notes."""

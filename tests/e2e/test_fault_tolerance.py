@@ -160,3 +160,21 @@ def test_sigterm_checkpoints_then_rerun_resumes_and_damaged_checkpoint_falls_bac
     starts = [e for e in events if e.get("kind") == "start"]
     assert [(e["step"], e["resumed"]) for e in starts] == [(0, False), (previous_step, True)], starts
     _assert_identical(_final(damaged), reference)
+
+
+def test_a_sigterm_checkpoint_that_would_not_fit_the_grace_period_is_not_started(tmp_path, reference):
+    """checkpoint.grace_s: judged by this attempt's last save, a stop checkpoint that would outlast
+    it is not started (a scheduler would kill it half-written); the last committed one stands and
+    the rerun resumes from it, bit-identical."""
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir, "--checkpoint.grace_s=0.001")
+    _wait_for_checkpoint(proc, run_dir)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = _finish(proc)
+    assert code == 128 + signal.SIGTERM, err
+    assert "more than the 0.0 s left of checkpoint.grace_s=0.001; not saved" in err, err
+    assert "SIGTERM: committed" not in err and "; rerun the same command to continue" in err, err
+    newest = committed_checkpoints(run_dir / "checkpoints")[-1]
+    code, out, err = _finish(_launch(run_dir))
+    assert code == 0 and f"resuming from {newest}" in err, err
+    _assert_identical(_final(run_dir), reference)

@@ -60,6 +60,7 @@ class Checkpointer:
         self.writer = shards.ShardedWriter(self.directory, env.is_main, rotate, self.store)
         self.sharded = engine.state_is_sharded
         self.schedule = CheckpointSchedule(self.settings, env.is_main, run_dir)
+        self.last_stall_s: float | None = None  # this attempt's last save's stall (with the write: its cost)
 
     def should_save(self, step: int, last_step: bool, timed_due: bool = False) -> bool:
         """Every `checkpoint.every_steps`, when an agreed timed save is due (`timed_due`, the same
@@ -77,15 +78,17 @@ class Checkpointer:
         rngs = distributed.all_gather_object(rng_state())
         self.engine.sync_buffers()  # the buffers rank 0 holds are the ones every rank continues with
         self.writer.submit(step, self.engine, state(rngs) if self.env.is_main else None)
-        stall = time.perf_counter() - start
+        stall = self.last_stall_s = time.perf_counter() - start
         self.logger.clock.add("checkpoint", stall)
         write = self.writer.last_write_s
         self.logger.log({"kind": "checkpoint", "step": step, "stall_s": stall, "previous_write_s": write,
                          **self.schedule.saved(stall, write)})
 
-    def save_on_preemption(self, step: int, state: StateFn, poisoned: bool, agreed: bool = True) -> None:
+    def save_on_preemption(self, step: int, state: StateFn, poisoned: bool, agreed: bool = True,
+                           signalled_at: float | None = None) -> None:
         """After SIGTERM: rank 0 commits its local state synchronously with no collectives; sharded
-        ranks that agreed to stop at this step save together."""
+        ranks that agreed to stop at this step save together; either only when it is expected to
+        fit in checkpoint.grace_s from the signal (`signalled_at`, time.monotonic())."""
         start = time.perf_counter()
         self.writer.wait()
         diagnose.at("committing a checkpoint after SIGTERM", may_take_long=True)
@@ -96,12 +99,16 @@ class Checkpointer:
                 log.warning("SIGTERM: a collective failed, so the shards cannot be saved together; "
                             "the job continues from the last committed checkpoint")
                 return
+            if not distributed.broadcast_object(self._fits_grace(signalled_at)):  # rank 0's answer, everywhere
+                return
             rngs = distributed.all_gather_object(rng_state())
             self.writer.submit(step, self.engine, state(rngs) if self.env.is_main else None, blocking=True)
         elif not self.env.is_main:
             return
         elif poisoned:
             log.warning("SIGTERM: the loss or the parameters are NaN/inf: no checkpoint committed")
+            return
+        elif not self._fits_grace(signalled_at):
             return
         else:
             self.writer.save_alone(step, self.engine, state([rng_state()]))
@@ -110,6 +117,23 @@ class Checkpointer:
             self.logger.clock.add("checkpoint", time.perf_counter() - start)
             self.logger.log({"kind": "checkpoint", "step": step, "stall_s": time.perf_counter() - start,
                              "on_stop": True})  # the point the next attempt resumes from (goodput)
+
+    def _fits_grace(self, signalled_at: float | None) -> bool:
+        """Whether a stop checkpoint should end within checkpoint.grace_s of the signal, judged by
+        this attempt's last save (staging + write; rank 0 alone writes all of it when the state is
+        not sharded); without a save to judge by, it is tried. Says why on rank 0 when not."""
+        if self.last_stall_s is None:
+            return True
+        estimate = self.last_stall_s + self.writer.last_write_s * (1 if self.sharded else self.env.world_size)
+        left = self.settings.grace_s - (time.monotonic() - signalled_at if signalled_at is not None else 0.0)
+        if estimate <= left:
+            return True
+        if self.env.is_main:
+            log.warning("SIGTERM: a checkpoint would take about %.1f s (as this attempt's last save did), more than "
+                        "the %.1f s left of checkpoint.grace_s=%g; not saved: the last committed checkpoint (%s) "
+                        "stands", estimate, max(0.0, left), self.settings.grace_s,
+                        self.writer.last_committed or "none")
+        return False
 
     def check_writes(self) -> None:
         """At a step boundary: raise if a background write has failed (never waits for one)."""
