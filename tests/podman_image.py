@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from tests.helpers import REPO, unavailable
+from tests.helpers import REPO, run_cmd, unavailable
 
 PACKAGES = "podman debootstrap runc"
 TEST_REPOSITORY = "localhost/distributed-train-test"
@@ -57,18 +57,9 @@ def environ() -> dict:
     return {**os.environ, "CONTAINERS_CONF": str(conf)}
 
 
-def podman(*args: str, timeout: float = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def podman(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """One podman command; on failure (when `check`) an AssertionError with its whole output."""
-    try:
-        proc = subprocess.run(["podman", *args], env=environ(), capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"podman {' '.join(args)} timed out after {timeout:.0f}s\n"
-                             f"stdout:\n{exc.stdout}\nstderr:\n{exc.stderr}") from None
-    if check and proc.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} exited {proc.returncode}\n"
-                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
-    return proc
+    return run_cmd(["podman", *args], env=environ(), timeout=timeout, check=check)
 
 
 def _missing() -> str | None:

@@ -17,7 +17,8 @@ from distributed_train.files import require
 from distributed_train.storage import StorageError, is_url
 from distributed_train.training.mirror import fetch_run
 from distributed_train.training.reporting.goodput import CATEGORIES, breakdown, read_raw
-from distributed_train.training.reporting.metrics import EVENT_FIELDS, read_events
+from distributed_train.training.reporting.metrics import read_events
+from distributed_train.training.reporting.progress import EVENT_FIELDS
 
 
 class CommandParser(argparse.ArgumentParser):

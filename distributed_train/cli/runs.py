@@ -24,8 +24,8 @@ from distributed_train.errors import UsageError
 from distributed_train.files import path_problem
 from distributed_train.storage import is_url
 from distributed_train.training.reporting.goodput import breakdown, read_raw
-from distributed_train.training.reporting.metrics import EVENT_FIELDS, read_events
-from distributed_train.training.reporting.progress import format_duration
+from distributed_train.training.reporting.metrics import read_events
+from distributed_train.training.reporting.progress import EVENT_FIELDS, format_duration
 
 COLUMNS = ["RUN", "TASK", "STEPS", "STATUS", "RANKS", "RESUMED", "SAMPLES/S", "LOSS", "EVAL", "GOODPUT",
            "UPDATED"]

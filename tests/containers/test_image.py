@@ -20,6 +20,7 @@ import yaml
 from distributed_train.cli.k8s_render import RDZV_PORT
 from tests import podman_image
 from tests.containers import pods
+from tests.e2e.test_two_nodes import SLOW_TASK  # the digits task, 50 ms slower per step
 from tests.helpers import EXACT, REPO, dtrain, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -29,16 +30,6 @@ USER_ID = 10001
 CONFIG = {"seed": 5, "train": {"max_steps": 40, "batch_size": 32, "lr": 0.002, "precision": "fp64"},
           "checkpoint": {"every_steps": 0}, "log": {"every_steps": 5, "wandb": "disabled"},
           "dist": {"timeout_s": 60}}
-# The digits task, 50 ms slower per step, so a container can be stopped in the middle of its run.
-SLOW_TASK = """
-import time
-from distributed_train.tasks.digits import DigitsTask
-
-class SlowDigits(DigitsTask):
-    def loss(self, model, batch):
-        time.sleep(0.05)
-        return super().loss(model, batch)
-"""
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,10 @@ from distributed_train.distributed import DistEnv, main_computes
 from distributed_train.errors import UsageError
 from distributed_train.files import error_text, open_no_follow
 from distributed_train.training.reporting.goodput import AttemptClock, breakdown, read_raw
-from distributed_train.training.reporting.progress import Progress, active_bar
+from distributed_train.training.reporting.progress import EVENT_FIELDS, Progress, active_bar
 from distributed_train.training.reporting.trainjob import TrainJobProgress
 
 log = logging.getLogger("distributed_train")
-# Keys of every event that are bookkeeping, not metrics (shown, plotted or listed as numbers).
-EVENT_FIELDS = frozenset({"kind", "step", "epoch", "time", "attempt_s"})
 
 
 class _ConsoleHandler(logging.StreamHandler):

@@ -23,7 +23,8 @@ _FORMATS = {
 }
 _NAMES = {"samples_per_s": "samples/s", "tokens_per_s": "tokens/s", "step_time_s": "step_s",
           "data_wait": "data_wait"}
-_HIDDEN = {"step", "time", "kind", "epoch", "attempt_s"}  # = metrics.EVENT_FIELDS
+# Keys of every event that are bookkeeping, not metrics (shown, plotted or listed as numbers).
+EVENT_FIELDS = frozenset({"kind", "step", "epoch", "time", "attempt_s"})
 
 
 def active_bar() -> Any:
@@ -52,7 +53,7 @@ def format_event(event: dict, total_steps: int, eta_s: float | None = None) -> s
     width = len(str(total_steps))
     parts = [f"step {event['step']:>{width}}/{total_steps}", event.get("kind", "train")]
     parts += [f"{_NAMES.get(k, k)} {format_value(k, v)}" for k, v in event.items()
-              if k not in _HIDDEN and v is not None]
+              if k not in EVENT_FIELDS and v is not None]
     if eta_s is not None:
         parts.append(f"eta {format_duration(eta_s)}")
     return " ".join(parts)
