@@ -77,8 +77,9 @@ class AttemptClock:
 
 
 def read_raw(path: str | Path) -> list[dict]:
-    """Every event of metrics.jsonl in file order, with the ones a later attempt replaced (the
-    accounting needs what was lost); lines torn or damaged are skipped."""
+    """Every event of metrics.jsonl (a file or its run directory) in file order, with the ones a
+    later attempt replaced (the accounting needs what was lost); a line torn by a kill or spoiled
+    by a damaged byte is skipped, the rest kept."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
@@ -88,21 +89,27 @@ def read_raw(path: str | Path) -> list[dict]:
             event = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(event, dict) and type(event.get("step")) is int and isinstance(event.get("time"), (int, float)):
+        if isinstance(event, dict) and type(event.get("step")) is int:
             events.append(event)
     return events
 
 
-def breakdown(events: list[dict], now: float | None = None) -> dict | None:
-    """The categories in seconds, `wall_s` (their sum), `goodput` (productive / wall) and the
-    number of attempts; None without a `start` event. `now` ends the last attempt (default: its
-    last record)."""
+def _attempts(events: list[dict]) -> list[list[dict]]:
+    """The events split at each `start` event (what comes before the first is no attempt's)."""
     attempts: list[list[dict]] = []
     for event in events:
         if event.get("kind") == "start":
             attempts.append([event])
         elif attempts:
             attempts[-1].append(event)
+    return attempts
+
+
+def breakdown(events: list[dict], now: float | None = None) -> dict | None:
+    """The categories in seconds, `wall_s` (their sum), `goodput` (productive / wall) and the
+    number of attempts; None without a `start` event. `now` ends the last attempt (default: its
+    last record)."""
+    attempts = _attempts([e for e in events if isinstance(e.get("time"), (int, float))])
     if not attempts:
         return None
     parts = dict.fromkeys(CATEGORIES, 0.0)
@@ -194,11 +201,8 @@ def predicted_breakdown(interval_s: float, stall_s: float, mtbf_s: float, restar
 def failures_and_time(events: list[dict], now: float) -> tuple[int, float]:
     """Failures in a run directory's history (attempts that ended with neither an `end` event nor a
     stop checkpoint as their last record) and the wall time observed so far, for an MTBF."""
-    attempts = [i for i, e in enumerate(events) if e.get("kind") == "start"]
-    failures = 0
-    for begin, end in zip(attempts, attempts[1:]):
-        last = events[end - 1]
-        if last.get("kind") != "end" and not (last.get("kind") == "checkpoint" and last.get("on_stop")):
-            failures += 1
-    first = events[attempts[0]] if attempts else {"time": now}
+    attempts = _attempts([e for e in events if isinstance(e.get("time"), (int, float))])
+    failures = sum(1 for attempt in attempts[:-1] if attempt[-1].get("kind") != "end"
+                   and not (attempt[-1].get("kind") == "checkpoint" and attempt[-1].get("on_stop")))
+    first = attempts[0][0] if attempts else {"time": now}
     return failures, max(0.0, now - float(first.get("attempt_t0", first["time"])))

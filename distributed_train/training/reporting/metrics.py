@@ -128,18 +128,8 @@ def open_for_append(path: Path):
 
 def read_events(path: str | Path) -> list[dict]:
     """Events of run_dir/metrics.jsonl on the run's final timeline (see the module docstring)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
     events: list[dict] = []
-    # A damaged byte spoils one line, not the file: it fails to parse and is skipped below.
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill
-        if not isinstance(event, dict) or type(event.get("step")) is not int:
-            continue
+    for event in read_raw(path):
         if event.get("kind") == "start":
             # A restart from step s replaces everything a previous attempt logged after s. The kept
             # timeline never goes back in step, so those events are at its end: linear in the file.
