@@ -64,8 +64,10 @@ def workers(launcher: psutil.Process) -> list[psutil.Process]:
     return sorted(found, key=lambda p: p.pid)
 
 
-def run_job(run_dir: Path, steps: int, checkpoint: list[str], kills: list[float], seed: int) -> dict:
-    """One job with kills at `kills` seconds after its start; returns its facts."""
+def run_job(run_dir: Path, steps: int, checkpoint: list[str], kills: list[float], seed: int,
+            after_checkpoint: bool = False) -> dict:
+    """One job with kills at `kills` seconds after its start (`after_checkpoint`: after its first
+    committed checkpoint, so the killed attempt has recorded its start); returns its facts."""
     log = (run_dir.parent / f"{run_dir.name}.log").open("w")
     start = time.monotonic()
     launcher = subprocess.Popen([sys.executable, "-m", "distributed_train", "launch", *JOB, *checkpoint,
@@ -73,7 +75,9 @@ def run_job(run_dir: Path, steps: int, checkpoint: list[str], kills: list[float]
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
     agent, chooser, done = psutil.Process(launcher.pid), random.Random(seed + 1), 0
     while launcher.poll() is None:
-        if done < len(kills) and time.monotonic() - start >= kills[done]:
+        if after_checkpoint and not list(run_dir.glob("checkpoints/step-*/COMMITTED")):
+            start = time.monotonic()
+        elif done < len(kills) and time.monotonic() - start >= kills[done]:
             alive = workers(agent)
             if alive:  # between a kill and the restart there may be none: the kill waits
                 victim = chooser.choice(alive)
@@ -119,7 +123,8 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="dtrain-goodput-"))
     rows = []
     if args.short:
-        job = run_job(folder / "short", 600, ["--checkpoint.every_minutes=0.02"], [4.0], args.seed)
+        job = run_job(folder / "short", 600, ["--checkpoint.every_minutes=0.02"], [1.0], args.seed,
+                      after_checkpoint=True)
         rows.append(compare("every 1.2 s, one kill", {**job, "interval_s": job["interval_s"] or 1.2}))
     else:
         kills = kill_times(args.mean_s, args.seed, horizon_s=3600)
