@@ -106,6 +106,12 @@ MUTATIONS = [
         "            if engine.eval_in_lockstep:", "            if False:",
         ("tests/distributed/test_fsdp.py::test_ranks_with_fewer_eval_batches_keep_in_step_and_the_metrics_stay_exact",)),
     Mutation(
+        "each rank stages only its share of the replicated state (not a whole copy per rank)",
+        "distributed_train/training/checkpoints/staging.py",
+        "    if world_size <= 1:\n        return state\n",
+        "    if True:\n        return state\n",
+        ("tests/distributed/test_checkpoint_staging.py::test_each_rank_stages_its_share_and_nothing_is_read_back",)),
+    Mutation(
         "commit-record verification on load", "distributed_train/training/checkpoints/commit.py",
         '    marker = commit_record(path, check_name=False)\n    if marker is None:\n',
         '    marker = commit_record(path, check_name=False)\n    return None\n    if marker is None:\n',
@@ -113,10 +119,10 @@ MUTATIONS = [
     Mutation(
         "rotation only after the new checkpoint is committed", "distributed_train/training/checkpoints/shards.py",
         "            commit.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),\n"
-        "                                        fresh=False)\n            self.rotate(step)\n",
+        "                                    fresh=False, known=known)\n            self.rotate(step)\n",
         "            self.rotate(step)\n"
         "            commit.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),\n"
-        "                                        fresh=False)\n",
+        "                                    fresh=False, known=known)\n",
         ("tests/unit/test_checkpoint.py::test_sharded_writer_rotates_only_after_the_new_checkpoint_is_committed",)),
     Mutation(
         "rotation never deletes the kept checkpoint or a newer one", "distributed_train/training/checkpoints/commit.py",

@@ -1,5 +1,6 @@
 """The benchmark scripts run: one pair of runs agrees on the final loss; the goodput validation
-kills a worker and accounts for it; the GPU acceptance script parses and covers every check."""
+kills a worker and accounts for it; the checkpoint-stall benchmark times both savers on both
+engines; the GPU acceptance script parses and covers every check."""
 
 import re
 import sys
@@ -36,6 +37,18 @@ def test_the_goodput_validation_kills_a_worker_and_accounts_for_it(tmp_path):
     (row,) = __import__("json").loads(out.read_text())["rows"]
     assert row["kills"] == 1 and row["restart_s"] > 0 and row["stall_s"] > 0, row
     assert 0 < row["measured"] < 1 and 0 < row["predicted"] < 1, row
+
+
+def test_the_checkpoint_stall_benchmark_times_both_savers_on_both_engines():
+    """Small (2M parameters, one timed save each): the table and the goal lines are printed; the
+    goals are the full benchmark's (not asserted here)."""
+    proc = run_cmd([sys.executable, str(REPO / "benchmarks" / "checkpoint_stall.py"), "--params", "2e6",
+                    "--repeats", "1"], timeout=180, check=False)
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| ddp", "| fsdp"))]
+    assert [row.split("|")[3].strip() for row in rows] == ["dtrain", "plain", "dtrain", "plain"], proc.stdout
+    assert all(float(cell.split()[0]) > 0 for row in rows for cell in row.strip("|").split("|")[3:]), rows
+    assert len(re.findall(r"^(met|NOT MET): +(ddp|fsdp): (stall|total) ", proc.stdout, re.M)) == 4, proc.stdout
 
 
 def test_the_gpu_acceptance_script_parses_and_covers_every_check():

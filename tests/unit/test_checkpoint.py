@@ -233,7 +233,7 @@ def test_rotation_never_deletes_a_checkpoint_newer_than_the_kept_one(tmp_path):
 def test_a_failed_commit_leaves_nothing_and_names_the_path(tmp_path, monkeypatch):
     _write(tmp_path, 1, _state(1.0))
 
-    def full_disk(final, step):
+    def full_disk(final, step, known=None):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(commit, "_commit", full_disk)  # fails after the rename, before the record

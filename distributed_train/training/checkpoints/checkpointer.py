@@ -73,16 +73,20 @@ class Checkpointer:
         return self.schedule.due()
 
     def save(self, step: int, state: StateFn) -> None:
-        """Collective save at a step boundary: every rank stages its shard, the write is in the background."""
+        """Collective save at a step boundary: every rank stages its share, the write is in the
+        background. Logged: `stall_s` (staging: training waits for it), `wait_s` (for the previous
+        save's write, still running: 0 when saves are far enough apart), `previous_write_s`."""
         start = time.perf_counter()
+        self.writer.wait()
+        waited = time.perf_counter() - start
         rngs = distributed.all_gather_object(rng_state())
         self.engine.sync_buffers()  # the buffers rank 0 holds are the ones every rank continues with
         self.writer.submit(step, self.engine, state(rngs) if self.env.is_main else None)
-        stall = self.last_stall_s = time.perf_counter() - start
-        self.logger.clock.add("checkpoint", stall)
+        stall = self.last_stall_s = time.perf_counter() - start - waited
+        self.logger.clock.add("checkpoint", stall + waited)
         write = self.writer.last_write_s
-        self.logger.log({"kind": "checkpoint", "step": step, "stall_s": stall, "previous_write_s": write,
-                         **self.schedule.saved(stall, write)})
+        self.logger.log({"kind": "checkpoint", "step": step, "stall_s": stall, "wait_s": waited,
+                         "previous_write_s": write, **self.schedule.saved(stall, write)})
 
     def save_on_preemption(self, step: int, state: StateFn, poisoned: bool, agreed: bool = True,
                            signalled_at: float | None = None) -> None:

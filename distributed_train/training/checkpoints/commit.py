@@ -63,10 +63,12 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def commit_directory(directory: Path, step: int, write: Callable[[], None], fresh: bool = True) -> Path:
+def commit_directory(directory: Path, step: int, write: Callable[[], None], fresh: bool = True,
+                     known: dict | None = None) -> Path:
     """The commit protocol: `write()` fills `.tmp-step-N`, which is fsynced, renamed to `step-N`
-    and committed with a record of its files' sizes and checksums. On failure nothing of this write
-    is left behind and CheckpointWriteFailed names the path; the previous checkpoints are untouched.
+    and committed with a record of its files' sizes and checksums (`known`: those the writers
+    computed while writing, `known_facts`). On failure nothing of this write is left behind and
+    CheckpointWriteFailed names the path; the previous checkpoints are untouched.
     `fresh=False`: the temporary folder already holds files written by every rank."""
     final = directory / checkpoint_name(step)
     tmp = directory / f"{TMP_PREFIX}{checkpoint_name(step)}"
@@ -83,7 +85,7 @@ def commit_directory(directory: Path, step: int, write: Callable[[], None], fres
             shutil.rmtree(final)
         tmp.rename(final)
         _fsync_path(directory)
-        _commit(final, step)
+        _commit(final, step, known)
     except OSError as exc:
         discard_failed_write(directory, step)
         raise CheckpointWriteFailed(f"writing checkpoint {final} failed: {error_text(exc)}; nothing of it was "
@@ -110,9 +112,18 @@ def file_facts(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": sha256(path)}
 
 
-def _commit(final: Path, step: int) -> None:
+def known_facts(path: Path, known: dict | None) -> dict:
+    """`known[path.name]` (a checksum its writer computed while writing) when its size is the
+    file's, else file_facts(path) (read and hashed now)."""
+    facts = (known or {}).get(path.name)
+    if facts is not None and facts["size"] == path.stat().st_size:
+        return facts
+    return file_facts(path)
+
+
+def _commit(final: Path, step: int, known: dict | None = None) -> None:
     """Write the commit record (through a rename, so it is whole or absent)."""
-    marker = new_record(step, {p.name: file_facts(p) for p in sorted(final.iterdir())})
+    marker = new_record(step, {p.name: known_facts(p, known) for p in sorted(final.iterdir())})
     marker_tmp = final / f".{MARKER}.tmp"
     with open(marker_tmp, "w") as f:
         json.dump(marker, f, indent=1)

@@ -52,12 +52,12 @@ def new_folder(step: int) -> str:
     return f"{commit.checkpoint_name(step)}-{secrets.token_hex(4)}"
 
 
-def upload(store: Store, folder: str, local_dir: Path, names: list[str]) -> dict:
+def upload(store: Store, folder: str, local_dir: Path, names: list[str], known: dict | None = None) -> dict:
     """Upload the files `names` of `local_dir` into `folder`; returns their {name: {size, sha256}}
-    (what the commit record lists)."""
+    (what the commit record lists), computed for those not `known` already (commit.known_facts)."""
     facts = {}
     for name in names:
-        facts[name] = commit.file_facts(local_dir / name)
+        facts[name] = commit.known_facts(local_dir / name, known)
         store.put_file(str(local_dir / name), f"{PREFIX}/{folder}/{name}")
     return facts
 

@@ -7,11 +7,15 @@ Layout of run_dir/checkpoints/step-00000120/:
                                                LR schedule, config, wandb id (weights_only)
     COMMITTED                                  sizes and sha256 of every file above
 
-A save (every rank): copy this rank's shard to host memory (the only stall), then in a background
-thread write it into `.tmp-step-...`. DCP's final step gathers every rank's result on rank 0 and
-writes `.metadata` only after every rank's files are written and fsynced, so when it returns on
-rank 0 the whole checkpoint is durable; rank 0 then writes train_state.pt, renames the directory
-into place, writes COMMITTED (through a rename of its own) and only then rotates old checkpoints.
+A save (every rank): copy what this rank writes to host memory (the only stall): its own shards,
+and its share of the replicated tensors (a ddp model and its optimizer state are divided among the
+ranks by size, so each rank stages and writes 1/world of them); the host buffers are kept and
+reused by the next save (pinned when the state is on a GPU). Then, in a background thread, write
+them into `.tmp-step-...`, hashing every file as it is written. DCP's final step gathers every
+rank's result on rank 0 and writes `.metadata` only after every rank's files are written and
+fsynced, so when it returns on rank 0 the whole checkpoint is durable; rank 0 then gathers the
+ranks' checksums, writes train_state.pt, renames the directory into place, writes COMMITTED
+(through a rename of its own) and only then rotates old checkpoints. Nothing is read back.
 A crash at any point leaves the previous committed checkpoint as the latest.
 
 Because tensors are keyed by name, not by rank, a checkpoint loads on any world size (DCP
@@ -24,7 +28,6 @@ import logging
 import os
 import shutil
 import warnings
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +38,7 @@ from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
 from distributed_train.files import error_text
 from distributed_train.storage import StorageError, Store
-from distributed_train.training.checkpoints import commit, remote
+from distributed_train.training.checkpoints import commit, remote, staging
 
 log = logging.getLogger("distributed_train")
 
@@ -105,6 +108,7 @@ class ShardedWriter:
         self.directory, self.is_main, self.rotate, self.store = directory, is_main, rotate, store
         self.group = torch_dist.new_group(backend="gloo") if torch_dist.is_initialized() else None
         self.background = commit.AsyncWriter()
+        self.stager = staging.Stager()  # host buffers kept from one save to the next
         self.last_committed = ""  # where the last checkpoint this rank committed is (a path or a URL)
 
     @property
@@ -115,6 +119,39 @@ class ShardedWriter:
         """Collective: every rank stages its shard now; the write and the commit follow in the
         background (`blocking`: before returning). `train_state` matters on rank 0 only."""
         self.wait()
+        tmp, folder = self._new_folder(step)
+        import torch.distributed.checkpoint as dcp  # imported when a checkpoint is saved (~0.5 s)
+
+        # One process alone (no group) saves in the background thread, where a `catch_warnings`
+        # would not apply (nor be thread-safe): torch's "torch.distributed is disabled ... single
+        # process" is filtered for the process instead (it states this intent, nothing else).
+        if self.group is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        state = model_and_optimizer(engine)
+        if self.group is not None:
+            state = staging.my_share(state, torch_dist.get_rank(self.group), torch_dist.get_world_size(self.group))
+        staged = self.stager.stage(state)  # the stall: what follows runs beside training
+        writer = staging.hashing_writer(tmp)
+
+        def write() -> None:
+            try:
+                dcp.save(staged, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+            except Exception as exc:  # DCP wraps a rank's OSError (a full disk) in its own exception
+                if self.is_main:
+                    commit.discard_failed_write(self.directory, step)
+                raise commit.CheckpointWriteFailed(
+                    f"writing checkpoint {self.directory / checkpoint_name(step)} failed: {_reason(exc)}; "
+                    "nothing of it was kept and the previous committed checkpoint is intact") from exc
+            # every rank's shard is written and fsynced once dcp.save returns on rank 0
+            self._finish(step, train_state, folder, writer.facts)
+
+        self.background.run(step, write)
+        if blocking:
+            self.wait()
+
+    def _new_folder(self, step: int) -> tuple[Path, str]:
+        """Collective: the empty temporary folder of checkpoint `step` (every rank sees it empty
+        before any writes) and, with object storage, the save's folder name, the same on every rank."""
         tmp = self.directory / f"{commit.TMP_PREFIX}{checkpoint_name(step)}"
         if self.is_main:
             try:
@@ -124,38 +161,30 @@ class ShardedWriter:
                 raise commit.CheckpointWriteFailed(f"cannot create {tmp}: {exc.strerror or exc}") from exc
         folder = remote.new_folder(step) if self.store else ""
         if self.group is not None:
-            torch_dist.barrier(group=self.group)  # the directory is empty before anyone writes
-            if self.store:  # one folder name for every rank's objects; each node stages in its own tmp
+            torch_dist.barrier(group=self.group)
+            if self.store:  # each node stages in its own tmp
                 box = [folder]
                 torch_dist.broadcast_object_list(box, src=0, group=self.group)
                 folder = box[0]
                 tmp.mkdir(parents=True, exist_ok=True)
-        import torch.distributed.checkpoint as dcp  # imported when a checkpoint is saved (~0.5 s)
-
-        # One process alone (no group) saves in DCP's thread, where a `catch_warnings` around this
-        # call has ended: torch's "torch.distributed is disabled ... single process" is filtered
-        # for the process instead (it states this intent, nothing else).
-        if self.group is None:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        future = dcp.async_save(model_and_optimizer(engine), checkpoint_id=str(tmp), process_group=self.group,
-                                no_dist=self.group is None)
-        self.background.run(step, lambda: self._finish(future, step, train_state, folder))
-        if blocking:
-            self.wait()
+        return tmp, folder
 
     def save_alone(self, step: int, engine: Engine, train_state: dict) -> Path:
         """Rank 0 writes and commits the whole state with no collective (after SIGTERM, when every
         rank holds the full model: ddp, accelerate, or one rank)."""
         self.wait()
         tmp = self.directory / f"{commit.TMP_PREFIX}{checkpoint_name(step)}"
+        known: dict = {}  # the checksums, computed while writing
 
         def write() -> None:
             import torch.distributed.checkpoint as dcp
 
             from distributed_train.training.checkpoints.safe_load import single_process_quietly
 
+            writer = staging.hashing_writer(tmp)
             with single_process_quietly():
-                dcp.save(model_and_optimizer(engine), checkpoint_id=str(tmp), no_dist=True)
+                dcp.save(model_and_optimizer(engine), storage_writer=writer, no_dist=True)
+            known.update(writer.facts)
             write_train_state(tmp, train_state)
 
         if self.store:
@@ -168,43 +197,43 @@ class ShardedWriter:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise commit.CheckpointWriteFailed(f"writing checkpoint {tmp} failed: {error_text(exc)}; the "
                                                    "previous committed checkpoint is intact") from exc
-            self._publish(step, tmp, remote.new_folder(step), alone=True)
+            self._publish(step, tmp, remote.new_folder(step), alone=True, known=known)
             return Path(self.last_committed)
-        final = commit.commit_directory(self.directory, step, write)
+        final = commit.commit_directory(self.directory, step, write, known=known)
         self.rotate(step)
         self.last_committed = str(final)
         return final
 
-    def _finish(self, future: Future, step: int, train_state: dict | None, folder: str) -> None:
+    def _finish(self, step: int, train_state: dict | None, folder: str, facts: dict) -> None:
+        """After every rank wrote its files (`facts`: their sizes and checksums): commit them."""
         tmp = self.directory / f"{commit.TMP_PREFIX}{checkpoint_name(step)}"
-        try:
-            future.result()  # every rank's shard is written and fsynced once this returns on rank 0
-        except Exception as exc:  # DCP wraps a rank's OSError (a full disk) in its own exception
-            if self.is_main:
-                commit.discard_failed_write(self.directory, step)
-            raise commit.CheckpointWriteFailed(
-                f"writing checkpoint {self.directory / checkpoint_name(step)} failed: {_reason(exc)}; "
-                "nothing of it was kept and the previous committed checkpoint is intact") from exc
         if self.store:
             if self.is_main:
                 write_train_state(tmp, train_state)
-            self._publish(step, tmp, folder)
-        elif self.is_main:
+            self._publish(step, tmp, folder, known=facts)
+            return
+        every = [facts]
+        if self.group is not None:
+            every = [None] * torch_dist.get_world_size(self.group)
+            torch_dist.all_gather_object(every, facts, group=self.group)
+        if self.is_main:
+            known = {name: meta for rank_facts in every for name, meta in rank_facts.items()}
             commit.commit_directory(self.directory, step, lambda: write_train_state(tmp, train_state),
-                                        fresh=False)
+                                    fresh=False, known=known)
             self.rotate(step)
             self.last_committed = str(self.directory / checkpoint_name(step))
 
-    def _publish(self, step: int, tmp: Path, folder: str, alone: bool = False) -> None:
+    def _publish(self, step: int, tmp: Path, folder: str, alone: bool = False, known: dict | None = None) -> None:
         """Object storage: every rank uploads the files it wrote (`alone`: this rank wrote them
-        all), their sizes and checksums go to rank 0, which creates the commit record last and
-        rotates. The local staging folder is removed either way."""
+        all), their sizes and checksums (`known`: those computed while writing) go to rank 0,
+        which creates the commit record last and rotates. The local staging folder is removed
+        either way."""
         rank = 0 if alone or self.group is None else torch_dist.get_rank(self.group)
         mine = sorted(name for name in os.listdir(tmp) if alone or name.startswith(f"__{rank}_")
                       or (self.is_main and name in (DCP_METADATA, TRAIN_STATE)))
         facts, error = {}, None
         try:
-            facts = remote.upload(self.store, folder, tmp, mine)
+            facts = remote.upload(self.store, folder, tmp, mine, known)
         except (StorageError, OSError) as exc:
             error = str(exc) if isinstance(exc, StorageError) else f"{tmp}: {error_text(exc)}"
         every = [(facts, error)]
