@@ -122,6 +122,22 @@ def test_sigkill_of_a_worker_restarts_and_resumes_bit_identical(tmp_path, refere
     _assert_identical(_final(run_dir), reference)
 
 
+def test_an_attempt_that_died_before_recording_anything_is_in_the_wall_time(tmp_path):
+    """The launch's first attempt dies in model() after 1.5 s; torchrun's restart trains. The
+    job's wall time starts at the command, so those seconds count (as `between`)."""
+    run_dir = tmp_path / "run"
+    task = f"--task={Path(__file__).parents[1] / 'tasks' / 'fault_tasks.py'}:DiesOnFirstAttempt"
+    code, out, err = _finish(_launch(run_dir, "--max-restarts", "1", args=[
+        "--nproc-per-node", "1", task, "--train.max_steps=20", "--log.wandb=disabled"]))
+    assert code == 0, err
+    (start,) = [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if e.get("kind") == "start"]
+    assert start["attempt_t0"] - start["command_t0"] >= 1.5, start  # the restart's own start, later
+    parts = json.loads((run_dir / "summary.json").read_text())["goodput"]
+    assert parts["attempts"] == 1 and parts["between"] >= 1.5, parts
+    assert parts["wall_s"] >= start["time"] - start["command_t0"], (parts, start)
+
+
 def test_sigterm_checkpoints_then_rerun_resumes_and_damaged_checkpoint_falls_back(tmp_path, reference):
     run_dir = tmp_path / "run"
     newest = _sigterm_after_a_checkpoint(_launch(run_dir), run_dir, STEPS)

@@ -180,3 +180,14 @@ class StopsItself(Regression):
                 from tests.tasks.stop_signal import send
                 send(os.getpid(), getattr(signal, self.signal))
         return super().loss(model, batch)
+
+
+class DiesOnFirstAttempt(Regression):
+    """The first attempt of a launch (TORCHELASTIC_RESTART_COUNT 0) spends 1.5 s in model() and
+    dies there, before recording anything; torchrun's restart trains."""
+
+    def model(self):
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":  # a worker (dtrain launch checks the task too)
+            time.sleep(1.5)
+            os._exit(1)
+        return super().model()

@@ -89,6 +89,19 @@ def test_the_command_start_is_the_first_attempts_start_and_is_checked(monkeypatc
         goodput.attempt_start({"DTRAIN_COMMAND_T0": "soon"})
 
 
+def test_attempts_that_died_before_recording_count_from_the_command_start(monkeypatch):
+    # dtrain launch at 90; its first attempt died before its `start` event; torchrun's restart
+    # began at 100 (its own process start) and recorded the command's start beside its own.
+    events = [{**start(100.0, 0, startup=4.0), "command_t0": 90.0}, record("train", 10, 120.0),
+              {**start(130.0, 10, startup=2.0), "command_t0": 90.0}, record("train", 20, 140.0)]
+    result = breakdown(events)
+    assert_adds_up(result)
+    assert result["wall_s"] == 50.0 and result["between"] == 10.0 + 10.0  # 90 -> 100, then 120 -> 130
+    monkeypatch.setattr(goodput, "process_start", lambda: 1000.0)
+    assert goodput.command_start({"DTRAIN_COMMAND_T0": "990.5", "TORCHELASTIC_RESTART_COUNT": "3"}) == 990.5
+    assert goodput.command_start({}) is None and goodput.command_start({"DTRAIN_COMMAND_T0": "2000"}) == 1000.0
+
+
 def test_this_process_start_is_in_the_past():
     import time
 

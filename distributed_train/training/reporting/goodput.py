@@ -14,7 +14,9 @@ evaluation, checkpoint stall). Wall time then splits into categories that add up
 - lost: an attempt's time after the last point that the next attempt resumed from (work redone);
 - between: from an attempt's last record to the next attempt's start (detecting the failure,
   restarting, waiting in a queue). A killed attempt's time after its last record is unknown and
-  counts here: records come at every log, evaluation and checkpoint step.
+  counts here: records come at every log, evaluation and checkpoint step. So does the time from
+  the command's start (`command_t0`) to the first recorded attempt's start: attempts killed
+  before they recorded anything, and their restarts.
 """
 
 from __future__ import annotations
@@ -42,19 +44,28 @@ def process_start() -> float:
         return time.time()
 
 
-def attempt_start(environ: dict | None = None) -> float:
-    """When this attempt began: the command's start (DTRAIN_COMMAND_T0) for a first attempt,
-    this process's start for a torchrun restart or without the variable."""
+def command_start(environ: dict | None = None) -> float | None:
+    """The start of the command that runs this attempt (DTRAIN_COMMAND_T0, never after this
+    process's start), or None without the variable."""
     environ = os.environ if environ is None else environ
-    own = process_start()
-    if environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or COMMAND_START_ENV not in environ:
-        return own
+    if COMMAND_START_ENV not in environ:
+        return None
     try:
         command = float(environ[COMMAND_START_ENV])
     except ValueError:
         raise UsageError(f"{COMMAND_START_ENV}={environ[COMMAND_START_ENV]!r} is not a Unix time in seconds "
                          "(dtrain launch sets it; unset it)") from None
-    return command if command <= own else own
+    return min(command, process_start())
+
+
+def attempt_start(environ: dict | None = None) -> float:
+    """When this attempt began: the command's start (DTRAIN_COMMAND_T0) for a first attempt,
+    this process's start for a torchrun restart or without the variable."""
+    environ = os.environ if environ is None else environ
+    command = command_start(environ)
+    if environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or command is None:
+        return process_start()
+    return command
 
 
 class AttemptClock:
@@ -62,12 +73,16 @@ class AttemptClock:
 
     def __init__(self) -> None:
         self.t0 = attempt_start()
+        self.command_t0 = command_start()
         self.totals = dict.fromkeys(LOOP_PARTS, 0.0)
 
     def started(self, restore_s: float) -> dict:
-        """The `start` event's fields, when the training loop is about to begin."""
+        """The `start` event's fields, when the training loop is about to begin; `command_t0`:
+        the command's start (under `dtrain launch`), so a job whose first attempts died before
+        recording anything still begins there."""
+        command = {"command_t0": round(self.command_t0, 3)} if self.command_t0 is not None else {}
         return {"attempt_t0": round(self.t0, 3), "startup_s": round(max(0.0, time.time() - self.t0), 3),
-                "restore_s": round(restore_s, 3)}
+                "restore_s": round(restore_s, 3), **command}
 
     def add(self, part: str, seconds: float) -> None:
         self.totals[part] += seconds
@@ -113,6 +128,9 @@ def breakdown(events: list[dict], now: float | None = None) -> dict | None:
     if not attempts:
         return None
     parts = dict.fromkeys(CATEGORIES, 0.0)
+    first = attempts[0][0]
+    if isinstance(first.get("command_t0"), (int, float)):  # attempts that died before their `start`
+        parts["between"] += max(0.0, float(first.get("attempt_t0", first["time"])) - first["command_t0"])
     for index, attempt in enumerate(attempts):
         start = attempt[0]
         t0 = float(start.get("attempt_t0", start["time"]))
