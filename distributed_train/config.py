@@ -144,8 +144,9 @@ class CheckpointConfig:
     mtbf_hours: float = opt(0.0, "with interval=auto: the job's mean time between failures; 0 = learned "
                                  "from this run directory's failures so far")
     grace_s: float = opt(25.0, "seconds a checkpoint after SIGTERM may take (torchrun and Kubernetes kill "
-                               "30 s after it by default); when this attempt's last save says it would not "
-                               "fit, the last committed checkpoint stands")
+                               "30 s after it by default; dtrain k8s and dtrain slurm set it from their grace "
+                               "period); when this attempt's last save says it would not fit, the last "
+                               "committed checkpoint stands")
     keep_last: int = opt(2, "committed checkpoints kept after rotation")
     resume: str = opt("auto", "auto (latest committed in run_dir), never, or a checkpoint path")
     on_sigterm: bool = opt(True, "on SIGTERM, finish the step, commit a checkpoint and exit")

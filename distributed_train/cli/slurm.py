@@ -86,9 +86,11 @@ def check(options: argparse.Namespace) -> None:
             raise UsageError(f"--sbatch {line!r} must be an sbatch option (e.g. --exclusive)")
 
 
-def resolve(train: list[str]) -> tuple[str | None, list[str], str]:
-    """(CONFIG, overrides, run_dir) validated as `dtrain train` would read them."""
-    from distributed_train.cli.train import resolve_config, split_config_args
+def resolve(train: list[str], signal_before: int | None = None) -> tuple[str | None, list[str], str]:
+    """(CONFIG, overrides, run_dir) validated as `dtrain train` would read them; with
+    `signal_before`, checkpoint.grace_s fitted to it is added where the config leaves it unset
+    (torchrun SIGKILLs the workers 10 s before the time limit: `_srun_line`)."""
+    from distributed_train.cli.train import resolve_config, split_config_args, stop_budget
 
     train = [a for a in train if a != "--debug"]
     train.sort(key=lambda arg: arg.startswith("-"))  # CONFIG first, wherever it was given (a stable sort)
@@ -97,6 +99,9 @@ def resolve(train: list[str]) -> tuple[str | None, list[str], str]:
     if not config.checkpoint.periodic:
         print("dtrain slurm: warning: checkpoint.every_steps is 0: a node lost without a signal restarts the "
               "run from step 0; set checkpoint.every_steps", file=sys.stderr)
+    if signal_before is not None:
+        overrides = [*stop_budget(config_path, overrides, config, signal_before - 15,
+                                  f"--signal-before {signal_before}"), *overrides]
     return config_path, overrides, config.run_dir or ""
 
 
@@ -124,6 +129,8 @@ def _srun_line(options: argparse.Namespace, config_path: str | None, overrides: 
                  '--container-workdir="$PWD"'] if options.container_image else []
     overrides = [o for o in overrides if o.split("=", 1)[0].replace("-", "_") != "__run_dir"]  # RUN_DIR has it
     launch = [*(["--nproc-per-node", str(options.procs_per_node)] if not options.gpus_per_node else []),
+              # torchrun's SIGKILL (30 s after SIGTERM by default) only shortly before the time limit
+              "--shutdown-timeout", str(options.signal_before - 10),
               *([shlex.quote(config_path)] if config_path else []), *map(shlex.quote, overrides),
               '--run_dir="$RUN_DIR"']
     return " ".join(["srun --kill-on-bad-exit=1", *container, python, "launch", *launch])
@@ -178,7 +185,7 @@ def main(argv: list[str]) -> int:
     ours, train = split_args(argv)
     options = _parser().parse_args(ours)
     check(options)
-    config_path, overrides, run_dir = resolve(train)
+    config_path, overrides, run_dir = resolve(train, options.signal_before)
     text = script(options, config_path, overrides, run_dir, [a for a in argv if a != "--submit"])
     if not options.submit:
         print(text, end="")

@@ -11,6 +11,7 @@ from typing import TextIO
 
 from distributed_train.errors import (
     EXIT_USAGE,
+    UsageError,
     count_sigints,
     print_error,
     refuse_signals_to_self,
@@ -80,6 +81,23 @@ def resolve_config(config_path: str | None, overrides: list[str]):
     from distributed_train.task import config_defaults
 
     return load_config(config_path, overrides, task_defaults=config_defaults)
+
+
+def stop_budget(config_path: str | None, overrides: list[str], config, window_s: int, flag: str) -> list[str]:
+    """For a scheduler that leaves a stop checkpoint `window_s` seconds (its grace period, named by
+    `flag`): `--checkpoint.grace_s=<window_s>` to add where the configuration leaves it at its
+    default; [] where it sets it; UsageError where what it sets does not fit."""
+    from distributed_train.config import CheckpointConfig, read_config_file
+
+    named = any(o.split("=", 1)[0].lstrip("-").replace("-", "_") == "checkpoint.grace_s" for o in overrides)
+    section = (read_config_file(config_path) if config_path else {}).get("checkpoint")
+    named = named or (isinstance(section, dict) and "grace_s" in section)
+    if not named and config.checkpoint.grace_s == CheckpointConfig().grace_s:
+        return [f"--checkpoint.grace_s={window_s}"]
+    if config.checkpoint.grace_s > window_s:
+        raise UsageError(f"checkpoint.grace_s={config.checkpoint.grace_s:g} does not fit {flag}: a checkpoint after "
+                         f"SIGTERM has {window_s} s there; lower checkpoint.grace_s or raise {flag}")
+    return []
 
 
 def anchor_paths(config, start_dir: str) -> None:

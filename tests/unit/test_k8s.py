@@ -135,7 +135,7 @@ def test_trainjob_runs_dtrain_launch_on_the_torch_runtime():
     # Node and process counts come from the runtime's PET_NNODES / PET_NPROC_PER_NODE.
     assert "--nnodes" not in args and "--nproc-per-node" not in args
     assert args[args.index("--rdzv-endpoint") + 1] == f"llm-node-0-0.llm:{RDZV_PORT}"
-    assert args[-3:] == [CONFIG_PATH, "--run_dir=/runs/llm", "--train.lr=0.01"]
+    assert args[-4:] == [CONFIG_PATH, "--run_dir=/runs/llm", "--checkpoint.grace_s=100", "--train.lr=0.01"]
     env = {e["name"]: e for e in trainer["env"]}
     assert env["DTRAIN_WAIT_FOR_HOST"]["value"] == "llm-node-0-0.llm"
     assert env["NCCL_DEBUG"]["valueFrom"]["configMapKeyRef"] == {"name": "llm-env", "key": "NCCL_DEBUG"}
@@ -275,7 +275,7 @@ def test_job_contract_rendezvous_restarts_and_resources():
     for flag, value in [("--nnodes", "3"), ("--nproc-per-node", "4"), ("--rdzv-backend", "c10d"),
                         ("--rdzv-endpoint", f"llm-0.llm:{RDZV_PORT}"), ("--rdzv-id", "llm"), ("--max-restarts", "2")]:
         assert args[args.index(flag) + 1] == value, flag
-    assert args[-3:] == [CONFIG_PATH, "--run_dir=/runs/llm", "--train.lr=0.01"]
+    assert args[-4:] == [CONFIG_PATH, "--run_dir=/runs/llm", "--checkpoint.grace_s=100", "--train.lr=0.01"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and env["DTRAIN_WAIT_FOR_HOST"] == "llm-0.llm"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
@@ -327,6 +327,7 @@ def test_cpu_mode_has_no_gpus_and_an_existing_claim_is_not_rendered(tmp_path):
     (["--run-dir-url", "s3://bucket/x", "--pvc", "shared"], "--run-dir-url"),
     (["--storage-secret", "S3_Creds"], "--storage-secret"),
     (["--train.lr=-1"], "train.lr"),
+    (["--grace-period", "60", "--checkpoint.grace_s=45"], "checkpoint.grace_s"),  # 40 s fit
 ])
 def test_bad_input_is_one_line_naming_the_flag_and_exit_2(args, flag, capsys):
     argv = ["k8s", "--image", IMAGE, *args] if "--image" not in args else ["k8s", *args]
@@ -335,6 +336,21 @@ def test_bad_input_is_one_line_naming_the_flag_and_exit_2(args, flag, capsys):
     assert captured.out == ""  # no manifest printed
     lines = [line for line in captured.err.splitlines() if not line.startswith("dtrain k8s: warning")]
     assert len(lines) == 1 and lines[0].startswith("dtrain: error:") and flag in lines[0], captured.err
+
+
+def test_the_stop_checkpoint_budget_follows_the_grace_period(tmp_path):
+    """torchrun SIGKILLs the workers 15 s before Kubernetes would; a checkpoint after SIGTERM gets
+    5 s less than that, unless the configuration chose a budget that fits."""
+    def args(*extra: str) -> list[str]:
+        return by_kind(render("--cpu", *extra), "Job")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert "--checkpoint.grace_s=40" in args("--grace-period", "60")
+    assert args("--grace-period", "60")[args("--grace-period", "60").index("--shutdown-timeout") + 1] == "45"
+    chosen = args("--grace-period", "60", "--checkpoint.grace_s=12")
+    assert [a for a in chosen if a.startswith("--checkpoint.grace_s")] == ["--checkpoint.grace_s=12"]
+    config = tmp_path / "config.yaml"
+    config.write_text("checkpoint:\n  grace_s: 25\n")  # the default's value, but chosen
+    assert not any(a.startswith("--checkpoint.grace_s") for a in args("--grace-period", "60", str(config)))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -15,7 +15,7 @@ def _script(*args: str) -> str:
     ours, train = slurm.split_args(list(args))
     options = slurm._parser().parse_args(ours)
     slurm.check(options)
-    config_path, overrides, run_dir = slurm.resolve(train)
+    config_path, overrides, run_dir = slurm.resolve(train, options.signal_before)
     return slurm.script(options, config_path, overrides, run_dir, list(args))
 
 
@@ -32,7 +32,9 @@ def test_the_script_asks_for_nodes_time_and_a_signal_and_runs_one_launch_per_nod
                       "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue",
                       "#SBATCH --exclusive"]
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
-    assert srun.endswith(" launch examples/charlm_tiny.yaml --checkpoint.every_steps=100 --run_dir=\"$RUN_DIR\" &")
+    # torchrun kills the workers 10 s before the time limit; a stop checkpoint may take 5 s less
+    assert srun.endswith(" launch --shutdown-timeout 290 examples/charlm_tiny.yaml --checkpoint.grace_s=285 "
+                         "--checkpoint.every_steps=100 --run_dir=\"$RUN_DIR\" &")
     assert "RUN_DIR=/shared/runs/llm" in text and "--nproc-per-node" not in srun  # one worker per GPU
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "trap stop USR1 TERM" in text
     (tmp_path / "job.sh").write_text(text)
@@ -43,7 +45,8 @@ def test_cpu_nodes_a_container_and_no_requeue():
     text = _script("--nodes", "2", "--procs-per-node", "3", "--container-image", "nvcr.io/x/dtrain:1",
                    "--no-requeue", "digits")
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
-    assert "--container-image=nvcr.io/x/dtrain:1" in srun and " dtrain launch --nproc-per-node 3 --task=digits " in srun
+    assert "--container-image=nvcr.io/x/dtrain:1" in srun
+    assert " dtrain launch --nproc-per-node 3 --shutdown-timeout 110 --checkpoint.grace_s=105 --task=digits " in srun
     assert "#SBATCH --cpus-per-task=3" in text and "--gpus-per-node" not in text
     assert "--requeue" not in text and "scontrol requeue" not in text
     assert "RUN_DIR=runs/dtrain" in text  # runs/JOB_NAME: the same folder for every requeue of the job
@@ -56,6 +59,7 @@ def test_cpu_nodes_a_container_and_no_requeue():
     (["--partition", "gpu big"], "--partition"),
     (["--job-name", "a;b"], "--job-name"),
     (["--signal-before", "5"], "--signal-before"),
+    (["--signal-before", "30", "--checkpoint.grace_s=20"], "checkpoint.grace_s"),  # 15 s fit
     (["--sbatch", "exclusive"], "--sbatch"),
     (["--output", "a\nb"], "--output"),
     (["--train.lr=-1"], "train.lr"),
