@@ -9,8 +9,9 @@ torchrun restarts the workers, which resume from the last committed checkpoint. 
 
 - measured: the job's goodput breakdown (summary.json) without the first start-up, which the model
   does not have: (productive + data wait + evaluation) / (wall - first start-up);
-- predicted: Daly's model at the interval the job used (goodput.goodput_at), for the stall and
-  write times its checkpoints measured, its restart cost (start-up, restore and time between
+- predicted: Daly's model at the interval the job used (goodput.goodput_at), for the stall,
+  write time and write cost (the write's CPU time, taken from training's cores) its checkpoints
+  measured, its restart cost (start-up, restore and time between
   attempts, per restart) and its failure rate (kills / wall time).
 
     python benchmarks/goodput_validation.py                  # ~12 min on 2 cores
@@ -93,10 +94,12 @@ def run_job(run_dir: Path, steps: int, checkpoint: list[str], kills: list[float]
     events = goodput.read_raw(run_dir)
     saves = [e for e in events if e.get("kind") == "checkpoint" and not e.get("on_stop")]
     writes = [e["previous_write_s"] for e in saves if e.get("previous_write_s")]
+    costs = [e["write_cost_s"] for e in saves if e.get("previous_write_s")]
     chosen = [e["interval_s"] for e in saves[1:] if e.get("interval_s")]
     return {"parts": summary["goodput"], "kills": done, "first_startup": events[0].get("startup_s", 0.0),
             "stall_s": statistics.median(e["stall_s"] for e in saves),
             "write_s": statistics.median(writes) if writes else 0.0,
+            "write_cost_s": statistics.median(costs) if costs else 0.0,
             "interval_s": statistics.median(chosen) if chosen else None}
 
 
@@ -106,7 +109,8 @@ def compare(name: str, job: dict) -> dict:
     wall = parts["wall_s"] - job["first_startup"]
     measured = (parts["productive"] + parts["data_wait"] + parts["evaluation"]) / wall
     restart = (parts["startup"] - job["first_startup"] + parts["restore"] + parts["between"]) / kills
-    inputs = {"stall_s": job["stall_s"], "write_s": job["write_s"], "mtbf_s": wall / kills, "restart_s": restart}
+    inputs = {"stall_s": job["stall_s"], "write_s": job["write_s"], "write_cost_s": job["write_cost_s"],
+              "mtbf_s": wall / kills, "restart_s": restart}
     predicted = goodput.goodput_at(job["interval_s"], inputs)
     return {"config": name, "interval_s": job["interval_s"], "kills": job["kills"], "wall_s": parts["wall_s"],
             "measured": measured, "predicted": predicted, "goodput": parts["goodput"], **inputs}
@@ -136,11 +140,12 @@ def main() -> int:
             job = run_job(folder / f"x{factor:g}", args.steps, [f"--checkpoint.every_minutes={minutes:.6f}"],
                           kills, args.seed)
             rows.append(compare(f"fixed, auto x{factor:g}", {**job, "interval_s": job["interval_s"] or minutes * 60}))
-    print("| configuration | interval s | kills | wall s | stall s | write s | restart s | goodput measured "
-          "| predicted | difference |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| configuration | interval s | kills | wall s | stall s | write s | write cost s | restart s "
+          "| goodput measured | predicted | difference |\n" + "| --- " * 11 + "|")
     for r in rows:
         print(f"| {r['config']} | {r['interval_s']:.2f} | {r['kills']} | {r['wall_s']:.0f} | {r['stall_s']:.3f} | "
-              f"{r['write_s']:.3f} | {r['restart_s']:.1f} | {r['measured']:.1%} | {r['predicted']:.1%} | "
+              f"{r['write_s']:.3f} | {r['write_cost_s']:.3f} | {r['restart_s']:.1f} | {r['measured']:.1%} | "
+              f"{r['predicted']:.1%} | "
               f"{100 * (r['measured'] - r['predicted']):+.1f} points |")
     goals = [(f"{r['config']}: measured within 5 points of predicted", abs(r["measured"] - r["predicted"]) <= 0.05)
              for r in rows]

@@ -63,8 +63,10 @@ def _measured(run_dir: str) -> dict:
     parts = goodput.breakdown(events) or {}
     attempts = max(1, parts.get("attempts", 1))
     restart = (parts.get("startup", 0) + parts.get("restore", 0) + parts.get("between", 0)) / attempts
+    costs = [e["write_cost_s"] for e in saves if isinstance(e.get("write_cost_s"), (int, float))]
     return {"stall_s": statistics.median(e["stall_s"] for e in saves),
-            "write_s": statistics.median(writes) if writes else 0.0, "restart_s": restart}
+            "write_s": statistics.median(writes) if writes else 0.0, "restart_s": restart,
+            "write_cost_s": statistics.median(costs) if costs else 0.0}
 
 
 def _inputs(args: argparse.Namespace) -> dict:
@@ -86,17 +88,19 @@ def _inputs(args: argparse.Namespace) -> dict:
         mtbf_s = args.node_mtbf_hours * 3600 / math.ceil(args.gpus / args.gpus_per_node)
     else:
         raise UsageError("dtrain plan needs a failure rate: --mtbf-hours, --failures-per-gpu-hour or --node-mtbf-hours")
+    cost = 0.0  # the measured write's share of the cores: only with the measured stall, of the same job
     if args.stall_s is not None:
         stall = args.stall_s
     elif args.state_gib is not None:
         stall = args.state_gib / args.gpus / args.stage_gib_per_s
     elif measured:
-        stall = measured["stall_s"]
+        stall, cost = measured["stall_s"], measured["write_cost_s"]
     else:
         raise UsageError("dtrain plan needs the save stall: --stall-s, --state-gib or --from-run")
     restart = args.restart_s if args.restart_s is not None else measured.get("restart_s", 300.0)
     return {"gpus": args.gpus, "mtbf_s": mtbf_s, "stall_s": stall,
             "write_s": args.write_s or measured.get("write_s", 0.0),
+            "write_cost_s": cost,
             "restart_s": restart + (0.0 if args.elastic else args.replace_s)}
 
 
@@ -105,8 +109,8 @@ def plan(inputs: dict, interval_s: float | None = None) -> dict:
     best = goodput.best_interval(inputs)
 
     def at(interval: float, values: dict) -> dict:
-        stall = values["stall_s"] + max(0.0, values["write_s"] - interval)
-        shares = goodput.predicted_breakdown(interval, stall, values["mtbf_s"], values["restart_s"])
+        shares = goodput.predicted_breakdown(interval, goodput.save_cost(interval, values), values["mtbf_s"],
+                                             values["restart_s"])
         return {"interval_s": interval, **{k: round(v, 5) for k, v in shares.items()}}
 
     knobs = {"stall halved": {"stall_s": inputs["stall_s"] / 2}, "write halved": {"write_s": inputs["write_s"] / 2},

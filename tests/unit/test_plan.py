@@ -55,10 +55,19 @@ def test_a_run_gives_its_measured_stall_write_and_restart(tmp_path, capsys):
     events = [{"kind": "start", "step": 0, "time": 100.0, "attempt_t0": 90.0, "startup_s": 10.0, "restore_s": 0.0},
               {"kind": "checkpoint", "step": 10, "time": 110.0, "stall_s": 0.4, "previous_write_s": 0},
               {"kind": "checkpoint", "step": 20, "time": 120.0, "stall_s": 0.6, "previous_write_s": 2.0},
-              {"kind": "checkpoint", "step": 30, "time": 130.0, "stall_s": 0.5, "previous_write_s": 3.0}]
+              {"kind": "checkpoint", "step": 30, "time": 130.0, "stall_s": 0.5, "previous_write_s": 3.0,
+               "write_cost_s": 0.8}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    inputs = run(capsys, "plan", "--gpus", "8", "--mtbf-hours", "24", "--from-run", str(tmp_path))["inputs"]
+    result = run(capsys, "plan", "--gpus", "8", "--mtbf-hours", "24", "--from-run", str(tmp_path))
+    inputs = result["inputs"]
     assert (inputs["stall_s"], inputs["write_s"], inputs["restart_s"]) == (0.5, 2.5, 10.0)
+    # A CPU run's background write took 0.8 s of training's cores: a cost of every save, as the stall.
+    assert inputs["write_cost_s"] == 0.8
+    assert goodput.goodput_at(600.0, inputs) == goodput.goodput_at(600.0, {**inputs, "stall_s": 1.3,
+                                                                           "write_cost_s": 0.0})
+    assert result["optimal"]["interval_s"] == pytest.approx(goodput.best_interval(inputs))
+    given = run(capsys, "plan", "--gpus", "8", "--mtbf-hours", "24", "--from-run", str(tmp_path), "--stall-s", "2")
+    assert given["inputs"]["write_cost_s"] == 0.0  # another job's stall: not this run's cores
 
 
 @pytest.mark.parametrize("argv, message", [

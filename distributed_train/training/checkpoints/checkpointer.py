@@ -75,7 +75,8 @@ class Checkpointer:
     def save(self, step: int, state: StateFn) -> None:
         """Collective save at a step boundary: every rank stages its share, the write is in the
         background. Logged: `stall_s` (staging: training waits for it), `wait_s` (for the previous
-        save's write, still running: 0 when saves are far enough apart), `previous_write_s`."""
+        save's write, still running: 0 when saves are far enough apart), `previous_write_s`, and
+        `write_cost_s`: that write's CPU time when training runs on the CPU (it shares the cores)."""
         start = time.perf_counter()
         self.writer.wait()
         waited = time.perf_counter() - start
@@ -85,8 +86,11 @@ class Checkpointer:
         stall = self.last_stall_s = time.perf_counter() - start - waited
         self.logger.clock.add("checkpoint", stall + waited)
         write = self.writer.last_write_s
+        # Training on the CPU, the background write's CPU time is taken from training's cores.
+        cost = self.writer.last_write_cpu_s if self.engine.device.type == "cpu" else 0.0
         self.logger.log({"kind": "checkpoint", "step": step, "stall_s": stall, "wait_s": waited,
-                         "previous_write_s": write, **self.schedule.saved(stall, write)})
+                         "previous_write_s": write, "write_cost_s": round(cost, 4),
+                         **self.schedule.saved(stall, write, cost)})
 
     def save_on_preemption(self, step: int, state: StateFn, poisoned: bool, agreed: bool = True,
                            signalled_at: float | None = None) -> None:

@@ -291,18 +291,19 @@ class AsyncWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_write_s = 0.0
+        self.last_write_cpu_s = 0.0  # the background thread's CPU time (user and system) for that write
 
     def run(self, step: int, work: Callable[[], None]) -> None:
         """Run `work` (the write of checkpoint `step`) in the background, after the previous one."""
         self.wait()
 
         def background() -> None:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 work()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
                 self._error = exc
-            self.last_write_s = time.perf_counter() - start
+            self.last_write_s, self.last_write_cpu_s = time.perf_counter() - start, time.thread_time() - cpu
 
         self._thread = threading.Thread(target=background, name=f"checkpoint-{step}", daemon=True)
         self._thread.start()

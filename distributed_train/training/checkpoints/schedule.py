@@ -51,20 +51,22 @@ class CheckpointSchedule:
             return True
         return time.monotonic() - self.last_save >= self.interval_s
 
-    def saved(self, stall_s: float, write_s: float) -> dict:
+    def saved(self, stall_s: float, write_s: float, write_cost_s: float = 0.0) -> dict:
         """After a save (every rank): restart the clock; with interval=auto choose the next
         interval from this save's stall and the last background write's time (a save waits for
-        it). Returns fields for the checkpoint event."""
+        it) and cost (goodput.save_cost). Returns fields for the checkpoint event."""
         self.last_save = time.monotonic()
         if self.settings.interval != "auto" or not self.is_main:
             return {"interval_s": round(self.interval_s, 3)} if self.interval_s else {}
         mtbf_s, source = self._mtbf()
-        inputs = {"stall_s": stall_s, "write_s": write_s, "mtbf_s": mtbf_s, "restart_s": 0.0}
+        inputs = {"stall_s": stall_s, "write_s": write_s, "write_cost_s": write_cost_s, "mtbf_s": mtbf_s,
+                  "restart_s": 0.0}
         chosen = goodput.best_interval(inputs)
         if self.interval_s is None or abs(chosen - self.interval_s) > 0.1 * self.interval_s:
-            log.info("checkpoint.interval=auto: a checkpoint every %.1f s (save stall %.3f s, write %.2f s, mean "
-                     "time between failures %.2f h %s; expected goodput from checkpoints and failures %.1f%%)",
-                     chosen, stall_s, write_s, mtbf_s / 3600, source, 100 * goodput.goodput_at(chosen, inputs))
+            log.info("checkpoint.interval=auto: a checkpoint every %.1f s (save stall %.3f s, write %.2f s costing "
+                     "training %.2f s, mean time between failures %.2f h %s; expected goodput from checkpoints and "
+                     "failures %.1f%%)", chosen, stall_s, write_s, write_cost_s, mtbf_s / 3600, source,
+                     100 * goodput.goodput_at(chosen, inputs))
         self.interval_s = chosen
         return {"interval_s": round(chosen, 3), "mtbf_s": round(mtbf_s, 1)}
 

@@ -115,6 +115,10 @@ class ShardedWriter:
     def last_write_s(self) -> float:
         return self.background.last_write_s
 
+    @property
+    def last_write_cpu_s(self) -> float:
+        return self.background.last_write_cpu_s
+
     def submit(self, step: int, engine: Engine, train_state: dict | None, blocking: bool = False) -> None:
         """Collective: every rank stages its shard now; the write and the commit follow in the
         background (`blocking`: before returning). `train_state` matters on rank 0 only."""

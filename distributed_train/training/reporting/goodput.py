@@ -187,11 +187,17 @@ def optimal_interval(stall_s: float, mtbf_s: float) -> float:
     return (low + high) / 2
 
 
+def save_cost(interval_s: float, inputs: dict) -> float:
+    """What one save costs the training loop (Daly's δ) at `interval_s`: its stall, the CPU time
+    of its background write where that comes out of training's own cores (`write_cost_s`: a job
+    training on the CPU), and the wait for the previous write when saves come faster than it."""
+    return inputs["stall_s"] + inputs.get("write_cost_s", 0.0) + max(0.0, inputs["write_s"] - interval_s)
+
+
 def goodput_at(interval_s: float, inputs: dict) -> float:
     """Expected goodput checkpointing every `interval_s` of work, `inputs` holding stall_s, write_s,
-    mtbf_s and restart_s: a save waits for the previous write, so a shorter interval stalls longer."""
-    stall = inputs["stall_s"] + max(0.0, inputs["write_s"] - interval_s)
-    return expected_goodput(interval_s, stall, inputs["mtbf_s"], inputs["restart_s"])
+    mtbf_s, restart_s and optionally write_cost_s (`save_cost`)."""
+    return expected_goodput(interval_s, save_cost(interval_s, inputs), inputs["mtbf_s"], inputs["restart_s"])
 
 
 def best_interval(inputs: dict) -> float:
