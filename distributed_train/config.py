@@ -210,6 +210,9 @@ class DDPConfig:
         "auto", "CPU ranks on one host average gradients through /dev/shm, not gloo (same sums); "
         "auto: where possible"
     )
+    wrap_one_rank: bool = opt(False, "wrap the model in DDP at world size 1 too (under torchrun): its reducer, "
+                                     "no_sync and graph splitting under compile run as on N GPUs (checks; "
+                                     "otherwise one rank trains the bare model, which is faster)")
 
     def __post_init__(self) -> None:
         _positive("ddp.bucket_cap_mb", self.bucket_cap_mb)
@@ -224,8 +227,9 @@ class FSDPConfig:
 
     units: list = opt([], "module class names to shard as units; default: the task's shard_units(), "
                           "else the blocks of the model's ModuleLists")
-    reshard_after_forward: bool = opt(True, "free a unit's gathered parameters after its forward "
-                                            "(less memory, one more all-gather in backward)")
+    reshard_after_forward: bool = opt(True, "free a unit's gathered parameters after its forward (less memory, "
+                                            "one more all-gather in backward); the root's always stay: the "
+                                            "backward needs them first")
     replicate: int = opt(1, "HSDP: replicate groups (e.g. nodes); parameters are sharded within each "
                             "group of world_size/replicate ranks; 1 = shard over all ranks")
     reduce_dtype: Literal["fp32", "bf16", "param"] = opt(

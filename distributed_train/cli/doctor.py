@@ -160,10 +160,20 @@ def verdict(envs: list[dict], sweep: list[dict], tflops: list[float]) -> list[st
     median = statistics.median(tflops)
     problems += [f"rank {r} matmul {t:.3g} TFLOP/s is under {SLOW_FACTOR:g}x the median {median:.3g}"
                  for r, t in enumerate(tflops) if t < SLOW_FACTOR * median]
-    problems += [f"rank {r} ({e['host']}) has only {e['shm_gib']:.2g} GiB of /dev/shm (NCCL needs more; "
-                 "give the container --shm-size=1g or an emptyDir medium: Memory)"
-                 for r, e in enumerate(envs) if e["gpus"] and e["shm_gib"] is not None and e["shm_gib"] < MIN_SHM_GIB]
+    # NCCL's shared-memory transport joins the GPUs of one node: a node with one rank does not use it.
+    problems += [f"rank {r} ({e['host']}) has only {e['shm_gib']:.2g} GiB of /dev/shm (NCCL needs more between "
+                 "the node's GPUs; give the container --shm-size=1g or an emptyDir medium: Memory)"
+                 for r, e in enumerate(envs) if e["gpus"] and e["shm_gib"] is not None and e["shm_gib"] < MIN_SHM_GIB
+                 and _local_ranks(e) > 1]
     return problems
+
+
+def _local_ranks(env: dict) -> int:
+    """The ranks on this rank's node (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    try:
+        return int((env.get("torchrun") or {}).get("LOCAL_WORLD_SIZE") or 1)
+    except ValueError:
+        return 1
 
 
 def _check_rank(args: argparse.Namespace) -> int:

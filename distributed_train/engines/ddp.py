@@ -53,7 +53,7 @@ class DDPEngine(EngineBase):
         # DDP(compile(model)), not compile(DDP(model)): the latter graph-breaks and compiles nothing.
         if self.config.train.compile:
             model = torch.compile(model)
-        if self.env.world_size == 1 or not self.env.is_distributed:
+        if not self.env.is_distributed or (self.env.world_size == 1 and not self.config.ddp.wrap_one_rank):
             return model
         ddp = self.config.ddp
         wrapped = DDP(

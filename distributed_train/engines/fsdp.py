@@ -82,14 +82,16 @@ def mixed_precision(config: Config) -> MixedPrecisionPolicy:
 
 
 def shard(model: nn.Module, units: list[nn.Module], mesh: DeviceMesh, config: Config) -> None:
-    """fully_shard every unit (innermost first, as FSDP requires), then the root."""
+    """fully_shard every unit (innermost first, as FSDP requires), then the root. The root keeps
+    its gathered parameters after forward (what FSDP2 does by default, which an explicit True
+    would turn off): the backward needs them first (the embedding and LM head of a transformer)."""
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": config.fsdp.reshard_after_forward,
                               "mp_policy": mixed_precision(config)}
     if config.fsdp.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for unit in reversed(units):
         fully_shard(unit, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
 
 
 class FSDPEngine(EngineBase):

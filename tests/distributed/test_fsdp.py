@@ -174,3 +174,35 @@ def test_state_bytes_per_rank_is_sharded_and_estimated(runs):
     for run, shards in (("d2", 1), ("f2", 2), ("f3g", 3)):
         predicted = sum(predicted_state_bytes(model, slots, shards).values())
         assert abs(predicted - measured(run)) <= 0.1 * measured(run), run
+
+
+def _after_forward(rank: int, world_size: int) -> dict:
+    from torch import nn
+    from torch.distributed.tensor import DTensor
+
+    from distributed_train.config import Config
+    from distributed_train.engines.fsdp import device_mesh, shard
+
+    torch.distributed.init_process_group("gloo")
+    class Net(nn.Module):  # embedding-like input layer, one block (a unit), head: the root owns both ends
+        def __init__(self):
+            super().__init__()
+            self.first, self.blocks, self.head = nn.Linear(8, 8), nn.ModuleList([nn.Linear(8, 8)]), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.blocks[0](self.first(x)))
+
+    torch.manual_seed(0)
+    model = Net()
+    shard(model, list(model.blocks), device_mesh(torch.device("cpu"), 1), Config())
+    model(torch.randn(4, 8)).sum()  # a forward, not yet its backward
+    return {"root": [isinstance(p, DTensor) for p in [*model.first.parameters(), *model.head.parameters()]],
+            "unit": [isinstance(p, DTensor) for p in model.blocks[0].parameters()]}
+
+
+def test_the_root_keeps_its_gathered_parameters_for_the_backward_the_units_reshard():
+    """fully_shard's default (the root does not reshard after forward: the backward needs its
+    parameters first) survives fsdp.reshard_after_forward=true, which applies to the units."""
+    for found in helpers.run_ranks(_after_forward, 2):
+        assert found["unit"] == [True, True], found  # sharded again after the forward
+        assert found["root"] == [False] * 4, found  # still gathered (plain tensors)

@@ -240,3 +240,35 @@ def test_cpu_events_leave_out_what_they_cannot_know(jobs):
     assert [e["step"] for e in train] == [2, 4]
     # docs/logging.md: no mfu on a CPU without log.peak_tflops, no tokens_per_s without tokens
     assert all("mfu" not in e and "tokens_per_s" not in e and e["samples_per_s"] > 0 for e in train), train
+
+
+def _one_rank_wrapped(rank: int, world_size: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from distributed_train.batches import BatchPlan
+    from distributed_train.config import load_config
+    from distributed_train.distributed import DistEnv
+    from distributed_train.engines.ddp import DDPEngine
+    from distributed_train.task import load_task
+
+    torch.distributed.init_process_group("gloo")
+    env = DistEnv(rank=0, world_size=1, master_addr="127.0.0.1", master_port=1)
+    out = {}
+    for wrap in (False, True):
+        config = load_config(None, [f"--task={REPO / 'tests' / 'tasks' / 'toy.py'}:Regression", FP64,
+                                    "--train.batch_size=12", f"--ddp.wrap_one_rank={str(wrap).lower()}"])
+        task = load_task(config.task, config)
+        torch.manual_seed(0)
+        engine = DDPEngine(task, config, env, torch.device("cpu"), BatchPlan.make(12, 1, 4), total_steps=3)
+        x, y = task.train_dataset()[:12]
+        for _ in range(3):  # three micro-batches a step: no_sync on the first two when wrapped
+            engine.train_step([(x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)])
+        out[wrap] = {"ddp": isinstance(engine.model, DDP),
+                     "params": [p.detach().clone() for p in engine.raw_model.parameters()]}
+    return out
+
+
+def test_one_rank_can_be_wrapped_in_ddp_for_checks_and_trains_the_same():
+    (found,) = run_ranks(_one_rank_wrapped, 1)
+    assert (found[False]["ddp"], found[True]["ddp"]) == (False, True)
+    assert all(torch.equal(a, b) for a, b in zip(found[False]["params"], found[True]["params"]))

@@ -44,13 +44,17 @@ def test_doctor_rejects_unknown_arguments():
 def test_verdict_names_a_slow_rank_a_wrong_sum_and_a_small_shm():
     from distributed_train.cli.doctor import verdict
 
-    envs = [{"host": "a", "gpus": ["H100"], "shm_gib": 0.0625}, {"host": "b", "gpus": ["H100"], "shm_gib": 64}]
+    two = {"LOCAL_WORLD_SIZE": "2"}
+    envs = [{"host": "a", "gpus": ["H100"], "shm_gib": 0.0625, "torchrun": two},
+            {"host": "b", "gpus": ["H100"], "shm_gib": 64, "torchrun": two}]
     sweep = [{"bytes": 4096, "correct": False}]
     problems = verdict(envs + envs, sweep, [400.0, 410.0, 100.0, 405.0])
     assert any("4096 bytes gave a wrong sum" in p for p in problems)
     assert any(p.startswith("rank 2 matmul 100") for p in problems)
     assert any("rank 0 (a) has only 0.062 GiB of /dev/shm" in p for p in problems), problems
     assert verdict(envs[1:], [{"bytes": 4096, "correct": True}], [400.0]) == []
+    alone = [{**envs[0], "torchrun": {"LOCAL_WORLD_SIZE": "1"}}]  # one GPU per node: NCCL needs no shm
+    assert verdict(alone, [{"bytes": 4096, "correct": True}], [400.0]) == []
 
 
 @pytest.mark.parametrize("world_size", [3, 4, 8])

@@ -231,3 +231,30 @@ def test_a_peer_that_closed_its_connection_is_said_to_have_ended_not_to_be_slow(
     explained = str(diagnose.explain_communication_failure(exc, rank=0, world_size=2, timeout_s=300))
     assert "rank 1 did not arrive: it is in task.loss() of step 4" in explained
     assert "closed its connection: it ended or is ending" in explained and "py-spy" not in explained
+
+
+def test_the_log_windows_time_is_read_after_the_host_waited_for_the_device(monkeypatch):
+    """On a GPU the host runs ahead: the window's work is done only when the loss is read back
+    (global_loss's host read). The elapsed time, hence samples/s, step time and MFU, is taken
+    after it; read before, the rates would count only what the host had queued."""
+    from types import SimpleNamespace
+
+    from distributed_train.config import LogConfig, TrainConfig
+    from distributed_train.distributed import DistEnv
+    from distributed_train.training.reporting.step_metrics import TrainMetrics
+
+    events = []
+    logger = SimpleNamespace(total_steps=10, log=events.append, clock=SimpleNamespace(add=lambda *a: None))
+    env = DistEnv()
+    metrics = TrainMetrics(TrainConfig(batch_size=4), LogConfig(), env, torch.device("cpu"),
+                           SimpleNamespace(tokens_per_sample=None), logger, lambda rate: None)
+    metrics.add(torch.tensor(1.0), None, 0.0)
+
+    def device_work_then_loss(step):  # what the host waits for at the read: the queued steps
+        time.sleep(0.2)
+        return 1.0
+
+    monkeypatch.setattr(metrics, "global_loss", device_work_then_loss)
+    metrics.log(1, 0, SimpleNamespace(lr=0.1, skipped_steps=0))
+    (event,) = events
+    assert event["step_time_s"] >= 0.2 and event["samples_per_s"] <= 4 / 0.2, event

@@ -57,8 +57,9 @@ class TrainMetrics:
 
     def log(self, step: int, epoch: int, engine: Engine) -> None:
         """All-reduce the window's mean loss (collective) and log it with the rates; new window."""
-        window, elapsed = self.window, time.perf_counter() - self.window.start
-        self.last_loss = self.global_loss(step)
+        window = self.window
+        self.last_loss = self.global_loss(step)  # its host read waits for the window's queued device work
+        elapsed = time.perf_counter() - window.start  # so the rates count that work (a GPU runs behind the host)
         event = {
             "kind": "train", "step": step, "epoch": epoch, "loss": self.last_loss, "lr": engine.lr,
             "samples_per_s": window.steps * self.global_batch / elapsed,

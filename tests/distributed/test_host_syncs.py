@@ -1,0 +1,104 @@
+"""No host sync in the hot loop. On a GPU, a call that reads a device tensor on the host (`.item()`,
+`.tolist()`, `.cpu()`, `.numpy()`, `bool()`/`float()`/`int()` of a tensor) or waits for the device
+(`torch.cuda.synchronize`, an event's or a stream's `synchronize`/`wait`) stops the host from
+queueing work ahead. Counted here on CPU, per training step, for every such call this project's
+code makes (the task's and torch's own are theirs: torch's optimizers read their step counters,
+which are CPU tensors on a GPU too), under ddp and fsdp, with and without accumulation:
+
+- the training step itself (fetch, forward, backward, optimizer): none, on every step;
+- after a step: none, except the documented ones: on log steps the window's loss (one `tolist`,
+  after the all-reduce) and the grad norm (one `item`); on checkpoint steps the NaN check's loss
+  (the same `tolist`) and what the save copies to the host; on evaluation steps the evaluation's
+  own; on vote steps (every ~50 ms of steps) the stop vote's three numbers, launched a vote earlier
+  (`tolist` of a pinned host copy behind an event on a GPU: it waits for that vote only).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, fresh_port, run_ranks, train_in_rank
+
+pytestmark = pytest.mark.distributed
+
+TENSOR_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+WAITS = ("synchronize", "current_stream_synchronize", "event_synchronize", "event_wait", "stream_synchronize")
+OURS = os.sep + "distributed_train" + os.sep
+STEPS, LOG, EVAL, SAVE = 24, 8, 12, 10
+
+
+def _counting_job(rank: int, world_size: int, tmp: str, engine: str, micro: int) -> list[tuple]:
+    import torch
+
+    from distributed_train.training.trainer import Trainer
+
+    where = {"step": 0, "phase": "setup"}
+    calls: list[tuple] = []
+
+    def counted(name: str, original, caller_depth: int = 1):
+        def call(*args, **kwargs):
+            frame = sys._getframe(caller_depth)
+            if OURS in frame.f_code.co_filename:
+                calls.append((where["step"], where["phase"], name,
+                              f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"))
+            return original(*args, **kwargs)
+        return call
+
+    for name in TENSOR_READS:
+        setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    torch.cuda.synchronize = counted("synchronize", torch.cuda.synchronize)
+    for cls, method in ((torch.cuda.Event, "synchronize"), (torch.cuda.Event, "wait"),
+                        (torch.cuda.Stream, "synchronize")):
+        setattr(cls, method, counted(f"{cls.__name__}.{method}", getattr(cls, method)))
+
+    def phase(name: str, original, step_offset: int):
+        def run(self):
+            where["step"], where["phase"] = self.global_step + step_offset, name
+            try:
+                return original(self)
+            finally:
+                where["phase"] = "between"
+        return run
+
+    Trainer.train_step = phase("step", Trainer.train_step, 1)
+    Trainer.after_step = phase("after", Trainer.after_step, 0)
+    os.environ["MASTER_PORT"] = str(fresh_port(rank, Path(tmp), f"{engine}-{micro}"))
+    train_in_rank(rank, world_size, [f"--task={REPO / 'tests' / 'tasks' / 'toy.py'}:Regression",
+                                     f"--engine={engine}", "--train.batch_size=16", f"--train.micro_batch_size={micro}",
+                                     f"--train.max_steps={STEPS}", f"--log.every_steps={LOG}",
+                                     f"--eval.every_steps={EVAL}", f"--checkpoint.every_steps={SAVE}",
+                                     f"--run_dir={tmp}/{engine}-{micro}"])
+    return calls
+
+
+@pytest.mark.parametrize("engine, micro", [("ddp", 8), ("ddp", 4), ("fsdp", 8), ("fsdp", 4)])
+def test_no_host_sync_in_the_training_step_and_only_the_documented_ones_after_it(tmp_path, engine, micro):
+    for rank, calls in enumerate(run_ranks(_counting_job, 2, str(tmp_path), engine, micro)):
+        hot = [call for call in calls if call[1] == "step"]
+        assert hot == [], f"rank {rank}: host syncs inside the training step: {hot}"
+        after = [call for call in calls if call[1] == "after" and call[0] <= STEPS]
+        by_step: dict[int, Counter] = {}
+        for step, _, name, site in after:
+            by_step.setdefault(step, Counter())[f"{name} {site}"] += 1
+        vote = "tolist preemption.py:result"
+        for step in range(1, STEPS + 1):
+            found = by_step.get(step, Counter())
+            assert found.pop(vote, 0) <= 1, f"rank {rank}, step {step}: more than one vote read"
+            expected = Counter()
+            if step % LOG == 0 or step == STEPS:
+                expected.update({"tolist step_metrics.py:global_loss": 1, "item step_metrics.py:log": 1})
+            if step % SAVE == 0 or step == STEPS:
+                expected.update({"tolist step_metrics.py:global_loss": 1})
+            if step % EVAL == 0 or step == STEPS:
+                evaluation = {key: n for key, n in found.items() if "evaluation.py" in key}
+                expected.update(evaluation)
+                assert evaluation, f"rank {rank}, step {step}: the evaluation read nothing on the host?"
+            saves = {key: n for key, n in found.items() if key.endswith(("to_cpu_copy", "rng_state"))}
+            if step % SAVE == 0 or step == STEPS:
+                expected.update(saves)
+            assert found == expected, f"rank {rank}, step {step}: {dict(found)} != documented {dict(expected)}"
