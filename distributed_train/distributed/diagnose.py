@@ -373,9 +373,10 @@ def nonfinite_vector(losses: list[torch.Tensor], rank: int, world_size: int,
     return vector
 
 
-def nonfinite_problem(vector: torch.Tensor, first_step: int) -> str | None:
-    """After the all-reduce of `nonfinite_vector`: the message naming the earliest bad step and rank."""
-    firsts = vector[2:].tolist()
+def nonfinite_problem(values: list[float], first_step: int) -> str | None:
+    """After the all-reduce of `nonfinite_vector` (read on the host: `values`): the message naming
+    the earliest bad step and rank."""
+    firsts = values[2:]
     bad = {rank: int(i) for rank, i in enumerate(firsts) if i > 0}
     if not bad:
         return None

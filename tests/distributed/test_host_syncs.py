@@ -8,8 +8,9 @@ which are CPU tensors on a GPU too), under ddp and fsdp, with and without accumu
 - the training step itself (fetch, forward, backward, optimizer): none, on every step;
 - after a step: none, except the documented ones: on log steps the window's loss (one `tolist`,
   after the all-reduce) and the grad norm (one `item`); on checkpoint steps the NaN check's loss
-  (the same `tolist`) and what the save copies to the host; on evaluation steps the evaluation's
-  own; on vote steps (every ~50 ms of steps) the stop vote's three numbers, launched a vote earlier
+  (the same `tolist`; none more when the step was logged) while the save's copies to the host are
+  torch's stager's (the checkpoint itself); on evaluation steps the evaluation's one `tolist`; on
+  vote steps (every ~50 ms of steps) the stop vote's three numbers, launched a vote earlier
   (`tolist` of a pinned host copy behind an event on a GPU: it waits for that vote only).
 """
 
@@ -30,6 +31,10 @@ TENSOR_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__in
 WAITS = ("synchronize", "current_stream_synchronize", "event_synchronize", "event_wait", "stream_synchronize")
 OURS = os.sep + "distributed_train" + os.sep
 STEPS, LOG, EVAL, SAVE = 24, 8, 12, 10
+# Calls on tensors that live on the CPU on every device (no device work to wait for):
+HOST_ONLY = {
+    "tolist data.py:__iter__",  # the sampler's index permutation (a CPU generator's)
+}
 
 
 def _counting_job(rank: int, world_size: int, tmp: str, engine: str, micro: int) -> list[tuple]:
@@ -43,9 +48,9 @@ def _counting_job(rank: int, world_size: int, tmp: str, engine: str, micro: int)
     def counted(name: str, original, caller_depth: int = 1):
         def call(*args, **kwargs):
             frame = sys._getframe(caller_depth)
-            if OURS in frame.f_code.co_filename:
-                calls.append((where["step"], where["phase"], name,
-                              f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"))
+            site = f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
+            if OURS in frame.f_code.co_filename and f"{name} {site}" not in HOST_ONLY:
+                calls.append((where["step"], where["phase"], name, site))
             return original(*args, **kwargs)
         return call
 
@@ -92,13 +97,9 @@ def test_no_host_sync_in_the_training_step_and_only_the_documented_ones_after_it
             expected = Counter()
             if step % LOG == 0 or step == STEPS:
                 expected.update({"tolist step_metrics.py:global_loss": 1, "item step_metrics.py:log": 1})
-            if step % SAVE == 0 or step == STEPS:
+            logged = step % LOG == 0 or step == STEPS
+            if (step % SAVE == 0 or step == STEPS) and not logged:  # the NaN check (a log step checked already)
                 expected.update({"tolist step_metrics.py:global_loss": 1})
-            if step % EVAL == 0 or step == STEPS:
-                evaluation = {key: n for key, n in found.items() if "evaluation.py" in key}
-                expected.update(evaluation)
-                assert evaluation, f"rank {rank}, step {step}: the evaluation read nothing on the host?"
-            saves = {key: n for key, n in found.items() if key.endswith(("to_cpu_copy", "rng_state"))}
-            if step % SAVE == 0 or step == STEPS:
-                expected.update(saves)
+            if step % EVAL == 0 and step != STEPS:  # the final evaluation comes after the loop
+                expected.update({"tolist evaluation.py:reduce": 1})
             assert found == expected, f"rank {rank}, step {step}: {dict(found)} != documented {dict(expected)}"

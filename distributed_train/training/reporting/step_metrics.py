@@ -87,10 +87,11 @@ class TrainMetrics:
         losses = self.window.losses
         vector = diagnose.nonfinite_vector(losses, self.env.rank, self.env.world_size, self.device)
         distributed.all_reduce_sum(vector)
-        problem = diagnose.nonfinite_problem(vector, step - len(losses) + 1)
+        values = vector.tolist()  # the window's one host read
+        problem = diagnose.nonfinite_problem(values, step - len(losses) + 1)
         if problem and self.nonfinite == "error":
             raise NonFiniteLoss(problem)
-        total, count = vector[:2].tolist()
+        total, count = values[:2]
         return total / count if count else float("nan")
 
     def check_finite(self, step: int) -> None:
