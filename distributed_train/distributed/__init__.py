@@ -14,6 +14,7 @@ from distributed_train.distributed.group import (
     broadcast_object,
     cpu_count,
     init,
+    limit_compile_threads,
     main_computes,
     on_main,
     pick_backend,
@@ -25,6 +26,6 @@ from distributed_train.distributed.group import (
 
 __all__ = [
     "DistEnv", "active", "all_gather_object", "all_reduce_sum", "barrier", "broadcast_object",
-    "cpu_count", "init", "main_computes", "on_main", "pick_backend", "pick_device", "read_env",
+    "cpu_count", "init", "limit_compile_threads", "main_computes", "on_main", "pick_backend", "pick_device", "read_env",
     "set_cpu_threads", "teardown",
 ]

@@ -111,6 +111,22 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def limit_compile_threads(env: DistEnv) -> int:
+    """torch.compile's Inductor sizes its compile workers to all the machine's cores, in every rank:
+    8 ranks on 16 cores would start ~128 compile processes and the first step could outlast
+    dist.timeout_s. Each local rank gets its share (TORCHINDUCTOR_COMPILE_THREADS wins when set)."""
+    given = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+    if given and given.isdigit() and int(given) > 0:
+        return int(given)
+    share = max(1, cpu_count() // env.local_world_size)
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(share)
+    import sys
+
+    if "torch._inductor.config" in sys.modules:  # read at its import: set it there too
+        sys.modules["torch._inductor.config"].compile_threads = share
+    return share
+
+
 def set_cpu_threads(env: DistEnv) -> int:
     """Give each local rank its share of the cores, unless OMP_NUM_THREADS says otherwise."""
     threads = os.environ.get("OMP_NUM_THREADS")

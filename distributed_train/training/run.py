@@ -20,6 +20,8 @@ def run_training(config: Config, env: distributed.DistEnv, debug: bool = False) 
     backend = distributed.pick_backend(config.dist.backend)
     device = distributed.pick_device(backend, env)
     distributed.set_cpu_threads(env)
+    if config.train.compile:
+        distributed.limit_compile_threads(env)
     if device.type == "cpu":
         # Tiny gradients and Adam moments become denormal early in training; on x86 each
         # denormal operation traps to microcode and a step can take 100x longer. Set either
@@ -29,7 +31,7 @@ def run_training(config: Config, env: distributed.DistEnv, debug: bool = False) 
         set_tf32(config.train.tf32)
     if backend == "nccl":
         use_nccl_error_handling()
-    distributed.init(env, backend, device, config.dist.timeout_s)
+    distributed.init(env, group_backend(backend, config), device, config.dist.timeout_s)
     timeout_s = config.dist.timeout_s
     # The heartbeat lets a rank whose collective fails name the ranks that did not arrive.
     heartbeat = diagnose.Heartbeat(env.rank, env.world_size, grace_s=timeout_s + 2 * diagnose.BEAT_S)
@@ -51,6 +53,14 @@ def run_training(config: Config, env: distributed.DistEnv, debug: bool = False) 
         # the group's destructor (when the trainer goes, right after this) joins those threads
         # while holding it. Let them finish first, or a process that trains again can deadlock.
         time.sleep(0.02)
+
+
+def group_backend(backend: str, config: Config) -> str:
+    """The default group's backend: with fsdp.cpu_offload the gradient shards live in host memory,
+    so the collectives over them (the gradient norm) need gloo beside NCCL."""
+    if backend == "nccl" and config.engine == "fsdp" and config.fsdp.cpu_offload:
+        return "cpu:gloo,cuda:nccl"
+    return backend
 
 
 def set_tf32(enabled: bool) -> None:

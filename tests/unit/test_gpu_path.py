@@ -258,3 +258,28 @@ def test_the_log_windows_time_is_read_after_the_host_waited_for_the_device(monke
     metrics.log(1, 0, SimpleNamespace(lr=0.1, skipped_steps=0))
     (event,) = events
     assert event["step_time_s"] >= 0.2 and event["samples_per_s"] <= 4 / 0.2, event
+
+
+def test_fsdp_cpu_offload_gets_a_cpu_backend_beside_nccl():
+    from distributed_train.config import load_config
+
+    offload = load_config(None, ["--engine=fsdp", "--fsdp.cpu_offload=true"])
+    assert worker.group_backend("nccl", offload) == "cpu:gloo,cuda:nccl"  # the grad norm of host shards
+    assert worker.group_backend("nccl", load_config(None, ["--engine=fsdp"])) == "nccl"
+    assert worker.group_backend("gloo", offload) == "gloo"
+
+
+def test_each_local_rank_gets_its_share_of_the_compile_workers(monkeypatch):
+    from distributed_train import distributed
+    from distributed_train.distributed import DistEnv
+
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "compile_threads", inductor.compile_threads)  # restored afterwards
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(distributed.group, "cpu_count", lambda: 16)
+    assert distributed.limit_compile_threads(DistEnv(local_world_size=8)) == 2
+    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "2"
+    assert inductor.compile_threads == 2
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "5")  # the user's choice wins
+    assert distributed.limit_compile_threads(DistEnv(local_world_size=8)) == 5
