@@ -61,9 +61,23 @@ def main() -> None:
     torch_dist.barrier()
     check("barrier", True)
 
-    votes = [_PendingVote(code, interval, device) for code, interval in [(0, 7), (2, 1), (1, 40)]]
-    check("stop vote (asynchronous all-reduce, read through pinned memory)",
-          [v.result() for v in votes] == [(0, 7), (2, 1), (1, 40)])
+    cases = [(0, 7, False), (2, 1, True), (1, 40, False)]  # (stop code, steps to the next vote, save due)
+    votes = [_PendingVote(code, interval, due, device) for code, interval, due in cases]
+    check("stop vote (asynchronous all-reduce, read through pinned memory)", [v.result() for v in votes] == cases)
+
+    from distributed_train.training.checkpoints.staging import Stager
+
+    stager, params = Stager(), dict(model.named_parameters())
+    first = stager.stage({"model": params})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    second = stager.stage({"model": params})
+    check("checkpoint staging (pinned host buffers on CUDA, reused by the next save)",
+          all(t.device.type == "cpu" for t in second["model"].values())
+          and all(first["model"][k].data_ptr() == second["model"][k].data_ptr() for k in params)
+          and all(torch.equal(second["model"][k], p.detach().cpu()) for k, p in params.items())
+          and (device.type != "cuda" or all(t.is_pinned() for t in second["model"].values())))
 
     state = {"model": model.state_dict(), "step": 3, "rng": [torch.arange(4, device=device)]}
     copy = to_cpu_copy(state)

@@ -270,10 +270,10 @@ def test_fsdp_cpu_offload_gets_a_cpu_backend_beside_nccl():
 
 
 def test_each_local_rank_gets_its_share_of_the_compile_workers(monkeypatch):
+    import torch._inductor.config as inductor
+
     from distributed_train import distributed
     from distributed_train.distributed import DistEnv
-
-    import torch._inductor.config as inductor
 
     monkeypatch.setattr(inductor, "compile_threads", inductor.compile_threads)  # restored afterwards
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
