@@ -49,7 +49,7 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
   GPT=(--task_args.preset=tiny --task_args.seq_len=64 --train.batch_size=8); GPT_STEPS=12; COMPILE_MODES="false"
   FABRIC_ARGS=(--task-arg preset=tiny --task-arg seq_len=64 --batch-size 8)
 else
-  DRY=0; BACKEND=nccl; PRECISIONS="fp32 bf16 fp16"; SMALL_STEPS=150; LOG_EVERY=10; RESUME_STEPS=400
+  DRY=0; BACKEND=nccl; PRECISIONS="fp32 bf16 fp16"; SMALL_STEPS=150; LOG_EVERY=10; RESUME_STEPS=3000
   EQUAL_STEPS=40; GPT=(--task_args.preset=gpt2-small --train.batch_size=32); GPT_STEPS=60
   COMPILE_MODES="false true"; FABRIC_ARGS=(--task-arg preset=gpt2-small --batch-size 32)
 fi

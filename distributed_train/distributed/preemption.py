@@ -54,6 +54,16 @@ class Preempted(Exception):
 VOTE_EVERY_S = 0.05  # seconds between votes; a stop is taken within about two of them
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One CUDA stream per device for the votes' waits and copies."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 class _PendingVote:
     """One vote's all-reduced (stop code, steps to the next vote, a checkpoint due by time),
     readable without waiting for later work (on CUDA through pinned memory)."""
@@ -67,11 +77,16 @@ class _PendingVote:
         self.work = torch_dist.all_reduce(self.vote, op=torch_dist.ReduceOp.MAX, async_op=True)
         self.host, self.event = self.vote, None
         if device.type == "cuda":
-            self.work.wait()  # orders the copy after the all-reduce on the device; the host goes on
-            self.host = torch.empty((3,), dtype=torch.int64, pin_memory=True)
-            self.host.copy_(self.vote, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
+            # On a side stream: it waits for the all-reduce and copies the result to pinned host
+            # memory; the compute stream (the next steps) and the host wait for neither.
+            side = _side_stream(device)
+            with torch.cuda.stream(side):
+                self.work.wait()
+                self.host = torch.empty((3,), dtype=torch.int64, pin_memory=True)
+                self.host.copy_(self.vote, non_blocking=True)
+                self.vote.record_stream(side)  # its memory is not reused before the copy ran
+                self.event = torch.cuda.Event()
+                self.event.record(side)
 
     def result(self) -> tuple[int, int, bool]:
         """The largest stop code and interval any rank voted, and whether a save is due (waits for

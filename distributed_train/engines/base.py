@@ -226,7 +226,10 @@ class EngineBase:
                 torch_dist.broadcast(buffer, src=0)
 
     def model_state_dict(self) -> dict:
-        """The whole model's parameters and buffers as CPU tensors, no wrapper prefixes."""
+        """The whole model's parameters and buffers as CPU tensors, no wrapper prefixes, on rank 0
+        ({} on the others: only rank 0 writes final_model.pt, so only it copies to host memory)."""
+        if not self.env.is_main:
+            return {}
         return batches.to_cpu_copy(self.raw_model.state_dict())  # the checkpoints' copy path, on any device
 
     def extra_state(self) -> dict:

@@ -236,3 +236,12 @@ def test_batchnorm_on_several_ranks_warns_and_sync_batchnorm_needs_cuda(caplog):
     converted = batch_statistics(with_bn, synced, DistEnv(rank=0, world_size=2), torch.device("cuda", 0)) \
         if torch.cuda.is_available() else None
     assert converted is None or isinstance(converted[1], nn.SyncBatchNorm)
+
+
+def test_only_rank_0_copies_the_final_model_to_host_memory():
+    from distributed_train.distributed import DistEnv as Env
+
+    engine, _ = make_engine([])
+    assert set(engine.model_state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    engine.env = Env(rank=1, world_size=2)  # a replica: rank 0 writes final_model.pt
+    assert engine.model_state_dict() == {}

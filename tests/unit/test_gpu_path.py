@@ -153,8 +153,10 @@ def test_final_model_state_is_built_by_the_same_copy_path(monkeypatch):
 
     calls = []
     monkeypatch.setattr(batches, "to_cpu_copy", lambda obj: calls.append(obj) or obj)
+    from distributed_train.distributed import DistEnv
+
     engine = object.__new__(EngineBase)
-    engine.raw_model = torch.nn.Linear(2, 1)
+    engine.raw_model, engine.env = torch.nn.Linear(2, 1), DistEnv()
     assert set(engine.model_state_dict()) == {"weight", "bias"} and len(calls) == 1
 
 
@@ -162,6 +164,7 @@ def test_accelerate_sharded_evaluates_the_prepared_model_and_saves_the_whole_mod
     pytest.importorskip("accelerate")
     from types import SimpleNamespace
 
+    from distributed_train.distributed import DistEnv
     from distributed_train.engines.accelerate import AccelerateEngine
 
     whole = {"weight": torch.ones(4, 2)}
@@ -171,7 +174,7 @@ def test_accelerate_sharded_evaluates_the_prepared_model_and_saves_the_whole_mod
     engine.model, engine.raw_model = torch.nn.Linear(2, 4), torch.nn.Linear(2, 1)  # prepared / a shard
     engine.accelerator, engine.device = accelerator, torch.device("cpu")
     engine.config = SimpleNamespace(train=SimpleNamespace(grad_clip=1.0))
-    engine.sharded, engine._full_state = True, None
+    engine.sharded, engine._full_state, engine.env = True, None, DistEnv()
     assert engine.eval_model() is engine.model
     engine.sync_buffers()  # every rank, before the final evaluation
     assert torch.equal(engine.model_state_dict()["weight"], whole["weight"])
