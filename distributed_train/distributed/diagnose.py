@@ -312,12 +312,29 @@ def explain_step_error(exc: BaseException, first_step: bool) -> Exception | None
         return UsageError(f"a training batch cannot be built: {text}; make train_dataset()[i] return "
                           "tensors, numbers or numpy arrays (or tuples/dicts of them), or give the task "
                           "a collate(samples) method")
+    if _compiler_failed(exc):  # Inductor or Triton, not the task: exit 1, as any failure of the machinery
+        return TrainingFailure(f"torch.compile failed in {position.phase} at step {position.step} "
+                               f"({type(exc).__name__}: {text}); train without it (train.compile=false), or see "
+                               "dtrain train --debug for the compiler's traceback")
     if not first_step:
         return None
     phase = position.phase if position.phase != "loading batch" else "loading the first batch " \
         "(train_dataset()[i] or collate)"
     return UsageError(f"{phase} failed on the first step with {type(exc).__name__}: {text}; fix the "
                       "task (dtrain train --debug shows the traceback)")
+
+
+def _compiler_failed(exc: BaseException) -> bool:
+    """The compiler behind torch.compile failed (Dynamo's BackendCompilerFailed, an Inductor or
+    Triton error), here or in a cause of it."""
+    seen, chain = exc, 0
+    while seen is not None and chain < 20:
+        kind = type(seen)
+        if kind.__name__ in ("BackendCompilerFailed", "InductorError") or \
+                kind.__module__.startswith(("triton", "torch._inductor")):
+            return True
+        seen, chain = seen.__cause__ or seen.__context__, chain + 1
+    return False
 
 
 @contextlib.contextmanager

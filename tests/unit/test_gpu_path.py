@@ -286,3 +286,20 @@ def test_each_local_rank_gets_its_share_of_the_compile_workers(monkeypatch):
     assert inductor.compile_threads == 2
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "5")  # the user's choice wins
     assert distributed.limit_compile_threads(DistEnv(local_world_size=8)) == 5
+
+
+def test_a_compiler_failure_on_the_first_step_is_not_blamed_on_the_task():
+    from distributed_train.errors import TrainingFailure
+
+    def broken_backend(graph, example_inputs):  # as Inductor or Triton failing on a GPU
+        raise RuntimeError("triton: out of resource: shared memory")
+
+    compiled = torch.compile(lambda x: x * 2 + 1, backend=broken_backend)
+    with pytest.raises(Exception) as caught:
+        compiled(torch.ones(3))
+    diagnose.at("forward/backward", step=1)
+    explained = diagnose.explain_step_error(caught.value, first_step=True)
+    assert isinstance(explained, TrainingFailure) and "torch.compile failed in forward/backward at step 1" in \
+        str(explained) and "train.compile=false" in str(explained) and "fix the task" not in str(explained)
+    task_mistake = diagnose.explain_step_error(KeyError("label"), first_step=True)
+    assert "fix the task" in str(task_mistake)  # a task's own error on the first step still is one
