@@ -40,7 +40,9 @@ def run_jobs(world_size, jobs):
     return {name: (r["summary"], r["state"]) for name, r in helpers.run_jobs(world_size, jobs).items()}
 
 
-UNEVEN_EVAL = [*REGRESSION, "--eval.max_samples=9", "--train.max_steps=2"]
+# The GPT: its blocks are units, whose every forward all-gathers (the root keeps its parameters
+# gathered after a forward, so a root-only model would need no filler forward).
+UNEVEN_EVAL = [*GPT, "--eval.max_samples=9", "--eval.batch_size=8", "--train.max_steps=2"]
 # Resume: a 4-rank fsdp run of 12 steps with checkpoints at 4, 8 and 12 is the reference.
 RESUME = [*REGRESSION, "--train.max_steps=12", "--checkpoint.every_steps=4", "--checkpoint.keep_last=3",
           "--train.grad_clip=0"]
