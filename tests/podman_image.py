@@ -144,7 +144,7 @@ def _reachable(url: str) -> bool:
 
 def _sources_hash(build_args: dict) -> str:
     digest = hashlib.sha256(json.dumps(build_args, sort_keys=True).encode())
-    files = [REPO / "docker" / "Dockerfile", REPO / "docker" / "entrypoint.sh", REPO / ".dockerignore",
+    files = [*sorted(p for p in (REPO / "docker").rglob("*") if p.is_file()), REPO / ".dockerignore",
              REPO / "pyproject.toml", REPO / "README.md", *sorted((REPO / "examples").glob("*.yaml")),
              *sorted(p for p in (REPO / "distributed_train").rglob("*")
                      if p.is_file() and "__pycache__" not in p.parts)]
