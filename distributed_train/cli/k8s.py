@@ -98,10 +98,10 @@ def config_text(config_path: str | None, overrides: list[str], grace_period_s: i
     """Validate CONFIG + overrides as `dtrain train` would; return the file's content for the
     ConfigMap, and the overrides to add: checkpoint.grace_s from the pods' grace period (torchrun
     SIGKILLs the workers 15 s before Kubernetes would, and the workers need a few seconds to exit)."""
-    from distributed_train.cli.train import resolve_config, stop_budget
+    from distributed_train.cli.train import override_key, resolve_config, stop_budget
     from distributed_train.config import read_config_file
 
-    if any(o.split("=", 1)[0].lstrip("-").replace("-", "_") == "run_dir" for o in overrides):
+    if any(override_key(o) == "run_dir" for o in overrides):
         raise UsageError("--run_dir is set by dtrain k8s (the claim's /runs/NAME, so restarts resume); "
                          "drop it and choose --name / --pvc instead, or --run-dir-url for a bucket")
     config = resolve_config(config_path, overrides)

@@ -127,7 +127,9 @@ def _srun_line(options: argparse.Namespace, config_path: str | None, overrides: 
     python = "dtrain" if options.container_image else f"{shlex.quote(sys.executable)} -m distributed_train"
     container = [f"--container-image={shlex.quote(options.container_image)}", '--container-mounts="$PWD:$PWD"',
                  '--container-workdir="$PWD"'] if options.container_image else []
-    overrides = [o for o in overrides if o.split("=", 1)[0].replace("-", "_") != "__run_dir"]  # RUN_DIR has it
+    from distributed_train.cli.train import override_key
+
+    overrides = [o for o in overrides if override_key(o) != "run_dir"]  # RUN_DIR has it
     launch = [*(["--nproc-per-node", str(options.procs_per_node)] if not options.gpus_per_node else []),
               # torchrun's SIGKILL (30 s after SIGTERM by default) only shortly before the time limit
               "--shutdown-timeout", str(options.signal_before - 10),

@@ -83,13 +83,18 @@ def resolve_config(config_path: str | None, overrides: list[str]):
     return load_config(config_path, overrides, task_defaults=config_defaults)
 
 
+def override_key(arg: str) -> str:
+    """The setting an override names: `--checkpoint.grace-s=30` -> `checkpoint.grace_s`."""
+    return arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+
+
 def stop_budget(config_path: str | None, overrides: list[str], config, window_s: int, flag: str) -> list[str]:
     """For a scheduler that leaves a stop checkpoint `window_s` seconds (its grace period, named by
     `flag`): `--checkpoint.grace_s=<window_s>` to add where the configuration leaves it at its
     default; [] where it sets it; UsageError where what it sets does not fit."""
     from distributed_train.config import CheckpointConfig, read_config_file
 
-    named = any(o.split("=", 1)[0].lstrip("-").replace("-", "_") == "checkpoint.grace_s" for o in overrides)
+    named = any(override_key(o) == "checkpoint.grace_s" for o in overrides)
     section = (read_config_file(config_path) if config_path else {}).get("checkpoint")
     named = named or (isinstance(section, dict) and "grace_s" in section)
     if not named and config.checkpoint.grace_s == CheckpointConfig().grace_s:
