@@ -28,7 +28,6 @@ from tests.helpers import REPO, fresh_port, run_ranks, train_in_rank
 pytestmark = pytest.mark.distributed
 
 TENSOR_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
-WAITS = ("synchronize", "current_stream_synchronize", "event_synchronize", "event_wait", "stream_synchronize")
 OURS = os.sep + "distributed_train" + os.sep
 STEPS, LOG, EVAL, SAVE = 24, 8, 12, 10
 # Calls on tensors that live on the CPU on every device (no device work to wait for):
