@@ -10,6 +10,7 @@ import torch
 from distributed_train import distributed
 from distributed_train.config import Config
 from distributed_train.distributed import diagnose, shm_allreduce
+from distributed_train.engines.tf32 import set_tf32
 from distributed_train.training.reporting.metrics import setup_logging
 from distributed_train.training.trainer import Trainer, default_run_dir
 
@@ -61,15 +62,6 @@ def group_backend(backend: str, config: Config) -> str:
     if backend == "nccl" and config.engine == "fsdp" and config.fsdp.cpu_offload:
         return "cpu:gloo,cuda:nccl"
     return backend
-
-
-def set_tf32(enabled: bool) -> None:
-    """fp32 matmuls and cuDNN convolutions on TF32 tensor cores (train.tf32), or both in full fp32.
-
-    torch leaves matmuls in full fp32 by default (about 8x slower on A100/H100) but lets cuDNN use
-    TF32 for convolutions: one switch for both, so fp32 means the same thing in every layer."""
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
-    torch.backends.cudnn.allow_tf32 = enabled
 
 
 # torch's default (1) makes NCCL's watchdog abort the process when a collective times out or a

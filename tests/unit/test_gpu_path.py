@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from distributed_train.distributed import diagnose
+from distributed_train.engines import tf32
 from distributed_train.errors import (
     EXIT_COMMUNICATION,
     CommunicationFailure,
@@ -67,16 +68,70 @@ def test_nccl_error_handling_is_set_before_the_group_and_a_user_setting_wins(mon
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
 
 
-def test_tf32_switches_matmuls_and_convolutions_together():
-    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    try:
-        worker.set_tf32(True)
-        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+@pytest.fixture
+def tf32_restored():
+    """Every fp32 precision setting as it was before the test (both APIs' views stay consistent)."""
+    backends = torch.backends
+    if hasattr(backends.cuda.matmul, "fp32_precision"):  # the legacy getters may raise after it is set
+        saved = [(obj, "fp32_precision", obj.fp32_precision) for obj in
+                 (backends, backends.cudnn, backends.cudnn.rnn, backends.cudnn.conv, backends.cuda.matmul)]
+    else:
+        saved = [(backends.cuda.matmul, "allow_tf32", backends.cuda.matmul.allow_tf32),
+                 (backends.cudnn, "allow_tf32", backends.cudnn.allow_tf32)]
+    yield
+    for obj, name, value in reversed(saved):
+        setattr(obj, name, value)
+
+
+def test_tf32_switches_matmuls_and_convolutions_together(tf32_restored):
+    worker.set_tf32(True)
+    assert tf32.tf32_enabled()
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        backends = torch.backends
+        precisions = {backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision,
+                      backends.cudnn.rnn.fp32_precision}
+        assert precisions == {"tf32"}
         worker.set_tf32(False)
-        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
-    finally:
-        torch.set_float32_matmul_precision(before[0])
-        torch.backends.cudnn.allow_tf32 = before[1]
+        assert {backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision,
+                backends.cudnn.rnn.fp32_precision} == {"ieee"}
+    worker.set_tf32(False)
+    assert not tf32.tf32_enabled()
+
+
+def test_tf32_after_a_task_set_the_new_api_neither_raises_nor_misreads(tf32_restored):
+    """A task that sets torch's per-backend fp32_precision makes the legacy getters raise ("mix of
+    the legacy and new APIs"): the MFU's peak lookup read one of them."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy TF32 switches")
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError, match="mix of the legacy and new"):
+        torch.get_float32_matmul_precision()  # what the project read before
+    assert tf32.tf32_enabled()
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    assert not tf32.tf32_enabled()
+    torch.backends.fp32_precision = "tf32"  # "none" below it inherits this
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    assert tf32.tf32_enabled()
+    worker.set_tf32(False)
+    assert not tf32.tf32_enabled()
+
+
+def test_tf32_with_only_the_legacy_switches(tf32_restored, monkeypatch):
+    """torch before 2.9 has no fp32_precision attributes: the legacy switches are set and read."""
+    class Legacy:
+        allow_tf32 = False
+
+    matmul, cudnn = Legacy(), Legacy()
+    monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
+    monkeypatch.setattr(torch.backends, "cudnn", cudnn)
+    tf32.set_tf32(True)
+    assert matmul.allow_tf32 and cudnn.allow_tf32 and tf32.tf32_enabled()
+    tf32.set_tf32(False)
+    assert not matmul.allow_tf32 and not cudnn.allow_tf32 and not tf32.tf32_enabled()
+    cudnn.allow_tf32 = True  # torch's default: convolutions on TF32
+    assert tf32.tf32_enabled()
 
 
 @pytest.mark.parametrize("name, model, bf16_tflops", [
@@ -114,19 +169,14 @@ def test_the_peak_table_matches_exact_gpu_models(name, model, bf16_tflops):
     assert flops.peak_flops_for_name(name, "bf16", tf32=False) == (bf16_tflops * 1e12 if bf16_tflops else None)
 
 
-def test_fp32_is_measured_against_the_tf32_peak_while_cudnn_may_use_tf32():
+def test_fp32_is_measured_against_the_tf32_peak_while_cudnn_may_use_tf32(tf32_restored):
     from distributed_train.training.reporting import flops
 
-    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    try:
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cudnn.allow_tf32 = True  # torch's default: convolutions run TF32
-        assert flops.tf32_enabled()
-        torch.backends.cudnn.allow_tf32 = False
-        assert not flops.tf32_enabled()
-    finally:
-        torch.set_float32_matmul_precision(before[0])
-        torch.backends.cudnn.allow_tf32 = before[1]
+    torch.set_float32_matmul_precision("highest")  # a task may use the legacy switches
+    torch.backends.cudnn.allow_tf32 = True  # torch's default: convolutions run TF32
+    assert flops.tf32_enabled()
+    torch.backends.cudnn.allow_tf32 = False
+    assert not flops.tf32_enabled()
     assert flops.peak_flops_for_name("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == 156e12
 
 

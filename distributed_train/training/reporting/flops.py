@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from distributed_train.engines.tf32 import tf32_enabled
+
 log = logging.getLogger("distributed_train")
 
 # Dense (no sparsity) peak TFLOP/s per GPU from the vendors' data sheets, by autocast dtype.
@@ -74,12 +76,6 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float | No
     if device.type != "cuda":
         return None  # CPU peaks depend on cores, clocks and ISA: no honest table exists
     return peak_flops_for_name(torch.cuda.get_device_name(device), precision, tf32_enabled())
-
-
-def tf32_enabled() -> bool:
-    """fp32 runs on TF32 tensor cores somewhere: matmuls (train.tf32) or cuDNN convolutions (on
-    by default in torch), so an fp32 model is measured against the TF32 peak and MFU stays <= 1."""
-    return torch.get_float32_matmul_precision() != "highest" or torch.backends.cudnn.allow_tf32
 
 
 def peak_flops_for_name(name: str, precision: str, tf32: bool) -> float | None:
