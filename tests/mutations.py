@@ -15,6 +15,14 @@ ITERABLE = "tests/distributed/test_iterable.py"
 
 MUTATIONS = [
     Mutation(
+        "a reduction read on the host is checked: every rank counts itself in it (an aborted NCCL group's "
+        "garbage is a communication failure, not the job's numbers)",
+        "distributed_train/distributed/group.py",
+        "    if counted != world_size:\n",
+        "    if False:\n",
+        ("tests/distributed/test_nonfinite_and_hangs.py::test_a_reduction_read_after_the_group_was_aborted_is_a_"
+         "communication_failure",)),
+    Mutation(
         "goodput: an attempt's work after the point the next attempt resumed from counted as lost",
         "distributed_train/training/reporting/goodput.py",
         "        kept = [e for e in attempt if resumed_next is None or e[\"step\"] <= resumed_next]\n",

@@ -187,6 +187,7 @@ def _check_rank(args: argparse.Namespace) -> int:
     backend = distributed.pick_backend("auto")
     device = distributed.pick_device(backend, env)
     distributed.init(env, backend, device, args.timeout_s)
+    failed = True
     try:
         with communication_failures_explained(env.rank, env.world_size, args.timeout_s):
             envs = distributed.all_gather_object(environment())
@@ -194,8 +195,9 @@ def _check_rank(args: argparse.Namespace) -> int:
             sweep = allreduce_sweep(device, env.world_size, max_mib) if distributed.active() else []
             shm_sweep = shm_allreduce_sweep(env, device, max_mib, args.timeout_s) if distributed.active() else []
             tflops = distributed.all_gather_object(matmul_tflops(device))
+        failed = False
     finally:
-        distributed.teardown()
+        distributed.teardown(failed)
     if env.is_main:
         report(envs, sweep, tflops, backend, shm_sweep)
     return 1 if verdict(envs, sweep + shm_sweep, tflops) else 0

@@ -9,7 +9,6 @@ from distributed_train.distributed.group import (
     DistEnv,
     active,
     all_gather_object,
-    all_reduce_sum,
     barrier,
     broadcast_object,
     cpu_count,
@@ -20,12 +19,13 @@ from distributed_train.distributed.group import (
     pick_backend,
     pick_device,
     read_env,
+    reduce_and_read,
     set_cpu_threads,
     teardown,
 )
 
 __all__ = [
-    "DistEnv", "active", "all_gather_object", "all_reduce_sum", "barrier", "broadcast_object",
+    "DistEnv", "active", "all_gather_object", "barrier", "broadcast_object",
     "cpu_count", "init", "limit_compile_threads", "main_computes", "on_main", "pick_backend", "pick_device", "read_env",
-    "set_cpu_threads", "teardown",
+    "reduce_and_read",     "set_cpu_threads", "teardown",
 ]

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as torch_dist
 
 from distributed_train.distributed import diagnose, slurm
-from distributed_train.errors import UsageError
+from distributed_train.errors import CommunicationFailure, UsageError
 
 T = TypeVar("T")
 
@@ -155,9 +155,18 @@ def init(env: DistEnv, backend: str, device: torch.device, timeout_s: float) -> 
             raise diagnose.explain_join_failure(exc, env.rank, env.world_size, address, timeout_s) from exc
 
 
-def teardown() -> None:
-    """Destroy the process group if one exists (safe to call twice)."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
+def teardown(failed: bool = False) -> None:
+    """Destroy the process group if one exists (safe to call twice).
+
+    After a failure an NCCL group is aborted instead: since torch 2.6 destroying one flushes the
+    collectives in flight (ncclCommFinalize), which waits for ever on a peer that is gone or stuck,
+    so the worker would hang at exit instead of reporting. gloo's destroy does not wait on peers."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return
+    abort = getattr(torch_dist.distributed_c10d, "_abort_process_group", None)
+    if failed and abort is not None and "nccl" in str(torch_dist.get_backend()):
+        abort()  # every group, the default one included, in one NCCL group call
+    else:
         torch_dist.destroy_process_group()
 
 
@@ -179,6 +188,26 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         with diagnose.collective("all_reduce"):
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
+
+
+def reduce_and_read(vector: torch.Tensor, what: str) -> list[float]:
+    """Sum the 1-d `vector` across ranks and read it on the host (the one host sync of a log step,
+    an evaluation or a skip decision), checked: every rank adds 1 to an extra element, which must
+    read the world size. Under NCCL's error handling (TORCH_NCCL_ASYNC_ERROR_HANDLING=2) a group
+    the watchdog aborted under the read leaves whatever the buffer held, without an error: a log
+    line, an eval metric or the NaN check would take that for the job's numbers."""
+    if not active():
+        return vector.tolist()
+    checked = torch.cat([vector, torch.ones(1, dtype=vector.dtype, device=vector.device)])
+    all_reduce_sum(checked)
+    *values, counted = checked.tolist()
+    world_size = torch_dist.get_world_size()
+    if counted != world_size:
+        raise CommunicationFailure(
+            f"rank {torch_dist.get_rank()}: the all-reduce of the {what} came back corrupt ({counted:g} "
+            f"of {world_size} ranks counted): the communicator failed under it (NCCL's watchdog aborts "
+            f"it after {diagnose.TIMEOUT_SETTING} or when a peer fails); the other ranks' messages say why")
+    return values
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:

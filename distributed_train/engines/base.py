@@ -25,8 +25,8 @@ from distributed_train.batches import BatchPlan, move_to_device
 from distributed_train.config import Config
 from distributed_train.distributed import (
     DistEnv,
-    all_reduce_sum,
     diagnose,
+    reduce_and_read,
     shm_allreduce,
 )
 from distributed_train.engines.common import autocast_context, float_dtype, is_dtensor
@@ -193,7 +193,7 @@ class EngineBase:
         bad = (~torch.isfinite(loss)).float()
         if grad_norm is not None:
             bad = bad + (~torch.isfinite(grad_norm)).float()
-        return all_reduce_sum(bad).item() == 0
+        return reduce_and_read(bad.reshape(1), "non-finite check") == [0]
 
     def skip_update(self) -> None:
         """Leave the parameters as they are; the step still counts (data and LR schedule move on)."""

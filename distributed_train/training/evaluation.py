@@ -133,7 +133,7 @@ class Evaluator:
             return {}
         zero = torch.zeros(2, dtype=torch.float64, device=self.device)
         vector = torch.cat([sums.get(name, zero) for name in names])  # on the device, as NCCL needs
-        values = distributed.all_reduce_sum(vector).tolist()
+        values = distributed.reduce_and_read(vector, "eval metrics")
         metrics = {name: values[2 * i] / values[2 * i + 1] if values[2 * i + 1] > 0 else None
                    for i, name in enumerate(names)}
         empty = [name for name, value in metrics.items() if value is None]

@@ -36,20 +36,23 @@ def run_training(config: Config, env: distributed.DistEnv, debug: bool = False) 
     timeout_s = config.dist.timeout_s
     # The heartbeat lets a rank whose collective fails name the ranks that did not arrive.
     heartbeat = diagnose.Heartbeat(env.rank, env.world_size, grace_s=timeout_s + 2 * diagnose.BEAT_S)
+    failed = True
     try:
         with heartbeat, diagnose.communication_failures_explained(env.rank, env.world_size, timeout_s):
             # Rank 0's run_dir wins, so every rank (and every node) writes to the same place.
             config.run_dir = distributed.broadcast_object(config.run_dir or default_run_dir(config.task))
             trainer = Trainer(config, env, device)
             heartbeat.watch(lambda: trainer.stop.requested)  # a rank stuck after SIGTERM ends itself
-            return trainer.fit()
+            summary = trainer.fit()
+            failed = False
+            return summary
     except BaseException:
         # Peers waiting for this rank in a shared-memory all-reduce fail now, naming this rank,
         # instead of noticing only when the process is gone (or torchrun's SIGTERM comes first).
         shm_allreduce.leave()
         raise
     finally:
-        distributed.teardown()
+        distributed.teardown(failed)
         # A gloo thread may still be freeing the last collective's tensors, which needs the GIL;
         # the group's destructor (when the trainer goes, right after this) joins those threads
         # while holding it. Let them finish first, or a process that trains again can deadlock.

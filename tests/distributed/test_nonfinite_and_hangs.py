@@ -40,6 +40,34 @@ def test_nonfinite_error_names_step_and_rank_and_commits_nothing_poisoned(tmp_pa
     assert steps == [2], steps
 
 
+def _train_after_an_aborted_reduction(rank: int, world_size: int, overrides: list[str], garbage: str) -> dict:
+    """What NCCL leaves when its watchdog aborts the group under a host read (error handling 2): the
+    buffer as it was (this rank's own numbers) or anything else (here NaN), and no error."""
+    from distributed_train.distributed import group
+    from distributed_train.errors import CommunicationFailure, NonFiniteLoss
+
+    def aborted_sum(tensor):
+        return tensor.fill_(float("nan")) if garbage == "nan" else tensor
+
+    group.all_reduce_sum = aborted_sum
+    try:
+        train_in_rank(rank, world_size, overrides)
+    except (NonFiniteLoss, CommunicationFailure) as exc:
+        return {"type": type(exc).__name__, "exit_code": exc.exit_code, "error": str(exc)}
+    return {"type": None}
+
+
+@pytest.mark.parametrize("garbage", ["nan", "unreduced"])
+def test_a_reduction_read_after_the_group_was_aborted_is_a_communication_failure(tmp_path, garbage):
+    """Neither the task's NaN (exit 3) nor a wrong loss in the log: the read is checked (every rank
+    counts itself in it), and the corrupt result is reported as the communication failure it is."""
+    overrides = ["--task=tests.tasks.toy:Regression", *SMALL, f"--run_dir={tmp_path}", "--log.every_steps=2"]
+    for result in run_ranks(_train_after_an_aborted_reduction, 2, overrides, garbage):
+        assert result["type"] == "CommunicationFailure" and result["exit_code"] == 4, result
+        assert "all-reduce of the train loss came back corrupt" in result["error"], result
+    assert not (tmp_path / "metrics.jsonl").exists() or '"train"' not in (tmp_path / "metrics.jsonl").read_text()
+
+
 def test_nonfinite_skip_skips_on_every_rank_and_keeps_ranks_equal(tmp_path):
     overrides = [NAN_TASK, *SMALL, f"--run_dir={tmp_path}", "--train.nonfinite=skip",
                  "--log.every_steps=2", "--task_args.rank=1", "--task_args.step=3", "--task_args.every=2"]

@@ -59,6 +59,49 @@ def test_a_rank_whose_main_thread_hangs_is_called_stuck_although_its_heartbeat_l
     assert "stopped responding" in dead
 
 
+@pytest.mark.parametrize("backend, failed, expected", [
+    ("nccl", True, "abort"), ("cpu:gloo,cuda:nccl", True, "abort"),
+    ("nccl", False, "destroy"), ("gloo", True, "destroy"),
+])
+def test_a_failed_worker_aborts_an_nccl_group_instead_of_flushing_it(tmp_path, monkeypatch, backend, failed,
+                                                                     expected):
+    """destroy_process_group flushes NCCL's collectives in flight (torch 2.6+): after a failure
+    it would wait for ever on a lost peer, so the group is aborted and the worker reports."""
+    import torch.distributed as torch_dist
+    from torch.distributed import distributed_c10d
+
+    from distributed_train.distributed import group
+
+    calls = []
+    real_destroy, real_abort = torch_dist.destroy_process_group, distributed_c10d._abort_process_group
+    monkeypatch.setattr(torch_dist, "destroy_process_group", lambda: (calls.append("destroy"), real_destroy()))
+    monkeypatch.setattr(distributed_c10d, "_abort_process_group", lambda: (calls.append("abort"), real_abort()))
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(torch_dist, "get_backend", lambda group=None: backend)  # as an NCCL job reports it
+    group.teardown(failed)
+    assert calls == [expected] and not torch_dist.is_initialized()
+    group.teardown(failed)  # twice: nothing left to do
+    assert calls == [expected]
+
+
+@pytest.mark.parametrize("task, failed", [("tests.tasks.toy:Regression", False),
+                                          ("tests.tasks.broken_tasks:RaisingLoss", True)])
+def test_the_worker_tears_down_as_failed_only_when_training_failed(tmp_path, monkeypatch, task, failed):
+    from distributed_train import distributed
+    from distributed_train.cli.train import resolve_config
+
+    seen = []
+    monkeypatch.setattr(distributed, "teardown", lambda failed=False: seen.append(failed))
+    config = resolve_config(None, [f"--task={task}", "--task_args.rank=0", "--train.max_steps=4",
+                                   "--log.wandb=disabled", f"--run_dir={tmp_path / 'run'}"])
+    if failed:
+        with pytest.raises(Exception, match="simulated crash"):
+            worker.run_training(config, distributed.DistEnv())
+    else:
+        worker.run_training(config, distributed.DistEnv())
+    assert seen == [failed]
+
+
 def test_nccl_error_handling_is_set_before_the_group_and_a_user_setting_wins(monkeypatch):
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
     worker.use_nccl_error_handling()

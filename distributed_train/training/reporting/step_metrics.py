@@ -86,8 +86,7 @@ class TrainMetrics:
         steps and before every checkpoint, so a poisoned state is never committed."""
         losses = self.window.losses
         vector = diagnose.nonfinite_vector(losses, self.env.rank, self.env.world_size, self.device)
-        distributed.all_reduce_sum(vector)
-        values = vector.tolist()  # the window's one host read
+        values = distributed.reduce_and_read(vector, "train loss")  # the window's one host read
         problem = diagnose.nonfinite_problem(values, step - len(losses) + 1)
         if problem and self.nonfinite == "error":
             raise NonFiniteLoss(problem)
