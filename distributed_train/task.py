@@ -16,6 +16,8 @@ import importlib
 import importlib.util
 import inspect
 import io
+import math
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -245,6 +247,33 @@ def base_exception(where: str, exc: BaseException) -> UsageError:
     return UsageError(f"{where} raised {what}{detail}; task code must return or raise an Exception")
 
 
+def _guarded(where: str, function: Any, *args: Any) -> Any:
+    """Call task code: whatever it raises becomes one line naming `where` (exit 2)."""
+    try:
+        return function(*args)
+    except UsageError:
+        raise
+    except SystemExit as exc:  # exit code 0 from a worker would read as a finished job
+        raise exited(where, exc) from None
+    except Exception as exc:
+        raise UsageError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+    except BaseException as exc:
+        if not_from_the_user(exc):
+            raise
+        raise base_exception(where, exc) from None
+
+
+def _checked_lr(function: Any, step: int) -> float:
+    """The learning rate a task's schedule function gives for `step`: a finite number >= 0."""
+    where = f"the function task.scheduler() returned (at step {step})"
+    value = _guarded(where, function, step)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()  # once per optimizer step, on a schedule the task chose to compute so
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise UsageError(f"{where} must return the learning rate, a finite number >= 0; got {value!r:.60}")
+    return float(value)
+
+
 class Task:
     """The user's task with every result checked; the rest of the package only talks to this."""
 
@@ -256,18 +285,7 @@ class Task:
         self._criterion_on: dict[tuple[torch.device, bool], nn.Module] = {}  # per device, fp64 or not
 
     def _call(self, method: str, *args: Any) -> Any:
-        try:
-            return getattr(self.obj, method)(*args)
-        except UsageError:
-            raise
-        except SystemExit as exc:  # exit code 0 from a worker would read as a finished job
-            raise exited(f"task.{method}()", exc) from None
-        except Exception as exc:
-            raise UsageError(f"task.{method}() raised {type(exc).__name__}: {exc}") from exc
-        except BaseException as exc:
-            if not_from_the_user(exc):
-                raise
-            raise base_exception(f"task.{method}()", exc) from None
+        return _guarded(f"task.{method}()", getattr(self.obj, method), *args)
 
     def _check_dataset(self, dataset: Any, method: str) -> Any:
         if isinstance(dataset, torch.utils.data.IterableDataset):
@@ -382,7 +400,7 @@ class Task:
                 raise UsageError("task.scheduler(optimizer, config) must schedule the optimizer it is given")
             return made
         if callable(made) and not isinstance(made, type):
-            return made
+            return functools.partial(_checked_lr, made)
         raise UsageError("task.scheduler() must return a torch.optim.lr_scheduler.LRScheduler or a function "
                          f"of the step returning the learning rate, got {type(made).__name__}")
 

@@ -148,7 +148,7 @@ def lr_schedule(task: Task, optimizer: torch.optim.Optimizer, config: Config, to
             raise UsageError("task.scheduler() returned a function of the step, but a parameter group's "
                              "learning rate is 0; give the optimizer a nonzero lr")
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, [lambda step, base=base: float(own(step)) / base for base in initial])
+            optimizer, [lambda step, base=base: own(step) / base for base in initial])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, total_steps))
 
 

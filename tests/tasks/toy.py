@@ -163,4 +163,14 @@ class OwnSchedule(Regression):
             return torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
         if self.schedule == "plateau":
             return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+        broken = {  # functions that go wrong at step 3 (bad-input tests)
+            "raises": lambda step: {}["warmup_iters"],
+            "nan": lambda step: float("nan"),
+            "negative": lambda step: -0.01,
+            "text": lambda step: "0.05",
+        }.get(self.schedule)
+        if broken:
+            return lambda step: 0.05 if step < 3 else broken(step)
+        if self.schedule == "tensor":
+            return lambda step: torch.tensor(0.05 * 0.8 ** step, dtype=torch.float64)
         return lambda step: 0.05 * 0.8 ** step

@@ -48,3 +48,27 @@ def test_every_engine_steps_and_resumes_the_tasks_schedule(tmp_path, engine):
 def test_a_schedule_that_needs_a_metric_or_is_no_schedule_is_one_line(tmp_path):
     with pytest.raises(UsageError, match="ReduceLROnPlateau, which needs a metric at every step"):
         _train(tmp_path / "plateau", 2, "plateau")
+
+
+@pytest.mark.parametrize("schedule, message", [
+    ("raises", "raised KeyError: 'warmup_iters'"),
+    ("nan", "got nan"),
+    ("negative", "got -0.01"),
+    ("text", "got '0.05'"),
+])
+def test_a_schedule_function_that_fails_or_gives_no_learning_rate_is_one_line(tmp_path, schedule, message):
+    """The function runs inside torch's LambdaLR at every step: what it raises or returns is the
+    task's, named with the step (not a traceback through torch, not a NaN learning rate)."""
+    with pytest.raises(UsageError) as failure:
+        _train(tmp_path / schedule, 6, schedule)
+    text = str(failure.value)
+    assert text.startswith("the function task.scheduler() returned (at step 3)") and message in text, text
+    assert "\n" not in text
+    if schedule != "raises":
+        assert "must return the learning rate, a finite number >= 0" in text
+
+
+def test_a_schedule_function_may_return_a_one_element_tensor(tmp_path):
+    plain, plain_lrs = _train(tmp_path / "float", 4, "function")
+    tensor, tensor_lrs = _train(tmp_path / "tensor", 4, "tensor")
+    assert tensor_lrs == plain_lrs and all(torch.equal(plain[k], tensor[k]) for k in plain)
