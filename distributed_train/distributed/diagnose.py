@@ -279,10 +279,14 @@ def explain_communication_failure(exc: BaseException, rank: int, world_size: int
     return kind(f"rank {rank}: {mine[1]} of step {mine[0]} {what} ({detail}): {cause}")
 
 
-def unused_parameters_message(names: list[str], step: int | None = None, rank: int | None = None) -> str:
-    """The one line for DDP's 'Expected to have finished reduction' mistake."""
+def unused_parameters_message(names: list[str], step: int | None = None, rank: int | None = None,
+                              last_micro_batch: bool = False) -> str:
+    """The one line for DDP's 'Expected to have finished reduction' mistake (`last_micro_batch`: with
+    accumulation, DDP reduces the last micro-batch's backward only, so each parameter needs one there)."""
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     where = "the first step" if step in (None, 1) else f"step {step}"
+    if last_micro_batch:
+        where = f"the last micro-batch of {where} (the one DDP reduces)"
     on = f" on rank {rank}" if rank is not None else ""
     return (f"the model has parameters that got no gradient in {where}{on} ({shown}); DDP needs "
             "--ddp.find_unused_parameters=true for that (it costs a graph walk per step), or remove "

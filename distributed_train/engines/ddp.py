@@ -8,6 +8,7 @@ across ranks. Gradients are all-reduced only on the last micro-step (`no_sync` b
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import ContextManager
 
 import torch
@@ -74,9 +75,31 @@ class DDPEngine(EngineBase):
 
     def micro_step(self, last: bool) -> ContextManager:
         # Only the last micro-step all-reduces; earlier ones accumulate locally (nanoGPT's trick).
-        if isinstance(self.model, DDP) and not last:
-            return self.model.no_sync()
-        return contextlib.nullcontext()
+        if not isinstance(self.model, DDP):
+            return contextlib.nullcontext()
+        return self._unused_named(self.model.no_sync() if not last else contextlib.nullcontext())
+
+    @contextlib.contextmanager
+    def _unused_named(self, sync: ContextManager):
+        """DDP's 'Expected to have finished reduction' in one line naming the parameters. The check
+        after each backward cannot see the case that raises it: with accumulation, a parameter that
+        got a gradient in an earlier micro-batch but none in the last (the one DDP reduces) has a
+        gradient all the same. DDP then fails at the next step's forward, giving the indices."""
+        try:
+            with sync:
+                yield
+        except RuntimeError as exc:
+            if "Expected to have finished reduction" not in str(exc):
+                raise
+            ddp = self.config.ddp
+            if ddp.static_graph or ddp.find_unused_parameters:
+                raise
+            found = re.search(r"did not receive grad for rank \d+: ([\d ]+)", str(exc))
+            order = [n for n, p in self.raw_model.named_parameters() if p.requires_grad]  # DDP's indices
+            names = [order[int(i)] for i in found.group(1).split() if int(i) < len(order)] if found else []
+            raise UsageError(diagnose.unused_parameters_message(
+                names or ["names not given by DDP"], diagnose.position.step - 1, self.env.rank,
+                last_micro_batch=self.plan.accumulation_steps > 1)) from None
 
     def after_backward(self) -> None:
         """A parameter that got no gradient on this rank, at any step (a conditional branch, expert

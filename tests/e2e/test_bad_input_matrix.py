@@ -54,6 +54,17 @@ def test_model_with_parameters_unused_in_forward(tmp_path):
     assert "(unused.weight, unused.bias)" in line and "--ddp.find_unused_parameters=true" in line
 
 
+def _unused_line(proc) -> str:
+    """The launcher's last line for an unused parameter, between its fixed start and end (exit 2)."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    start = "dtrain launch: rank 1 failed first: the model has parameters that got no gradient "
+    end = ("; DDP needs --ddp.find_unused_parameters=true for that (it costs a graph walk per step), or remove "
+           "those parameters from the model or freeze them (requires_grad=False)")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(start) and last.endswith(end), proc.stderr
+    return last[len(start):-len(end)]
+
+
 @pytest.mark.parametrize("shm", ["auto", "never"])  # our shared-memory all-reduce, and gloo's
 def test_a_parameter_unused_on_one_rank_at_a_later_step_is_named_at_once(tmp_path, shm):
     """A conditional branch skipped on rank 1 at step 3 only: the first-step check cannot see it;
@@ -62,16 +73,24 @@ def test_a_parameter_unused_on_one_rank_at_a_later_step_is_named_at_once(tmp_pat
     proc = dtrain("launch", "--nproc-per-node", "2", BAD + "ConditionalBranch", "--task_args.step=3",
                   "--task_args.rank=1", f"--ddp.shm_allreduce={shm}", "--dist.timeout_s=120", *SMALL,
                   f"--run_dir={tmp_path}", check=False, timeout=150)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last == ("dtrain launch: rank 1 failed first: the model has parameters that got no gradient in step 3 "
-                    "on rank 1 (extra.weight, extra.bias); DDP needs --ddp.find_unused_parameters=true for that "
-                    "(it costs a graph walk per step), or remove those parameters from the model or freeze them "
-                    "(requires_grad=False)"), proc.stderr
+    assert _unused_line(proc) == "in step 3 on rank 1 (extra.weight, extra.bias)", proc.stderr
     assert "timed out" not in proc.stderr, proc.stderr  # found at once, not after dist.timeout_s
     # and with find_unused_parameters the same model trains to the end
     dtrain("launch", "--nproc-per-node", "2", BAD + "ConditionalBranch", "--ddp.find_unused_parameters=true",
            f"--ddp.shm_allreduce={shm}", *SMALL, f"--run_dir={tmp_path}/ok", timeout=150)
+
+
+def test_a_parameter_unused_only_in_the_last_micro_batch_is_named(tmp_path):
+    """With accumulation a parameter used in an earlier micro-batch has a gradient, so the check
+    after the backward passes; DDP reduces the last micro-batch only and fails at the next step's
+    forward. That failure names the parameters and the micro-batch, not just DDP's indices."""
+    # 2 micro-batches per rank and step: loss() call 4 is step 2's last one.
+    proc = dtrain("launch", "--nproc-per-node", "2", BAD + "ConditionalBranch", "--task_args.step=4",
+                  "--task_args.rank=1", "--train.batch_size=8", "--train.micro_batch_size=2",
+                  "--train.max_steps=6", "--eval.every_steps=0", "--dist.timeout_s=120",
+                  f"--run_dir={tmp_path}", check=False, timeout=150)
+    assert _unused_line(proc) == ("in the last micro-batch of step 2 (the one DDP reduces) on rank 1 "
+                                  "(extra.weight, extra.bias)"), proc.stderr
 
 
 def test_rank_not_below_world_size(tmp_path):
