@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -167,12 +168,16 @@ def build(target: str = "cpu") -> str:
                       "TORCH_CPU_INDEX": TORCH_CPU_INDEX if _reachable(TORCH_CPU_INDEX + "/") else ""}
         tag = f"{TEST_REPOSITORY}:{target}-{_sources_hash({**build_args, 'base': base_id, 'target': target})}"
         if not _exists(tag):
+            started = int(time.time())
             pip_conf, mounts = _pip_settings()
             conf_file = STATE / "pip.conf"
             conf_file.write_text(pip_conf)
             podman("build", "--network=host", "--file", str(REPO / "docker" / "Dockerfile"), "--target", target,
                    *[f"--build-arg={k}={v}" for k, v in build_args.items()],
                    f"--volume={conf_file}:/etc/pip.conf:ro", *mounts, "--tag", tag, str(REPO), timeout=1800)
+            # Each build leaves its build stage as an untagged image (~1 GB): those of earlier builds
+            # go; this build's stays, as the cache of the next (its layers are parents: kept).
+            podman("image", "prune", "--force", "--filter", f"until={started}", check=False)
         _remove_older(tag)
     return tag
 
