@@ -5,8 +5,8 @@
   on every rank first; here the replicated tensors are divided among the ranks by size before
   staging (the same division on every rank, computed from shapes alone), so each rank copies 1/world
   of them. Sharded tensors (fsdp's DTensors) are each rank's own already.
-- `Stager`: the host copies are kept and reused by the next save (torch's DefaultStager caches one
-  host buffer per tensor), pinned and copied without blocking per tensor when the state is on a
+- `Stager`: the host copies are kept and reused by the next save (torch's StateDictStager caches
+  one host buffer per storage), pinned and copied without blocking per tensor when the state is on a
   GPU; one synchronisation at the end.
 - `HashingWriter`: DCP's file writer that computes every file's sha256 while writing it, so the
   commit record needs no re-read of the checkpoint.
@@ -62,19 +62,27 @@ def _without(tree: dict, prefix: _Path, dropped: set) -> dict:
 class Stager:
     """Host copies of a state for a background write, in buffers reused from one save to the next
     (a save starts only after the previous write ended, so a buffer is never copied into while
-    it is written). On a GPU: pinned buffers, non-blocking copies, one synchronisation."""
+    it is written). On a GPU: pinned buffers, non-blocking copies, one synchronisation.
+
+    torch's StateDictStager does the copying (it keeps one host storage per source storage, and a
+    model's and an optimizer's tensors keep their storages from step to step). Not through the
+    public DefaultStager that wraps it: in torch 2.11 that closes it after every stage, which frees
+    the buffers and makes the next save fail (KeyError: <class 'type'>)."""
 
     def __init__(self) -> None:
         self._stager = None
+        self._gpu = False
 
     def stage(self, state: dict) -> dict:
         if self._stager is None:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+            from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 
-            gpu = torch.cuda.is_available() and _any_on_gpu(state)
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=gpu, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=gpu))
-        return self._stager.stage(state)
+            self._gpu = torch.cuda.is_available() and _any_on_gpu(state)
+            self._stager = StateDictStager(pin_memory=self._gpu, share_memory=False)
+        staged = self._stager.stage(state, non_blocking=self._gpu)
+        if self._gpu:
+            torch.cuda.synchronize()  # the one wait, for every copy enqueued above
+        return staged
 
 
 def _any_on_gpu(tree: dict) -> bool:
