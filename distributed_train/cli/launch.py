@@ -6,6 +6,7 @@ Our arguments (CONFIG, --section.key=value) and torchrun's (--nproc-per-node, --
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -21,7 +22,52 @@ RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 def torchrun_parser():
     from torch.distributed.run import get_args_parser
 
-    return get_args_parser()
+    parser = get_args_parser()
+    if not any("--shutdown-timeout" in action.option_strings for action in parser._actions):
+        # torch 2.11's torchrun has no such option: its agent SIGKILLs the workers 30 s after it
+        # forwarded SIGTERM, too soon for a large stop checkpoint. `dtrain slurm` and `dtrain k8s`
+        # write it; dtrain launch applies it (`_shutdown_timeout_for_older_torch`).
+        parser.add_argument("--shutdown-timeout", "--shutdown_timeout", type=int, default=None,
+                            dest="dtrain_shutdown_timeout",
+                            help="seconds the workers get after a stop signal before SIGKILL (default 30, "
+                                 "or TORCH_ELASTIC_SHUTDOWN_TIMEOUT)")
+    return parser
+
+
+def _older_torch_shutdown_timeout(parsed) -> int | None:
+    """The --shutdown-timeout dtrain launch applies itself (torch 2.11), or None (torchrun does)."""
+    if "dtrain_shutdown_timeout" not in vars(parsed):
+        return None
+    seconds = parsed.dtrain_shutdown_timeout
+    if seconds is None and os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        value = os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]
+        if not value.strip().isdigit():
+            raise UsageError(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole number of seconds, got {value!r}")
+        seconds = int(value)
+    return seconds
+
+
+@contextlib.contextmanager
+def _shutdown_timeout_for_older_torch(parsed):
+    """--shutdown-timeout where torchrun has none: its agent stops the workers through
+    `PContext.close(sig)`, which waits 30 s by default; this process runs only that agent, so that
+    default becomes the one asked for (a restart's stop gets it too; newer torch keeps 30 s there)."""
+    seconds = _older_torch_shutdown_timeout(parsed)
+    if seconds is None:
+        yield
+        return
+    from torch.distributed.elastic.multiprocessing import api
+
+    close = api.PContext.close
+
+    def close_later(self, death_sig=None, timeout: int = seconds):
+        return close(self, death_sig, timeout)
+
+    api.PContext.close = close_later
+    try:
+        yield
+    finally:
+        api.PContext.close = close
 
 
 def split_launch_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -112,6 +158,10 @@ def check_torchrun_options(parsed) -> None:
                          f"got {nproc!r}")
     if int(parsed.max_restarts) < 0:
         raise UsageError(f"--max-restarts must be 0 or more, got {parsed.max_restarts}")
+    shutdown = getattr(parsed, "shutdown_timeout", None)
+    shutdown = _older_torch_shutdown_timeout(parsed) if shutdown is None else shutdown
+    if shutdown is not None and int(shutdown) < 0:
+        raise UsageError(f"--shutdown-timeout must be 0 or more seconds, got {shutdown}")
     low, _, high = str(parsed.nnodes).partition(":")
     if not (low.isdigit() and int(low) >= 1 and (not high or (high.isdigit() and int(high) >= int(low)))):
         raise UsageError(f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got {parsed.nnodes!r}")
@@ -265,7 +315,8 @@ def run_torchrun(parsed, run_dir: str | None = None) -> int:
 
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_WorkerFailedLine())
     try:
-        run(parsed)
+        with _shutdown_timeout_for_older_torch(parsed):
+            run(parsed)
     except SignalException as exc:
         # torchrun forwarded the signal; every worker stops after the same step and rank 0 commits.
         print(f"dtrain launch: stopped by {exc.sigval.name}{_resume_hint(run_dir)}", file=sys.stderr)
