@@ -27,5 +27,5 @@ from distributed_train.distributed.group import (
 __all__ = [
     "DistEnv", "active", "all_gather_object", "barrier", "broadcast_object",
     "cpu_count", "init", "limit_compile_threads", "main_computes", "on_main", "pick_backend", "pick_device", "read_env",
-    "reduce_and_read",     "set_cpu_threads", "teardown",
+    "reduce_and_read", "set_cpu_threads", "teardown",
 ]
