@@ -99,8 +99,8 @@ MUTATIONS = [
         ("tests/distributed/test_equivalence.py::test_batchnorm_model_trains_and_keeps_buffers_in_sync",)),
     Mutation(
         "no all-reduce (no_sync) on non-final micro-steps", "distributed_train/engines/ddp.py",
-        "        if isinstance(self.model, DDP) and not last:\n            return self.model.no_sync()\n",
-        "",
+        "        return self._unused_named(self.model.no_sync() if not last else contextlib.nullcontext())\n",
+        "        return self._unused_named(contextlib.nullcontext())\n",
         (MECHANISMS,)),
     Mutation(
         "unpadded eval shards (no sample counted twice)", "distributed_train/training/data.py",
