@@ -158,8 +158,7 @@ def check_torchrun_options(parsed) -> None:
                          f"got {nproc!r}")
     if int(parsed.max_restarts) < 0:
         raise UsageError(f"--max-restarts must be 0 or more, got {parsed.max_restarts}")
-    shutdown = getattr(parsed, "shutdown_timeout", None)
-    shutdown = _older_torch_shutdown_timeout(parsed) if shutdown is None else shutdown
+    shutdown = vars(parsed).get("shutdown_timeout", _older_torch_shutdown_timeout(parsed))
     if shutdown is not None and int(shutdown) < 0:
         raise UsageError(f"--shutdown-timeout must be 0 or more seconds, got {shutdown}")
     low, _, high = str(parsed.nnodes).partition(":")

@@ -49,6 +49,6 @@ def tf32_enabled() -> bool:
         return torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
     backends = torch.backends
     top = backends.fp32_precision
-    matmul = _resolved(backends.cuda.matmul.fp32_precision, getattr(backends.cuda, "fp32_precision", "none"), top)
+    matmul = _resolved(backends.cuda.matmul.fp32_precision, top)  # no CUDA-wide level between them
     conv = _resolved(backends.cudnn.conv.fp32_precision, backends.cudnn.fp32_precision, top)
     return "tf32" in (matmul, conv)
