@@ -23,6 +23,14 @@ MUTATIONS = [
         ("tests/distributed/test_nonfinite_and_hangs.py::test_a_reduction_read_after_the_group_was_aborted_is_a_"
          "communication_failure",)),
     Mutation(
+        "the stop vote is checked the same way: every rank counts itself in it (an aborted group's "
+        "buffer is a communication failure, not a stop nobody asked for or a missed one)",
+        "distributed_train/distributed/preemption.py",
+        "        if counted != self.world_size:\n",
+        "        if False:\n",
+        ("tests/distributed/test_nonfinite_and_hangs.py::test_a_stop_vote_after_the_group_was_aborted_is_a_"
+         "communication_failure",)),
+    Mutation(
         "goodput: an attempt's work after the point the next attempt resumed from counted as lost",
         "distributed_train/training/reporting/goodput.py",
         "        kept = [e for e in attempt if resumed_next is None or e[\"step\"] <= resumed_next]\n",

@@ -203,11 +203,16 @@ def reduce_and_read(vector: torch.Tensor, what: str) -> list[float]:
     *values, counted = checked.tolist()
     world_size = torch_dist.get_world_size()
     if counted != world_size:
-        raise CommunicationFailure(
-            f"rank {torch_dist.get_rank()}: the all-reduce of the {what} came back corrupt ({counted:g} "
-            f"of {world_size} ranks counted): the communicator failed under it (NCCL's watchdog aborts "
-            f"it after {diagnose.TIMEOUT_SETTING} or when a peer fails); the other ranks' messages say why")
+        raise corrupt_reduction(what, counted, world_size)
     return values
+
+
+def corrupt_reduction(what: str, counted: float, world_size: int) -> CommunicationFailure:
+    """The error for a checked reduction that not every rank is counted in."""
+    return CommunicationFailure(
+        f"rank {torch_dist.get_rank()}: the all-reduce of the {what} came back corrupt ({counted:g} "
+        f"of {world_size} ranks counted): the communicator failed under it (NCCL's watchdog aborts "
+        f"it after {diagnose.TIMEOUT_SETTING} or when a peer fails); the other ranks' messages say why")
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:

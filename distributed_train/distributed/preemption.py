@@ -8,10 +8,13 @@ the one that enqueued one more all-reduce would then wait for peers that never j
 ranks vote: every rank adds its flag to a two-number all-reduce launched at a step boundary and
 reads the result at the next voting boundary: every rank reads the same numbers after the same
 step and stops there. Reading a result that is a vote old never makes the host wait for the step
-in flight (on CUDA the numbers come back through pinned memory behind an event). The second
-number is each rank's proposal for the steps until the next vote, so that a vote happens about
-every VOTE_EVERY_S seconds: on every step of a GPU model, every few dozen steps of a CPU model
-whose step takes a millisecond (where a vote per step would cost several percent).
+in flight (on CUDA the numbers come back through pinned memory behind an event). Each rank also
+proposes the steps until the next vote (the agreed interval is the proposals' mean), so that a
+vote happens about every VOTE_EVERY_S seconds: on every step of a GPU model, every few dozen steps
+of a CPU model whose step takes a millisecond (where a vote per step would cost several percent).
+The vote is a sum of counts, and every rank counts itself in it: a vote that an aborted NCCL group
+left unreduced (TORCH_NCCL_ASYNC_ERROR_HANDLING=2 leaves the buffer without an error) is a
+CommunicationFailure, not a stop nobody asked for or a missed one.
 
 The first SIGINT (Ctrl-C) stops like SIGTERM, with exit code 130; a second one ends the process
 at once. SIGHUP stops like SIGTERM too, with exit code 129.
@@ -32,8 +35,8 @@ import torch
 
 from distributed_train.errors import STOP_SIGNALS
 
-# What each rank adds to the agreement: the largest wins, so SIGTERM (a scheduler's stop) beats
-# a hang-up and Ctrl-C when several arrive.
+# The agreed stop is the largest code any rank voted, so SIGTERM (a scheduler's stop) beats a
+# hang-up and Ctrl-C when several arrive.
 _SIGNAL_CODE = {signal.SIGINT: 1, signal.SIGHUP: 2, signal.SIGTERM: 3}
 _CODE_SIGNAL = {code: signum for signum, code in _SIGNAL_CODE.items()}
 
@@ -65,16 +68,21 @@ def _side_stream(device: torch.device):
 
 
 class _PendingVote:
-    """One vote's all-reduced (stop code, steps to the next vote, a checkpoint due by time),
+    """One vote, all-reduced as a sum of counts: the ranks stopping for each signal, the proposed
+    intervals, the ranks whose clock says a checkpoint is due, and the ranks that voted (every one);
     readable without waiting for later work (on CUDA through pinned memory)."""
 
     def __init__(self, stop_code: int, next_interval: int, save_due: bool, device: torch.device):
         import torch.distributed as torch_dist
+        self.world_size = torch_dist.get_world_size()
+        ballot = [int(stop_code == code) for code in sorted(_CODE_SIGNAL)]
+        values = [*ballot, next_interval, int(save_due), 1]
         # Filled on the device: a copy from pageable host memory would wait for the GPU's stream.
-        self.vote = torch.full((3,), stop_code, dtype=torch.int64, device=device)
-        self.vote[1].fill_(next_interval)
-        self.vote[2].fill_(int(save_due))
-        self.work = torch_dist.all_reduce(self.vote, op=torch_dist.ReduceOp.MAX, async_op=True)
+        self.vote = torch.zeros((len(values),), dtype=torch.int64, device=device)
+        for i, value in enumerate(values):
+            if value:
+                self.vote[i].fill_(value)
+        self.work = _all_reduce_async(self.vote)
         self.host, self.event = self.vote, None
         if device.type == "cuda":
             # On a side stream: it waits for the all-reduce and copies the result to pinned host
@@ -82,21 +90,37 @@ class _PendingVote:
             side = _side_stream(device)
             with torch.cuda.stream(side):
                 self.work.wait()
-                self.host = torch.empty((3,), dtype=torch.int64, pin_memory=True)
+                self.host = torch.empty((len(values),), dtype=torch.int64, pin_memory=True)
                 self.host.copy_(self.vote, non_blocking=True)
                 self.vote.record_stream(side)  # its memory is not reused before the copy ran
                 self.event = torch.cuda.Event()
                 self.event.record(side)
 
-    def result(self) -> tuple[int, int, bool]:
-        """The largest stop code and interval any rank voted, and whether a save is due (waits for
-        this vote only)."""
+    def wait(self) -> None:
+        """Until this vote's all-reduce is done (and its copy to the host)."""
         if self.event is not None:
             self.event.synchronize()
         else:
             self.work.wait()
-        code, interval, due = self.host.tolist()
-        return int(code), max(1, int(interval)), bool(due)
+
+    def result(self) -> tuple[int, int, bool]:
+        """The largest stop code any rank voted (0: none), the agreed steps to the next vote, and
+        whether a save is due (waits for this vote only); a vote that not every rank is counted in
+        is a CommunicationFailure."""
+        from distributed_train.distributed.group import corrupt_reduction
+
+        self.wait()
+        *ballot, interval_sum, due, counted = self.host.tolist()
+        if counted != self.world_size:
+            raise corrupt_reduction("stop vote", counted, self.world_size)
+        code = max((code for code, votes in zip(sorted(_CODE_SIGNAL), ballot) if votes), default=0)
+        return code, max(1, -(-interval_sum // counted)), due > 0
+
+
+def _all_reduce_async(vote: torch.Tensor):
+    """The vote's sum over every rank, launched: the Work to wait on."""
+    import torch.distributed as torch_dist
+    return torch_dist.all_reduce(vote, op=torch_dist.ReduceOp.SUM, async_op=True)
 
 
 class StopFlag:
@@ -206,7 +230,7 @@ class StopFlag:
         # complete: it is kept alive instead, so no gloo thread ever frees it.
         if self._pending is not None:
             if exc_type is None:
-                self._pending.result()
+                self._pending.wait()
             else:
                 _UNFINISHED_VOTES.append(self._pending)
         self._pending = None

@@ -10,7 +10,7 @@ which are CPU tensors on a GPU too), under ddp and fsdp, with and without accumu
   after the all-reduce) and the grad norm (one `item`); on checkpoint steps the NaN check's loss
   (the same `tolist`; none more when the step was logged) while the save's copies to the host are
   torch's stager's (the checkpoint itself); on evaluation steps the evaluation's one `tolist`; on
-  vote steps (every ~50 ms of steps) the stop vote's three numbers, launched a vote earlier
+  vote steps (every ~50 ms of steps) the stop vote's six numbers, launched a vote earlier
   (`tolist` of a pinned host copy behind an event on a GPU: it waits for that vote only).
 """
 

@@ -68,6 +68,44 @@ def test_a_reduction_read_after_the_group_was_aborted_is_a_communication_failure
     assert not (tmp_path / "metrics.jsonl").exists() or '"train"' not in (tmp_path / "metrics.jsonl").read_text()
 
 
+def _train_after_an_aborted_vote(rank: int, world_size: int, overrides: list[str], garbage: str) -> dict:
+    """The stop vote's all-reduce aborted the same way, on the vote after step 3 (earlier votes real):
+    its buffer is this rank's own ballot, or a stop code and nothing else."""
+    from distributed_train.distributed import preemption
+    from distributed_train.errors import CommunicationFailure
+
+    real, votes = preemption._all_reduce_async, []
+
+    def aborted(vote):
+        votes.append(vote)
+        if len(votes) < 3:
+            return real(vote)
+        if garbage == "stop":
+            vote.zero_()[2] = 1  # "SIGTERM", as a MAX of codes would read garbage
+        return real(torch.zeros(1, dtype=torch.int64))  # a completed Work on another buffer
+
+    preemption._all_reduce_async = aborted
+    preemption.StopFlag._propose_interval = lambda flag, step: 1  # a vote after every step
+    try:
+        out = train_in_rank(rank, world_size, overrides)
+    except CommunicationFailure as exc:
+        return {"type": type(exc).__name__, "exit_code": exc.exit_code, "error": str(exc), "votes": len(votes)}
+    return {"type": None, "summary": out["summary"]}
+
+
+@pytest.mark.parametrize("garbage", ["stop", "unreduced"])
+def test_a_stop_vote_after_the_group_was_aborted_is_a_communication_failure(tmp_path, garbage):
+    """Neither a stop no rank asked for (exit 143, a checkpoint) nor a missed one: every rank counts
+    itself in the vote, and a vote not every rank is counted in is a communication failure."""
+    overrides = ["--task=tests.tasks.toy:Regression", *SMALL, f"--run_dir={tmp_path}", "--log.every_steps=100"]
+    for result in run_ranks(_train_after_an_aborted_vote, 2, overrides, garbage):
+        assert result["type"] == "CommunicationFailure" and result["exit_code"] == 4, result
+        counted = {"stop": 0, "unreduced": 1}[garbage]
+        assert f"the stop vote came back corrupt ({counted} of 2 ranks counted)" in result["error"], result
+        assert result["votes"] == 3, result
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+
+
 def test_nonfinite_skip_skips_on_every_rank_and_keeps_ranks_equal(tmp_path):
     overrides = [NAN_TASK, *SMALL, f"--run_dir={tmp_path}", "--train.nonfinite=skip",
                  "--log.every_steps=2", "--task_args.rank=1", "--task_args.step=3", "--task_args.every=2"]

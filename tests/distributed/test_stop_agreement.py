@@ -63,7 +63,7 @@ def _vote_every_step(flag, step):
 
 def _uneven_intervals(flag, step):
     """Ranks propose different intervals (1 to 3 steps) that change as the run goes: they must
-    still agree on when to vote (the largest proposal wins)."""
+    still agree on when to vote (the mean of the proposals, rounded up)."""
     return 1 + (step + int(os.environ["RANK"])) % 3
 
 
