@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 
 from distributed_train.errors import EXIT_USAGE, UsageError
 
@@ -302,6 +303,22 @@ class _WorkerFailedLine(logging.Filter):
         return not record.getMessage().startswith("failed (exitcode")
 
 
+@contextlib.contextmanager
+def _error_files_dir(parsed):
+    """Without --log-dir torchrun makes a torchelastic_* folder in the temporary directory for its
+    workers' error files and leaves it there: one per launch, for ever. The launcher gives it one
+    that goes when the launch ends (the failures it reports were read from it by then)."""
+    if parsed.log_dir is not None:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="dtrain-launch-", ignore_cleanup_errors=True) as folder:
+        parsed.log_dir = folder
+        try:
+            yield
+        finally:
+            parsed.log_dir = None
+
+
 def run_torchrun(parsed, run_dir: str | None = None) -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -314,7 +331,7 @@ def run_torchrun(parsed, run_dir: str | None = None) -> int:
 
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_WorkerFailedLine())
     try:
-        with _shutdown_timeout_for_older_torch(parsed):
+        with _shutdown_timeout_for_older_torch(parsed), _error_files_dir(parsed):
             run(parsed)
     except SignalException as exc:
         # torchrun forwarded the signal; every worker stops after the same step and rank 0 commits.

@@ -48,10 +48,14 @@ def test_nonfinite_loss_stops_with_exit_code_3(tmp_path):
 
 
 def test_model_with_parameters_unused_in_forward(tmp_path):
-    proc = dtrain("launch", "--nproc-per-node", "2", BAD + "UnusedParameter", *SMALL, f"--run_dir={tmp_path}",
-                  check=False)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = dtrain("launch", "--nproc-per-node", "2", BAD + "UnusedParameter", *SMALL, f"--run_dir={tmp_path / 'run'}",
+                  check=False, env=clean_env(TMPDIR=str(scratch)))
     line = _one_error_line(proc, 2)
     assert "(unused.weight, unused.bias)" in line and "--ddp.find_unused_parameters=true" in line
+    # The workers' error files (what that line was read from) went with the launch.
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith(("torchelastic_", "dtrain-launch-"))]
 
 
 def _unused_line(proc) -> str:

@@ -70,7 +70,11 @@ def test_default_launch_is_the_quickstart(tmp_path):
     # The console script, as the README says; `python -m` where the package is not installed.
     script = shutil.which("dtrain")
     command = [script] if script else [sys.executable, "-m", "distributed_train"]
-    proc = run_cmd([*command, "launch"], cwd=tmp_path, env=clean_env(WANDB_MODE="disabled"), timeout=300)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = run_cmd([*command, "launch"], cwd=tmp_path, env=clean_env(WANDB_MODE="disabled", TMPDIR=str(scratch)),
+                   timeout=300)
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith(("torchelastic_", "dtrain-launch-"))]
     run_dirs = list((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 1 and run_dirs[0].name.startswith("digits-")
     # digits' defaults: 20 epochs x 23 steps of 64 samples
