@@ -173,8 +173,8 @@ class CheckpointConfig:
 class StorageConfig:
     cache_dir: str = opt("", "with run_dir=URL: the local folder each node works in; default "
                              "$DTRAIN_CACHE_DIR, else ~/.cache/dtrain")
-    upload_every_s: float = opt(30.0, "with run_dir=URL: seconds between uploads of metrics.jsonl and "
-                                      "refreshes of the lock's heartbeat")
+    upload_every_s: float = opt(30.0, "with run_dir=URL: seconds between uploads of metrics.jsonl (also "
+                                      "uploaded after each checkpoint) and refreshes of the lock's heartbeat")
     lock_stale_s: float = opt(300.0, "with run_dir=URL: a lock whose heartbeat is older than this is "
                                      "stale and taken over")
 

@@ -4,7 +4,9 @@ the run directory, and each node works in a local folder of its own.
 What lives where:
 - the bucket: `config.yaml` (at the start), the checkpoints (each rank uploads its own shard, the
   commit record last: checkpoints/remote.py), `metrics.jsonl` (uploaded whole every
-  `storage.upload_every_s` and at the end), `final_model.pt`, `summary.json`, and `.dtrain.lock`;
+  `storage.upload_every_s`, after each checkpoint, so that the bucket's copy reaches the point a
+  later attempt resumes from even when this node is lost, and at the end), `final_model.pt`,
+  `summary.json`, and `.dtrain.lock`;
 - the local folder (`storage.cache_dir`/<scheme>/<bucket>/<prefix>, on every node): what the job
   writes before it goes up (metrics.jsonl is appended there as for a local run: a lost connection
   never loses it), the shards of a checkpoint being uploaded, the checkpoint a resume downloaded,
@@ -83,7 +85,8 @@ class RunMirror:
             raise UsageError(f"run_dir {url!r}: {exc}") from None
         self._lock_record: dict | None = None
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._stop = False
+        self._wake = threading.Event()  # set to upload the metrics at once, or to stop
         self._uploaded_metrics = -1  # size of metrics.jsonl at its last upload
         self._warned = False
         self._lost_lock = False  # another job took the lock over (said once)
@@ -104,11 +107,17 @@ class RunMirror:
         """Rank 0: the local file `name` of the run folder, uploaded whole (raises StorageError)."""
         self.store.put_file(str(self.local / name), name)
 
+    def upload_metrics_soon(self) -> None:
+        """Rank 0: upload metrics.jsonl now, in the background (after a checkpoint), not at the next
+        batch."""
+        self._wake.set()
+
     def close(self) -> None:
         """Rank 0: the last metrics upload, and the lock object removed. Never raises: a failure is
         one warning (the local copy stays)."""
         if self._thread is not None:
-            self._stop.set()
+            self._stop = True
+            self._wake.set()
             self._thread.join()
             self._thread = None
             self._upload_metrics()
@@ -132,9 +141,17 @@ class RunMirror:
 
     # -- metrics in batches, and the lock's heartbeat ------------------------------------------
     def _background(self) -> None:
-        while not self._stop.wait(self.settings.upload_every_s):
+        every = self.settings.upload_every_s
+        next_batch = time.monotonic() + every
+        while True:
+            self._wake.wait(max(0.0, next_batch - time.monotonic()))
+            self._wake.clear()
+            if self._stop:
+                return
             self._upload_metrics()
-            self._heartbeat()
+            if time.monotonic() >= next_batch:
+                self._heartbeat()
+                next_batch = time.monotonic() + every
 
     def _upload_metrics(self) -> None:
         path = self.local / METRICS

@@ -276,6 +276,35 @@ def test_a_file_url_is_a_run_directory_through_the_same_code(tmp_path):
     assert json.loads((tmp_path / "bucket" / "run" / "summary.json").read_text())["global_step"] == 6
 
 
+def test_the_bucket_metrics_reach_each_checkpoint_before_the_next_batch_so_a_lost_node_loses_no_resume_point(
+        tmp_path):
+    """Metrics go up in batches (here one an hour) and right after each checkpoint: a node lost
+    (SIGKILL) after a checkpoint leaves the bucket's metrics.jsonl with that checkpoint and every
+    step before it, what goodput and `dtrain runs` read of the attempt. (A file URL: the same code.)"""
+    bucket = tmp_path / "bucket" / "run"
+    job = subprocess.Popen([sys.executable, "-m", "distributed_train", "train", *TOY,
+                            "--task=tests/tasks/fault_tasks.py:SlowSteps", "--task_args.sleep_s=0.05",
+                            "--log.every_steps=1", "--train.max_steps=2000", "--checkpoint.every_steps=4",
+                            "--storage.upload_every_s=3600", "--storage.lock_stale_s=7200", f"--run_dir=file://{bucket}"],
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "cache")})
+    deadline = time.monotonic() + 60
+    try:
+        while '"checkpoint"' not in ((bucket / "metrics.jsonl").read_text() if (bucket / "metrics.jsonl").exists()
+                                     else ""):
+            assert job.poll() is None and time.monotonic() < deadline, "no metrics upload after a checkpoint"
+            time.sleep(0.05)
+        assert job.poll() is None  # still running: not the upload at the end
+    finally:
+        job.kill()  # the node is lost: no last upload
+        job.wait()
+    events = [json.loads(line) for line in (bucket / "metrics.jsonl").read_text().splitlines()]
+    saved = [e["step"] for e in events if e.get("kind") == "checkpoint"]
+    assert saved and saved[0] == 4, events
+    train = [e["step"] for e in events if e.get("kind") == "train"]
+    assert train[:saved[-1]] == list(range(1, saved[-1] + 1)), events
+
+
 def test_a_ddp_checkpoint_in_the_bucket_resumes_under_fsdp_on_another_world_size(s3, tmp_path):  # noqa: F811
     url = "s3://runs/engines"
     job = [*TOY, FP64, "--train.batch_size=12", "--checkpoint.every_steps=3", f"--run_dir={url}"]

@@ -53,7 +53,7 @@ class Checkpointer:
         self.settings = config.checkpoint
         self.directory = run_dir / "checkpoints"  # with a run_dir URL: the local staging folder
         self.run_dir = run_dir
-        self.store = mirror.store if mirror else None
+        self.mirror, self.store = mirror, (mirror.store if mirror else None)
         keep = self.settings.keep_last
         rotate = (lambda step: remote.rotate(self.store, keep, step)) if self.store else \
             (lambda step: commit.rotate(self.directory, keep, step))
@@ -91,6 +91,8 @@ class Checkpointer:
         self.logger.log({"kind": "checkpoint", "step": step, "stall_s": stall, "wait_s": waited,
                          "previous_write_s": write, "write_cost_s": round(cost, 4),
                          **self.schedule.saved(stall, write, cost)})
+        if self.mirror and self.env.is_main:
+            self.mirror.upload_metrics_soon()  # the bucket's metrics reach this checkpoint
 
     def save_on_preemption(self, step: int, state: StateFn, poisoned: bool, agreed: bool = True,
                            signalled_at: float | None = None) -> None:
