@@ -31,6 +31,20 @@ MUTATIONS = [
         ("tests/distributed/test_nonfinite_and_hangs.py::test_a_stop_vote_after_the_group_was_aborted_is_a_"
          "communication_failure",)),
     Mutation(
+        "a job whose bucket lock another job took over stops before its next checkpoint",
+        "distributed_train/training/mirror.py",
+        "        if self.lock_lost:\n            raise UsageError(",
+        "        if False:\n            raise UsageError(",
+        ("tests/e2e/test_object_storage_runs.py::test_metrics_go_up_in_batches_and_a_job_whose_lock_was_taken_over_"
+         "stops_and_commits_nothing_more",)),
+    Mutation(
+        "a run directory in a bucket: the metrics are uploaded right after each checkpoint",
+        "distributed_train/training/checkpoints/checkpointer.py",
+        "            self.mirror.upload_metrics_soon()",
+        "            pass",
+        ("tests/e2e/test_object_storage_runs.py::test_the_bucket_metrics_reach_each_checkpoint_before_the_next_"
+         "batch_so_a_lost_node_loses_no_resume_point",)),
+    Mutation(
         "goodput: an attempt's work after the point the next attempt resumed from counted as lost",
         "distributed_train/training/reporting/goodput.py",
         "        kept = [e for e in attempt if resumed_next is None or e[\"step\"] <= resumed_next]\n",

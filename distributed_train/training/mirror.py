@@ -16,7 +16,9 @@ What lives where:
 One job per run directory: rank 0 creates the lock object with a conditional write (holder host,
 pid, start time, heartbeat time) and refreshes its heartbeat while the job runs; a second job
 exits 2 naming the holder; a lock whose heartbeat is older than `storage.lock_stale_s` is stale
-(its job died without removing it) and is taken over. On S3 the takeover is conditional too
+(its job died without removing it, or lost the bucket that long) and is taken over. A job that
+finds its lock taken over uploads nothing more and stops before its next checkpoint (exit 2): the
+other job owns the run now. On S3 the takeover is conditional too
 (If-Match on the stale lock's ETag: of two jobs taking over, one wins); where a store has no
 conditional writes, two jobs that take over the same stale lock at once are not told apart.
 """
@@ -89,7 +91,8 @@ class RunMirror:
         self._wake = threading.Event()  # set to upload the metrics at once, or to stop
         self._uploaded_metrics = -1  # size of metrics.jsonl at its last upload
         self._warned = False
-        self._lost_lock = False  # another job took the lock over (said once)
+        self._lost_lock = False  # another job took the lock over: nothing more is uploaded
+        self._taker: dict = {}  # that job's lock record
 
     def open(self) -> None:
         """Rank 0, before anything is written: the store answers and takes writes, and this job
@@ -106,6 +109,20 @@ class RunMirror:
     def upload(self, name: str) -> None:
         """Rank 0: the local file `name` of the run folder, uploaded whole (raises StorageError)."""
         self.store.put_file(str(self.local / name), name)
+
+    @property
+    def lock_lost(self) -> bool:
+        """Another job took over this job's lock (rank 0 knows)."""
+        return self._lost_lock
+
+    def check_lock(self) -> None:
+        """Rank 0, before each checkpoint and the final outputs: a UsageError once another job took
+        this job's lock over."""
+        if self.lock_lost:
+            raise UsageError(f"run_dir {self.url!r} was taken over by another job ({describe_holder(self._taker)}) "
+                             "after this job's lock went without a heartbeat for storage.lock_stale_s="
+                             f"{self.settings.lock_stale_s:g} s: stopping, so that two jobs do not write one run "
+                             f"directory; this job's metrics stay in {self.local / METRICS}")
 
     def upload_metrics_soon(self) -> None:
         """Rank 0: upload metrics.jsonl now, in the background (after a checkpoint), not at the next
@@ -148,12 +165,14 @@ class RunMirror:
             self._wake.clear()
             if self._stop:
                 return
-            self._upload_metrics()
             if time.monotonic() >= next_batch:
-                self._heartbeat()
+                self._heartbeat()  # first: a lock another job took over is found before an upload
                 next_batch = time.monotonic() + every
+            self._upload_metrics()
 
     def _upload_metrics(self) -> None:
+        if self._lost_lock:
+            return  # the bucket's metrics.jsonl is the other job's now
         path = self.local / METRICS
         try:
             size = path.stat().st_size
@@ -220,10 +239,11 @@ class RunMirror:
             record = self._record()
             if holder.get("token") != record["token"] or \
                     not self.store.replace_if_unchanged(LOCK_FILE, json.dumps(record).encode(), tag):
-                if not self._lost_lock:  # said once; the job goes on (it cannot stop the other one)
-                    self._lost_lock = True
-                    log.warning("run_dir %s: this job's lock was taken over by another job (its heartbeat "
-                                "went stale); two jobs may now write this run directory", self.url)
+                if not self._lost_lock:
+                    self._lost_lock, self._taker = True, holder
+                    log.warning("run_dir %s: this job's lock was taken over by another job (%s; this job's "
+                                "heartbeat went stale): nothing more is uploaded, and the job stops before its "
+                                "next checkpoint", self.url, describe_holder(holder))
                 return
             self._lock_record = record
         except StorageError as exc:

@@ -18,6 +18,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 from distributed_train import distributed
 from distributed_train.errors import UsageError
@@ -61,10 +62,11 @@ class RunLock:
     """Context manager: rank 0 locks run_dir for the job (collective on enter: every rank learns
     whether the directory is free); released on exit, or by the kernel when the process dies."""
 
-    def __init__(self, run_dir: Path, env: distributed.DistEnv):
+    def __init__(self, run_dir: Path, env: distributed.DistEnv, bucket_lock: Callable[[], None] | None = None):
         self.run_dir, self.env = Path(run_dir), env
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
+        self.bucket_lock = bucket_lock  # with a run_dir URL: raises once another job took the bucket's lock
 
     def __enter__(self) -> "RunLock":
         distributed.main_computes(self.env, self.acquire)
@@ -116,10 +118,13 @@ class RunLock:
 
     def verify(self) -> None:
         """Collective: stop every rank with one line if run_dir was deleted or replaced under the job
-        (its lock went with it, so another job could take the folder; files written now are lost)."""
+        (its lock went with it, so another job could take the folder; files written now are lost),
+        or if another job took over the lock of a run directory in a bucket."""
         distributed.main_computes(self.env, self._check_still_held)
 
     def _check_still_held(self) -> None:
+        if self.bucket_lock is not None:
+            self.bucket_lock()
         if self._fd is None:
             return
         held = os.fstat(self._fd)

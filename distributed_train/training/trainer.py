@@ -94,7 +94,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train to `total_steps`, evaluating and logging on the way; returns the summary."""
         start = time.perf_counter()
-        with RunLock(self.run_dir, self.env) as self.lock, self.outputs:  # one job per run directory
+        with RunLock(self.run_dir, self.env, self.mirror and self.mirror.check_lock) as self.lock, self.outputs:
             self.outputs.prepare(dump_yaml(self.config))
             restore_start = time.perf_counter()
             self.resume()

@@ -229,51 +229,64 @@ def test_credentials_the_server_refuses_are_one_line_and_exit_2_before_any_worke
     assert not (tmp_path / "cache").exists()
 
 
-def test_metrics_go_up_in_batches_and_the_lock_heartbeat_moves_while_the_job_runs(s3, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("stop", ["next checkpoint", "SIGTERM"])
+def test_metrics_go_up_in_batches_and_a_job_whose_lock_was_taken_over_stops_and_commits_nothing_more(
+        s3, tmp_path, stop):  # noqa: F811
+    """The lock's heartbeat moves and the metrics go up while the job runs; once another job took the
+    lock over (as after this job's heartbeat went stale), this job uploads nothing more (the other
+    job's metrics.jsonl stays) and stops before its next checkpoint (exit 2, one line naming the
+    other job), or, stopped by SIGTERM first, commits no stop checkpoint."""
+    every = 40 if stop == "next checkpoint" else 0
+    prefix = f"runs/taken-over-{every}"
     job = subprocess.Popen([sys.executable, "-m", "distributed_train", "train",
                             "--task=tests/tasks/fault_tasks.py:SlowSteps", "--task_args.sleep_s=0.05",
                             "--train.batch_size=8", "--log.wandb=disabled", "--log.every_steps=1",
-                            "--train.max_steps=400", "--storage.upload_every_s=0.2", "--storage.lock_stale_s=2",
-                            "--run_dir=s3://runs/batches"], cwd=REPO, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True,
+                            "--train.max_steps=2000", f"--checkpoint.every_steps={every}",
+                            "--storage.upload_every_s=0.2", "--storage.lock_stale_s=2", f"--run_dir=s3://{prefix}"],
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "cache")})
     bucket = _bucket()
-    seen_sizes, heartbeats = set(), set()
+    seen_sizes, heartbeats, saved = set(), set(), []
     deadline = time.monotonic() + 120
     try:
-        while len(seen_sizes) < 3 or len(heartbeats) < 3:
+        while len(seen_sizes) < 3 or len(heartbeats) < 3 or (every and not saved):
             assert job.poll() is None and time.monotonic() < deadline, (seen_sizes, heartbeats)
-            if bucket.exists("runs/batches/metrics.jsonl"):
-                seen_sizes.add(bucket.size("runs/batches/metrics.jsonl"))
-            if bucket.exists("runs/batches/.dtrain.lock"):
-                heartbeats.add(json.loads(bucket.cat_file("runs/batches/.dtrain.lock"))["heartbeat"])
+            if bucket.exists(f"{prefix}/metrics.jsonl"):
+                seen_sizes.add(bucket.size(f"{prefix}/metrics.jsonl"))
+            if bucket.exists(f"{prefix}/.dtrain.lock"):
+                heartbeats.add(json.loads(bucket.cat_file(f"{prefix}/.dtrain.lock"))["heartbeat"])
+            saved = [c.step for c in remote.committed(Store(f"s3://{prefix}"))[0]]
             time.sleep(0.1)
-        holder = json.loads(bucket.cat_file("runs/batches/.dtrain.lock"))
+        holder = json.loads(bucket.cat_file(f"{prefix}/.dtrain.lock"))
         assert holder["pid"] == job.pid and time.time() - holder["heartbeat"] < 60
-        # Another job takes the lock over (as after a heartbeat that went stale): said once, never
-        # overwritten by this job's heartbeat.
-        bucket.pipe_file("runs/batches/.dtrain.lock", json.dumps({**holder, "pid": 1, "token": "other"}).encode())
-        time.sleep(1.5)  # several heartbeat intervals
-        assert job.poll() is None
+        other = {**holder, "pid": 4321, "host": "elsewhere", "token": "other"}
+        bucket.pipe_file(f"{prefix}/.dtrain.lock", json.dumps(other).encode())
+        lines = []
+        while not lines or "this job's lock was taken over" not in lines[-1]:  # its uploads end there
+            lines.append(job.stderr.readline())
+            assert lines[-1] and time.monotonic() < deadline, lines
+        bucket.pipe_file(f"{prefix}/metrics.jsonl", b'{"kind": "start", "the other job": true}\n')
+        if stop == "SIGTERM":
+            job.terminate()
+        job.wait(timeout=60)
+        err = "".join(lines) + job.stderr.read()
     finally:
         job.kill()
-        _, err = job.communicate()
-    assert err.count("this job's lock was taken over by another job") == 1, err
-    assert json.loads(bucket.cat_file("runs/batches/.dtrain.lock"))["token"] == "other"
-
-
-def test_a_file_url_is_a_run_directory_through_the_same_code(tmp_path):
-    url = f"file://{tmp_path}/bucket/run"
-    env = {**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "cache")}
-    dtrain("train", *TOY, "--train.max_steps=4", "--checkpoint.every_steps=2", f"--run_dir={url}", cwd=REPO,
-           timeout=120, env=env)
-    folders = sorted(p.name for p in (tmp_path / "bucket" / "run" / "checkpoints").iterdir())
-    assert [f.rsplit("-", 1)[0] for f in folders] == ["step-00000002", "step-00000004"], folders
-    assert all((tmp_path / "bucket" / "run" / "checkpoints" / f / "COMMITTED").is_file() for f in folders)
-    resumed = dtrain("train", *TOY, "--train.max_steps=6", "--checkpoint.every_steps=2", f"--run_dir={url}",
-                     cwd=REPO, timeout=120, env={**env, "DTRAIN_CACHE_DIR": str(tmp_path / "elsewhere")})
-    assert f"resuming from {url}/checkpoints/{folders[-1]}" in resumed.stderr + resumed.stdout
-    assert json.loads((tmp_path / "bucket" / "run" / "summary.json").read_text())["global_step"] == 6
+    assert err.count("this job's lock was taken over by another job (pid 4321 on elsewhere") == 1, err
+    last = err.strip().splitlines()[-1]
+    if stop == "SIGTERM":
+        assert job.returncode == 143, err
+        assert f"SIGTERM: another job took over the lock of s3://{prefix}: no checkpoint committed" in err, err
+        assert last.endswith("(no checkpoint to resume from)"), err
+    else:
+        assert job.returncode == 2, err
+        assert last.startswith(f"dtrain: error: run_dir 's3://{prefix}' was taken over by another job (pid 4321 "
+                               "on elsewhere") and "stopping, so that two jobs do not write one run directory" in last
+    assert json.loads(bucket.cat_file(f"{prefix}/.dtrain.lock"))["token"] == "other"
+    assert bucket.cat_file(f"{prefix}/metrics.jsonl") == b'{"kind": "start", "the other job": true}\n'
+    # At most the save already in flight at the takeover completed; none was started after it.
+    assert max((c.step for c in remote.committed(Store(f"s3://{prefix}"))[0]), default=0) <= max(saved, default=0) \
+        + every, saved
 
 
 def test_the_bucket_metrics_reach_each_checkpoint_before_the_next_batch_so_a_lost_node_loses_no_resume_point(

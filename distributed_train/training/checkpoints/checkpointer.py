@@ -109,7 +109,7 @@ class Checkpointer:
                 log.warning("SIGTERM: a collective failed, so the shards cannot be saved together; "
                             "the job continues from the last committed checkpoint")
                 return
-            if not distributed.broadcast_object(self._fits_grace(signalled_at)):  # rank 0's answer, everywhere
+            if not distributed.broadcast_object(self._stop_save_wanted(signalled_at)):  # rank 0's answer, everywhere
                 return
             rngs = distributed.all_gather_object(rng_state())
             self.writer.submit(step, self.engine, state(rngs) if self.env.is_main else None, blocking=True)
@@ -118,7 +118,7 @@ class Checkpointer:
         elif poisoned:
             log.warning("SIGTERM: the loss or the parameters are NaN/inf: no checkpoint committed")
             return
-        elif not self._fits_grace(signalled_at):
+        elif not self._stop_save_wanted(signalled_at):
             return
         else:
             self.writer.save_alone(step, self.engine, state([rng_state()]))
@@ -127,6 +127,14 @@ class Checkpointer:
             self.logger.clock.add("checkpoint", time.perf_counter() - start)
             self.logger.log({"kind": "checkpoint", "step": step, "stall_s": time.perf_counter() - start,
                              "on_stop": True})  # the point the next attempt resumes from (goodput)
+
+    def _stop_save_wanted(self, signalled_at: float | None) -> bool:
+        """Rank 0's answer: write the stop checkpoint (the run directory is still this job's, and the
+        save fits checkpoint.grace_s)."""
+        if self.mirror is not None and self.mirror.lock_lost:
+            log.warning("SIGTERM: another job took over the lock of %s: no checkpoint committed", self.mirror.url)
+            return False
+        return self._fits_grace(signalled_at)
 
     def _fits_grace(self, signalled_at: float | None) -> bool:
         """Whether a stop checkpoint should end within checkpoint.grace_s of the signal, judged by
