@@ -101,6 +101,9 @@ def test_damaged_newest_falls_back_with_warning(tmp_path, damage, monkeypatch):
     warnings: list[str] = []
     # Capture at the module's logger itself: the package logger may not propagate to the root.
     monkeypatch.setattr(commit.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    with commit.quietly():  # the launcher's check before the workers start: they say it once
+        assert commit.latest_valid(tmp_path).name == "step-00000001"
+    assert not warnings
     assert commit.latest_valid(tmp_path).name == "step-00000001"
     assert len(warnings) == 1 and "step-00000002" in warnings[0]
 

@@ -246,11 +246,8 @@ def check_resume_before_start(config: Config) -> None:
     if is_url(config.run_dir) and config.checkpoint.resume in ("auto", "never"):
         _check_remote_resume(config)
         return
-    commit.log.disabled = True  # what it skips (damaged, foreign folders) rank 0 says once, when it resumes
-    try:
+    with commit.quietly():  # what it skips (damaged, foreign folders) rank 0 says once, when it resumes
         path = commit.resolve_resume(Path(config.run_dir), config.checkpoint.resume, config.checkpoint.overwrite)
-    finally:
-        commit.log.disabled = False
     if path is not None:
         check_resumable(path, shards.read_train_state(path), config, config.train.max_steps)
 

@@ -17,6 +17,8 @@ This module knows nothing about process groups: the trainer decides which rank w
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -164,6 +166,18 @@ def parse_record(text: str | bytes) -> dict | None:
 
 
 _warned: set[str] = set()  # foreign entries already reported by this process
+_quiet = contextvars.ContextVar("dtrain_checkpoint_scan_quiet", default=False)
+
+
+@contextlib.contextmanager
+def quietly():
+    """Scan checkpoints without the warnings about foreign entries and damaged checkpoints (for the
+    launcher's check before the workers start: rank 0 says them once, when it resumes)."""
+    token = _quiet.set(True)
+    try:
+        yield
+    finally:
+        _quiet.reset(token)
 
 
 def checkpoint_steps(directory: Path) -> list[tuple[int, Path]]:
@@ -179,7 +193,7 @@ def checkpoint_steps(directory: Path) -> list[tuple[int, Path]]:
         elif not path.name.startswith("."):  # our own temporary folders, hidden files
             foreign.append(path.name)
     new = [name for name in foreign if str(directory / name) not in _warned]
-    if new:
+    if new and not _quiet.get():
         _warned.update(str(directory / name) for name in new)
         log.warning("%s: ignoring %s (not a checkpoint this program committed; never used or deleted)",
                     directory, ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else ""))
@@ -216,7 +230,8 @@ def latest_valid(directory: Path) -> Path | None:
         problem = verify(path)
         if problem is None:
             return path
-        log.warning("skipping damaged checkpoint %s: %s", path, problem)
+        if not _quiet.get():
+            log.warning("skipping damaged checkpoint %s: %s", path, problem)
     return None
 
 
