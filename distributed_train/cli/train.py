@@ -228,6 +228,9 @@ def _exit_worker(env, code: int) -> int:
     if not env.is_distributed:
         refuse_signals_to_self(False)  # this process goes on (a test, a notebook): signals are its own again
         return code
+    from distributed_train.training.reporting.metrics import remove_wandb_temp_folders
+
+    remove_wandb_temp_folders()  # what the skipped interpreter exit would have removed
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -120,8 +120,9 @@ def read_offline_run(run: Path) -> dict:
 
 
 def test_offline_resume_logs_to_the_same_run_id_with_steps_after_the_checkpoint(tmp_path):
-    run_dir = tmp_path / "run"
-    env = wandb_env(tmp_path / "home")
+    run_dir, scratch = tmp_path / "run", tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**wandb_env(tmp_path / "home"), "TMPDIR": str(scratch)}
     common = ["launch", "--nproc-per-node", "2", "--train.batch_size=32", "--log.every_steps=1",
               "--checkpoint.every_steps=5", "--log.wandb=offline", f"--run_dir={run_dir}"]
     dtrain(*common, "--train.max_steps=10", env=env, timeout=240)
@@ -140,3 +141,6 @@ def test_offline_resume_logs_to_the_same_run_id_with_steps_after_the_checkpoint(
     assert summary["resumed_from"] and summary["global_step"] == 20
     train_steps = [e["step"] for e in read_events(run_dir) if e["kind"] == "train"]
     assert train_steps == list(range(1, 21))
+    # wandb's temporary folders (removed at interpreter exit, which a worker skips) and torchrun's
+    # went with the processes.
+    assert not [p.name for p in scratch.iterdir() if "wandb" in p.name or p.name.startswith("torchelastic_")]

@@ -91,6 +91,26 @@ def wandb_mode(requested: str, environ: Mapping[str, str] | None = None) -> str:
     return requested
 
 
+def remove_wandb_temp_folders() -> None:
+    """wandb makes two temporary folders when it is imported (media, artifacts) and removes them at
+    interpreter exit, which a torchrun worker skips (os._exit): removed here instead, right before.
+    Best effort: they are wandb's internals."""
+    if "wandb" not in sys.modules:
+        return
+    import tempfile
+
+    for module, names in (("wandb.sdk.data_types._private", ("MEDIA_TMP",)),
+                          ("wandb.sdk.artifacts.artifact", ("Artifact", "_TMP_DIR"))):
+        found = sys.modules.get(module)
+        for name in names:
+            found = getattr(found, name, None)
+        if isinstance(found, tempfile.TemporaryDirectory):
+            try:
+                found.cleanup()
+            except OSError:
+                pass
+
+
 def versions() -> dict:
     """Software versions logged with every run."""
     import torch
