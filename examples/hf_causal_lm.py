@@ -17,10 +17,9 @@ decoder layers are its shard units (FSDP, activation checkpointing).
 
 from __future__ import annotations
 
-import atexit
 import gzip
+import hashlib
 import os
-import shutil
 import tempfile
 from typing import Any
 
@@ -45,14 +44,23 @@ def _transformers() -> Any:
 
 
 def bundled_text_as_bytes() -> str:
-    """The package's bundled text as a .npy file of byte tokens (uint16), in a temporary folder
-    removed when this process ends. One copy per process: ranks never race for one file."""
+    """The package's bundled text as a .npy file of byte tokens (uint16) in the temporary directory,
+    named after its content's hash and written atomically: every rank and every later run reuse the
+    one file (never a partial one), and nothing is left per run (workers end with os._exit, which
+    skips atexit)."""
     from distributed_train.tasks.charlm import TEXT_PATH
 
-    folder = tempfile.mkdtemp(prefix="dtrain-hf-example-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    path = os.path.join(folder, "bundled-text.npy")
-    np.save(path, np.frombuffer(gzip.decompress(TEXT_PATH.read_bytes()), dtype=np.uint8).astype(np.uint16))
+    packed = TEXT_PATH.read_bytes()
+    path = os.path.join(tempfile.gettempdir(), f"dtrain-bundled-text-{hashlib.sha256(packed).hexdigest()[:16]}.npy")
+    if not os.path.isfile(path):
+        fd, partial = tempfile.mkstemp(prefix=".dtrain-bundled-text-", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, np.frombuffer(gzip.decompress(packed), dtype=np.uint8).astype(np.uint16))
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
     return path
 
 

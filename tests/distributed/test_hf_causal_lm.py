@@ -49,3 +49,27 @@ def test_the_example_as_shipped_trains_on_the_bundled_text(tmp_path):
     assert "data" not in config.task_args and "train" not in config.task_args
     summary = run_training(config, distributed.DistEnv())
     assert summary["global_step"] == 40 and summary["train_loss"] < 3.5  # ln(256) = 5.5 at the start
+
+
+def test_the_bundled_text_file_is_written_once_atomically_and_reused(tmp_path, monkeypatch):
+    """One file named after its content in the temporary directory, the same path for every rank
+    and run, and nothing else beside it."""
+    import gzip
+    import importlib.util
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from distributed_train.tasks.charlm import TEXT_PATH
+
+    spec = importlib.util.spec_from_file_location("hf_example", REPO / "examples" / "hf_causal_lm.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first = example.bundled_text_as_bytes()
+    mtime = os.stat(first).st_mtime_ns
+    assert example.bundled_text_as_bytes() == first and os.stat(first).st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.rsplit("/", 1)[-1]]
+    expected = np.frombuffer(gzip.decompress(TEXT_PATH.read_bytes()), dtype=np.uint8).astype(np.uint16)
+    assert np.array_equal(np.load(first, mmap_mode="r"), expected)
