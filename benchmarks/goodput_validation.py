@@ -154,6 +154,7 @@ def main() -> int:
                       rows[0]["measured"] >= max(r["measured"] for r in rows[1:])))
     for goal, ok in goals:
         print(f"{'PASS' if ok else 'FAIL'}: {goal}")
+    print(f"the jobs' run directories and logs are kept in {folder}")
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "mean_s": args.mean_s, "seed": args.seed,
                                               "cpus": os.cpu_count()}, indent=1))
