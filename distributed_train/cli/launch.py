@@ -307,8 +307,9 @@ class _WorkerFailedLine(logging.Filter):
 def _error_files_dir(parsed):
     """Without --log-dir torchrun makes a torchelastic_* folder in the temporary directory for its
     workers' error files and leaves it there: one per launch, for ever. The launcher gives it one
-    that goes when the launch ends (the failures it reports were read from it by then)."""
-    if parsed.log_dir is not None:
+    that goes when the launch ends (the failures it reports were read from it by then), unless
+    the workers' output goes there too (--redirects, --tee): then it is torchrun's, and stays."""
+    if parsed.log_dir is not None or str(parsed.redirects) != "0" or str(parsed.tee) != "0":
         yield
         return
     with tempfile.TemporaryDirectory(prefix="dtrain-launch-", ignore_cleanup_errors=True) as folder:

@@ -226,3 +226,24 @@ def test_the_launcher_names_as_first_the_rank_that_did_not_fail_because_another_
     noticed = failure(100.0, True)  # rank 0 saw rank 1 leave before rank 1 recorded why
     cause = failure(100.2, False)
     assert sorted([noticed, cause], key=_failure_order) == [cause, noticed]
+
+
+@pytest.mark.parametrize("options, kept", [([], False), (["--tee", "3"], True), (["--redirects", "1"], True),
+                                           (["--log-dir", "LOGS"], True)])
+def test_torchruns_error_files_go_with_the_launch_unless_its_logs_are_asked_for(tmp_path, monkeypatch, options, kept):
+    """Without --log-dir torchrun leaves a torchelastic_* folder per launch: the launcher gives it one
+    that goes when the launch ends, unless the workers' output is written there (--tee, --redirects)
+    or the folder is the user's."""
+    import tempfile
+
+    from distributed_train.cli.launch import _error_files_dir, torchrun_parser
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    parsed = torchrun_parser().parse_args([o.replace("LOGS", str(tmp_path / "logs")) for o in options] + ["x.py"])
+    given = parsed.log_dir
+    with _error_files_dir(parsed):
+        used = parsed.log_dir
+        if not kept:
+            assert used and os.path.isdir(used) and os.path.dirname(used) == str(tmp_path)
+    assert parsed.log_dir == given
+    assert (used == given) if kept else not os.path.exists(used)
