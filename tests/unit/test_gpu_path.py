@@ -277,12 +277,10 @@ def test_accelerate_sharded_evaluates_the_prepared_model_and_saves_the_whole_mod
 
 
 def test_the_launcher_names_the_worker_that_failed_first(monkeypatch, capsys):
-    from types import SimpleNamespace
-
     import torch.distributed.run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from distributed_train.cli.launch import run_torchrun
+    from distributed_train.cli.launch import run_torchrun, torchrun_parser
 
     first, shut_down = ProcessFailure(1, 200, 1, "<N/A>"), ProcessFailure(0, 100, -15, "<N/A>")
     first.timestamp, shut_down.timestamp = 1000, 1005  # rank 1 failed; torchrun then stopped rank 0
@@ -291,7 +289,7 @@ def test_the_launcher_names_the_worker_that_failed_first(monkeypatch, capsys):
         raise ChildFailedError("train", {0: shut_down, 1: first})
 
     monkeypatch.setattr(torch.distributed.run, "run", fail)
-    assert run_torchrun(SimpleNamespace(rdzv_endpoint="", master_addr="", master_port=0)) == 1
+    assert run_torchrun(torchrun_parser().parse_args(["x.py"])) == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtrain launch:")]
     assert lines[0].startswith("dtrain launch: worker rank 1 (pid 200) exited with code 1")
     assert lines[0].endswith("(the first to fail)")
