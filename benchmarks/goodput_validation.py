@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -123,6 +124,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--short", action="store_true", help="one kill, one configuration (a smoke test)")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the jobs' run directories and logs (else kept only when a goal fails)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="dtrain-goodput-"))
     rows = []
@@ -154,7 +157,10 @@ def main() -> int:
                       rows[0]["measured"] >= max(r["measured"] for r in rows[1:])))
     for goal, ok in goals:
         print(f"{'PASS' if ok else 'FAIL'}: {goal}")
-    print(f"the jobs' run directories and logs are kept in {folder}")
+    if args.keep or not all(ok for _, ok in goals):
+        print(f"the jobs' run directories and logs are kept in {folder}")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "mean_s": args.mean_s, "seed": args.seed,
                                               "cpus": os.cpu_count()}, indent=1))

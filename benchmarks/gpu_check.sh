@@ -28,7 +28,8 @@
 #                   tokens/s beside dtrain's eager ddp row
 # GPU_CHECK_DRY=1 runs every row small on CPU (gloo, tiny models, no compile): the suite runs it
 # (tests/e2e/test_benchmark_scripts.py) to test the script itself. PEAK_TFLOPS=... gives MFU on a
-# GPU the peak table lacks.
+# GPU the peak table lacks. The runs' folders (in the temporary directory) are removed when every
+# row passed, kept when one failed or with GPU_CHECK_KEEP=1.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -136,7 +137,7 @@ doctor_check() { "${DTRAIN[@]}" doctor > "$LOGS/doctor.log" 2>&1; local code=$?;
 check doctor 90 doctor.log doctor_check
 
 collectives_check() {
-  "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/gpu_collectives.py \
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 --log-dir "$WORK/torchrun" benchmarks/gpu_collectives.py \
     --backend "$BACKEND" > "$LOGS/collectives.log" 2>&1 || { grep -m1 -e FAILED -e Error "$LOGS/collectives.log"; return 1; }
   echo "$(grep -c '^ok:' "$LOGS/collectives.log") checks on $BACKEND"
 }
@@ -309,6 +310,11 @@ check "fabric gpt2" 180 fabric.log fabric_check
 
 say() { echo "$*" | tee -a "$RESULTS"; }
 say ""
-say "Runs: $WORK; logs: $LOGS"
+if [ $FAILED = 0 ] && [ "${GPU_CHECK_KEEP:-0}" != 1 ]; then
+  rm -rf "$WORK"  # every row passed: the runs' folders (checkpoints, GBs on a GPU) go
+  say "Logs: $LOGS (the runs' folders are removed when every row passed; GPU_CHECK_KEEP=1 keeps them)"
+else
+  say "Runs: $WORK; logs: $LOGS"
+fi
 echo "results written to $RESULTS"
 exit $FAILED

@@ -32,7 +32,7 @@ def test_the_goodput_validation_kills_a_worker_and_accounts_for_it(tmp_path):
     full benchmark's, on a quiet machine: not asserted here)."""
     out = tmp_path / "goodput.json"
     proc = run_cmd([sys.executable, str(REPO / "benchmarks" / "goodput_validation.py"), "--short", "--out", str(out)],
-                   timeout=240, check=False)
+                   timeout=240, check=False, env=clean_env(TMPDIR=str(tmp_path)))  # its runs: kept when a goal fails
     assert proc.returncode in (0, 1) and "| every 1.2 s, one kill |" in proc.stdout, proc.stdout + proc.stderr
     (row,) = __import__("json").loads(out.read_text())["rows"]
     assert row["kills"] == 1 and row["restart_s"] > 0 and row["stall_s"] > 0, row
@@ -54,9 +54,10 @@ def test_the_checkpoint_stall_benchmark_times_both_savers_on_both_engines():
 def test_the_gpu_acceptance_scripts_dry_run_passes_every_row(tmp_path):
     """GPU_CHECK_DRY=1: every row of benchmarks/gpu_check.sh, small, on CPU (gloo), into a folder
     given as its argument. Only CPU offload is skipped (it needs CUDA); on the GPU every row runs."""
-    out = tmp_path / "out"
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    scratch.mkdir()
     proc = run_cmd(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out)], timeout=600, check=False,
-                   env={**clean_env(), "GPU_CHECK_DRY": "1"})
+                   env=clean_env(GPU_CHECK_DRY="1", TMPDIR=str(scratch)))
     table = (out / "gpu_check.md").read_text()
     rows = {cells[0]: cells[1] for cells in (line.strip("|").split(" | ") for line in table.splitlines()
                                              if line.startswith("| ") and not line.startswith("| check"))}
@@ -68,3 +69,6 @@ def test_the_gpu_acceptance_scripts_dry_run_passes_every_row(tmp_path):
     assert rows.pop("cpu offload") == "SKIP" and set(rows.values()) == {"PASS"}, table + proc.stderr[-3000:]
     assert proc.returncode == 0 and "DRY RUN on CPU" in table, proc.stdout[-3000:]
     assert (out / "logs" / "equal.log").is_file() and (out / "logs" / "gpt-fsdp-false.log").is_file()
+    # Every row passed: the runs' folders are removed (the benchmark's token file and torch's compile
+    # cache are caches, kept on purpose).
+    assert sorted(p.name for p in scratch.iterdir() if p.name not in ("dtrain-bench-lm", "torchinductor_root")) == []
