@@ -74,11 +74,15 @@ def test_a_parameter_unused_on_one_rank_at_a_later_step_is_named_at_once(tmp_pat
     """A conditional branch skipped on rank 1 at step 3 only: the first-step check cannot see it;
     rank 1 finds it right after its backward, before any collective, and the launcher ends with
     its line (rank 0, waiting for rank 1's gradients, only reports that rank 1 left)."""
+    trace = tmp_path / "loss-calls"
     proc = dtrain("launch", "--nproc-per-node", "2", BAD + "ConditionalBranch", "--task_args.step=3",
-                  "--task_args.rank=1", f"--ddp.shm_allreduce={shm}", "--dist.timeout_s=120", *SMALL,
-                  f"--run_dir={tmp_path}", check=False, timeout=150)
+                  "--task_args.rank=1", f"--task_args.trace={trace}", f"--ddp.shm_allreduce={shm}",
+                  "--dist.timeout_s=120", *SMALL, f"--run_dir={tmp_path / 'run'}", check=False, timeout=150)
     assert _unused_line(proc) == "in step 3 on rank 1 (extra.weight, extra.bias)", proc.stderr
     assert "timed out" not in proc.stderr, proc.stderr  # found at once, not after dist.timeout_s
+    # Step 3 was rank 1's last: found after its backward, not by DDP at step 4's forward after a
+    # mismatched collective (under gloo that aborts rank 0; under NCCL it may hang).
+    assert max(int(line.split()[1]) for line in trace.read_text().splitlines() if line.startswith("1 ")) == 3
     # and with find_unused_parameters the same model trains to the end
     dtrain("launch", "--nproc-per-node", "2", BAD + "ConditionalBranch", "--ddp.find_unused_parameters=true",
            f"--ddp.shm_allreduce={shm}", *SMALL, f"--run_dir={tmp_path}/ok", timeout=150)

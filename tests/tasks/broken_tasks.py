@@ -76,12 +76,14 @@ class _Branches(nn.Module):
 
 class ConditionalBranch(Regression):
     """The model's `extra` branch is skipped at step `task_args.step` on rank `task_args.rank`
-    (`-1`: every rank); used everywhere else, so the first step passes every check."""
+    (`-1`: every rank); used everywhere else, so the first step passes every check. With
+    `task_args.trace=FILE` each training loss() call appends `RANK CALL` to FILE."""
 
     def __init__(self, config=None):
         super().__init__(config)
         args = dict(getattr(config, "task_args", None) or {})
         self.skip_step, self.skip_rank, self.steps = args.get("step", 3), args.get("rank", 1), 0
+        self.trace = args.get("trace")
 
     def model(self) -> nn.Module:
         return _Branches()
@@ -90,6 +92,9 @@ class ConditionalBranch(Regression):
         if torch.is_grad_enabled():
             self.steps += 1
         rank = int(os.environ.get("RANK", "0"))
+        if self.trace and torch.is_grad_enabled():
+            with open(self.trace, "a") as f:
+                f.write(f"{rank} {self.steps}\n")
         skip = self.steps == self.skip_step and self.skip_rank in (-1, rank) and torch.is_grad_enabled()
         return F.mse_loss(model(batch[0], take_extra=not skip).squeeze(-1), batch[1])
 
