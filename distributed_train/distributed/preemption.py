@@ -5,8 +5,8 @@ The handler only sets a flag: no I/O and no collectives inside a signal handler.
 reach one rank only (one node of several, a `kill` of one process), and under NCCL the ranks'
 hosts are not in lock-step, so each rank deciding alone would stop the ranks at different steps:
 the one that enqueued one more all-reduce would then wait for peers that never join it. So the
-ranks vote: every rank adds its flag to a two-number all-reduce launched at a step boundary and
-reads the result at the next voting boundary: every rank reads the same numbers after the same
+ranks vote: every rank adds its ballot to an all-reduce launched at a step boundary and reads
+the result at the next voting boundary: every rank reads the same numbers after the same
 step and stops there. Reading a result that is a vote old never makes the host wait for the step
 in flight (on CUDA the numbers come back through pinned memory behind an event). Each rank also
 proposes the steps until the next vote (the agreed interval is the proposals' mean), so that a

@@ -240,7 +240,9 @@ class RunMirror:
             if holder.get("token") != record["token"] or \
                     not self.store.replace_if_unchanged(LOCK_FILE, json.dumps(record).encode(), tag):
                 if not self._lost_lock:
-                    self._lost_lock, self._taker = True, holder
+                    # A conditional write that failed on our own record: another job wrote the lock since.
+                    taker = holder if holder.get("token") != record["token"] else self._read_lock()[0]
+                    self._lost_lock, self._taker = True, taker
                     log.warning("run_dir %s: this job's lock was taken over by another job (%s; this job's "
                                 "heartbeat went stale): nothing more is uploaded, and the job stops before its "
                                 "next checkpoint", self.url, describe_holder(holder))
