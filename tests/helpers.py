@@ -180,6 +180,13 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
+def temp_leftovers(tmpdir: Path) -> list[str]:
+    """What launched processes left in the TMPDIR they were given: torchrun's and the launcher's
+    folders for the workers' error files, wandb's temporary folders."""
+    return sorted(p.name for p in Path(tmpdir).iterdir()
+                  if p.name.startswith(("torchelastic_", "dtrain-launch-")) or "wandb" in p.name)
+
+
 def run_cmd(args: list[str], cwd: Path | str | None = None, timeout: float = 240,
             env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command; on failure (or timeout) the assertion shows its full stdout and stderr."""

@@ -91,7 +91,7 @@ class RunMirror:
         self._wake = threading.Event()  # set to upload the metrics at once, or to stop
         self._uploaded_metrics = -1  # size of metrics.jsonl at its last upload
         self._warned = False
-        self._lost_lock = False  # another job took the lock over: nothing more is uploaded
+        self.lock_lost = False  # rank 0: another job took the lock over; nothing more is uploaded
         self._taker: dict = {}  # that job's lock record
 
     def open(self) -> None:
@@ -109,11 +109,6 @@ class RunMirror:
     def upload(self, name: str) -> None:
         """Rank 0: the local file `name` of the run folder, uploaded whole (raises StorageError)."""
         self.store.put_file(str(self.local / name), name)
-
-    @property
-    def lock_lost(self) -> bool:
-        """Another job took over this job's lock (rank 0 knows)."""
-        return self._lost_lock
 
     def check_lock(self) -> None:
         """Rank 0, before each checkpoint and the final outputs: a UsageError once another job took
@@ -171,7 +166,7 @@ class RunMirror:
             self._upload_metrics()
 
     def _upload_metrics(self) -> None:
-        if self._lost_lock:
+        if self.lock_lost:
             return  # the bucket's metrics.jsonl is the other job's now
         path = self.local / METRICS
         try:
@@ -239,10 +234,10 @@ class RunMirror:
             record = self._record()
             if holder.get("token") != record["token"] or \
                     not self.store.replace_if_unchanged(LOCK_FILE, json.dumps(record).encode(), tag):
-                if not self._lost_lock:
+                if not self.lock_lost:
                     # A conditional write that failed on our own record: another job wrote the lock since.
                     taker = holder if holder.get("token") != record["token"] else self._read_lock()[0]
-                    self._lost_lock, self._taker = True, taker
+                    self.lock_lost, self._taker = True, taker
                     log.warning("run_dir %s: this job's lock was taken over by another job (%s; this job's "
                                 "heartbeat went stale): nothing more is uploaded, and the job stops before its "
                                 "next checkpoint", self.url, describe_holder(holder))

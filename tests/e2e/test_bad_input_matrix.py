@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.helpers import REPO, clean_env, dtrain, free_port
+from tests.helpers import REPO, clean_env, dtrain, free_port, temp_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_model_with_parameters_unused_in_forward(tmp_path):
     line = _one_error_line(proc, 2)
     assert "(unused.weight, unused.bias)" in line and "--ddp.find_unused_parameters=true" in line
     # The workers' error files (what that line was read from) went with the launch.
-    assert not [p.name for p in scratch.iterdir() if p.name.startswith(("torchelastic_", "dtrain-launch-"))]
+    assert not temp_leftovers(scratch)
 
 
 def _unused_line(proc) -> str:

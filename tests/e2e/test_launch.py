@@ -11,7 +11,7 @@ import yaml
 
 from distributed_train.config import from_dict
 from distributed_train.tasks.digits import DigitsTask
-from tests.helpers import REPO, clean_env, dtrain, run_cmd, torchrun
+from tests.helpers import REPO, clean_env, dtrain, run_cmd, temp_leftovers, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def test_default_launch_is_the_quickstart(tmp_path):
     scratch.mkdir()
     proc = run_cmd([*command, "launch"], cwd=tmp_path, env=clean_env(WANDB_MODE="disabled", TMPDIR=str(scratch)),
                    timeout=300)
-    assert not [p.name for p in scratch.iterdir() if p.name.startswith(("torchelastic_", "dtrain-launch-"))]
+    assert not temp_leftovers(scratch)
     run_dirs = list((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 1 and run_dirs[0].name.startswith("digits-")
     # digits' defaults: 20 epochs x 23 steps of 64 samples

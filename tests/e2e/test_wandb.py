@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from distributed_train.training.reporting.metrics import read_events
-from tests.helpers import clean_env, dtrain
+from tests.helpers import clean_env, dtrain, temp_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -143,4 +143,4 @@ def test_offline_resume_logs_to_the_same_run_id_with_steps_after_the_checkpoint(
     assert train_steps == list(range(1, 21))
     # wandb's temporary folders (removed at interpreter exit, which a worker skips) and torchrun's
     # went with the processes.
-    assert not [p.name for p in scratch.iterdir() if "wandb" in p.name or p.name.startswith("torchelastic_")]
+    assert not temp_leftovers(scratch)
