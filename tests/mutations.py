@@ -31,6 +31,14 @@ MUTATIONS = [
         ("tests/distributed/test_nonfinite_and_hangs.py::test_a_stop_vote_after_the_group_was_aborted_is_a_"
          "communication_failure",)),
     Mutation(
+        "the object collectives are checked too: a payload of another call (an aborted group's "
+        "leftover buffer) is a communication failure, not a stale rng state in a checkpoint",
+        "distributed_train/distributed/group.py",
+        "    if stamp != call:\n",
+        "    if False:\n",
+        ("tests/distributed/test_object_collectives.py::test_a_save_whose_rng_gather_came_back_stale_commits_"
+         "nothing_and_exits_4",)),
+    Mutation(
         "a job whose bucket lock another job took over stops before its next checkpoint",
         "distributed_train/training/mirror.py",
         "        if self.lock_lost:\n            raise UsageError(",

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -209,30 +211,76 @@ def reduce_and_read(vector: torch.Tensor, what: str) -> list[float]:
 
 def corrupt_reduction(what: str, counted: float, world_size: int) -> CommunicationFailure:
     """The error for a checked reduction that not every rank is counted in."""
+    return corrupt_collective(f"all-reduce of the {what}", f"{counted:g} of {world_size} ranks counted")
+
+
+def corrupt_collective(what: str, detail: str) -> CommunicationFailure:
+    """The error for a collective whose result fails its check (`detail`: how)."""
     return CommunicationFailure(
-        f"rank {torch_dist.get_rank()}: the all-reduce of the {what} came back corrupt ({counted:g} "
-        f"of {world_size} ranks counted): the communicator failed under it (NCCL's watchdog aborts "
-        f"it after {diagnose.TIMEOUT_SETTING} or when a peer fails); the other ranks' messages say why")
+        f"rank {torch_dist.get_rank()}: the {what} came back corrupt ({detail}): the communicator failed "
+        f"under it (NCCL's watchdog aborts it after {diagnose.TIMEOUT_SETTING} or when a peer fails); the "
+        "other ranks' messages say why")
+
+
+# The object collectives are checked too: an aborted group leaves their receive buffers as they were,
+# which the caching allocator may have given the previous call's bytes (the last save's rng states,
+# the last stop decision). Each payload carries its call's number in the default group, the same on
+# every rank since collectives run in one order everywhere; a payload with another number, or one
+# that does not unpickle, is a CommunicationFailure.
+_object_calls: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def _stamped(obj: object) -> tuple[int, bytes]:
+    """This object collective's number and its payload (pickled here: a pickling error is this
+    rank's own, raised before any communication)."""
+    world = torch_dist.group.WORLD
+    call = _object_calls.get(world, 0) + 1
+    _object_calls[world] = call
+    return call, pickle.dumps((call, obj))
+
+
+def _receive(collective: Callable[[], None]) -> None:
+    """Run torch's object collective; a failure to read what came back is a corrupt result."""
+    try:
+        collective()
+    except Exception as exc:
+        if diagnose.is_communication_failure(exc):
+            raise
+        raise corrupt_collective(diagnose.position.phase, diagnose.describe(exc)) from exc
+
+
+def _unstamped(payload: object, call: int) -> Any:
+    """The object in a payload received by object collective number `call`, checked."""
+    try:
+        stamp, obj = pickle.loads(payload)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - whatever garbage raises, it is not the data sent
+        raise corrupt_collective(diagnose.position.phase, diagnose.describe(exc)) from exc
+    if stamp != call:
+        raise corrupt_collective(diagnose.position.phase, f"it holds object collective {stamp}'s data, this "
+                                                           f"is {call}")
+    return obj
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:
     """Rank `src`'s Python object on every rank."""
     if not active():
         return obj
-    box = [obj]
+    call, payload = _stamped(obj)
+    box = [payload]
     with diagnose.collective("broadcast_object"):
-        torch_dist.broadcast_object_list(box, src=src)
-    return box[0]
+        _receive(lambda: torch_dist.broadcast_object_list(box, src=src))
+        return obj if torch_dist.get_rank() == src else _unstamped(box[0], call)
 
 
 def all_gather_object(obj: T) -> list[T]:
     """Every rank's Python object, in rank order."""
     if not active():
         return [obj]
+    call, payload = _stamped(obj)
     out: list = [None] * torch_dist.get_world_size()
     with diagnose.collective("all_gather_object"):
-        torch_dist.all_gather_object(out, obj)
-    return out
+        _receive(lambda: torch_dist.all_gather_object(out, payload))
+        return [_unstamped(each, call) for each in out]
 
 
 def main_computes(env: DistEnv, fn: Callable[..., T], *args, **kwargs) -> T:
