@@ -163,8 +163,12 @@ def run_pairs(w: Workload, pairs: int, steps: int, log_every: int, work: Path, a
                                          out / "plain", "plain.jsonl", batch))
         results["ours"].append(run_once(ours_command(w, steps, log_every, out / "ours", args.ours, machine),
                                         out / "ours", "metrics.jsonl", batch))
-        print(f"  {w.name} pair {i + 1}/{pairs}: plain {results['plain'][-1].samples_per_s:.0f}/s, "
-              f"ours {results['ours'][-1].samples_per_s:.0f}/s", file=sys.stderr, flush=True)
+        plain, ours = results["plain"][-1], results["ours"][-1]
+        if steps > 1:
+            shown = f"plain {plain.samples_per_s:.0f}/s, ours {ours.samples_per_s:.0f}/s"
+        else:  # a start-up pair: one step, no in-loop rate
+            shown = f"first step after plain {plain.first_step_s:.2f} s, ours {ours.first_step_s:.2f} s"
+        print(f"  {w.name} pair {i + 1}/{pairs}: {shown}", file=sys.stderr, flush=True)
     return results
 
 

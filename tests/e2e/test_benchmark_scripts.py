@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_one_pair_of_runs_agrees_on_the_final_loss():
     proc = run_cmd([sys.executable, str(REPO / "benchmarks" / "run.py"), "--workloads", "digits",
-                    "--pairs", "1", "--scale", "0.04", "--startup-pairs", "0", "--check-steps", "20"],
+                    "--pairs", "1", "--scale", "0.04", "--startup-pairs", "1", "--check-steps", "20"],
                    timeout=180)
     assert "Same math: with the same kernels both sides logged the same loss" in proc.stdout
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| digits"))
@@ -24,6 +24,8 @@ def test_one_pair_of_runs_agrees_on_the_final_loss():
     plain_loss, ours_loss = (float(x) for x in re.findall(r"[\d.]+", cells[-1]))
     assert ours_loss == pytest.approx(plain_loss, rel=1e-3)
     assert "DIFFER" not in row and "torch " in proc.stdout  # the machine/torch/date line
+    assert re.search(r"plain torchrun [\d.]+ s, `dtrain launch` [\d.]+ s", proc.stdout), proc.stdout
+    assert re.search(r"digits pair 1/1: first step after plain [\d.]+ s, ours [\d.]+ s", proc.stderr), proc.stderr
 
 
 def test_the_goodput_validation_kills_a_worker_and_accounts_for_it(tmp_path):
