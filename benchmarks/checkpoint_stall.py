@@ -148,7 +148,8 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="dtrain-stall-") as out:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                   __file__, "--params", str(args.params), "--repeats", str(args.repeats), "--out", out]
+                   "--log-dir", str(Path(out, "torchrun")), __file__,
+                   "--params", str(args.params), "--repeats", str(args.repeats), "--out", out]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         subprocess.run(command, check=True, env=env)
         results = json.loads(Path(out, "results.json").read_text())

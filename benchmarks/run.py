@@ -86,8 +86,9 @@ def plain_command(w: Workload, steps: int, log_every: int, out: Path, flags: lis
         flags = [f for f in flags if f == "--flush-denormal"]
     else:
         flags = [*flags, f"--device={machine.device}"]
+    # --log-dir: torchrun's error files go with the run (by default a torchelastic_* folder in TMPDIR, never removed)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={machine.nproc}",
-            str(HERE / script), f"--workload={w.name}", f"--steps={steps}",
+            f"--log-dir={out / 'torchrun'}", str(HERE / script), f"--workload={w.name}", f"--steps={steps}",
             f"--log-every={log_every}", f"--out={out}", *flags]
 
 

@@ -208,9 +208,12 @@ def dtrain(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
 
 
 def torchrun(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run ARGS` with restart-safe stores (see PITFALLS.md)."""
+    """`python -m torch.distributed.run ARGS` with restart-safe stores (see PITFALLS.md); its
+    workers' error files go to a folder removed afterwards (by default torchrun leaves a
+    torchelastic_* folder in TMPDIR per run)."""
     kwargs.setdefault("env", clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
-    return run_cmd([sys.executable, "-m", "torch.distributed.run", *args], **kwargs)
+    with tempfile.TemporaryDirectory(prefix="dtrain-test-torchrun-") as logs:
+        return run_cmd([sys.executable, "-m", "torch.distributed.run", f"--log-dir={logs}", *args], **kwargs)
 
 
 def train_in_rank(rank: int, world_size: int, overrides: list[str]) -> dict:

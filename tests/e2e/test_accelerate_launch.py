@@ -35,7 +35,8 @@ def test_every_launcher_runs_two_synced_ranks_like_ddp(tmp_path):
     run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
              "--main_process_port", str(free_port()),  # never Accelerate's default 29500
-             LAUNCHER, *JOB, "--engine=accelerate", f"--run_dir={tmp_path / 'accelerate'}"], env=env)
+             LAUNCHER, *JOB, "--engine=accelerate", f"--run_dir={tmp_path / 'accelerate'}"],
+            env={**env, "TMPDIR": str(tmp_path)})  # where its torchrun leaves a torchelastic_* folder
 
     reference, ref_state = _result(tmp_path / "ddp")
     for launcher in ("dtrain", "torchrun", "accelerate"):
