@@ -76,7 +76,11 @@ def node_command(job: dict, port: int, config_file: Path, run_dir: Path) -> tupl
 
 
 def start_node(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    """One node's agent, logging to `log`, with its own TMPDIR beside it (as a machine has its own
+    /tmp: what a node that is SIGKILLed leaves there goes with the test's folder)."""
+    tmp = log.with_name(f"{log.stem}-tmp")
+    tmp.mkdir(exist_ok=True)
+    return subprocess.Popen(argv, env={**env, "TMPDIR": str(tmp)}, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
