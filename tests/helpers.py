@@ -207,6 +207,14 @@ def dtrain(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     return run_cmd([sys.executable, "-m", "distributed_train", *args], **kwargs)
 
 
+def accelerate_launch(*args: str, tmp: Path, env: dict, **kwargs: Any) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu` with 2 CPU processes on a free port (never Accelerate's
+    default 29500), TMPDIR `tmp`: the torchrun inside leaves a torchelastic_* folder there."""
+    return run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", str(free_port()), *args], env={**env, "TMPDIR": str(tmp)}, **kwargs)
+
+
 def torchrun(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run ARGS` with restart-safe stores (see PITFALLS.md); its
     workers' error files go to a folder removed afterwards (by default torchrun leaves a

@@ -3,12 +3,11 @@
 all run a real 2-rank job that ends on the parameters of `dtrain launch --engine=ddp`."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import EXACT, FP64, REPO, clean_env, dtrain, free_port, max_diff, run_cmd, torchrun
+from tests.helpers import EXACT, FP64, REPO, accelerate_launch, clean_env, dtrain, max_diff, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +31,8 @@ def test_every_launcher_runs_two_synced_ranks_like_ddp(tmp_path):
            f"--run_dir={tmp_path / 'dtrain'}", env=env)
     torchrun("--standalone", "--nproc-per-node", "2", LAUNCHER, *JOB, "--engine=accelerate",
              f"--run_dir={tmp_path / 'torchrun'}", env={**env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
-    run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-             "--main_process_port", str(free_port()),  # never Accelerate's default 29500
-             LAUNCHER, *JOB, "--engine=accelerate", f"--run_dir={tmp_path / 'accelerate'}"],
-            env={**env, "TMPDIR": str(tmp_path)})  # where its torchrun leaves a torchelastic_* folder
+    accelerate_launch(LAUNCHER, *JOB, "--engine=accelerate", f"--run_dir={tmp_path / 'accelerate'}",
+                      tmp=tmp_path, env=env)
 
     reference, ref_state = _result(tmp_path / "ddp")
     for launcher in ("dtrain", "torchrun", "accelerate"):

@@ -21,9 +21,11 @@ LONG = ["--train.max_steps=100000", "--log.every_steps=10", "--log.wandb=disable
 
 
 def _start(run_dir: Path, *args: str) -> subprocess.Popen:
+    """The job, with TMPDIR in the test's folder: a launcher these tests SIGKILL cannot remove its
+    temporary folder."""
     return subprocess.Popen([sys.executable, "-m", "distributed_train", *args, *LONG, f"--run_dir={run_dir}"],
-                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+                            env=clean_env(TMPDIR=str(run_dir.parent)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 
 def _wait_for_training(proc: subprocess.Popen, run_dir: Path, timeout: float = 90) -> None:

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from tests.helpers import REPO, clean_env, free_port, run_cmd, torchrun
+from tests.helpers import REPO, accelerate_launch, clean_env, run_cmd, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -120,11 +120,9 @@ def test_both_layouts_train_under_every_launcher(tmp_path):
     check_trained(project / "pkg-torchrun", world_size=2)
 
     # The task file under `accelerate launch` (its workers run launcher/train.py).
-    run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-             "--main_process_port", str(free_port()), str(REPO / "launcher" / "train.py"),
-             "project/mytask.py:Task", *JOB, "--engine=accelerate", "--run_dir=file-accelerate"],
-            cwd=tmp_path, env=clean_env(HF_HOME=str(tmp_path / "hf")))
+    accelerate_launch(str(REPO / "launcher" / "train.py"), "project/mytask.py:Task", *JOB, "--engine=accelerate",
+                      "--run_dir=file-accelerate", cwd=tmp_path, tmp=tmp_path,
+                      env=clean_env(HF_HOME=str(tmp_path / "hf")))
     check_trained(tmp_path / "file-accelerate", world_size=2)
 
     # A DataLoader worker started by spawn imports the task file's module by its name.
