@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -87,7 +88,15 @@ class Cuttable:
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
         self.is_cut = False
+        self._cut_after: bytes | None = None  # cut_after()'s request pattern
+        self._answered: set[int] = set()  # client sockets whose next answer cuts the link
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_after(self, request: bytes) -> None:
+        """Cut the link when the server answers the first request that matches the regular
+        expression `request` (e.g. a PUT of some object): the request reached the server and did
+        whatever it does, its answer is lost."""
+        self._cut_after = request
 
     def _accept(self) -> None:
         import threading
@@ -108,13 +117,19 @@ class Cuttable:
                     upstream.close()
                     continue
                 self._open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, request in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, client, request), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, client: socket.socket, request: bool) -> None:
         try:
             while data := source.recv(65536):
+                if request and self._cut_after and re.search(self._cut_after, data):
+                    self._cut_after = None
+                    self._answered.add(id(client))
+                elif not request and id(client) in self._answered and not re.fullmatch(
+                        rb"HTTP/1\.1 100 Continue\r\n\r\n", data):  # (botocore sends the body after it)
+                    self.cut()  # the answer to the marked request never arrives
+                    return
                 sink.sendall(data)
         except OSError:
             pass

@@ -204,8 +204,13 @@ def test_a_lost_connection_mid_run_is_one_line_and_keeps_the_committed_checkpoin
     out, err = job.communicate(timeout=180)
     errors = [line for line in err.splitlines() if line.startswith("dtrain: error:")]
     assert job.returncode == 1 and errors, err
-    assert re.match(r"dtrain: error: (rank \d: )?uploading checkpoint \d+ failed: uploading to "
-                    r"s3://runs/cut/checkpoints/step-\d{8}-\w+/\S+ failed: ", errors[0]), err
+    # The cut finds the next checkpoint's files on their way up, or its commit record: even the
+    # first one's, when the server stored it but the link went down before its answer came back.
+    assert re.match(r"dtrain: error: (rank \d: )?(uploading checkpoint \d+ failed: uploading to|committing "
+                    r"checkpoint \d+ failed: writing) s3://runs/cut/checkpoints/step-\d{8}-\w+/\S+ failed: ",
+                    errors[0]), err
+    if "committing checkpoint" in errors[0]:  # stored or not, the user is told what the next start does
+        assert errors[0].endswith("the next start resumes from the newest one the bucket lists as committed"), err
     assert "Traceback" not in err, err
     found, _ = remote.committed(Store("s3://runs/cut"))  # read past the cut link: the real server
     assert found, "the checkpoint committed before the cut is listed"
@@ -214,6 +219,33 @@ def test_a_lost_connection_mid_run_is_one_line_and_keeps_the_committed_checkpoin
     metrics = tmp_path / "cache" / "runs" / "s3" / "runs" / "cut" / "metrics.jsonl"
     steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines()]
     assert max(s for s in steps if s) > found[-1].step  # the local copy went on after the last upload
+
+
+def test_a_commit_record_stored_whose_answer_was_lost_is_one_line_and_the_next_start_resumes_from_it(
+        s3, tmp_path):  # noqa: F811
+    """The link goes down between the server storing checkpoint 2's commit record and its answer:
+    the job cannot know whether the commit landed, says so in one line, and the next start finds
+    checkpoint 2 committed and resumes from it."""
+    from tests.s3_server import Cuttable
+
+    link = Cuttable(int(s3["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    link.cut_after(rb"^PUT [^ ]*/checkpoints/step-00000002-[^/ ]+/COMMITTED[ ?]")
+    args = ["launch", "--nproc-per-node", "2", *TOY, "--train.max_steps=6", "--checkpoint.every_steps=2",
+            "--run_dir=s3://runs/lost-answer"]
+    env = {**os.environ, "DTRAIN_CACHE_DIR": str(tmp_path / "cache"), "AWS_MAX_ATTEMPTS": "1"}
+    first = dtrain(*args, cwd=REPO, check=False, timeout=180,
+                   env={**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{link.port}"})
+    errors = [line for line in first.stderr.splitlines() if line.startswith("dtrain: error:")]
+    assert first.returncode == 1 and errors and link.is_cut, first.stderr
+    assert re.match(r"dtrain: error: (rank \d: )?committing checkpoint 2 failed: writing s3://runs/lost-answer/"
+                    r"checkpoints/step-00000002-\w+/COMMITTED failed: ", errors[0]), first.stderr
+    assert errors[0].endswith("the next start resumes from the newest one the bucket lists as committed")
+    found, _ = remote.committed(Store("s3://runs/lost-answer"))  # the real server: it was stored
+    assert [c.step for c in found] == [2], found
+    time.sleep(1.5)  # the first job's lock, which it could not remove, goes stale after 1 s here
+    dtrain(*args, "--storage.upload_every_s=0.5", "--storage.lock_stale_s=1", cwd=REPO, timeout=180, env=env)
+    summary = json.loads(_bucket().cat_file("runs/lost-answer/summary.json"))
+    assert summary["global_step"] == 6 and "step-00000002-" in summary["resumed_from"], summary
 
 
 def test_credentials_the_server_refuses_are_one_line_and_exit_2_before_any_worker_starts(tmp_path):

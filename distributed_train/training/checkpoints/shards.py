@@ -255,8 +255,11 @@ class ShardedWriter:
                 try:
                     remote.commit_folder(self.store, folder, step, files)
                 except StorageError as exc:
+                    # A write whose answer was lost may have landed: the bucket's listing decides.
                     raise commit.CheckpointWriteFailed(f"committing checkpoint {step} failed: {exc}; the "
-                                                       "previous committed checkpoint is intact") from exc
+                                                       "previous committed checkpoint is intact, and the next "
+                                                       "start resumes from the newest one the bucket lists as "
+                                                       "committed") from exc
                 self.last_committed = self.store.url_of(f"{remote.PREFIX}/{folder}")
                 try:
                     self.rotate(step)
