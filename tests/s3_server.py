@@ -90,6 +90,7 @@ class Cuttable:
         self.is_cut = False
         self._cut_after: bytes | None = None  # cut_after()'s request pattern
         self._answered: set[int] = set()  # client sockets whose next answer cuts the link
+        self._heard: dict[int, bytes] = {}  # what the server answered them so far
         threading.Thread(target=self._accept, daemon=True).start()
 
     def cut_after(self, request: bytes) -> None:
@@ -126,8 +127,7 @@ class Cuttable:
                 if request and self._cut_after and re.search(self._cut_after, data):
                     self._cut_after = None
                     self._answered.add(id(client))
-                elif not request and id(client) in self._answered and not re.fullmatch(
-                        rb"HTTP/1\.1 100 Continue\r\n\r\n", data):  # (botocore sends the body after it)
+                elif not request and id(client) in self._answered and self._final_answer(client, data):
                     self.cut()  # the answer to the marked request never arrives
                     return
                 sink.sendall(data)
@@ -136,6 +136,14 @@ class Cuttable:
         for sock in (source, sink):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def _final_answer(self, client: socket.socket, data: bytes) -> bool:
+        """Whether the answer bytes so far (`data` added) begin the final answer: the server sends
+        one or more "100 Continue" first (the client sends the body after them), maybe split or
+        joined in any way across reads."""
+        self._heard[id(client)] = heard = self._heard.get(id(client), b"") + data
+        rest = re.sub(rb"^(?:HTTP/1\.[01] 100 [^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n)+", b"", heard)
+        return len(rest) >= 12 and not rest.startswith((b"HTTP/1.1 100", b"HTTP/1.0 100"))
 
     def cut(self) -> None:
         with self._lock:
