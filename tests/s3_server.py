@@ -89,8 +89,8 @@ class Cuttable:
         self._lock = threading.Lock()
         self.is_cut = False
         self._cut_after: bytes | None = None  # cut_after()'s request pattern
-        self._answered: set[int] = set()  # client sockets whose next answer cuts the link
-        self._heard: dict[int, bytes] = {}  # what the server answered them so far
+        self._marked: socket.socket | None = None  # the client that sent it: its answer cuts the link
+        self._heard = b""  # what the server answered it so far
         threading.Thread(target=self._accept, daemon=True).start()
 
     def cut_after(self, request: bytes) -> None:
@@ -125,9 +125,8 @@ class Cuttable:
         try:
             while data := source.recv(65536):
                 if request and self._cut_after and re.search(self._cut_after, data):
-                    self._cut_after = None
-                    self._answered.add(id(client))
-                elif not request and id(client) in self._answered and self._final_answer(client, data):
+                    self._cut_after, self._marked = None, client
+                elif not request and client is self._marked and self._final_answer(data):
                     self.cut()  # the answer to the marked request never arrives
                     return
                 sink.sendall(data)
@@ -137,12 +136,13 @@ class Cuttable:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-    def _final_answer(self, client: socket.socket, data: bytes) -> bool:
-        """Whether the answer bytes so far (`data` added) begin the final answer: the server sends
-        one or more "100 Continue" first (the client sends the body after them), maybe split or
-        joined in any way across reads."""
-        self._heard[id(client)] = heard = self._heard.get(id(client), b"") + data
-        rest = re.sub(rb"^(?:HTTP/1\.[01] 100 [^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n)+", b"", heard)
+    def _final_answer(self, data: bytes) -> bool:
+        """Whether the marked request's answer so far (`data` added) begins the final answer: the
+        server sends one or more "100 Continue" first (the client sends the body after them), split
+        or joined in any way across reads."""
+        self._heard += data
+        rest = re.sub(rb"^(?:HTTP/1\.[01] 100 [^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n)+", b"", self._heard)
+        # a whole status code, not a 1xx one (12 bytes: "HTTP/1.1 100")
         return len(rest) >= 12 and not rest.startswith((b"HTTP/1.1 100", b"HTTP/1.0 100"))
 
     def cut(self) -> None:
