@@ -158,6 +158,38 @@ def check_model(model: Any) -> nn.Module:
     return model
 
 
+# In-place writes of values only (random fills, and what torch.nn.init does with them): they keep a
+# tensor's shape, dtype and device, so on the meta device, where there are no values, they can be
+# skipped. Worth it: the meta kernels of several (normal_, trunc_normal_'s erfinv_ and clamp_) are
+# Python references that import torch._dynamo on first use, ~1 s, and almost every transformer
+# initialises with normal_.
+_VALUE_FILLS = frozenset({
+    torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.exponential_, torch.Tensor.cauchy_,
+    torch.Tensor.log_normal_, torch.Tensor.geometric_, torch.Tensor.bernoulli_, torch.Tensor.random_,
+    torch.Tensor.erfinv_, torch.Tensor.clamp_, torch.Tensor.fill_, torch.Tensor.zero_})
+
+
+class _SkipFillsOnMeta(torch.overrides.TorchFunctionMode):
+    """Skips value fills (above, and every torch.nn.init function) of meta tensors."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by name
+        if isinstance(target, torch.Tensor) and target.is_meta and (
+                func in _VALUE_FILLS or (getattr(func, "__module__", None) == "torch.nn.init"
+                                         and func.__name__.endswith("_"))):
+            return target
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta_device():
+    """Build modules on the meta device (shapes only, no memory), without running their
+    initialisation: a model's structure in milliseconds, however its weights are initialised."""
+    with torch.device("meta"), _SkipFillsOnMeta():
+        yield
+
+
 def check_model_before_spawn(spec: str, config: Any) -> None:
     """Build the task's model on the meta device (no memory, no weights) so that a model without
     trainable parameters stops `dtrain launch` before any worker starts. Other failures here are
@@ -166,7 +198,7 @@ def check_model_before_spawn(spec: str, config: Any) -> None:
     task = load_task(spec, config)
     refuse_signals_to_self()  # a SIGTERM model() sent itself would stop the launcher
     try:
-        with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()), \
+        with on_meta_device(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
             model = task.obj.model()
     except SystemExit as exc:  # the launcher would exit 0 with it

@@ -28,7 +28,7 @@ from distributed_train.config import Config
 from distributed_train.engines.memory import optimizer_slots, predicted_state_bytes
 from distributed_train.engines.units import find_units, outermost
 from distributed_train.errors import EXIT_OK, UsageError
-from distributed_train.task import Task, load_task
+from distributed_train.task import Task, load_task, on_meta_device
 from distributed_train.training.data import batch_fetcher
 
 GIB = 2**30
@@ -133,7 +133,7 @@ def device_memory_gib(nproc: int) -> float:
 
 def model_summary(task: Task, config: Config) -> tuple[nn.Module, int, list[nn.Module]]:
     """The model on the meta device, the optimizer's states per parameter, and the units."""
-    with torch.device("meta"):
+    with on_meta_device():
         model = task.model()
     own = task.optimizer(model.parameters(), config)
     if own is not None:

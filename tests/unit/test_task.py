@@ -91,3 +91,68 @@ def test_loss_without_grad_and_bad_metrics_are_reported():
     task.obj.metrics = lambda model, batch: {"acc": 0.5}
     with pytest.raises(UsageError, match=r"task\.metrics\(\) must return a dict of name -> \(sum, count\)"):
         task.metrics(model, batch)
+
+
+class _EveryInitialisation(nn.Module):
+    """A model that initialises its weights every way torch.nn.init and the Tensor fills offer."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64)
+        self.embed = nn.Embedding(50, 32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.frozen = nn.Linear(4, 4)
+        for init in (nn.init.normal_, nn.init.trunc_normal_, nn.init.xavier_normal_, nn.init.kaiming_normal_,
+                     nn.init.orthogonal_, nn.init.zeros_, nn.init.ones_):
+            init(self.head.weight)
+        nn.init.sparse_(self.head.weight, 0.5)
+        nn.init.constant_(tensor=self.frozen.bias, val=0.1)  # by keyword, as torch.nn.init forwards it
+        with torch.no_grad():
+            self.embed.weight.normal_(0, 0.02).clamp_(-0.04, 0.04)
+            self.embed.weight.uniform_().erfinv_().exponential_().log_normal_().cauchy_().geometric_(0.5)
+            self.embed.weight.bernoulli_(0.5).random_(0, 3).fill_(1.0).zero_()
+        self.frozen.requires_grad_(False)  # not a fill: must not be skipped
+
+
+def test_meta_build_skips_initialisation_but_keeps_every_parameter_as_built():
+    from distributed_train.task import on_meta_device
+
+    with on_meta_device():
+        meta = _EveryInitialisation()
+    real = _EveryInitialisation()
+    described = [(name, p.shape, p.dtype, p.requires_grad) for name, p in real.named_parameters()]
+    assert [(name, p.shape, p.dtype, p.requires_grad) for name, p in meta.named_parameters()] == described
+    assert all(p.is_meta for p in meta.parameters())
+    x = torch.ones(2, 3)
+    with on_meta_device():  # only meta tensors are left alone: a real one built inside is still filled
+        x.normal_()
+    assert not torch.equal(x, torch.ones(2, 3))
+
+
+def test_the_launcher_builds_a_normal_initialised_model_on_meta_without_importing_dynamo(tmp_path):
+    """The meta kernel of normal_ (and of trunc_normal_'s erfinv_/clamp_) imports torch._dynamo, ~1 s
+    before any worker could start; almost every transformer initialises with normal_."""
+    import subprocess
+    import sys
+
+    task = tmp_path / "normal_init.py"
+    task.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Task:\n"
+        "    def train_dataset(self):\n        return torch.utils.data.TensorDataset(torch.ones(4, 3))\n"
+        "    def model(self):\n        m = nn.Linear(3, 3)\n        nn.init.trunc_normal_(m.weight, std=0.02)\n"
+        "        m.bias.data.normal_()\n        return m\n"
+        "    def loss(self, model, batch):\n        return model(batch[0]).sum()\n\n"
+        "class Frozen(Task):\n"
+        "    def model(self):\n        return super().model().requires_grad_(False)\n")
+    code = ("import sys\nfrom distributed_train.config import load_config\n"
+            "from distributed_train.errors import UsageError\n"
+            "from distributed_train.task import check_model_before_spawn\n"
+            f"check_model_before_spawn({str(task)!r} + ':Task', load_config(None, []))\n"
+            "try:\n"
+            f"    check_model_before_spawn({str(task)!r} + ':Frozen', load_config(None, []))\n"
+            "except UsageError as exc:\n    print(exc)\n"
+            "print('dynamo imported:', 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "returned a model without trainable parameters" in out
+    assert "dynamo imported: False" in out

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from distributed_train.engines.tf32 import tf32_enabled
+from distributed_train.task import on_meta_device
 
 log = logging.getLogger("distributed_train")
 
@@ -107,7 +108,7 @@ def count_flops_per_sample(task: Any, dataset: Any, collate: Any, samples: int =
     samples = min(samples, len(dataset))
     batch = (collate or default_collate)([dataset[i] for i in range(samples)])
     batch = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, batch)
-    with torch.device("meta"):
+    with on_meta_device():
         model = task.model()
     model.train()
     counter = FlopCounterMode(display=False)
