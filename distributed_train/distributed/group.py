@@ -239,6 +239,12 @@ def _stamped(obj: object) -> tuple[int, bytes]:
     return call, pickle.dumps((call, obj))
 
 
+def _corrupt_object_collective(detail: str) -> CommunicationFailure:
+    """The error for the object collective running now (its phase names it) whose result is not
+    what was sent (`detail`: how)."""
+    return corrupt_collective(diagnose.position.phase, detail)
+
+
 def _receive(collective: Callable[[], None]) -> None:
     """Run torch's object collective; a failure to read what came back is a corrupt result."""
     try:
@@ -246,7 +252,7 @@ def _receive(collective: Callable[[], None]) -> None:
     except Exception as exc:
         if diagnose.is_communication_failure(exc):
             raise
-        raise corrupt_collective(diagnose.position.phase, diagnose.describe(exc)) from exc
+        raise _corrupt_object_collective(diagnose.describe(exc)) from exc
 
 
 def _unstamped(payload: object, call: int) -> Any:
@@ -254,10 +260,9 @@ def _unstamped(payload: object, call: int) -> Any:
     try:
         stamp, obj = pickle.loads(payload)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - whatever garbage raises, it is not the data sent
-        raise corrupt_collective(diagnose.position.phase, diagnose.describe(exc)) from exc
+        raise _corrupt_object_collective(diagnose.describe(exc)) from exc
     if stamp != call:
-        raise corrupt_collective(diagnose.position.phase, f"it holds object collective {stamp}'s data, this "
-                                                           f"is {call}")
+        raise _corrupt_object_collective(f"it holds object collective {stamp}'s data, this is {call}")
     return obj
 
 
