@@ -34,12 +34,16 @@ _MAX_DEPTH = 4
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Run directories under `root` (or root itself), oldest first; a run's subfolders are skipped."""
-    found: list[Path] = []
+    """Run directories under `root` (or root itself), oldest first; a run's subfolders are skipped.
+    A run reached through symbolic links too (`latest -> run-7`) is listed once, under its own
+    name where it is under `root`, else under the first link's."""
+    found: dict[Path, tuple[bool, Path]] = {}  # real folder -> (reached through a link, shown as)
 
-    def walk(folder: Path, depth: int) -> None:
+    def walk(folder: Path, depth: int, linked: bool) -> None:
         if any((folder / name).is_file() for name in _RUN_FILES):
-            found.append(folder)
+            real = folder.resolve()
+            if real not in found or (found[real][0] and not linked):
+                found[real] = (linked, folder)
             return
         if depth >= _MAX_DEPTH:
             return
@@ -48,10 +52,10 @@ def find_runs(root: Path) -> list[Path]:
         except OSError:
             return
         for child in children:
-            walk(child, depth + 1)
+            walk(child, depth + 1, linked or child.is_symlink())
 
-    walk(root, 0)
-    return sorted(found, key=_updated)
+    walk(root, 0, False)
+    return sorted((shown for _, shown in found.values()), key=_updated)
 
 
 def _updated(run_dir: Path) -> float:

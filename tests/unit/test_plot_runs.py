@@ -87,6 +87,19 @@ def test_runs_table_shows_each_run_once_with_its_numbers(tmp_path, capsys):
     assert {r["run"]: r["step"] for r in records} == {"a-done": 20, "team/b-resumed": 30}
 
 
+def test_a_run_reached_through_links_is_listed_once_under_its_own_name(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "7", steps=5, total=5)
+    (tmp_path / "runs" / "latest").symlink_to("7")  # sorts after "7": the link is not what is shown
+    (tmp_path / "a-latest").symlink_to(tmp_path / "runs" / "7")  # sorts first: still the real name
+    (tmp_path / "runs" / "loop").symlink_to(tmp_path)  # a link back up ends at the depth limit
+    outside = write_run(tmp_path.parent / f"{tmp_path.name}-outside" / "run", steps=3, total=3)
+    (tmp_path / "b-elsewhere").symlink_to(outside)  # only reached through its link: shown under it
+    (tmp_path / "c-elsewhere").symlink_to(outside)
+    assert cli.main(["runs", str(tmp_path)]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert sorted(names) == ["b-elsewhere", "runs/7"]
+
+
 def test_runs_on_a_missing_or_empty_folder(tmp_path, capsys):
     with pytest.raises(UsageError, match="does not exist"):
         cli.main(["runs", str(tmp_path / "nope"), "--debug"])
