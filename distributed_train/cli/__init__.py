@@ -29,6 +29,11 @@ COMMANDS = {
 }
 
 
+def described(doc: str) -> str:
+    """A command module's docstring's first paragraph on one line: its `--help` description."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def split_options(parser, argv: list[str], never: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """(the options `parser` knows, with their values; everything else: CONFIG and `--key=value`
     overrides) from one mixed command line, by option name (`never`: names left to the rest)."""

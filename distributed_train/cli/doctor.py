@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 
+from distributed_train.cli import described
 from distributed_train.errors import UsageError
 
 SLOW_FACTOR = 0.5  # a device below half the median matmul speed is a bad node
@@ -25,7 +26,7 @@ MIN_SHM_GIB = 1.0  # NCCL moves data through /dev/shm; Docker's default of 64 Mi
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dtrain doctor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dtrain doctor", description=described(__doc__))
     parser.add_argument("--nproc-per-node", type=int, default=None,
                         help="local ranks to start when not under torchrun (default: GPUs, else 2)")
     parser.add_argument("--max-mib", type=float, default=None,

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from distributed_train.batches import BatchPlan
+from distributed_train.cli import described
 from distributed_train.cli.launch import default_nproc
 from distributed_train.cli.train import resolve_config, split_config_args
 from distributed_train.config import Config
@@ -37,7 +38,7 @@ _AUTOCAST = ("bf16", "fp16")  # the others compute in the parameters' own dtype 
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="dtrain estimate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dtrain estimate", description=described(__doc__))
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml | TASK",
                         help="config file (YAML) or a task; overrides follow as --section.key=value")
     parser.add_argument("--nproc-per-node", type=int, default=None,

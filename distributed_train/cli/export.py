@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from distributed_train.cli import described
 from distributed_train.errors import EXIT_OK, UsageError
 from distributed_train.files import atomic_write, require
 from distributed_train.storage import StorageError, Store, is_url
@@ -22,7 +23,7 @@ from distributed_train.training.checkpoints import commit, remote, safe_load, sh
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dtrain export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dtrain export", description=described(__doc__))
     parser.add_argument("source", help="a committed checkpoint directory, or a run directory (its latest "
                         "checkpoint, else its final_model.pt)")
     parser.add_argument("-o", "--output", required=True, help="FILE.pt or FILE.safetensors")

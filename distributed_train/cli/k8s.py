@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from distributed_train.cli import described
 from distributed_train.errors import UsageError
 
 from .k8s_kinds import render
@@ -44,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> _Parser:
-    p = _Parser(prog="dtrain k8s", description="Render Kubernetes manifests (stdout) for an N-node job.",
+    p = _Parser(prog="dtrain k8s", description=described(__doc__),
                 epilog="Anything else on the command line is CONFIG and --section.key=value overrides, "
                        "validated now and passed to every node.")
     p.add_argument("--image", help="the image every node runs, with a fixed tag or digest (required)")

@@ -18,13 +18,14 @@ import math
 import statistics
 from pathlib import Path
 
+from distributed_train.cli import described
 from distributed_train.cli.plot import CommandParser
 from distributed_train.errors import EXIT_OK, UsageError
 from distributed_train.training.reporting import goodput
 
 
 def _parser() -> CommandParser:
-    p = CommandParser(prog="dtrain plan", description=__doc__.splitlines()[0])
+    p = CommandParser(prog="dtrain plan", description=described(__doc__))
     p.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) in the job")
     p.add_argument("--gpus-per-node", type=int, default=8, help="with --node-mtbf-hours (default 8)")
     rate = p.add_mutually_exclusive_group()

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from distributed_train.cli import described
 from distributed_train.errors import UsageError
 from distributed_train.files import require
 from distributed_train.storage import StorageError, is_url
@@ -144,7 +145,7 @@ def _title(run_dir: Path) -> str:
 
 def main(argv: list[str]) -> int:
     """`dtrain plot RUN_DIR [-o FILE.png]`; prints the path it wrote."""
-    parser = CommandParser(prog="dtrain plot", description="Plot a run's metrics.jsonl as a PNG.")
+    parser = CommandParser(prog="dtrain plot", description=described(__doc__))
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl)")
     parser.add_argument("-o", "--output", metavar="FILE.png", help="default: RUN_DIR/metrics.png")
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
+from distributed_train.cli import described
 from distributed_train.errors import UsageError
 from distributed_train.files import atomic_write_text, error_text, make_directory, path_problem, require
 
@@ -40,7 +41,7 @@ BYTE_VOCAB = 256
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from distributed_train.cli.plot import CommandParser
 
-    parser = CommandParser(prog="dtrain prepare-tokens", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="dtrain prepare-tokens", description=described(__doc__))
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="text files; - reads stdin")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="where shards and meta.json go")
     parser.add_argument("--tokenizer", default="byte",

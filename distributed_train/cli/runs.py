@@ -1,4 +1,4 @@
-"""`dtrain runs [DIR]`: one line per run directory under DIR (default ./runs) — what users grep for.
+"""`dtrain runs [DIR]`: one line per run directory under DIR (default ./runs).
 
 A run directory is any folder holding metrics.jsonl or summary.json. Columns: steps done/total,
 done or incomplete, ranks, resumed, samples/s, final train loss and eval metrics, goodput (the share
@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from distributed_train.cli import described
 from distributed_train.cli.plot import CommandParser
 from distributed_train.errors import UsageError
 from distributed_train.files import path_problem
@@ -136,7 +137,7 @@ def format_table(table: list[list[str]]) -> str:
 
 def main(argv: list[str]) -> int:
     """`dtrain runs [DIR] [--json]`: a table (or JSON lines) of the runs under DIR."""
-    parser = CommandParser(prog="dtrain runs", description="List the training runs under a folder.")
+    parser = CommandParser(prog="dtrain runs", description=described(__doc__))
     parser.add_argument("dir", nargs="?", default="runs", metavar="DIR", help="default: ./runs")
     parser.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 
+from distributed_train.cli import described
 from distributed_train.errors import UsageError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # partition, account, qos, job name: no spaces, no quotes
@@ -31,7 +32,7 @@ STOP_CODES = (143, 129, 130)  # stopped after committing a checkpoint (errors.py
 def _parser() -> argparse.ArgumentParser:
     from distributed_train.cli.plot import CommandParser
 
-    p = CommandParser(prog="dtrain slurm", description="Print (or submit) a Slurm batch script for an N-node job.",
+    p = CommandParser(prog="dtrain slurm", description=described(__doc__),
                 epilog="Anything else on the command line is CONFIG and --section.key=value overrides, "
                        "validated now and passed to every node.")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")

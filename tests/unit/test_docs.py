@@ -129,3 +129,26 @@ def test_the_file_trees_name_what_exists_and_architecture_names_every_module():
     folders = {p.parent for p in modules if p.parent != package}
     missing = sorted(str(p.relative_to(package)) for p in (modules | folders) - set(architecture))
     assert missing == [], "docs/architecture.md's tree does not name these"
+
+
+def test_each_command_help_describes_it_in_full(capsys):
+    """`dtrain COMMAND --help` shows the whole first paragraph of the command's docstring, not its
+    first line cut mid-sentence."""
+    import importlib
+
+    from distributed_train import cli
+
+    checked = []
+    for name in set(cli.COMMANDS) - {"train", "launch"}:  # these two print their own help
+        module = importlib.import_module(f"distributed_train.cli.{name.replace('-', '_')}")
+        if not (module.__doc__ or "").startswith(f"`dtrain {name}"):
+            continue  # described in its own words
+        try:
+            code = cli.main([name, "--help"])
+        except SystemExit as exc:  # argparse's own exit after printing the help
+            code = exc.code
+        assert code == 0, name
+        shown = " ".join(capsys.readouterr().out.split())
+        assert cli.described(module.__doc__) in shown, name
+        checked.append(name)
+    assert set(checked) == set(cli.COMMANDS) - {"train", "launch"}
