@@ -96,7 +96,8 @@ def steps_per_epoch(dataset_len: int, global_batch: int) -> int:
     steps = dataset_len // global_batch
     if steps == 0:
         raise UsageError(
-            f"train.batch_size ({global_batch}) is larger than the training set ({dataset_len} samples)"
+            f"train.batch_size ({global_batch}) is larger than the training set ({dataset_len} "
+            f"sample{'' if dataset_len == 1 else 's'})"
         )
     return steps
 

@@ -138,8 +138,10 @@ def test_batch_plan_and_steps_per_epoch():
     assert BatchPlan.make(24, 2, 4) == BatchPlan(24, 2, 4, 3)
     assert BatchPlan.make(24, 3, None) == BatchPlan(24, 3, 8, 1)
     assert steps_per_epoch(100, 24) == 4
-    with pytest.raises(UsageError, match=r"train\.batch_size \(64\) is larger than the training set \(10"):
+    with pytest.raises(UsageError, match=r"train\.batch_size \(64\) is larger than the training set \(10 samples\)"):
         steps_per_epoch(10, 64)
+    with pytest.raises(UsageError, match=r"larger than the training set \(1 sample\)$"):
+        steps_per_epoch(1, 2)
 
 
 class BatchedDataset(torch.utils.data.Dataset):
