@@ -118,7 +118,7 @@ class EvalConfig:
 class LogConfig:
     every_steps: int = opt(10, "log train metrics every N steps")
     wandb: Literal["auto", "online", "offline", "disabled"] = opt(
-        "auto", "auto = online with an API key, else offline; never a login prompt"
+        "auto", "auto = online with an API key, else offline (disabled without the wandb package); never a login prompt"
     )
     wandb_project: str = opt("distributed_train", "wandb project name")
     progress_every_s: float = opt(10.0, "seconds between progress posts to a Kubeflow TrainJob (when its "

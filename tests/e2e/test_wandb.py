@@ -144,3 +144,27 @@ def test_offline_resume_logs_to_the_same_run_id_with_steps_after_the_checkpoint(
     # wandb's temporary folders (removed at interpreter exit, which a worker skips) and torchrun's
     # went with the processes.
     assert not temp_leftovers(scratch)
+
+
+def test_without_the_wandb_package_a_job_logs_to_its_file_and_an_explicit_mode_exits_2(tmp_path):
+    """Images built on a vendor's base, and `pip install --no-deps` (which keeps a cluster's own
+    torch), can lack wandb: the default mode trains and says so; asking for wandb is a usage error."""
+    blocker = tmp_path / "no_wandb"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['wandb'] = None  # import wandb fails\n")
+    env = wandb_env(tmp_path / "home")
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker), env["PYTHONPATH"]])
+    run_dir = tmp_path / "run"
+    common = ["launch", "--nproc-per-node", "2", "--train.batch_size=32", f"--run_dir={run_dir}"]
+    done = dtrain(*common, "--train.max_steps=4", "--log.every_steps=2", env=env, timeout=240)
+    assert "wandb is not installed: every number goes to metrics.jsonl only" in done.stderr
+    assert [e["step"] for e in read_events(run_dir) if e["kind"] == "train"] == [2, 4]
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 4
+    assert not (run_dir / "wandb").exists()
+
+    refused = dtrain(*common, "--train.max_steps=8", "--log.wandb=offline", env=env, timeout=240, check=False)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert ("dtrain: error: log.wandb=offline needs the wandb package, which is not installed here "
+            "(pip install wandb), or use log.wandb=disabled") in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 4  # nothing lost

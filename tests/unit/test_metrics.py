@@ -3,6 +3,7 @@ lines and progress bar, FLOPs / peak / MFU, and lazy imports of wandb and matplo
 
 import io
 import logging
+import sys
 
 import pytest
 import torch
@@ -55,6 +56,28 @@ def test_wandb_mode_env_and_explicit_choices(tmp_path):
         wandb_mode("online", home)
     with pytest.raises(UsageError, match="WANDB_API_KEY"):
         wandb_mode("auto", {**home, "WANDB_MODE": "online"})
+
+
+
+def test_without_the_wandb_package_auto_logs_to_the_file_only_and_an_explicit_mode_is_refused(
+        tmp_path, monkeypatch, caplog):
+    home = {"HOME": str(tmp_path)}
+    for env in (home, {**home, "WANDB_API_KEY": "k" * 40}, {**home, "WANDB_MODE": "offline"}):
+        caplog.clear()
+        assert wandb_mode("auto", env, installed=False) == "disabled"
+        assert "wandb is not installed: every number goes to metrics.jsonl only" in caplog.text
+    caplog.clear()
+    assert wandb_mode("disabled", home, installed=False) == "disabled" and caplog.text == ""
+    with pytest.raises(UsageError, match=r"^log\.wandb=offline needs the wandb package, which is not installed"):
+        wandb_mode("offline", home, installed=False)
+    with pytest.raises(UsageError, match=r"log\.wandb=online needs the wandb package"):
+        wandb_mode("online", {**home, "WANDB_API_KEY": "k" * 40}, installed=False)
+    from distributed_train.training.reporting.metrics import wandb_installed
+
+    assert wandb_installed()  # the test environment has it
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what a blocked or half-removed install looks like
+    assert not wandb_installed()
+    assert wandb_mode("auto", home) == "disabled"
 
 
 # -- metrics.jsonl -----------------------------------------------------------------------------------

@@ -77,18 +77,38 @@ def has_wandb_key(environ: Mapping[str, str] | None = None) -> bool:
     return False
 
 
-def wandb_mode(requested: str, environ: Mapping[str, str] | None = None) -> str:
-    """Resolve `log.wandb`: auto -> WANDB_MODE if set, online with an API key, else offline."""
+def wandb_installed() -> bool:
+    """Whether `import wandb` would find the package, without importing it (~1 s). Images built on
+    a vendor's base and `pip install --no-deps` (which keeps a cluster's own torch) can lack it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        return False
+
+
+def wandb_mode(requested: str, environ: Mapping[str, str] | None = None, installed: bool | None = None) -> str:
+    """Resolve `log.wandb`: auto -> WANDB_MODE if set, online with an API key, else offline; and
+    disabled, with a warning, when wandb is not installed (`installed`: None = look)."""
     environ = os.environ if environ is None else environ
+    mode = requested
     if requested == "auto":
         if environ.get("WANDB_MODE") in {"online", "offline", "disabled"}:
-            requested = environ["WANDB_MODE"]
+            mode = environ["WANDB_MODE"]
         else:
-            return "online" if has_wandb_key(environ) else "offline"
-    if requested == "online" and not has_wandb_key(environ):
+            mode = "online" if has_wandb_key(environ) else "offline"
+    if mode == "online" and not has_wandb_key(environ):
         raise UsageError("log.wandb=online needs a W&B API key (set WANDB_API_KEY or run `wandb login`); "
                          "use log.wandb=offline and `wandb sync` later, or log.wandb=disabled")
-    return requested
+    if mode != "disabled" and not (wandb_installed() if installed is None else installed):
+        if requested != "auto":
+            raise UsageError(f"log.wandb={requested} needs the wandb package, which is not installed here "
+                             "(pip install wandb), or use log.wandb=disabled")
+        log.warning("wandb is not installed: every number goes to metrics.jsonl only (pip install wandb "
+                    "to log to W&B too)")
+        return "disabled"
+    return mode
 
 
 def remove_wandb_temp_folders() -> None:
