@@ -59,7 +59,7 @@ def test_the_gpu_acceptance_scripts_dry_run_passes_every_row(tmp_path):
     out, scratch = tmp_path / "out", tmp_path / "tmp"
     scratch.mkdir()
     proc = run_cmd(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out)], timeout=600, check=False,
-                   env=clean_env(GPU_CHECK_DRY="1", TMPDIR=str(scratch)))
+                   env=clean_env(GPU_CHECK_DRY="1", TMPDIR=str(scratch), PYTHON=sys.executable))
     table = (out / "gpu_check.md").read_text()
     rows = {cells[0]: cells[1] for cells in (line.strip("|").split(" | ") for line in table.splitlines()
                                              if line.startswith("| ") and not line.startswith("| check"))}
