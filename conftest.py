@@ -22,6 +22,18 @@ for _name in [n for n in os.environ if (n.startswith(CALLER_PREFIXES) or n in CA
 os.environ["WANDB_MODE"] = "disabled"
 
 
+@pytest.fixture
+def package_log(caplog):
+    """`caplog`, also attached to the package's logger: an earlier test in the same worker may have
+    set up the job's logging, which turns that logger's propagation to the root off."""
+    import logging
+
+    logger = logging.getLogger("distributed_train")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 @pytest.fixture(autouse=True)
 def _no_distributed_leaks():
     before = {k: os.environ.get(k) for k in TORCHRUN_VARS}

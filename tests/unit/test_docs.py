@@ -141,8 +141,6 @@ def test_each_command_help_describes_it_in_full(capsys):
     checked = []
     for name in set(cli.COMMANDS) - {"train", "launch"}:  # these two print their own help
         module = importlib.import_module(f"distributed_train.cli.{name.replace('-', '_')}")
-        if not (module.__doc__ or "").startswith(f"`dtrain {name}"):
-            continue  # described in its own words
         try:
             code = cli.main([name, "--help"])
         except SystemExit as exc:  # argparse's own exit after printing the help

@@ -209,27 +209,20 @@ def test_state_dict_has_no_module_prefix_and_round_trips(tmp_path):
     assert other.scheduler.state_dict() == engine.scheduler.state_dict()
 
 
-def test_batchnorm_on_several_ranks_warns_and_sync_batchnorm_needs_cuda(caplog):
-    import logging
-
+def test_batchnorm_on_several_ranks_warns_and_sync_batchnorm_needs_cuda(package_log):
     from torch import nn
 
     from distributed_train.engines.common import batch_statistics
 
     config = load_config(None, [])
     with_bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
-    logger = logging.getLogger("distributed_train")
-    logger.addHandler(caplog.handler)  # also when an earlier test turned the package logger's propagation off
-    try:
-        for env, model in [(DistEnv(rank=0, world_size=1), with_bn), (DistEnv(rank=1, world_size=2), with_bn),
-                           (DistEnv(rank=0, world_size=2), nn.Linear(4, 1))]:
-            assert batch_statistics(model, config, env, torch.device("cpu")) is model
-        assert "BatchNorm" not in caplog.text  # one rank, not rank 0, or no batch statistics: nothing to say
-        batch_statistics(with_bn, config, DistEnv(rank=0, world_size=2), torch.device("cpu"))
-    finally:
-        logger.removeHandler(caplog.handler)
-    assert "the model has BatchNorm layers (1)" in caplog.text
-    assert "depend on the world size" in caplog.text and "ddp.sync_batchnorm=true" in caplog.text
+    for env, model in [(DistEnv(rank=0, world_size=1), with_bn), (DistEnv(rank=1, world_size=2), with_bn),
+                       (DistEnv(rank=0, world_size=2), nn.Linear(4, 1))]:
+        assert batch_statistics(model, config, env, torch.device("cpu")) is model
+    assert "BatchNorm" not in package_log.text  # one rank, not rank 0, or no batch statistics: nothing to say
+    batch_statistics(with_bn, config, DistEnv(rank=0, world_size=2), torch.device("cpu"))
+    assert "the model has BatchNorm layers (1)" in package_log.text
+    assert "depend on the world size" in package_log.text and "ddp.sync_batchnorm=true" in package_log.text
     synced = load_config(None, ["--ddp.sync_batchnorm=true"])
     with pytest.raises(UsageError, match=r"ddp\.sync_batchnorm=true needs CUDA GPUs"):
         batch_statistics(with_bn, synced, DistEnv(rank=0, world_size=2), torch.device("cpu"))

@@ -58,21 +58,15 @@ def test_wandb_mode_env_and_explicit_choices(tmp_path):
         wandb_mode("auto", {**home, "WANDB_MODE": "online"})
 
 
-
 def test_without_the_wandb_package_auto_logs_to_the_file_only_and_an_explicit_mode_is_refused(
-        tmp_path, monkeypatch, caplog):
+        tmp_path, monkeypatch, package_log):
     home = {"HOME": str(tmp_path)}
-    logger = logging.getLogger("distributed_train")
-    logger.addHandler(caplog.handler)  # also when an earlier test turned the package logger's propagation off
-    try:
-        for env in (home, {**home, "WANDB_API_KEY": "k" * 40}, {**home, "WANDB_MODE": "offline"}):
-            caplog.clear()
-            assert wandb_mode("auto", env, installed=False) == "disabled"
-            assert "wandb is not installed: every number goes to metrics.jsonl only" in caplog.text
-        caplog.clear()
-        assert wandb_mode("disabled", home, installed=False) == "disabled" and caplog.text == ""
-    finally:
-        logger.removeHandler(caplog.handler)
+    for env in (home, {**home, "WANDB_API_KEY": "k" * 40}, {**home, "WANDB_MODE": "offline"}):
+        package_log.clear()
+        assert wandb_mode("auto", env, installed=False) == "disabled"
+        assert "wandb is not installed: every number goes to metrics.jsonl only" in package_log.text
+    package_log.clear()
+    assert wandb_mode("disabled", home, installed=False) == "disabled" and package_log.text == ""
     with pytest.raises(UsageError, match=r"^log\.wandb=offline needs the wandb package, which is not installed"):
         wandb_mode("offline", home, installed=False)
     with pytest.raises(UsageError, match=r"log\.wandb=online needs the wandb package"):
