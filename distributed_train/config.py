@@ -95,7 +95,9 @@ class DataConfig:
     num_workers: int = opt(0, "DataLoader worker processes per rank (0 = load in the training process)")
     pin_memory: Optional[bool] = opt(None, "pin host memory for faster copies; default: on with CUDA")
     worker_start_method: Literal["default", "fork", "forkserver", "spawn"] = opt(
-        "default", "how DataLoader workers start; default = Python's (fork on Linux before Python 3.14)")
+        "forkserver", "how DataLoader workers start: forkserver (from a process without threads; the dataset is "
+        "pickled into each worker), spawn, fork (shares memory but can hang at start in a rank with threads), "
+        "default = Python's")
 
     def __post_init__(self) -> None:
         _positive("data.num_workers", self.num_workers, allow_zero=True)

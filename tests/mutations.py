@@ -12,6 +12,7 @@ RESUME_MIDRUN = "tests/distributed/test_resume_midrun.py"
 MECHANISMS = "tests/distributed/test_mechanisms.py"
 
 ITERABLE = "tests/distributed/test_iterable.py"
+DATA_WORKERS = "tests/distributed/test_data_workers.py"
 
 MUTATIONS = [
     Mutation(
@@ -176,4 +177,16 @@ MUTATIONS = [
         "config.run_dir = distributed.broadcast_object(config.run_dir or default_run_dir(config.task))",
         "config.run_dir = config.run_dir or default_run_dir(config.task)",
         (MECHANISMS,)),
+    Mutation(
+        "DataLoader workers start from a forkserver, not as forks of a rank whose threads may hold locks",
+        "distributed_train/config.py",
+        '        "forkserver", "how DataLoader workers start:',
+        '        "fork", "how DataLoader workers start:',
+        (f"{DATA_WORKERS}::test_default_workers_do_not_inherit_locks_held_by_the_ranks_threads",)),
+    Mutation(
+        "each forkserver-started worker closes its copy of the forkserver's lifeline (both end with the rank)",
+        "distributed_train/training/data.py",
+        '    return {"multiprocessing_context": context, "worker_init_fn": _leave_the_forkserver_to_the_rank}\n',
+        '    return {"multiprocessing_context": context}\n',
+        (f"{DATA_WORKERS}::test_workers_end_when_their_rank_is_killed",)),
 ]

@@ -14,7 +14,12 @@ Randomness inside `__getitem__` is seeded per sample from (seed, epoch, index): 
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import pickle
 import random
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -234,14 +239,62 @@ class DirectBatches:
         return len(self.batch_sampler)
 
 
+def worker_options(num_workers: int, start_method: str) -> dict[str, Any]:
+    """The DataLoader's `multiprocessing_context` and `worker_init_fn` for `data.worker_start_method`
+    (no context: no workers, or Python's default).
+
+    A forkserver is started here, not at the first batch: it imports torch while the rank builds
+    its model, and workers fork from it, a process without threads (a fork of the rank copies a
+    lock another thread holds as held: the worker can hang). Each worker lets go of its copy of the
+    forkserver's lifeline, so the forkserver ends with the rank, and the workers, whose parent it is,
+    see that and end too (torch's DataLoader workers watch their parent process)."""
+    if num_workers == 0 or start_method == "default":
+        return {"multiprocessing_context": None}
+    context = multiprocessing.get_context(start_method)
+    if start_method != "forkserver":
+        return {"multiprocessing_context": context}
+    context.set_forkserver_preload(["__main__", "torch"])
+    multiprocessing.forkserver.ensure_running()
+    return {"multiprocessing_context": context, "worker_init_fn": _leave_the_forkserver_to_the_rank}
+
+
+def _leave_the_forkserver_to_the_rank(worker_id: int) -> None:
+    """In a worker forked by the forkserver: close its end of the pipe that keeps the forkserver
+    alive (the forkserver exits when every holder has closed it; otherwise the workers would keep
+    it, and it them, alive forever after the rank is killed)."""
+    server = multiprocessing.forkserver._forkserver
+    if getattr(server, "_forkserver_alive_fd", None) is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+
+
+def start_workers(loader: Any) -> Iterator[Any]:
+    """iter(loader). Workers started by forkserver or spawn receive the dataset pickled: one that
+    cannot be pickled is a task error naming the fix (those are the only errors iter() raises:
+    the dataset and collate run in the workers, and their errors come with the batches)."""
+    context = getattr(loader, "multiprocessing_context", None)
+    try:
+        with warnings.catch_warnings():  # torch's own warning for it says less than the error below
+            warnings.filterwarnings("ignore", "Got pickle error", UserWarning)
+            return iter(loader)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        method = context.get_start_method() if context is not None else multiprocessing.get_start_method()
+        if getattr(loader, "num_workers", 0) == 0 or method == "fork":
+            raise
+        raise UsageError(f"task.train_dataset() or task.collate cannot be sent to DataLoader workers started "
+                         f"by {method} (data.worker_start_method): {exc}; keep open files and handles out of "
+                         "the pickled state (open them in __getitem__ or __iter__), or set "
+                         "data.worker_start_method=fork (docs/configuration.md)") from exc
+
+
 def make_loader(dataset: Any, batch_sampler: Sampler, collate: Callable | None,
                 num_workers: int, pin_memory: bool, seed: int,
-                start_method: str = "default") -> DataLoader | DirectBatches:
+                start_method: str = "forkserver") -> DataLoader | DirectBatches:
     """Batches in `batch_sampler` order; batch-fetching datasets skip per-sample collation, and
     without workers or pinning also the DataLoader machinery (~50 us per batch on a small step).
     Samples fetched one at a time are seeded from (sampler's seed, epoch, index) when the
     sampler has a `seed` (the train and eval samplers do). Workers start by `start_method`
-    (`data.worker_start_method`; "default" is the platform's)."""
+    (`data.worker_start_method`, see worker_options)."""
     fetch = batch_fetcher(dataset) if collate is None else None
     if fetch is not None and num_workers == 0 and not pin_memory:
         return DirectBatches(fetch, batch_sampler)
@@ -257,5 +310,5 @@ def make_loader(dataset: Any, batch_sampler: Sampler, collate: Callable | None,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
-        multiprocessing_context=None if num_workers == 0 or start_method == "default" else start_method,
+        **worker_options(num_workers, start_method),
     )

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from distributed_train.batches import BatchPlan
 from distributed_train.errors import UsageError
+from distributed_train.training.data import start_workers, worker_options
 
 log = logging.getLogger("distributed_train")
 
@@ -86,14 +87,14 @@ class IterableStream:
     steps_per_epoch = None  # a stream's length is unknown: train.max_steps counts the steps
 
     def __init__(self, dataset: IterableDataset, plan: BatchPlan, rank: int, collate: Callable | None,
-                 num_workers: int, pin_memory: bool, start_method: str = "default"):
+                 num_workers: int, pin_memory: bool, start_method: str = "forkserver"):
         self.dataset, self.plan = dataset, plan
         self.share = RankShare(dataset, plan, rank)
         self.stateful = is_stateful(dataset) and num_workers == 0
         self.loader = DataLoader(
             self.share, batch_size=plan.micro_batch, collate_fn=collate or default_collate,
             num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-            multiprocessing_context=None if num_workers == 0 or start_method == "default" else start_method)
+            **worker_options(num_workers, start_method))
         self.epoch = 0
         self.step_in_epoch = 0
         self._batches: Iterator[Any] | None = None
@@ -122,7 +123,7 @@ class IterableStream:
         if self._resume_state is not None:
             self.dataset.load_state_dict(self._resume_state)
             self._resume_state, self.share.skip = None, 0
-        self._batches = iter(self.loader)
+        self._batches = start_workers(self.loader)
 
     def advance(self) -> None:
         """The step's batches were trained on: move the position past them."""

@@ -8,7 +8,7 @@ from torch.utils.data import IterableDataset
 
 from distributed_train.batches import BatchPlan
 from distributed_train.config import Config
-from distributed_train.training.data import TrainBatchSampler, make_loader
+from distributed_train.training.data import TrainBatchSampler, make_loader, start_workers
 from distributed_train.training.iterable import IterableStream, check_stream
 
 
@@ -44,7 +44,7 @@ class TrainStream:
         if self._batches is None:
             # set_position is the DistributedSampler's set_epoch: never forgotten, also mid-epoch.
             self.sampler.set_position(self.epoch, self.step_in_epoch)
-            self._batches = iter(self.loader)
+            self._batches = start_workers(self.loader)
         return [next(self._batches) for _ in range(self.plan.accumulation_steps)]
 
     def advance(self) -> None:

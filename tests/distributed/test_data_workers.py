@@ -1,11 +1,20 @@
 """DataLoader workers in a fresh process (a spawned rank), not in the test process: a worker
 forked from a process with other threads (pytest-xdist's) can deadlock at start."""
 
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Dataset
 
-from tests.helpers import REPO, jobs_in_rank, run_ranks
+from tests.helpers import REPO, clean_env, jobs_in_rank, run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -42,7 +51,8 @@ def test_a_bad_token_read_in_a_dataloader_worker_is_still_one_line(tmp_path):
 AUGMENT = [f"--task={REPO / 'tests' / 'tasks' / 'augment.py'}:AugmentTask", "--train.batch_size=16",
            "--train.max_steps=8", "--seed=4", "--log.every_steps=4"]  # 96 samples: 8 steps cross an epoch
 START_METHODS = {"in-process": ["--data.num_workers=0"],
-                 "forkserver": ["--data.num_workers=1", "--data.worker_start_method=forkserver"],
+                 "default": ["--data.num_workers=1"],
+                 "fork": ["--data.num_workers=2", "--data.worker_start_method=fork"],
                  "spawn": ["--data.num_workers=2", "--data.worker_start_method=spawn"]}
 
 
@@ -63,13 +73,120 @@ def jobs_with_start_methods(rank: int, world_size: int, tmp: str) -> dict:
     return {"results": jobs_in_rank(rank, world_size, jobs, tmp), "start_methods": built}
 
 
-def test_workers_started_by_forkserver_or_spawn_draw_the_same_samples(tmp_path):
-    # A task loaded from its file pickles into workers that start from a fresh interpreter, and
-    # its random augmentation draws what it draws in the training process (seeded per sample).
+def test_workers_started_by_forkserver_fork_or_spawn_draw_the_same_samples(tmp_path):
+    # A task loaded from its file pickles into workers that start from a fresh interpreter (by
+    # default from a forkserver), and its random augmentation draws what it draws in the training
+    # process (seeded per sample); so do workers forked from the rank.
     rank0, rank1 = run_ranks(jobs_with_start_methods, 2, str(tmp_path), timeout=180)
-    assert rank0["start_methods"] == rank1["start_methods"] == [None, "forkserver", "spawn"]
+    assert rank0["start_methods"] == rank1["start_methods"] == [None, "forkserver", "fork", "spawn"]
     reference = rank0["results"]["in-process"]
-    for name in ("forkserver", "spawn"):
+    for name in ("default", "fork", "spawn"):
         state = rank0["results"][name]["state"]
         assert all(torch.equal(state[k], reference["state"][k]) for k in reference["state"]), name
         assert rank0["results"][name]["summary"]["train_loss"] == reference["summary"]["train_loss"], name
+
+
+# A library's module-level lock (a tokenizer's, h5py's, a logging handler's) that the dataset takes
+# in __getitem__. A fork copies it as it is at that moment: held, when another thread of the rank
+# is inside the library, and no thread of the worker will ever release it.
+LIBRARY_LOCK = threading.Lock()
+
+
+class NeedsTheLibraryLock(Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        # Not forever: a worker that inherited the lock held fails the test and exits.
+        if not LIBRARY_LOCK.acquire(timeout=10):
+            raise RuntimeError("this worker's copy of the lock stays held: it was forked while a thread held it")
+        LIBRARY_LOCK.release()
+        return torch.tensor([float(index)])
+
+
+def batches_while_another_thread_holds_a_lock(rank: int, world_size: int) -> list:
+    from distributed_train.batches import BatchPlan
+    from distributed_train.config import DataConfig
+    from distributed_train.training.data import TrainBatchSampler, make_loader, start_workers
+
+    held, release = threading.Event(), threading.Event()
+
+    def inside_the_library():
+        with LIBRARY_LOCK:
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=inside_the_library, daemon=True)
+    thread.start()
+    held.wait()
+    try:
+        sampler = TrainBatchSampler(8, BatchPlan.make(4, 1, None), 0, seed=0)
+        loader = make_loader(NeedsTheLibraryLock(), sampler, None, num_workers=2, pin_memory=False, seed=0,
+                             start_method=DataConfig().worker_start_method)
+        return [batch.flatten().tolist() for batch in start_workers(loader)]
+    finally:
+        release.set()
+
+
+def test_default_workers_do_not_inherit_locks_held_by_the_ranks_threads():
+    # Forked from this rank, both workers would wait forever for the lock.
+    (batches,) = run_ranks(batches_while_another_thread_holds_a_lock, 1, timeout=120)
+    assert sorted(sum(batches, [])) == [float(i) for i in range(8)], batches
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, grandchildren...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if state != "Z":
+            children.setdefault(int(ppid), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_when_their_rank_is_killed(tmp_path):
+    # SIGKILL (the OOM killer, a lost node's agent) gives the rank no chance to stop its workers.
+    # Forked or spawned workers see their parent gone; the default's parent is the forkserver, which
+    # must end with the rank, or the workers (and their copies of the dataset) stay forever.
+    run_dir = tmp_path / "run"
+    rank = subprocess.Popen([sys.executable, "-m", "distributed_train", "train", "--task=tests/tasks/toy.py:Regression",
+                             "--train.batch_size=8", "--train.max_steps=1000000", "--log.every_steps=1",
+                             "--data.num_workers=2", f"--run_dir={run_dir}"],
+                            cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    below = []
+    try:
+        for _ in range(600):  # training: the workers are up
+            if (run_dir / "metrics.jsonl").exists() and '"kind": "train"' in (run_dir / "metrics.jsonl").read_text():
+                break
+            assert rank.poll() is None, f"the rank exited with {rank.returncode}"
+            time.sleep(0.2)
+        below = descendants(rank.pid)
+        assert len(below) >= 3, below  # the forkserver and two workers (and the resource tracker)
+        rank.send_signal(signal.SIGKILL)
+        rank.wait()
+        for _ in range(300):  # torch's workers look at their parent every 5 s
+            if not any(alive(pid) for pid in below):
+                break
+            time.sleep(0.2)
+        assert not [pid for pid in below if alive(pid)], "processes of the killed rank left running"
+    finally:
+        rank.kill()
+        for pid in below:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -33,6 +33,19 @@ def test_dataset_of_objects_the_collate_cannot_batch(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug keeps the traceback
 
 
+def test_dataset_that_cannot_be_pickled_into_workers(tmp_path):
+    # Workers start from a forkserver by default and receive the dataset pickled: an open file
+    # cannot travel. One line naming the key; the fix it names (fork) trains.
+    args = ["train", BAD + "OpenFileDataset", *SMALL, "--data.num_workers=1"]
+    proc = dtrain(*args, f"--run_dir={tmp_path / 'forkserver'}", check=False)
+    line = _one_error_line(proc, 2)
+    assert "task.train_dataset() or task.collate cannot be sent to DataLoader workers started by forkserver" \
+        in line and "cannot pickle '_io.BufferedReader' object" in line, line
+    assert "data.worker_start_method=fork" in line and "Got pickle error" not in proc.stderr, line
+    dtrain(*args, "--data.worker_start_method=fork", f"--run_dir={tmp_path / 'fork'}")
+    assert (tmp_path / "fork" / "summary.json").exists()
+
+
 def test_shape_error_in_the_first_step(tmp_path):
     line = _one_error_line(dtrain("train", BAD + "ShapeMismatch", *SMALL, f"--run_dir={tmp_path}",
                                   check=False), 2)

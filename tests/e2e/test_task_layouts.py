@@ -1,8 +1,8 @@
 """The two ways users organise their code train in every process of a job: a task file that imports
 a file next to it (`from model import TinyNet`, as nanoGPT's train.py imports model.py), and a
 package in a project folder that is not installed. Both under `dtrain launch`, plain `torchrun
-launcher/train.py`, `accelerate launch`, and with DataLoader worker processes started by fork and by
-spawn."""
+launcher/train.py`, `accelerate launch`, and with DataLoader worker processes started by the
+default forkserver and by spawn."""
 
 import json
 import shutil
@@ -107,7 +107,7 @@ def test_both_layouts_train_under_every_launcher(tmp_path):
     script = shutil.which("dtrain")  # the console script: its folder, not the cwd, is on sys.path
     dtrain_cmd = [script] if script else [sys.executable, "-m", "distributed_train"]
 
-    # A task file given by path from another folder; 2 ranks x 2 forked DataLoader workers.
+    # A task file given by path from another folder; 2 ranks x 2 DataLoader workers (forkserver).
     run_cmd([*dtrain_cmd, "launch", "--nproc-per-node", "2", "project/mytask.py:Task", *JOB,
              "--data.num_workers=2", "--run_dir=file-launch"], cwd=tmp_path, env=env)
     check_trained(tmp_path / "file-launch", world_size=2)

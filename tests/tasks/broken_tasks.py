@@ -182,3 +182,24 @@ class RaisingLength(Regression):
 
     def train_dataset(self):
         return _BadLength(OSError("the index file is gone"))
+
+
+class _OpenFileDataset(Dataset):
+    """Holds an open file, as a dataset that opens its shard in __init__ does: it cannot be pickled."""
+
+    def __init__(self):
+        self.file = open(__file__, "rb")  # noqa: SIM115 - open for the dataset's life, on purpose
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        self.file.seek(index)
+        return torch.full((4,), self.file.read(1)[0] / 255), torch.zeros(())
+
+
+class OpenFileDataset(Regression):
+    """train_dataset() holds an open file: workers started by forkserver cannot receive it."""
+
+    def train_dataset(self):
+        return _OpenFileDataset()

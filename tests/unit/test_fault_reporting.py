@@ -111,7 +111,7 @@ def test_a_key_newer_than_the_checkpoint_is_a_change_only_when_set_to_other_than
     del saved["data"]["worker_start_method"]  # a checkpoint from before the key existed
     assert changed_settings(saved, current) == []
     current["data"]["worker_start_method"] = "spawn"
-    assert changed_settings(saved, current) == ["data.worker_start_method: 'default' -> 'spawn'"]
+    assert changed_settings(saved, current) == ["data.worker_start_method: 'forkserver' -> 'spawn'"]
 
 
 def test_loaded_optimizer_gets_the_current_lr_and_the_schedule_recomputed_at_the_resumed_step():
