@@ -19,6 +19,7 @@ import multiprocessing.forkserver
 import os
 import pickle
 import random
+import shutil
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
@@ -269,22 +270,35 @@ def _leave_the_forkserver_to_the_rank(worker_id: int) -> None:
 
 
 def start_workers(loader: Any) -> Iterator[Any]:
-    """iter(loader). Workers started by forkserver or spawn receive the dataset pickled: one that
-    cannot be pickled is a task error naming the fix (those are the only errors iter() raises:
-    the dataset and collate run in the workers, and their errors come with the batches)."""
+    """iter(loader). Workers started by forkserver or spawn receive the dataset pickled, its tensors
+    moved into shared memory: a dataset that cannot be pickled, or whose tensors /dev/shm cannot
+    hold, is a task error naming the fix (those are the errors iter() raises: the dataset and
+    collate run in the workers, and their errors come with the batches)."""
     context = getattr(loader, "multiprocessing_context", None)
     try:
         with warnings.catch_warnings():  # torch's own warning for it says less than the error below
             warnings.filterwarnings("ignore", "Got pickle error", UserWarning)
             return iter(loader)
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+    except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as exc:
         method = context.get_start_method() if context is not None else multiprocessing.get_start_method()
         if getattr(loader, "num_workers", 0) == 0 or method == "fork":
             raise
+        if isinstance(exc, RuntimeError):  # torch could not allocate the shared memory
+            fix = f"its tensors move into shared memory when workers start: {_shm_room()}"
+        else:
+            fix = "keep open files and handles out of the pickled state (open them in __getitem__ or __iter__)"
         raise UsageError(f"task.train_dataset() or task.collate cannot be sent to DataLoader workers started "
-                         f"by {method} (data.worker_start_method): {exc}; keep open files and handles out of "
-                         "the pickled state (open them in __getitem__ or __iter__), or set "
+                         f"by {method} (data.worker_start_method): {exc}; {fix}, or set "
                          "data.worker_start_method=fork (docs/configuration.md)") from exc
+
+
+def _shm_room() -> str:
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return "give the shared memory more room"
+    return (f"/dev/shm has {free / 2**20:.0f} MiB free; give it more (docker run --shm-size, a memory "
+            "emptyDir on Kubernetes)")
 
 
 def make_loader(dataset: Any, batch_sampler: Sampler, collate: Callable | None,

@@ -3,10 +3,13 @@ and one `dtrain: error:` line naming the cause and the fix; no traceback unless 
 
 import inspect
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
-from tests.helpers import REPO, clean_env, dtrain, free_port, temp_leftovers
+from tests.helpers import REPO, clean_env, dtrain, free_port, run_cmd, temp_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +46,23 @@ def test_dataset_that_cannot_be_pickled_into_workers(tmp_path):
         in line and "cannot pickle '_io.BufferedReader' object" in line, line
     assert "data.worker_start_method=fork" in line and "Got pickle error" not in proc.stderr, line
     dtrain(*args, "--data.worker_start_method=fork", f"--run_dir={tmp_path / 'fork'}")
+    assert (tmp_path / "fork" / "summary.json").exists()
+
+
+def test_dataset_bigger_than_the_shared_memory_for_workers(tmp_path):
+    # A container's /dev/shm is 64 MB unless sized (Docker's default): the dataset's tensors move
+    # there when workers start from the forkserver. Here /dev/shm is 8 MB in a mount namespace of
+    # the job's own (root only; the machine's /dev/shm is not touched).
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare -m (root) for a private /dev/shm")
+    small_shm = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=8m tmpfs /dev/shm && exec "$@"', "sh",
+                 sys.executable, "-m", "distributed_train", "train", BAD + "SixteenMegabytesOfTensors", *SMALL,
+                 "--data.num_workers=1"]
+    proc = run_cmd([*small_shm, f"--run_dir={tmp_path / 'forkserver'}"], cwd=REPO, check=False)
+    line = _one_error_line(proc, 2)
+    assert "cannot be sent to DataLoader workers started by forkserver" in line and \
+        "its tensors move into shared memory when workers start: /dev/shm has 8 MiB free" in line, line
+    run_cmd([*small_shm, "--data.worker_start_method=fork", f"--run_dir={tmp_path / 'fork'}"], cwd=REPO)
     assert (tmp_path / "fork" / "summary.json").exists()
 
 
@@ -224,9 +244,6 @@ print(json.dumps(results))
 
 def test_every_bad_value_is_one_line_and_exit_2(tmp_path):
     import json
-    import sys
-
-    from tests.helpers import run_cmd
 
     cases, needles = {}, {}
     for name, (text, needle) in CONFIG_FILES.items():

@@ -203,3 +203,12 @@ class OpenFileDataset(Regression):
 
     def train_dataset(self):
         return _OpenFileDataset()
+
+
+class SixteenMegabytesOfTensors(Regression):
+    """train_dataset() holds 16 MB of tensors: workers started by forkserver get them through /dev/shm."""
+
+    def train_dataset(self):
+        from torch.utils.data import TensorDataset
+
+        return TensorDataset(torch.zeros(1_000_000, 4), torch.zeros(1_000_000))
