@@ -242,15 +242,17 @@ class DirectBatches:
 
 def worker_options(num_workers: int, start_method: str) -> dict[str, Any]:
     """The DataLoader's `multiprocessing_context` and `worker_init_fn` for `data.worker_start_method`
-    (no context: no workers, or Python's default).
+    ("default" is Python's: fork on Linux before Python 3.14, forkserver from 3.14, spawn on macOS).
 
     A forkserver is started here, not at the first batch: it imports torch while the rank builds
     its model, and workers fork from it, a process without threads (a fork of the rank copies a
     lock another thread holds as held: the worker can hang). Each worker lets go of its copy of the
     forkserver's lifeline, so the forkserver ends with the rank, and the workers, whose parent it is,
     see that and end too (torch's DataLoader workers watch their parent process)."""
-    if num_workers == 0 or start_method == "default":
+    if num_workers == 0:
         return {"multiprocessing_context": None}
+    if start_method == "default":
+        start_method = multiprocessing.get_start_method()
     context = multiprocessing.get_context(start_method)
     if start_method != "forkserver":
         return {"multiprocessing_context": context}
@@ -280,8 +282,8 @@ def start_workers(loader: Any) -> Iterator[Any]:
             warnings.filterwarnings("ignore", "Got pickle error", UserWarning)
             return iter(loader)
     except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as exc:
-        method = context.get_start_method() if context is not None else multiprocessing.get_start_method()
-        if getattr(loader, "num_workers", 0) == 0 or method == "fork":
+        method = context.get_start_method() if context is not None else "fork"
+        if method == "fork":  # nothing is pickled (or there are no workers)
             raise
         if isinstance(exc, RuntimeError):  # torch could not allocate the shared memory
             fix = f"its tensors move into shared memory when workers start: {_shm_room()}"
