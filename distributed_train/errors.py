@@ -43,6 +43,13 @@ class NonFiniteLoss(TrainingFailure):
     exit_code = EXIT_NONFINITE
 
 
+class DataWorkerLost(TrainingFailure):
+    """A DataLoader worker process of this rank died (killed by a signal, or exited): names which
+    and how; printed by the rank that lost it."""
+
+    every_rank = True
+
+
 class CommunicationFailure(TrainingFailure):
     """Ranks could not talk: timeout, lost peer or unreachable rendezvous; names ranks and operation."""
 

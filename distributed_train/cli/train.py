@@ -231,7 +231,20 @@ def _exit_worker(env, code: int) -> int:
     from distributed_train.training.reporting.metrics import remove_wandb_temp_folders
 
     remove_wandb_temp_folders()  # what the skipped interpreter exit would have removed
+    release_semaphores()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def release_semaphores() -> None:
+    """Unlink the named semaphores of this process's multiprocessing queues, as the skipped
+    interpreter exit would (multiprocessing's exit-time finalizers; DataLoader workers started by
+    forkserver or spawn use such queues). Else Python's resource tracker unlinks them after this
+    process is gone, and warns of "leaked semaphore objects" below the run's last line."""
+    from multiprocessing import util
+
+    run_finalizers = getattr(util, "_run_finalizers", None)  # what multiprocessing's atexit hook runs
+    if run_finalizers is not None:
+        run_finalizers(0)  # priority >= 0: semaphores and queue closes; never joins a thread

@@ -14,13 +14,7 @@ Randomness inside `__getitem__` is seeded per sample from (seed, epoch, index): 
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.forkserver
-import os
-import pickle
 import random
-import shutil
-import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -33,6 +27,7 @@ from distributed_train.training.sample_seed import (
     SeededSamples,
     seeds_each_sample,
 )
+from distributed_train.training.workers import worker_options
 
 # Up to this many samples an epoch's order is torch.randperm (4 bytes per sample, built at the
 # start of the epoch); above it, a permutation computed per position that costs nothing up front.
@@ -238,69 +233,6 @@ class DirectBatches:
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
-
-
-def worker_options(num_workers: int, start_method: str) -> dict[str, Any]:
-    """The DataLoader's `multiprocessing_context` and `worker_init_fn` for `data.worker_start_method`
-    ("default" is Python's: fork on Linux before Python 3.14, forkserver from 3.14, spawn on macOS).
-
-    A forkserver is started here, not at the first batch: it imports torch while the rank builds
-    its model, and workers fork from it, a process without threads (a fork of the rank copies a
-    lock another thread holds as held: the worker can hang). Each worker lets go of its copy of the
-    forkserver's lifeline, so the forkserver ends with the rank, and the workers, whose parent it is,
-    see that and end too (torch's DataLoader workers watch their parent process)."""
-    if num_workers == 0:
-        return {"multiprocessing_context": None}
-    if start_method == "default":
-        start_method = multiprocessing.get_start_method()
-    context = multiprocessing.get_context(start_method)
-    if start_method != "forkserver":
-        return {"multiprocessing_context": context}
-    context.set_forkserver_preload(["__main__", "torch"])
-    multiprocessing.forkserver.ensure_running()
-    return {"multiprocessing_context": context, "worker_init_fn": _leave_the_forkserver_to_the_rank}
-
-
-def _leave_the_forkserver_to_the_rank(worker_id: int) -> None:
-    """In a worker forked by the forkserver: close its end of the pipe that keeps the forkserver
-    alive (the forkserver exits when every holder has closed it; otherwise the workers would keep
-    it, and it them, alive forever after the rank is killed)."""
-    server = multiprocessing.forkserver._forkserver
-    if getattr(server, "_forkserver_alive_fd", None) is not None:
-        os.close(server._forkserver_alive_fd)
-        server._forkserver_alive_fd = None
-
-
-def start_workers(loader: Any) -> Iterator[Any]:
-    """iter(loader). Workers started by forkserver or spawn receive the dataset pickled, its tensors
-    moved into shared memory: a dataset that cannot be pickled, or whose tensors /dev/shm cannot
-    hold, is a task error naming the fix (those are the errors iter() raises: the dataset and
-    collate run in the workers, and their errors come with the batches)."""
-    context = getattr(loader, "multiprocessing_context", None)
-    try:
-        with warnings.catch_warnings():  # torch's own warning for it says less than the error below
-            warnings.filterwarnings("ignore", "Got pickle error", UserWarning)
-            return iter(loader)
-    except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as exc:
-        method = context.get_start_method() if context is not None else "fork"
-        if method == "fork":  # nothing is pickled (or there are no workers)
-            raise
-        if isinstance(exc, RuntimeError):  # torch could not allocate the shared memory
-            fix = f"its tensors move into shared memory when workers start: {_shm_room()}"
-        else:
-            fix = "keep open files and handles out of the pickled state (open them in __getitem__ or __iter__)"
-        raise UsageError(f"task.train_dataset() or task.collate cannot be sent to DataLoader workers started "
-                         f"by {method} (data.worker_start_method): {exc}; {fix}, or set "
-                         "data.worker_start_method=fork (docs/configuration.md)") from exc
-
-
-def _shm_room() -> str:
-    try:
-        free = shutil.disk_usage("/dev/shm").free
-    except OSError:
-        return "give the shared memory more room"
-    return (f"/dev/shm has {free / 2**20:.0f} MiB free; give it more (docker run --shm-size, a memory "
-            "emptyDir on Kubernetes)")
 
 
 def make_loader(dataset: Any, batch_sampler: Sampler, collate: Callable | None,

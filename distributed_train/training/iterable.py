@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from distributed_train.batches import BatchPlan
 from distributed_train.errors import UsageError
-from distributed_train.training.data import start_workers, worker_options
+from distributed_train.training.workers import next_batches, start_workers, worker_options
 
 log = logging.getLogger("distributed_train")
 
@@ -105,7 +105,7 @@ class IterableStream:
         if self._batches is None:
             self._start_pass()
         try:
-            return [next(self._batches) for _ in range(self.plan.accumulation_steps)]
+            return next_batches(self._batches, self.plan.accumulation_steps)
         except StopIteration:  # the pass ended (every rank at this same step): the next one
             if self.step_in_epoch == 0:
                 raise UsageError(f"task.train_dataset() yielded fewer samples than one global batch "

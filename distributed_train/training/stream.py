@@ -8,8 +8,9 @@ from torch.utils.data import IterableDataset
 
 from distributed_train.batches import BatchPlan
 from distributed_train.config import Config
-from distributed_train.training.data import TrainBatchSampler, make_loader, start_workers
+from distributed_train.training.data import TrainBatchSampler, make_loader
 from distributed_train.training.iterable import IterableStream, check_stream
+from distributed_train.training.workers import next_batches, start_workers
 
 
 def open_train_stream(train_set: Any, config: Config, plan: BatchPlan, rank: int, collate: Callable | None,
@@ -45,7 +46,7 @@ class TrainStream:
             # set_position is the DistributedSampler's set_epoch: never forgotten, also mid-epoch.
             self.sampler.set_position(self.epoch, self.step_in_epoch)
             self._batches = start_workers(self.loader)
-        return [next(self._batches) for _ in range(self.plan.accumulation_steps)]
+        return next_batches(self._batches, self.plan.accumulation_steps)
 
     def advance(self) -> None:
         """The step's batches were trained on: move the position past them."""

@@ -107,7 +107,8 @@ class NeedsTheLibraryLock(Dataset):
 def batches_while_another_thread_holds_a_lock(rank: int, world_size: int) -> list:
     from distributed_train.batches import BatchPlan
     from distributed_train.config import DataConfig
-    from distributed_train.training.data import TrainBatchSampler, make_loader, start_workers
+    from distributed_train.training.data import TrainBatchSampler, make_loader
+    from distributed_train.training.workers import start_workers
 
     held, release = threading.Event(), threading.Event()
 

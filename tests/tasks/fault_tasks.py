@@ -6,12 +6,13 @@ Load by file: `--task=tests/tasks/fault_tasks.py:PerSampleMetric`.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
 from torch import nn
 
-from tests.tasks.toy import Regression, regression_metrics
+from tests.tasks.toy import Regression, regression_data, regression_metrics
 
 
 class ExitsInModel(Regression):
@@ -191,3 +192,36 @@ class DiesOnFirstAttempt(Regression):
             time.sleep(1.5)
             os._exit(1)
         return super().model()
+
+
+class _KilledInWorker(torch.utils.data.Dataset):
+    """Regression samples; DataLoader worker 0 of rank `rank` SIGKILLs itself at its `call`-th
+    sample, as the out-of-memory killer ends a worker whose memory grew."""
+
+    def __init__(self, rank: int, call: int):
+        self.x, self.y = regression_data(256, seed=0)
+        self.rank, self.call, self.calls = rank, call, 0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, index):
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.id == 0 and int(os.environ.get("RANK", "0")) == self.rank:
+            self.calls += 1
+            if self.calls == self.call:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return self.x[index], self.y[index]
+
+
+class KillsADataWorker(Regression):
+    """With data.num_workers > 0: worker 0 of rank `task_args.rank` (default 1) is killed by
+    SIGKILL at its `task_args.call`-th sample (default 40)."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        args = dict(getattr(config, "task_args", None) or {})
+        self.rank, self.call = args.get("rank", 1), args.get("call", 40)
+
+    def train_dataset(self):
+        return _KilledInWorker(self.rank, self.call)

@@ -219,14 +219,3 @@ def test_batch_len():
     with pytest.raises(UsageError, match="batches must hold tensors"):
         batch_len("text")
 
-
-def test_pythons_default_start_method_gets_the_care_of_the_named_one(monkeypatch):
-    # Python 3.14 starts workers from a forkserver by default: its workers must also let go of the
-    # forkserver's lifeline, or they outlive a killed rank (tests/distributed/test_data_workers.py).
-    monkeypatch.setattr(data.multiprocessing, "get_start_method", lambda: "forkserver")
-    monkeypatch.setattr(data.multiprocessing.forkserver, "ensure_running", lambda: None)
-    options = data.worker_options(2, "default")
-    assert options["multiprocessing_context"].get_start_method() == "forkserver"
-    assert options["worker_init_fn"] is data._leave_the_forkserver_to_the_rank
-    assert data.worker_options(0, "forkserver") == {"multiprocessing_context": None}
-    assert "worker_init_fn" not in data.worker_options(2, "spawn")  # a spawned worker's parent is the rank

@@ -1,0 +1,128 @@
+"""DataLoader worker processes: how they start, what they are sent, what a lost one tells.
+
+Workers start by `data.worker_start_method`, by default from a forkserver (a process without
+threads; docs/configuration.md says why not by a fork of the rank). They receive the dataset and
+`collate` pickled, tensors through shared memory: what cannot travel is a one-line task error.
+A worker that dies (the kernel's out-of-memory killer, a crash in native code) is named with what
+ended it, where torch only says that one "exited unexpectedly".
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.forkserver
+import os
+import pickle
+import shutil
+import signal
+import warnings
+from typing import Any, Iterator
+
+from distributed_train.distributed.diagnose import position
+from distributed_train.errors import DataWorkerLost, UsageError
+
+
+def worker_options(num_workers: int, start_method: str) -> dict[str, Any]:
+    """The DataLoader's `multiprocessing_context` and `worker_init_fn` for `data.worker_start_method`
+    ("default" is Python's: fork on Linux before Python 3.14, forkserver from 3.14, spawn on macOS).
+
+    A forkserver is started here, not at the first batch: it imports torch while the rank builds
+    its model, and workers fork from it, a process without threads (a fork of the rank copies a
+    lock another thread holds as held: the worker can hang). Each worker lets go of its copy of the
+    forkserver's lifeline, so the forkserver ends with the rank, and the workers, whose parent it is,
+    see that and end too (torch's DataLoader workers watch their parent process)."""
+    if num_workers == 0:
+        return {"multiprocessing_context": None}
+    if start_method == "default":
+        start_method = multiprocessing.get_start_method()
+    context = multiprocessing.get_context(start_method)
+    if start_method != "forkserver":
+        return {"multiprocessing_context": context}
+    context.set_forkserver_preload(["__main__", "torch"])
+    multiprocessing.forkserver.ensure_running()
+    return {"multiprocessing_context": context, "worker_init_fn": leave_the_forkserver_to_the_rank}
+
+
+def leave_the_forkserver_to_the_rank(worker_id: int) -> None:
+    """In a worker forked by the forkserver: close its end of the pipe that keeps the forkserver
+    alive (the forkserver exits when every holder has closed it; otherwise the workers would keep
+    it, and it them, alive forever after the rank is killed)."""
+    server = multiprocessing.forkserver._forkserver
+    if getattr(server, "_forkserver_alive_fd", None) is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+
+
+def start_workers(loader: Any) -> Iterator[Any]:
+    """iter(loader). Workers started by forkserver or spawn receive the dataset pickled, its tensors
+    moved into shared memory: a dataset that cannot be pickled, or whose tensors /dev/shm cannot
+    hold, is a task error naming the fix (those are the errors iter() raises: the dataset and
+    collate run in the workers, and their errors come with the batches)."""
+    context = getattr(loader, "multiprocessing_context", None)
+    try:
+        with warnings.catch_warnings():  # torch's own warning for it says less than the error below
+            warnings.filterwarnings("ignore", "Got pickle error", UserWarning)
+            return iter(loader)
+    except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as exc:
+        method = context.get_start_method() if context is not None else "fork"
+        if method == "fork":  # nothing is pickled (or there are no workers)
+            raise
+        if isinstance(exc, RuntimeError):  # torch could not allocate the shared memory
+            fix = f"its tensors move into shared memory when workers start: {_shm_room()}"
+        else:
+            fix = "keep open files and handles out of the pickled state (open them in __getitem__ or __iter__)"
+        raise UsageError(f"task.train_dataset() or task.collate cannot be sent to DataLoader workers started "
+                         f"by {method} (data.worker_start_method): {exc}; {fix}, or set "
+                         "data.worker_start_method=fork (docs/configuration.md)") from exc
+
+
+def _shm_room() -> str:
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return "give the shared memory more room"
+    return (f"/dev/shm has {free / 2**20:.0f} MiB free; give it more (docker run --shm-size, a memory "
+            "emptyDir on Kubernetes)")
+
+
+def next_batches(batches: Iterator[Any], count: int) -> list[Any]:
+    """The next `count` batches of a DataLoader iterator. A failure after which one of its workers
+    is gone is DataWorkerLost, naming each lost worker and what ended it (exit 1: a job that ran
+    out of memory is not a mistake in the task)."""
+    try:
+        return [next(batches) for _ in range(count)]
+    except StopIteration:
+        raise
+    except Exception as exc:
+        # A worker killed while its batch was in transit fails the read (a connection reset, an
+        # EOF) before the worker's end is known: wait for it briefly then, and only then.
+        lost = lost_workers(batches, wait_s=2.0 if isinstance(exc, (OSError, EOFError, RuntimeError)) else 0.0)
+        if not lost:
+            raise
+        killed = any("SIGKILL" in worker for worker in lost)
+        hint = ("SIGKILL is most often the kernel's out-of-memory killer (see dmesg): give each rank more "
+                "memory, or lower data.num_workers") if killed else \
+            "its own output above says more (dtrain train --debug shows the traceback here)"
+        raise DataWorkerLost(f"DataLoader {', '.join(lost)} while this rank loaded the batches of step "
+                             f"{position.step}; {hint}") from exc
+
+
+def lost_workers(batches: Iterator[Any], wait_s: float = 0.0) -> list[str]:
+    """'worker I (pid P) was killed by SIG... / exited with code N' for each worker process of a
+    DataLoader iterator that has ended (torch keeps them in `_workers`; none without workers),
+    waiting up to `wait_s` for one to end if none has."""
+    processes = list(getattr(batches, "_workers", ()))
+    if wait_s and processes and all(worker.exitcode is None for worker in processes):
+        multiprocessing.connection.wait([worker.sentinel for worker in processes], timeout=wait_s)
+    lost = []
+    for index, worker in enumerate(processes):
+        code = worker.exitcode
+        if code is None:
+            continue
+        try:
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+        lost.append(f"worker {index} (pid {worker.pid}) {how}")
+    return lost

@@ -1,0 +1,90 @@
+"""DataLoader worker processes without starting any: the start method's options, and how a lost
+worker is named (tests/distributed/test_data_workers.py starts real ones)."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from distributed_train.errors import DataWorkerLost
+from distributed_train.training import workers
+
+
+def test_pythons_default_start_method_gets_the_care_of_the_named_one(monkeypatch):
+    # Python 3.14 starts workers from a forkserver by default: its workers must also let go of the
+    # forkserver's lifeline, or they outlive a killed rank (tests/distributed/test_data_workers.py).
+    monkeypatch.setattr(workers.multiprocessing, "get_start_method", lambda: "forkserver")
+    monkeypatch.setattr(workers.multiprocessing.forkserver, "ensure_running", lambda: None)
+    options = workers.worker_options(2, "default")
+    assert options["multiprocessing_context"].get_start_method() == "forkserver"
+    assert options["worker_init_fn"] is workers.leave_the_forkserver_to_the_rank
+    assert workers.worker_options(0, "forkserver") == {"multiprocessing_context": None}
+    assert "worker_init_fn" not in workers.worker_options(2, "spawn")  # a spawned worker's parent is the rank
+
+
+class Worker:
+    def __init__(self, pid, exitcode):
+        self.pid, self.exitcode = pid, exitcode
+        self.sentinel = None  # never waited on: a test with a live worker fails with a non-transport error
+
+
+class Batches:
+    """A DataLoader iterator whose workers have the given exit codes, failing as torch's does."""
+
+    def __init__(self, *exitcodes, error=None):
+        self._workers = [Worker(100 + i, code) for i, code in enumerate(exitcodes)]
+        self.error = error
+
+    def __next__(self):
+        raise self.error or RuntimeError("DataLoader worker (pid(s) 101) exited unexpectedly")
+
+
+def test_a_worker_killed_by_sigkill_is_named_with_the_likely_cause():
+    with pytest.raises(DataWorkerLost) as info:
+        workers.next_batches(Batches(None, -signal.SIGKILL), 2)
+    message = str(info.value)
+    assert message.startswith("DataLoader worker 1 (pid 101) was killed by SIGKILL while this rank loaded "
+                              "the batches of step "), message
+    assert "out-of-memory killer" in message and "data.num_workers" in message, message
+    assert info.value.exit_code == 1 and info.value.every_rank  # not the task's mistake; this rank's alone
+
+
+def test_other_endings_are_named_too():
+    with pytest.raises(DataWorkerLost, match=r"worker 0 \(pid 100\) was killed by SIGSEGV, worker 1 "
+                                             r"\(pid 101\) exited with code 3 while"):
+        workers.next_batches(Batches(-signal.SIGSEGV, 3), 1)
+    with pytest.raises(DataWorkerLost, match=r"was killed by signal 99 while"):
+        workers.next_batches(Batches(-99), 1)
+
+
+def test_failures_with_every_worker_alive_and_the_end_of_a_pass_pass_through():
+    with pytest.raises(KeyError):  # the dataset's own error, re-raised from a live worker
+        workers.next_batches(Batches(None, None, error=KeyError(7)), 1)
+    with pytest.raises(StopIteration):  # a pass ended: its workers have exited, and that is fine
+        workers.next_batches(Batches(0, 0, error=StopIteration()), 1)
+    assert workers.next_batches(iter([1, 2, 3]), 2) == [1, 2]  # no workers at all
+
+
+def test_a_batch_lost_in_transit_waits_briefly_for_its_workers_end():
+    # Killed while its batch was on the way: the read fails (connection reset) before the worker's
+    # end is known to the rank; the sentinel tells when it is.
+    read, write = os.pipe()
+    worker = Worker(100, None)
+    worker.sentinel = read
+
+    def killed():
+        time.sleep(0.2)
+        worker.exitcode = -signal.SIGKILL
+        os.write(write, b"x")
+
+    batches = Batches(error=ConnectionResetError(104, "Connection reset by peer"))
+    batches._workers = [worker]
+    threading.Thread(target=killed).start()
+    try:
+        with pytest.raises(DataWorkerLost, match=r"worker 0 \(pid 100\) was killed by SIGKILL"):
+            workers.next_batches(batches, 1)
+    finally:
+        os.close(read)
+        os.close(write)
