@@ -52,7 +52,6 @@ AUGMENT = [f"--task={REPO / 'tests' / 'tasks' / 'augment.py'}:AugmentTask", "--t
            "--train.max_steps=8", "--seed=4", "--log.every_steps=4"]  # 96 samples: 8 steps cross an epoch
 START_METHODS = {"in-process": ["--data.num_workers=0"],
                  "default": ["--data.num_workers=1"],
-                 "fork": ["--data.num_workers=2", "--data.worker_start_method=fork"],
                  "spawn": ["--data.num_workers=2", "--data.worker_start_method=spawn"]}
 
 
@@ -73,14 +72,16 @@ def jobs_with_start_methods(rank: int, world_size: int, tmp: str) -> dict:
     return {"results": jobs_in_rank(rank, world_size, jobs, tmp), "start_methods": built}
 
 
-def test_workers_started_by_forkserver_fork_or_spawn_draw_the_same_samples(tmp_path):
+def test_workers_started_by_forkserver_or_spawn_draw_the_same_samples(tmp_path):
     # A task loaded from its file pickles into workers that start from a fresh interpreter (by
     # default from a forkserver), and its random augmentation draws what it draws in the training
-    # process (seeded per sample); so do workers forked from the rank.
+    # process (seeded per sample). Not `fork` here: forked from these ranks, with their gloo and
+    # heartbeat threads, a worker can hang at start (see the next test); `dtrain train` trains with
+    # it in tests/e2e/test_bad_input_matrix.py.
     rank0, rank1 = run_ranks(jobs_with_start_methods, 2, str(tmp_path), timeout=180)
-    assert rank0["start_methods"] == rank1["start_methods"] == [None, "forkserver", "fork", "spawn"]
+    assert rank0["start_methods"] == rank1["start_methods"] == [None, "forkserver", "spawn"]
     reference = rank0["results"]["in-process"]
-    for name in ("default", "fork", "spawn"):
+    for name in ("default", "spawn"):
         state = rank0["results"][name]["state"]
         assert all(torch.equal(state[k], reference["state"][k]) for k in reference["state"]), name
         assert rank0["results"][name]["summary"]["train_loss"] == reference["summary"]["train_loss"], name

@@ -70,7 +70,7 @@ def _lock_and_die(path):
 
 
 def test_a_stale_lock_file_of_a_dead_job_does_not_block(tmp_path):
-    proc = multiprocessing.get_context("fork").Process(target=_lock_and_die, args=(tmp_path,))
+    proc = multiprocessing.get_context("spawn").Process(target=_lock_and_die, args=(tmp_path,))
     proc.start()
     proc.join(30)
     holder = json.loads((tmp_path / run_lock.LOCK_FILE).read_text())
