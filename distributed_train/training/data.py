@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset, default_collate
 
 from distributed_train.batches import BatchPlan
+from distributed_train.config import DataConfig
 from distributed_train.errors import UsageError
 from distributed_train.training.sample_seed import (
     SeededKeys,
@@ -237,7 +238,7 @@ class DirectBatches:
 
 def make_loader(dataset: Any, batch_sampler: Sampler, collate: Callable | None,
                 num_workers: int, pin_memory: bool, seed: int,
-                start_method: str = "forkserver") -> DataLoader | DirectBatches:
+                start_method: str = DataConfig.worker_start_method) -> DataLoader | DirectBatches:
     """Batches in `batch_sampler` order; batch-fetching datasets skip per-sample collation, and
     without workers or pinning also the DataLoader machinery (~50 us per batch on a small step).
     Samples fetched one at a time are seeded from (sampler's seed, epoch, index) when the

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from distributed_train.batches import BatchPlan
+from distributed_train.config import DataConfig
 from distributed_train.errors import UsageError
 from distributed_train.training.workers import next_batches, start_workers, worker_options
 
@@ -87,7 +88,7 @@ class IterableStream:
     steps_per_epoch = None  # a stream's length is unknown: train.max_steps counts the steps
 
     def __init__(self, dataset: IterableDataset, plan: BatchPlan, rank: int, collate: Callable | None,
-                 num_workers: int, pin_memory: bool, start_method: str = "forkserver"):
+                 num_workers: int, pin_memory: bool, start_method: str = DataConfig.worker_start_method):
         self.dataset, self.plan = dataset, plan
         self.share = RankShare(dataset, plan, rank)
         self.stateful = is_stateful(dataset) and num_workers == 0
