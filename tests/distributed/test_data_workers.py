@@ -1,15 +1,14 @@
 """DataLoader workers in a fresh process (a spawned rank), not in the test process: a worker
 forked from a process with other threads (pytest-xdist's) can deadlock at start."""
 
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -136,32 +135,16 @@ def test_default_workers_do_not_inherit_locks_held_by_the_ranks_threads():
     assert sorted(sum(batches, [])) == [float(i) for i in range(8)], batches
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (children, grandchildren...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def running(processes: list) -> list:
+    """Those of `processes` still running (a zombie has ended: only its exit status is left)."""
+    def runs(process) -> bool:
         try:
-            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if state != "Z":
-            children.setdefault(int(ppid), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    return [process for process in processes if runs(process)]
 
 
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_end_when_their_rank_is_killed(tmp_path):
     # SIGKILL (the OOM killer, a lost node's agent) gives the rank no chance to stop its workers.
     # Forked or spawned workers see their parent gone; the default's parent is the forkserver, which
@@ -178,17 +161,16 @@ def test_workers_end_when_their_rank_is_killed(tmp_path):
                 break
             assert rank.poll() is None, f"the rank exited with {rank.returncode}"
             time.sleep(0.2)
-        below = descendants(rank.pid)
+        below = psutil.Process(rank.pid).children(recursive=True)
         assert len(below) >= 3, below  # the forkserver and two workers (and the resource tracker)
         rank.send_signal(signal.SIGKILL)
         rank.wait()
         for _ in range(300):  # torch's workers look at their parent every 5 s
-            if not any(alive(pid) for pid in below):
+            if not running(below):
                 break
             time.sleep(0.2)
-        assert not [pid for pid in below if alive(pid)], "processes of the killed rank left running"
+        assert not running(below), "processes of the killed rank left running"
     finally:
         rank.kill()
-        for pid in below:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        for process in running(below):
+            process.kill()
