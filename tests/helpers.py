@@ -8,9 +8,11 @@ several checks share one spawn.
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import queue as queue_module
+import random
 import socket
 import subprocess
 import sys
@@ -44,10 +46,40 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def free_port() -> int:
-    """A TCP port that was free a moment ago on localhost."""
-    with socket.socket() as s:
+    """A TCP port that was free a moment ago on localhost, below the kernel's ephemeral range.
+
+    A port from `bind(0)` comes from that range, which every outgoing connection and every gloo
+    listener of the other tests running meanwhile draws from too: between the pick and the rank-0
+    store's listen, one of them took it (EADDRINUSE, seen in CI). Below the range only another
+    pick can take it: each pytest-xdist worker draws from its own band, at random."""
+    low = _ephemeral_low()
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 8
+    band = 1024 if low > 9216 else 0  # 8 bands right below the range
+    for _ in range(100 if band else 0):
+        port = low - 8 * band + worker * band + _RANDOM.randrange(band)
+        if port in _HANDED:  # picked by another thread of this process a moment ago
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            _HANDED.append(port)
+            return port
+    with socket.socket() as s:  # a kernel whose ephemeral range starts low: the old way
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_RANDOM = random.SystemRandom()  # no state that forked ranks or a test's random.seed would share
+_HANDED: collections.deque = collections.deque(maxlen=64)
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 # Imported once by the forkserver, so that each rank starts with them loaded. Nothing here may start
