@@ -96,8 +96,11 @@ def next_batches(batches: Iterator[Any], count: int) -> list[Any]:
         raise
     except Exception as exc:
         # A worker killed while its batch was in transit fails the read (a connection reset, an
-        # EOF) before the worker's end is known: wait for it briefly then, and only then.
-        lost = lost_workers(batches, wait_s=2.0 if isinstance(exc, (OSError, EOFError, RuntimeError)) else 0.0)
+        # EOF) before the worker's end is known: wait for it briefly then, and only then (not for
+        # the task's own error, which torch re-raises from a live worker naming it).
+        in_transit = isinstance(exc, (OSError, EOFError, RuntimeError)) and "in DataLoader worker process" \
+            not in str(exc)
+        lost = lost_workers(batches, wait_s=2.0 if in_transit else 0.0)
         if not lost:
             raise
         killed = any("SIGKILL" in worker for worker in lost)

@@ -62,6 +62,9 @@ def test_other_endings_are_named_too():
 def test_failures_with_every_worker_alive_and_the_end_of_a_pass_pass_through():
     with pytest.raises(KeyError):  # the dataset's own error, re-raised from a live worker
         workers.next_batches(Batches(None, None, error=KeyError(7)), 1)
+    raised = OSError("Caught OSError in DataLoader worker process 0.\nOriginal Traceback ...")
+    with pytest.raises(OSError, match="Caught OSError"):  # not waited on (a wait on sentinel None fails)
+        workers.next_batches(Batches(None, error=raised), 1)
     with pytest.raises(StopIteration):  # a pass ended: its workers have exited, and that is fine
         workers.next_batches(Batches(0, 0, error=StopIteration()), 1)
     assert workers.next_batches(iter([1, 2, 3]), 2) == [1, 2]  # no workers at all
