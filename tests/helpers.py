@@ -214,9 +214,10 @@ def clean_env(**extra: str) -> dict:
 
 def temp_leftovers(tmpdir: Path) -> list[str]:
     """What launched processes left in the TMPDIR they were given: torchrun's and the launcher's
-    folders for the workers' error files, wandb's temporary folders."""
+    folders for the workers' error files, wandb's temporary folders, multiprocessing's (the ranks'
+    forkserver sockets)."""
     return sorted(p.name for p in Path(tmpdir).iterdir()
-                  if p.name.startswith(("torchelastic_", "dtrain-launch-")) or "wandb" in p.name)
+                  if p.name.startswith(("torchelastic_", "dtrain-launch-", "pymp-")) or "wandb" in p.name)
 
 
 def run_cmd(args: list[str], cwd: Path | str | None = None, timeout: float = 240,

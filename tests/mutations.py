@@ -184,16 +184,22 @@ MUTATIONS = [
         '        "fork", "how DataLoader workers start:',
         (f"{DATA_WORKERS}::test_default_workers_do_not_inherit_locks_held_by_the_ranks_threads",)),
     Mutation(
+        "a TMPDIR too long for the forkserver's socket is replaced by a short folder",
+        "distributed_train/training/workers.py",
+        "    _room_for_the_forkserver_socket()\n    multiprocessing.forkserver.ensure_running()\n",
+        "    multiprocessing.forkserver.ensure_running()\n",
+        (f"{DATA_WORKERS}::test_workers_start_under_a_tmpdir_too_long_for_the_forkserver_socket",)),
+    Mutation(
         "each forkserver-started worker closes its copy of the forkserver's lifeline (both end with the rank)",
         "distributed_train/training/workers.py",
         '    return {"multiprocessing_context": context, "worker_init_fn": leave_the_forkserver_to_the_rank}\n',
         '    return {"multiprocessing_context": context}\n',
         (f"{DATA_WORKERS}::test_workers_end_when_their_rank_is_killed",)),
     Mutation(
-        "a rank that leaves without interpreter exit still unlinks its queues' semaphores (no resource-tracker "
-        "warning under the run's last line)",
+        "a rank that leaves without interpreter exit still unlinks its queues' semaphores and removes its "
+        "pymp-* folder (no resource-tracker warning under the run's last line, nothing left in TMPDIR)",
         "distributed_train/cli/train.py",
-        "    release_semaphores()\n    logging.shutdown()\n",
+        "    release_multiprocessing()\n    logging.shutdown()\n",
         "    logging.shutdown()\n",
         ("tests/e2e/test_task_layouts.py::test_both_layouts_train_under_every_launcher",)),
 ]

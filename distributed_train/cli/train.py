@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
 from typing import TextIO
@@ -231,20 +232,24 @@ def _exit_worker(env, code: int) -> int:
     from distributed_train.training.reporting.metrics import remove_wandb_temp_folders
 
     remove_wandb_temp_folders()  # what the skipped interpreter exit would have removed
-    release_semaphores()
+    release_multiprocessing()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-def release_semaphores() -> None:
-    """Unlink the named semaphores of this process's multiprocessing queues, as the skipped
-    interpreter exit would (multiprocessing's exit-time finalizers; DataLoader workers started by
-    forkserver or spawn use such queues). Else Python's resource tracker unlinks them after this
-    process is gone, and warns of "leaked semaphore objects" below the run's last line."""
-    from multiprocessing import util
+def release_multiprocessing() -> None:
+    """What multiprocessing's exit hook would do, less joining threads: unlink the named semaphores
+    of this process's queues (DataLoader workers started by forkserver or spawn use such queues) and
+    remove its pymp-* folder in TMPDIR (the forkserver's socket). Else Python's resource tracker
+    unlinks the semaphores after this process is gone, warning of "leaked semaphore objects" below
+    the run's last line, and every rank of every run leaves a folder in TMPDIR."""
+    from multiprocessing import process, util
 
     run_finalizers = getattr(util, "_run_finalizers", None)  # what multiprocessing's atexit hook runs
     if run_finalizers is not None:
         run_finalizers(0)  # priority >= 0: semaphores and queue closes; never joins a thread
+    folder = process.current_process()._config.get("tempdir")  # its finalizer comes after the joins
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)

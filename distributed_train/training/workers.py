@@ -12,10 +12,13 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
+import multiprocessing.process
+import multiprocessing.util
 import os
 import pickle
 import shutil
 import signal
+import tempfile
 import warnings
 from typing import Any, Iterator
 
@@ -40,8 +43,37 @@ def worker_options(num_workers: int, start_method: str) -> dict[str, Any]:
     if start_method != "forkserver":
         return {"multiprocessing_context": context}
     context.set_forkserver_preload(["__main__", "torch"])
+    _room_for_the_forkserver_socket()
     multiprocessing.forkserver.ensure_running()
     return {"multiprocessing_context": context, "worker_init_fn": leave_the_forkserver_to_the_rank}
+
+
+# The forkserver listens on TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX, a Unix socket: its path must fit
+# sun_path (108 bytes on Linux, 104 on macOS, the final NUL included).
+_SOCKET_PATH_MAX = 103
+_SOCKET_IN_TMPDIR = len("/pymp-12345678/listener-12345678")
+
+
+def _room_for_the_forkserver_socket() -> None:
+    """Under a TMPDIR too long for the forkserver's socket (a job's scratch folder, deep in a
+    cluster's file system), give multiprocessing its folder in the first short system one (as
+    Python 3.14 does); Python 3.11 to 3.13 fail with "AF_UNIX path too long"."""
+    config = multiprocessing.process.current_process()._config
+    base = tempfile.gettempdir()
+    if config.get("tempdir") is not None or len(os.fsencode(base)) + _SOCKET_IN_TMPDIR <= _SOCKET_PATH_MAX:
+        return  # chosen already (the forkserver may listen there), or fits
+    for candidate in ("/tmp", "/var/tmp", "/dev/shm"):
+        if len(candidate) + _SOCKET_IN_TMPDIR <= _SOCKET_PATH_MAX and os.access(candidate, os.W_OK | os.X_OK):
+            folder = tempfile.mkdtemp(prefix="pymp-", dir=candidate)
+            # as multiprocessing's own folder: removed at exit (and by a rank's os._exit, see cli/train.py)
+            multiprocessing.util.Finalize(None, shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True},
+                                          exitpriority=-100)
+            config["tempdir"] = folder
+            return
+    raise UsageError(f"TMPDIR={base} is too long for the socket of the DataLoader workers' forkserver "
+                     f"(data.worker_start_method=forkserver; {_SOCKET_PATH_MAX - _SOCKET_IN_TMPDIR} "
+                     "characters at most) and /tmp is not writable: set TMPDIR to a shorter folder, or "
+                     "data.worker_start_method=spawn")
 
 
 def leave_the_forkserver_to_the_rank(worker_id: int) -> None:

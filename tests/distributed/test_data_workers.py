@@ -1,9 +1,12 @@
 """DataLoader workers in a fresh process (a spawned rank), not in the test process: a worker
 forked from a process with other threads (pytest-xdist's) can deadlock at start."""
 
+import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -13,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from tests.helpers import REPO, clean_env, jobs_in_rank, run_ranks
+from tests.helpers import REPO, clean_env, dtrain, jobs_in_rank, run_ranks, temp_leftovers
 
 pytestmark = pytest.mark.distributed
 
@@ -150,10 +153,12 @@ def test_workers_end_when_their_rank_is_killed(tmp_path):
     # Forked or spawned workers see their parent gone; the default's parent is the forkserver, which
     # must end with the rank, or the workers (and their copies of the dataset) stay forever.
     run_dir = tmp_path / "run"
+    scratch = tempfile.mkdtemp(prefix="dtrain-t-")  # what the killed rank cannot remove: its pymp-* folder
     rank = subprocess.Popen([sys.executable, "-m", "distributed_train", "train", "--task=tests/tasks/toy.py:Regression",
                              "--train.batch_size=8", "--train.max_steps=1000000", "--log.every_steps=1",
                              "--data.num_workers=2", f"--run_dir={run_dir}"],
-                            cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=REPO, env=clean_env(TMPDIR=scratch), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     below = []
     try:
         for _ in range(600):  # training: the workers are up
@@ -174,3 +179,18 @@ def test_workers_end_when_their_rank_is_killed(tmp_path):
         rank.kill()
         for process in running(below):
             process.kill()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_workers_start_under_a_tmpdir_too_long_for_the_forkserver_socket(tmp_path):
+    # A job's scratch folder deep in a cluster's file system: Python before 3.14 cannot put the
+    # forkserver's socket under it ("AF_UNIX path too long"); the workers start all the same.
+    scratch = tmp_path / ("scratch-" + "x" * 80)
+    scratch.mkdir()
+    for name, launch in {"train": ["train"], "launch": ["launch", "--nproc-per-node", "2"]}.items():
+        run_dir = tmp_path / name  # an interpreter's exit, and ranks' exits (os._exit)
+        dtrain(*launch, "--task=tests/tasks/toy.py:Regression", "--train.batch_size=8", "--train.max_steps=3",
+               "--data.num_workers=2", f"--run_dir={run_dir}", cwd=REPO,
+               env=clean_env(TMPDIR=str(scratch)), timeout=150)
+        assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 3
+        assert not temp_leftovers(scratch)

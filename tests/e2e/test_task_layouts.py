@@ -7,11 +7,13 @@ default forkserver and by spawn."""
 import json
 import shutil
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, accelerate_launch, clean_env, run_cmd, torchrun
+from tests.helpers import REPO, accelerate_launch, clean_env, run_cmd, temp_leftovers, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +105,17 @@ def check_trained(run_dir, world_size):
 def test_both_layouts_train_under_every_launcher(tmp_path):
     project = tmp_path / "project"
     write_project(project)
-    env = clean_env()  # PYTHONPATH holds this repository only: neither layout is importable from it
+    # A TMPDIR short enough for the forkserver's socket (a longer one is replaced: test_workers.py)
+    scratch = Path(tempfile.mkdtemp(prefix="dtrain-t-"))
+    try:
+        _train_both_layouts(tmp_path, project, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train_both_layouts(tmp_path, project, scratch):
+    # PYTHONPATH holds this repository only: neither layout is importable from it
+    env = clean_env(TMPDIR=str(scratch))
     script = shutil.which("dtrain")  # the console script: its folder, not the cwd, is on sys.path
     dtrain_cmd = [script] if script else [sys.executable, "-m", "distributed_train"]
 
@@ -114,6 +126,7 @@ def test_both_layouts_train_under_every_launcher(tmp_path):
     # The workers' queues' semaphores are unlinked by the ranks, not by Python's resource tracker
     # after them (with a warning below the run's last line).
     assert "leaked semaphore" not in proc.stderr, proc.stderr
+    assert not temp_leftovers(scratch)  # nor their pymp-* folders (the forkserver's socket)
 
     # The package, from the project folder, under plain torchrun: the launcher script's folder is
     # on the workers' sys.path, the project folder is not. (`dtrain launch` checks the package in

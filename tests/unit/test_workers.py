@@ -1,14 +1,18 @@
 """DataLoader worker processes without starting any: the start method's options, and how a lost
 worker is named (tests/distributed/test_data_workers.py starts real ones)."""
 
+import multiprocessing.process
+import multiprocessing.util
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 
 import pytest
 
-from distributed_train.errors import DataWorkerLost
+from distributed_train.errors import DataWorkerLost, UsageError
 from distributed_train.training import workers
 
 
@@ -91,3 +95,36 @@ def test_a_batch_lost_in_transit_waits_briefly_for_its_workers_end():
     finally:
         os.close(read)
         os.close(write)
+
+
+@pytest.fixture
+def fresh_multiprocessing_config(monkeypatch):
+    """This process's multiprocessing settings, without a temporary folder chosen yet."""
+    config = {k: v for k, v in multiprocessing.process.current_process()._config.items() if k != "tempdir"}
+    monkeypatch.setattr(multiprocessing.process.current_process(), "_config", config)
+    return config
+
+
+def test_a_tmpdir_too_long_for_the_forkserver_socket_is_replaced_by_a_short_one(monkeypatch,
+                                                                                fresh_multiprocessing_config):
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: "/scratch/" + "x" * 62)  # 71 characters: fits
+    workers._room_for_the_forkserver_socket()
+    assert "tempdir" not in fresh_multiprocessing_config  # multiprocessing makes its own, in TMPDIR
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: "/scratch/" + "x" * 63)  # one more: it would not
+    workers._room_for_the_forkserver_socket()
+    folder = fresh_multiprocessing_config["tempdir"]
+    try:
+        assert folder.startswith("/tmp/pymp-") and os.path.isdir(folder), folder
+        assert any(getattr(f, "_args", None) == (folder,) for f in multiprocessing.util._finalizer_registry.values())
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_a_long_tmpdir_without_a_writable_short_folder_is_one_line(monkeypatch, fresh_multiprocessing_config):
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: "/scratch/" + "x" * 100)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(UsageError, match=r"^TMPDIR=/scratch/x+ is too long for the socket of the DataLoader "
+                                         r"workers' forkserver .* set TMPDIR to a shorter folder, or "
+                                         r"data.worker_start_method=spawn$"):
+        workers._room_for_the_forkserver_socket()
+    assert "tempdir" not in fresh_multiprocessing_config
