@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
-import shutil
 import signal
 import sys
 from typing import TextIO
@@ -242,14 +242,23 @@ def _exit_worker(env, code: int) -> int:
 def release_multiprocessing() -> None:
     """What multiprocessing's exit hook would do, less joining threads: unlink the named semaphores
     of this process's queues (DataLoader workers started by forkserver or spawn use such queues) and
-    remove its pymp-* folder in TMPDIR (the forkserver's socket). Else Python's resource tracker
+    remove its pymp-* folder in TMPDIR with the forkserver's socket. Else Python's resource tracker
     unlinks the semaphores after this process is gone, warning of "leaked semaphore objects" below
     the run's last line, and every rank of every run leaves a folder in TMPDIR."""
-    from multiprocessing import process, util
+    from multiprocessing import forkserver, process, util
 
     run_finalizers = getattr(util, "_run_finalizers", None)  # what multiprocessing's atexit hook runs
     if run_finalizers is not None:
-        run_finalizers(0)  # priority >= 0: semaphores and queue closes; never joins a thread
+        run_finalizers(0)  # priority >= 0: semaphores, queue closes, sockets; never joins a thread
     folder = process.current_process()._config.get("tempdir")  # its finalizer comes after the joins
-    if folder:
-        shutil.rmtree(folder, ignore_errors=True)
+    if not folder:
+        return
+    server = getattr(forkserver, "_forkserver", None)
+    address = getattr(server, "_forkserver_address", None)
+    with contextlib.suppress(OSError, TypeError):
+        if os.path.dirname(address) == folder:  # a socket without a finalizer: it was the rank's to remove
+            os.unlink(address)
+    # Not the folder's other sockets: DataLoader workers still running (after a failure) keep theirs
+    # there, and remove them as they exit (a traceback each if they were gone): the folder then stays.
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
