@@ -253,10 +253,9 @@ def release_multiprocessing() -> None:
     folder = process.current_process()._config.get("tempdir")  # its finalizer comes after the joins
     if not folder:
         return
-    server = getattr(forkserver, "_forkserver", None)
-    address = getattr(server, "_forkserver_address", None)
-    with contextlib.suppress(OSError, TypeError):
-        if os.path.dirname(address) == folder:  # a socket without a finalizer: it was the rank's to remove
+    address = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_address", None)
+    if isinstance(address, str) and os.path.dirname(address) == folder:
+        with contextlib.suppress(OSError):  # a socket without a finalizer: the rank's to remove
             os.unlink(address)
     # Not the folder's other sockets: DataLoader workers still running (after a failure) keep theirs
     # there, and remove them as they exit (a traceback each if they were gone): the folder then stays.
