@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -230,6 +229,7 @@ def _exit_worker(env, code: int) -> int:
         refuse_signals_to_self(False)  # this process goes on (a test, a notebook): signals are its own again
         return code
     from distributed_train.training.reporting.metrics import remove_wandb_temp_folders
+    from distributed_train.training.workers import release_multiprocessing
 
     remove_wandb_temp_folders()  # what the skipped interpreter exit would have removed
     release_multiprocessing()
@@ -237,27 +237,3 @@ def _exit_worker(env, code: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def release_multiprocessing() -> None:
-    """What multiprocessing's exit hook would do, less joining threads: unlink the named semaphores
-    of this process's queues (DataLoader workers started by forkserver or spawn use such queues) and
-    remove its pymp-* folder in TMPDIR with the forkserver's socket. Else Python's resource tracker
-    unlinks the semaphores after this process is gone, warning of "leaked semaphore objects" below
-    the run's last line, and every rank of every run leaves a folder in TMPDIR."""
-    from multiprocessing import forkserver, process, util
-
-    run_finalizers = getattr(util, "_run_finalizers", None)  # what multiprocessing's atexit hook runs
-    if run_finalizers is not None:
-        run_finalizers(0)  # priority >= 0: semaphores, queue closes, sockets; never joins a thread
-    folder = process.current_process()._config.get("tempdir")  # its finalizer comes after the joins
-    if not folder:
-        return
-    address = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_address", None)
-    if isinstance(address, str) and os.path.dirname(address) == folder:
-        with contextlib.suppress(OSError):  # a socket without a finalizer: the rank's to remove
-            os.unlink(address)
-    # Not the folder's other sockets: DataLoader workers still running (after a failure) keep theirs
-    # there, and remove them as they exit (a traceback each if they were gone): the folder then stays.
-    with contextlib.suppress(OSError):
-        os.rmdir(folder)

@@ -9,6 +9,7 @@ ended it, where torch only says that one "exited unexpectedly".
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
@@ -65,7 +66,7 @@ def _room_for_the_forkserver_socket() -> None:
     for candidate in ("/tmp", "/var/tmp", "/dev/shm"):
         if len(candidate) + _SOCKET_IN_TMPDIR <= _SOCKET_PATH_MAX and os.access(candidate, os.W_OK | os.X_OK):
             folder = tempfile.mkdtemp(prefix="pymp-", dir=candidate)
-            # as multiprocessing's own folder: removed at exit (and by a rank's os._exit, see cli/train.py)
+            # as multiprocessing's own folder: removed at exit (a rank's: release_multiprocessing)
             multiprocessing.util.Finalize(None, shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True},
                                           exitpriority=-100)
             config["tempdir"] = folder
@@ -74,6 +75,29 @@ def _room_for_the_forkserver_socket() -> None:
                      f"(data.worker_start_method=forkserver; {_SOCKET_PATH_MAX - _SOCKET_IN_TMPDIR} "
                      "characters at most) and /tmp is not writable: set TMPDIR to a shorter folder, or "
                      "data.worker_start_method=spawn")
+
+
+def release_multiprocessing() -> None:
+    """What multiprocessing's exit hook would do, less joining threads: unlink the named semaphores
+    of this process's queues (DataLoader workers started by forkserver or spawn use such queues) and
+    remove its pymp-* folder in TMPDIR with the forkserver's socket, for a rank that leaves by
+    os._exit (cli/train.py). Else Python's resource tracker unlinks the semaphores after this process
+    is gone, warning of "leaked semaphore objects" below the run's last line, and every rank of every
+    run leaves a folder in TMPDIR."""
+    run_finalizers = getattr(multiprocessing.util, "_run_finalizers", None)  # what the atexit hook runs
+    if run_finalizers is not None:
+        run_finalizers(0)  # priority >= 0: semaphores, queue closes, sockets; never joins a thread
+    folder = multiprocessing.process.current_process()._config.get("tempdir")  # its finalizer: after joins
+    if not folder:
+        return
+    address = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_forkserver_address", None)
+    if isinstance(address, str) and os.path.dirname(address) == folder:
+        with contextlib.suppress(OSError):  # a socket without a finalizer: the rank's to remove
+            os.unlink(address)
+    # Not the folder's other sockets: DataLoader workers still running (after a failure) keep theirs
+    # there, and remove them as they exit (a traceback each if they were gone): the folder then stays.
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
 
 
 def leave_the_forkserver_to_the_rank(worker_id: int) -> None:
