@@ -202,4 +202,11 @@ MUTATIONS = [
         "    release_multiprocessing()\n    logging.shutdown()\n",
         "    logging.shutdown()\n",
         ("tests/e2e/test_task_layouts.py::test_both_layouts_train_under_every_launcher",)),
+    Mutation(
+        "a worker death torch reports from its SIGCHLD handler, wherever the rank is (workers started by "
+        "fork or spawn), is one line naming the worker and its signal, not a traceback",
+        "distributed_train/training/run.py",
+        "timeout_s), \\\n                worker_deaths_explained():\n",
+        "timeout_s):\n",
+        ("tests/e2e/test_fault_matrix.py::test_a_dataloader_worker_killed_mid_run_is_named_with_its_signal[fork]",)),
 ]

@@ -13,6 +13,7 @@ from distributed_train.distributed import diagnose, shm_allreduce
 from distributed_train.engines.tf32 import set_tf32
 from distributed_train.training.reporting.metrics import setup_logging
 from distributed_train.training.trainer import Trainer, default_run_dir
+from distributed_train.training.workers import worker_deaths_explained
 
 
 def run_training(config: Config, env: distributed.DistEnv, debug: bool = False) -> dict:
@@ -38,7 +39,8 @@ def run_training(config: Config, env: distributed.DistEnv, debug: bool = False) 
     heartbeat = diagnose.Heartbeat(env.rank, env.world_size, grace_s=timeout_s + 2 * diagnose.BEAT_S)
     failed = True
     try:
-        with heartbeat, diagnose.communication_failures_explained(env.rank, env.world_size, timeout_s):
+        with heartbeat, diagnose.communication_failures_explained(env.rank, env.world_size, timeout_s), \
+                worker_deaths_explained():
             # Rank 0's run_dir wins, so every rank (and every node) writes to the same place.
             config.run_dir = distributed.broadcast_object(config.run_dir or default_run_dir(config.task))
             trainer = Trainer(config, env, device)

@@ -17,6 +17,7 @@ import multiprocessing.process
 import multiprocessing.util
 import os
 import pickle
+import re
 import shutil
 import signal
 import tempfile
@@ -159,12 +160,55 @@ def next_batches(batches: Iterator[Any], count: int) -> list[Any]:
         lost = lost_workers(batches, wait_s=2.0 if in_transit else 0.0)
         if not lost:
             raise
-        killed = any("SIGKILL" in worker for worker in lost)
-        hint = ("SIGKILL is most often the kernel's out-of-memory killer (see dmesg): give each rank more "
-                "memory, or lower data.num_workers") if killed else \
-            "its own output above says more (dtrain train --debug shows the traceback here)"
         raise DataWorkerLost(f"DataLoader {', '.join(lost)} while this rank loaded the batches of step "
-                             f"{position.step}; {hint}") from exc
+                             f"{position.step}; {_lost_hint(lost)}") from exc
+
+
+def _lost_hint(lost: list[str]) -> str:
+    if any("SIGKILL" in worker for worker in lost):
+        return ("SIGKILL is most often the kernel's out-of-memory killer (see dmesg): give each rank more "
+                "memory, or lower data.num_workers")
+    if any("SIGBUS" in worker for worker in lost):  # a worker's write to /dev/shm found no room
+        return f"SIGBUS is most often a full shared memory: {_shm_room()}, or lower data.num_workers"
+    return "its own output above says more (dtrain train --debug shows the traceback here)"
+
+
+# Workers started by fork or spawn are the rank's children: torch's SIGCHLD handler raises this
+# (its C++ text) wherever the rank is when one dies: in a step, a checkpoint, a log.
+_TORCH_SAYS_LOST = re.compile(r"DataLoader worker \(pid (\d+)\) (?:is killed by signal: ([^.]+)\."
+                              r"|exited unexpectedly with exit code (-?\d+)\.)")
+
+
+@contextlib.contextmanager
+def worker_deaths_explained() -> Iterator[None]:
+    """Re-raise torch's report of a worker death from its SIGCHLD handler, raised anywhere in the
+    block (or what it caused: a first step's error), as DataWorkerLost naming the worker and what
+    ended it."""
+    try:
+        yield
+    except Exception as exc:
+        lost = _lost_in_passing(exc)
+        if lost is None:
+            raise
+        raise lost from exc
+
+
+def _lost_in_passing(exc: BaseException) -> DataWorkerLost | None:
+    seen, chain = exc, 0
+    while seen is not None and chain < 20:
+        if isinstance(seen, DataWorkerLost):
+            return None
+        found = _TORCH_SAYS_LOST.search(str(seen)) if isinstance(seen, RuntimeError) else None
+        if found:
+            pid, description, code = found.groups()
+            names = {signal.strsignal(number): number.name for number in signal.Signals}
+            how = (f"was killed by {names.get(description, 'signal ' + repr(description))}" if description
+                   else f"exited with code {code}")
+            lost = [f"worker (pid {pid}) {how}"]
+            return DataWorkerLost(f"DataLoader {lost[0]} in {position.phase} at step {position.step}; "
+                                  f"{_lost_hint(lost)}")
+        seen, chain = seen.__cause__ or seen.__context__, chain + 1
+    return None
 
 
 def lost_workers(batches: Iterator[Any], wait_s: float = 0.0) -> list[str]:

@@ -216,12 +216,18 @@ class _KilledInWorker(torch.utils.data.Dataset):
 
 class KillsADataWorker(Regression):
     """With data.num_workers > 0: worker 0 of rank `task_args.rank` (default 1) is killed by
-    SIGKILL at its `task_args.call`-th sample (default 40)."""
+    SIGKILL at its `task_args.call`-th sample (default 40). With `task_args.step_s`, that rank's
+    steps take that long each (its loss waits): its workers are ahead of it when one dies."""
 
     def __init__(self, config=None):
         super().__init__(config)
         args = dict(getattr(config, "task_args", None) or {})
-        self.rank, self.call = args.get("rank", 1), args.get("call", 40)
+        self.rank, self.call, self.step_s = args.get("rank", 1), args.get("call", 40), args.get("step_s", 0)
 
     def train_dataset(self):
         return _KilledInWorker(self.rank, self.call)
+
+    def loss(self, model, batch):
+        if self.step_s and int(os.environ.get("RANK", "0")) == self.rank:
+            time.sleep(self.step_s)
+        return super().loss(model, batch)

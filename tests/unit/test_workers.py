@@ -4,6 +4,7 @@ worker is named (tests/distributed/test_data_workers.py starts real ones)."""
 import multiprocessing.process
 import multiprocessing.util
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -95,6 +96,58 @@ def test_a_batch_lost_in_transit_waits_briefly_for_its_workers_end():
     finally:
         os.close(read)
         os.close(write)
+
+
+def torchs_report_of(ending) -> RuntimeError:
+    """What torch's SIGCHLD handler raises in a rank whose forked or spawned worker ended so: its
+    own check (torch._C) on a real child process."""
+    import torch
+
+    pid = os.fork()
+    if pid == 0:
+        ending()
+        os._exit(0)
+    torch._C._set_worker_pids(4242, (pid,))
+    try:
+        for _ in range(200):
+            try:
+                torch._C._error_if_any_worker_fails()
+            except RuntimeError as exc:
+                return exc
+            time.sleep(0.01)
+        raise AssertionError("torch did not report the child's end")
+    finally:
+        torch._C._remove_worker_pids(4242)
+        os.waitpid(pid, 0)
+
+
+def test_a_worker_death_torch_reports_anywhere_in_a_step_is_named_in_one_line():
+    # Workers started by fork or spawn are the rank's children: torch's SIGCHLD handler raises its
+    # report wherever the rank is (mid-step, mid-checkpoint), with no worker index.
+    killed = torchs_report_of(lambda: os.kill(os.getpid(), signal.SIGKILL))
+    with pytest.raises(DataWorkerLost) as info, workers.worker_deaths_explained():
+        raise killed
+    message = str(info.value)
+    assert re.fullmatch(r"DataLoader worker \(pid \d+\) was killed by SIGKILL in .* at step .*; SIGKILL is "
+                        r"most often the kernel's out-of-memory killer .*data.num_workers", message), message
+    assert info.value.__cause__ is killed
+    exited = torchs_report_of(lambda: os._exit(3))
+    with pytest.raises(DataWorkerLost, match=r"worker \(pid \d+\) exited with code 3 in "), \
+            workers.worker_deaths_explained():
+        try:  # on the first step, explained as the task's error first: the worker's end is the cause
+            raise exited
+        except RuntimeError as exc:
+            raise UsageError("loading the first batch failed on the first step; fix the task") from exc
+    bus = RuntimeError(str(killed).replace("Killed", "Bus error") + "It is possible that dataloader's workers are "
+                       "out of shared memory. Please try to raise your shared memory limit.")
+    with pytest.raises(DataWorkerLost, match=r"killed by SIGBUS .*a full shared memory: (/dev/shm|give)"), \
+            workers.worker_deaths_explained():
+        raise bus
+    for other in (RuntimeError("CUDA error: an illegal memory access"), KeyError(3),
+                  DataWorkerLost("DataLoader worker 0 (pid 1) was killed by SIGKILL while ...")):
+        with pytest.raises(type(other)) as info, workers.worker_deaths_explained():
+            raise other
+        assert info.value is other
 
 
 @pytest.fixture
