@@ -47,8 +47,9 @@ class StepProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        # A schedule that always records makes the profiler mark each step (ProfilerStep#k).
-        self.profile = torch.profiler.profile(activities=activities, record_shapes=True,
+        # A schedule that always records makes the profiler mark each step (ProfilerStep#k): one
+        # cycle, kept whole (acc_events; without it torch 2.11 warns that cycles are cleared).
+        self.profile = torch.profiler.profile(activities=activities, record_shapes=True, acc_events=True,
                                               schedule=lambda step: torch.profiler.ProfilerAction.RECORD)
         self.profile.start()
 
