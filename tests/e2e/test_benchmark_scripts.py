@@ -74,3 +74,25 @@ def test_the_gpu_acceptance_scripts_dry_run_passes_every_row(tmp_path):
     # Every row passed: the runs' folders are removed (the benchmark's token file and torch's compile
     # cache are caches, kept on purpose).
     assert sorted(p.name for p in scratch.iterdir() if p.name not in ("dtrain-bench-lm", "torchinductor_root")) == []
+
+
+@pytest.mark.parametrize("dry, findings, passes", [
+    ("1", "rank 1 matmul 0.0119 TFLOP/s is under 0.5x the median 0.0307", True),
+    ("1", "all-reduce of 4096 bytes gave a wrong sum; rank 1 matmul 0.0119 TFLOP/s is under 0.5x the median 0.0307",
+     False),
+    ("0", "rank 1 matmul 0.0119 TFLOP/s is under 0.5x the median 0.0307", False),
+])
+def test_the_acceptance_scripts_doctor_row_excuses_only_a_shared_cpus_matmul_speed_and_only_dry(
+        tmp_path, dry, findings, passes):
+    # The row's own function, run against a stand-in doctor whose verdict is UNHEALTHY (exit 1).
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    function = script[script.index("doctor_check() {"):]
+    function = function[:function.index("\n}\n") + 3]
+    doctor = tmp_path / "doctor"
+    doctor.write_text(f"#!/bin/sh\necho 'verdict: UNHEALTHY (peak busbw 0.9 GB/s, matmul 0.01-0.05 TFLOP/s): "
+                      f"{findings}'\nexit 1\n")
+    doctor.chmod(0o755)
+    proc = run_cmd(["bash", "-c", f"{function}\nDTRAIN=({doctor}); LOGS={tmp_path}; DRY={dry}; doctor_check"],
+                   check=False)
+    assert (proc.returncode == 0) == passes, proc.stdout + proc.stderr
+    assert ("is this shared CPU's (dry run)" in proc.stdout) == passes, proc.stdout

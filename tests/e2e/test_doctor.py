@@ -57,6 +57,24 @@ def test_verdict_names_a_slow_rank_a_wrong_sum_and_a_small_shm():
     assert verdict(alone, [{"bytes": 4096, "correct": True}], [400.0]) == []
 
 
+def test_the_matmul_speed_is_the_best_round_so_a_moment_of_shared_cores_is_not_a_slow_rank(monkeypatch):
+    # A clock that each finished matmul moves on (binary fractions: exact sums): 1/32 s a matmul,
+    # 1/8 s in the first round, while something else has the cores; the device's speed is that of
+    # the undisturbed rounds.
+    from distributed_train.cli import doctor
+
+    clock, synced = [0.0], [0]
+
+    def sync(device):
+        synced[0] += 1
+        clock[0] += 1 / 8 if synced[0] <= 2 else 1 / 32  # the warm-up and round 1's only matmul: slow
+
+    monkeypatch.setattr(doctor, "_sync", sync)
+    monkeypatch.setattr(doctor.time, "perf_counter", lambda: clock[0])
+    assert doctor.matmul_tflops(torch.device("cpu")) == pytest.approx(2 * 1024**3 * 32 / 1e12)
+    assert synced[0] == 1 + 1 + 4 * 4  # the warm-up, round 1's one slow matmul, 4 in each other round
+
+
 @pytest.mark.parametrize("world_size", [3, 4, 8])
 def test_busbw_is_algbw_times_2_n_minus_1_over_n(monkeypatch, capsys, world_size):
     """At 2 ranks busbw equals algbw, so the run above cannot see a wrong factor: the sweep's own

@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -98,18 +100,15 @@ def test_a_batch_lost_in_transit_waits_briefly_for_its_workers_end():
         os.close(write)
 
 
-def torchs_report_of(ending) -> RuntimeError:
-    """What torch's SIGCHLD handler raises in a rank whose forked or spawned worker ended so: its
-    own check (torch._C) on a real child process."""
+def torchs_report_of(ending: str) -> RuntimeError:
+    """What torch's SIGCHLD handler raises in a rank whose forked or spawned worker ended so (Python
+    code run by the child): its own check (torch._C) on a real child process."""
     import torch
 
-    pid = os.fork()
-    if pid == 0:
-        ending()
-        os._exit(0)
-    torch._C._set_worker_pids(4242, (pid,))
+    child = subprocess.Popen([sys.executable, "-c", f"import os, signal; {ending}"])
+    torch._C._set_worker_pids(4242, (child.pid,))
     try:
-        for _ in range(200):
+        for _ in range(1000):
             try:
                 torch._C._error_if_any_worker_fails()
             except RuntimeError as exc:
@@ -118,20 +117,20 @@ def torchs_report_of(ending) -> RuntimeError:
         raise AssertionError("torch did not report the child's end")
     finally:
         torch._C._remove_worker_pids(4242)
-        os.waitpid(pid, 0)
+        child.wait()
 
 
 def test_a_worker_death_torch_reports_anywhere_in_a_step_is_named_in_one_line():
     # Workers started by fork or spawn are the rank's children: torch's SIGCHLD handler raises its
     # report wherever the rank is (mid-step, mid-checkpoint), with no worker index.
-    killed = torchs_report_of(lambda: os.kill(os.getpid(), signal.SIGKILL))
+    killed = torchs_report_of("os.kill(os.getpid(), signal.SIGKILL)")
     with pytest.raises(DataWorkerLost) as info, workers.worker_deaths_explained():
         raise killed
     message = str(info.value)
     assert re.fullmatch(r"DataLoader worker \(pid \d+\) was killed by SIGKILL in .* at step .*; SIGKILL is "
                         r"most often the kernel's out-of-memory killer .*data.num_workers", message), message
     assert info.value.__cause__ is killed
-    exited = torchs_report_of(lambda: os._exit(3))
+    exited = torchs_report_of("os._exit(3)")
     with pytest.raises(DataWorkerLost, match=r"worker \(pid \d+\) exited with code 3 in "), \
             workers.worker_deaths_explained():
         try:  # on the first step, explained as the task's error first: the worker's end is the cause
