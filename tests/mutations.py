@@ -203,6 +203,13 @@ MUTATIONS = [
         "    logging.shutdown()\n",
         ("tests/e2e/test_task_layouts.py::test_both_layouts_train_under_every_launcher",)),
     Mutation(
+        "a leaving rank lets closed queues' feeder threads finish their semaphores' unlink and unregister "
+        "(no resource-tracker warning of a leaked semaphore that no longer exists)",
+        "distributed_train/training/workers.py",
+        "            thread.join(timeout=max(0.0, deadline - time.monotonic()))\n",
+        "            pass\n",
+        ("tests/unit/test_workers.py::test_a_rank_leaving_lets_closed_queues_feeder_threads_finish_their_semaphores",)),
+    Mutation(
         "a worker death torch reports from its SIGCHLD handler, wherever the rank is (workers started by "
         "fork or spawn), is one line naming the worker and its signal, not a traceback",
         "distributed_train/training/run.py",

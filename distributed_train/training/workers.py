@@ -21,6 +21,8 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
+import time
 import warnings
 from typing import Any, Iterator
 
@@ -79,12 +81,20 @@ def _room_for_the_forkserver_socket() -> None:
 
 
 def release_multiprocessing() -> None:
-    """What multiprocessing's exit hook would do, less joining threads: unlink the named semaphores
-    of this process's queues (DataLoader workers started by forkserver or spawn use such queues) and
-    remove its pymp-* folder in TMPDIR with the forkserver's socket, for a rank that leaves by
-    os._exit (cli/train.py). Else Python's resource tracker unlinks the semaphores after this process
-    is gone, warning of "leaked semaphore objects" below the run's last line, and every rank of every
-    run leaves a folder in TMPDIR."""
+    """What multiprocessing's exit hook would do, less joining threads (but closed queues' feeders):
+    unlink the named semaphores of this process's queues (DataLoader workers started by forkserver
+    or spawn use such queues) and remove its pymp-* folder in TMPDIR with the forkserver's socket,
+    for a rank that leaves by os._exit (cli/train.py). Else Python's resource tracker unlinks the
+    semaphores after this process is gone, warning of "leaked semaphore objects" below the run's
+    last line, and every rank of every run leaves a folder in TMPDIR."""
+    # A queue's feeder thread holds the queue's semaphores until it ends (a closed queue's, within
+    # milliseconds), and then runs their finalizers itself: unlink, then unregister. os._exit
+    # between the two leaves the resource tracker a "leaked" semaphore that no longer exists (two
+    # warnings). Let them end; a live queue's feeder, which never does, costs half a second in all.
+    deadline = time.monotonic() + 0.5
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
     run_finalizers = getattr(multiprocessing.util, "_run_finalizers", None)  # what the atexit hook runs
     if run_finalizers is not None:
         run_finalizers(0)  # priority >= 0: semaphores, queue closes, sockets; never joins a thread
