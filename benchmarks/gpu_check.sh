@@ -28,12 +28,18 @@
 #                   tokens/s beside dtrain's eager ddp row
 # GPU_CHECK_DRY=1 runs every row small on CPU (gloo, tiny models, no compile): the suite runs it
 # (tests/e2e/test_benchmark_scripts.py) to test the script itself. PEAK_TFLOPS=... gives MFU on a
-# GPU the peak table lacks. The runs' folders (in the temporary directory) are removed when every
+# GPU the peak table lacks. GPU_CHECK_BUDGET_S=N bounds the whole script (a machine lent for a few
+# minutes): no row runs past N seconds from the start, and a row with under 10 s left is NOT RUN
+# (exit 1), so the table is complete and written before a caller's own time limit ends. The runs' folders (in the temporary directory) are removed when every
 # row passed, kept when one failed or with GPU_CHECK_KEEP=1.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu_check}
+BUDGET=${GPU_CHECK_BUDGET_S:-}
+if [ -n "$BUDGET" ] && ! [[ $BUDGET =~ ^[0-9]+$ ]]; then
+  echo "gpu_check.sh: GPU_CHECK_BUDGET_S must be a whole number of seconds, not '$BUDGET'" >&2; exit 2
+fi
 LOGS="$OUT/logs"
 RESULTS="$OUT/gpu_check.md"
 mkdir -p "$LOGS"
@@ -58,6 +64,7 @@ fi
 LAUNCH=(launch --nproc-per-node 1 --dist.backend=$BACKEND)
 
 FAILED=0
+NOT_RUN=0
 row() { echo "| $1 | $2 | $3 |" | tee -a "$RESULTS"; }
 pass() { row "$1" PASS "$2"; }
 skip() { row "$1" SKIP "$2"; }
@@ -67,7 +74,15 @@ last_line() { tail -n "${2:-1}" "$1" 2>/dev/null | tr '\n|' ' /' | cut -c1-160; 
 limited() { local seconds=$1; shift; timeout --kill-after=10 "$seconds" "$@"; }
 # check NAME SECONDS LOG FUNCTION: runs FUNCTION (its last output line is the detail) under a time limit.
 check() {
-  local name=$1 seconds=$2 log=$3 fn=$4 detail code
+  local name=$1 seconds=$2 log=$3 fn=$4 detail code cut=""
+  if [ -n "$BUDGET" ]; then  # SECONDS: bash's seconds since the script started
+    local left=$((BUDGET - SECONDS - 10))  # 10: limited's wait between TERM and KILL
+    if [ $left -lt 10 ]; then
+      row "$name" "NOT RUN" "GPU_CHECK_BUDGET_S=$BUDGET: $((BUDGET > SECONDS ? BUDGET - SECONDS : 0)) s left"
+      FAILED=1; NOT_RUN=$((NOT_RUN + 1)); return
+    fi
+    [ $left -lt "$seconds" ] && { seconds=$left; cut=" (the end of GPU_CHECK_BUDGET_S=$BUDGET)"; }
+  fi
   detail=$(limited "$seconds" bash -c "$(declare -f "$fn" run_detail compare_models); $(declare -p WORK LOGS PY \
     BACKEND DRY SMALL_STEPS LOG_EVERY RESUME_STEPS EQUAL_STEPS GPT GPT_STEPS COMMON DTRAIN LAUNCH FABRIC_ARGS \
     TOKENS 2>/dev/null); $fn" 2>>"$LOGS/$log")
@@ -75,7 +90,7 @@ check() {
   detail=$(echo "$detail" | tail -1)
   if [ $code = 0 ]; then pass "$name" "$detail"
   elif [ $code = 3 ]; then skip "$name" "$detail"
-  elif [ $code = 124 ] || [ $code = 137 ]; then fail "$name" "timed out after ${seconds}s" "$log"
+  elif [ $code = 124 ] || [ $code = 137 ]; then fail "$name" "timed out after ${seconds}s$cut" "$log"
   else fail "$name" "${detail:-exit $code}" "$log"; fi
 }
 
@@ -320,9 +335,12 @@ check "fabric gpt2" 180 fabric.log fabric_check
 
 say() { echo "$*" | tee -a "$RESULTS"; }
 say ""
+[ $NOT_RUN -gt 0 ] && say "$NOT_RUN rows NOT RUN: GPU_CHECK_BUDGET_S=$BUDGET was spent before them"
 if [ $FAILED = 0 ] && [ "${GPU_CHECK_KEEP:-0}" != 1 ]; then
   rm -rf "$WORK"  # every row passed: the runs' folders (checkpoints, GBs on a GPU) go
   say "Logs: $LOGS (the runs' folders are removed when every row passed; GPU_CHECK_KEEP=1 keeps them)"
+elif rmdir "$WORK" 2> /dev/null; then  # no row ran: nothing to keep
+  say "Logs: $LOGS"
 else
   say "Runs: $WORK; logs: $LOGS"
 fi

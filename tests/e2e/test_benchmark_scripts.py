@@ -97,3 +97,36 @@ def test_the_acceptance_scripts_doctor_row_excuses_only_a_shared_cpus_matmul_spe
                    check=False)
     assert (proc.returncode == 0) == passes, proc.stdout + proc.stderr
     assert ("is this shared CPU's (dry run)" in proc.stdout) == passes, proc.stdout
+
+
+def test_the_acceptance_scripts_budget_spent_leaves_every_row_in_the_table_as_not_run(tmp_path):
+    """GPU_CHECK_BUDGET_S=0: no row starts, yet the table names every row (NOT RUN) and exit is 1."""
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    scratch.mkdir()
+    proc = run_cmd(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out)], timeout=120, check=False,
+                   env=clean_env(GPU_CHECK_DRY="1", GPU_CHECK_BUDGET_S="0", TMPDIR=str(scratch),
+                                 PYTHON=sys.executable))
+    table = (out / "gpu_check.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "| NOT RUN |" in line]
+    assert len(rows) == 14 and proc.returncode == 1, table
+    assert "14 rows NOT RUN: GPU_CHECK_BUDGET_S=0 was spent before them" in table, table
+    # No run folder left behind (none was made); the benchmark's token file is a cache.
+    assert [p.name for p in scratch.iterdir() if p.name != "dtrain-bench-lm"] == []
+
+
+def test_the_acceptance_scripts_budget_cuts_a_rows_time_limit_and_skips_the_rest(tmp_path):
+    # The script's own row machinery (row() .. check()), run on a row that would take a minute.
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    helpers = script[script.index("row() {"):]
+    helpers = helpers[:helpers.index("\n}\n", helpers.index("check() {")) + 3]
+    results = tmp_path / "table.md"
+    proc = run_cmd(["bash", "-c", f"{helpers}\nslow() {{ sleep 40; }}\nRESULTS={results}; LOGS={tmp_path}; "
+                    "FAILED=0; NOT_RUN=0; BUDGET=25\ncheck long 300 long.log slow; check later 300 later.log slow\n"
+                    "echo FAILED=$FAILED NOT_RUN=$NOT_RUN"], timeout=120, check=False)
+    first, second = results.read_text().splitlines()
+    # 25 s in all, 10 of them kept for the KILL after a TERM: this row got at most 15 s, not 300.
+    limit = re.fullmatch(r"\| long \| \*\*FAIL\*\* \| timed out after (\d+)s \(the end of GPU_CHECK_BUDGET_S=25\) "
+                         r"\(log: logs/long.log\) \|", first)
+    assert limit and 10 <= int(limit[1]) <= 15, first
+    assert re.fullmatch(r"\| later \| NOT RUN \| GPU_CHECK_BUDGET_S=25: \d+ s left \|", second), second
+    assert proc.stdout.strip().endswith("FAILED=1 NOT_RUN=1"), proc.stdout + proc.stderr
