@@ -26,6 +26,8 @@
 #                   compiled, fsdp: tokens/s, MFU, peak memory, compile time, checkpoint stall
 #   fabric gpt2     Lightning Fabric's plain loop on the same model, data, batch and precision:
 #                   tokens/s beside dtrain's eager ddp row
+# GPU_CHECK_ROWS="resume,exact eval" (names as in the table, comma-separated) runs only those rows
+# and the rows whose runs they read (exact eval reads resume's): a rerun after a fix.
 # GPU_CHECK_DRY=1 runs every row small on CPU (gloo, tiny models, no compile): the suite runs it
 # (tests/e2e/test_benchmark_scripts.py) to test the script itself. PEAK_TFLOPS=... gives MFU on a
 # GPU the peak table lacks. GPU_CHECK_BUDGET_S=N bounds the whole script (a machine lent for a few
@@ -36,16 +38,6 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu_check}
-BUDGET=${GPU_CHECK_BUDGET_S:-}
-if [ -n "$BUDGET" ] && ! [[ $BUDGET =~ ^[0-9]+$ ]]; then
-  echo "gpu_check.sh: GPU_CHECK_BUDGET_S must be a whole number of seconds, not '$BUDGET'" >&2; exit 2
-fi
-LOGS="$OUT/logs"
-RESULTS="$OUT/gpu_check.md"
-mkdir -p "$LOGS"
-WORK=$(mktemp -d -t dtrain-gpu-check-XXXX)
-export WANDB_MODE=disabled PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS: the resume checks compare bits
 PY=${PYTHON:-python3}
 DTRAIN=("$PY" -m distributed_train)
 COMMON=(--log.wandb=disabled)
@@ -63,6 +55,39 @@ fi
 # One rank through dtrain launch (torchrun): the NCCL (or, dry, gloo) paths.
 LAUNCH=(launch --nproc-per-node 1 --dist.backend=$BACKEND)
 
+# The rows, in the order they run, and the rows whose runs a row reads (run with it when named alone).
+ROWS=(doctor collectives $PRECISIONS "bf16 vs fp32" "engines agree" resume "fsdp resume" "cpu offload" "cpu load"
+      "exact eval")
+for c in $COMPILE_MODES; do ROWS+=("gpt2 ddp compile=$c"); done
+ROWS+=("gpt2 fsdp compile=false" "fabric gpt2")
+declare -A READS=(["bf16 vs fp32"]="fp32,bf16" ["cpu load"]=resume ["exact eval"]=resume
+                  ["fabric gpt2"]="gpt2 ddp compile=false")
+usage_error() { echo "gpu_check.sh: $1" >&2; exit 2; }
+
+BUDGET=${GPU_CHECK_BUDGET_S:-}
+if [ -n "$BUDGET" ] && ! [[ $BUDGET =~ ^[0-9]+$ ]]; then
+  usage_error "GPU_CHECK_BUDGET_S must be a whole number of seconds, not '$BUDGET'"
+fi
+declare -A SELECTED=()  # empty: every row
+if [ -n "${GPU_CHECK_ROWS:-}" ]; then
+  IFS=, read -ra named <<< "$GPU_CHECK_ROWS"
+  for name in "${named[@]}"; do
+    known=0; for r in "${ROWS[@]}"; do [ "$r" = "$name" ] && known=1; done
+    [ $known = 1 ] || usage_error "GPU_CHECK_ROWS: no row '$name'; the rows: $(IFS=,; echo "${ROWS[*]}")"
+    SELECTED[$name]=1
+    if [ -n "${READS[$name]:-}" ]; then
+      IFS=, read -ra reads <<< "${READS[$name]}"; for r in "${reads[@]}"; do SELECTED[$r]=1; done
+    fi
+  done
+fi
+
+LOGS="$OUT/logs"
+RESULTS="$OUT/gpu_check.md"
+mkdir -p "$LOGS"
+WORK=$(mktemp -d -t dtrain-gpu-check-XXXX)
+export WANDB_MODE=disabled PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS: the resume checks compare bits
+
 FAILED=0
 NOT_RUN=0
 row() { echo "| $1 | $2 | $3 |" | tee -a "$RESULTS"; }
@@ -75,6 +100,7 @@ limited() { local seconds=$1; shift; timeout --kill-after=10 "$seconds" "$@"; }
 # check NAME SECONDS LOG FUNCTION: runs FUNCTION (its last output line is the detail) under a time limit.
 check() {
   local name=$1 seconds=$2 log=$3 fn=$4 detail code cut=""
+  [ ${#SELECTED[@]} = 0 ] || [ -n "${SELECTED[$name]:-}" ] || return 0  # GPU_CHECK_ROWS left it out
   if [ -n "$BUDGET" ]; then  # SECONDS: bash's seconds since the script started
     local left=$((BUDGET - SECONDS - 10))  # 10: limited's wait between TERM and KILL
     if [ $left -lt 10 ]; then
@@ -101,6 +127,7 @@ check() {
     | sed 's/^/GPU: /' || echo "GPU: none (nvidia-smi not found)"
   "$PY" -c 'import sys, torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL", torch.cuda.nccl.version() if torch.cuda.is_available() else "-", f"Python {sys.version.split()[0]}")'
   [ "$DRY" = 1 ] && echo "DRY RUN on CPU (GPU_CHECK_DRY=1): tests the script, not a GPU"
+  [ ${#SELECTED[@]} -gt 0 ] && echo "Only GPU_CHECK_ROWS=$GPU_CHECK_ROWS and the rows whose runs they read"
   echo
   echo "| check | result | detail |"
   echo "| --- | --- | --- |"

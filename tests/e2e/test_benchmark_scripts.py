@@ -99,19 +99,37 @@ def test_the_acceptance_scripts_doctor_row_excuses_only_a_shared_cpus_matmul_spe
     assert ("is this shared CPU's (dry run)" in proc.stdout) == passes, proc.stdout
 
 
-def test_the_acceptance_scripts_budget_spent_leaves_every_row_in_the_table_as_not_run(tmp_path):
-    """GPU_CHECK_BUDGET_S=0: no row starts, yet the table names every row (NOT RUN) and exit is 1."""
+def _gpu_check_with_no_time(tmp_path, **env):
+    """The acceptance script, dry, with a budget of 0 s: no row runs. Its exit code, the rows of its
+    table (name, result), the table and stderr."""
     out, scratch = tmp_path / "out", tmp_path / "tmp"
-    scratch.mkdir()
+    scratch.mkdir(exist_ok=True)
     proc = run_cmd(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out)], timeout=120, check=False,
                    env=clean_env(GPU_CHECK_DRY="1", GPU_CHECK_BUDGET_S="0", TMPDIR=str(scratch),
-                                 PYTHON=sys.executable))
-    table = (out / "gpu_check.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "| NOT RUN |" in line]
-    assert len(rows) == 14 and proc.returncode == 1, table
-    assert "14 rows NOT RUN: GPU_CHECK_BUDGET_S=0 was spent before them" in table, table
+                                 PYTHON=sys.executable, **env))
     # No run folder left behind (none was made); the benchmark's token file is a cache.
     assert [p.name for p in scratch.iterdir() if p.name != "dtrain-bench-lm"] == []
+    table = (out / "gpu_check.md").read_text() if proc.returncode != 2 else ""
+    rows = [tuple(cell.strip() for cell in line.strip("|").split("|")[:2]) for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith(("| check", "| ---"))]
+    return proc.returncode, rows, table, proc.stderr
+
+
+def test_the_acceptance_scripts_budget_spent_leaves_every_row_in_the_table_as_not_run(tmp_path):
+    """GPU_CHECK_BUDGET_S=0: no row starts, yet the table names every row (NOT RUN) and exit is 1;
+    GPU_CHECK_ROWS names rows from the same list (an unknown one: exit 2, the list)."""
+    code, rows, table, _ = _gpu_check_with_no_time(tmp_path)
+    assert code == 1 and len(rows) == 14 and {result for _, result in rows} == {"NOT RUN"}, table
+    assert "14 rows NOT RUN: GPU_CHECK_BUDGET_S=0 was spent before them" in table, table
+    code, _, _, stderr = _gpu_check_with_no_time(tmp_path, GPU_CHECK_ROWS="resume,bogus")
+    assert code == 2 and "GPU_CHECK_ROWS: no row 'bogus'; the rows: " in stderr, stderr
+    assert stderr.strip().split("the rows: ")[1].split(",") == [name for name, _ in rows]
+
+
+def test_the_acceptance_scripts_named_rows_run_with_the_rows_whose_runs_they_read(tmp_path):
+    code, rows, table, _ = _gpu_check_with_no_time(tmp_path, GPU_CHECK_ROWS="fabric gpt2,exact eval")
+    assert [name for name, _ in rows] == ["resume", "exact eval", "gpt2 ddp compile=false", "fabric gpt2"], table
+    assert "Only GPU_CHECK_ROWS=fabric gpt2,exact eval and the rows whose runs they read" in table
 
 
 def test_the_acceptance_scripts_budget_cuts_a_rows_time_limit_and_skips_the_rest(tmp_path):
