@@ -3,10 +3,11 @@ one line naming the path and the OS error, and no partial file is left under any
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from distributed_train.errors import UsageError
 
@@ -17,6 +18,51 @@ def error_text(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0].lower()
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The first OSError among `exc`, what it was raised from or while handling (torch.save raises
+    its own RuntimeError, "unexpected pos 704 vs 598", for a write the disk refused) and the ranks'
+    failures that DCP's CheckpointException holds (`failures`: rank -> (exception, traceback))."""
+    pending: list = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            pending += [failure[0] for failure in failures.values() if isinstance(failure, tuple) and failure]
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
+def failure_text(exc: BaseException) -> str:
+    """A failed write in one line: `error_text` of the OSError behind it (`os_error_in`), else of
+    `exc` (of its first rank's failure, for DCP's CheckpointException)."""
+    found = os_error_in(exc)
+    if found is None:
+        failures = getattr(exc, "failures", None)
+        first = next(iter(failures.values()), None) if isinstance(failures, dict) else None
+        found = first[0] if isinstance(first, tuple) and first else exc
+    return error_text(found)
+
+
+@contextlib.contextmanager
+def disk_errors() -> Iterator[None]:
+    """A write the disk refused is raised as the OSError it was (so every `except OSError` of the
+    commit protocol sees it): DCP raises a rank's inside its CheckpointException, a BaseException
+    holding every rank's failure; torch.save its own RuntimeError. Other failures pass as they are."""
+    try:
+        yield
+    except BaseException as exc:
+        found = os_error_in(exc)
+        if found is None or found is exc:
+            raise
+        raise OSError(*found.args) from exc
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "") -> None:
@@ -40,7 +86,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "") 
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise UsageError(f"cannot write {what + ' ' if what else ''}{path}: {error_text(exc)}") from exc
+        raise UsageError(f"cannot write {what + ' ' if what else ''}{path}: {failure_text(exc)}") from exc
 
 
 def path_problem(path: str | Path, want: str) -> str | None:

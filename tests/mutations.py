@@ -216,4 +216,14 @@ MUTATIONS = [
         "timeout_s), \\\n                worker_deaths_explained():\n",
         "timeout_s):\n",
         ("tests/e2e/test_fault_matrix.py::test_a_dataloader_worker_killed_mid_run_is_named_with_its_signal[fork]",)),
+    Mutation(
+        "a write the disk refused inside DCP (any rank's shard) or torch.save is the OSError it was: one "
+        "line with the OS's reason and nothing of the checkpoint kept, not DCP's tracebacks or a .tmp-* folder",
+        "distributed_train/files.py",
+        "        raise OSError(*found.args) from exc\n",
+        "        raise\n",
+        ("tests/e2e/test_fault_matrix.py::test_a_disk_that_refuses_every_ranks_shard_is_one_line_and_keeps_nothing_"
+         "of_the_checkpoint",
+         "tests/unit/test_checkpoint.py::test_a_train_state_the_disk_cut_short_is_the_os_error_not_torchs_"
+         "unexpected_pos")),
 ]

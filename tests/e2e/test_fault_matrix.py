@@ -130,6 +130,23 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
     assert max(e["step"] for e in _events(run, "train")) <= 6
 
 
+def test_a_disk_that_refuses_every_ranks_shard_is_one_line_and_keeps_nothing_of_the_checkpoint(tmp_path):
+    """A real refusal inside DCP's writes on both ranks (a 64 KiB file-size limit: EFBIG, as a full
+    disk's ENOSPC), which DCP reports in its CheckpointException (a BaseException) and torch.save in a
+    RuntimeError ("unexpected pos ..."): the OS's reason in one line, no .tmp-* folder left."""
+    run = tmp_path / "run"
+    limited = "trap '' XFSZ; ulimit -f 64; exec \"$0\" \"$@\""  # a write past 64 KiB fails with EFBIG
+    proc = run_cmd(["bash", "-c", limited, sys.executable, "-m", "distributed_train", "launch", "--nproc-per-node",
+                    "2", FAULTS + "WideModel", *SMALL, "--ddp.shm_allreduce=never", "--train.max_steps=8",
+                    "--checkpoint.every_steps=4", f"--run_dir={run}"], cwd=REPO, check=False, timeout=180)
+    line = (f"writing checkpoint {run / 'checkpoints' / 'step-00000004'} failed: file too large; nothing of it "
+            "was kept and the previous committed checkpoint is intact")
+    assert proc.returncode == 1 and f"dtrain: error: {line}" in _errors(proc), proc.stderr
+    assert re.search(rf"^dtrain launch: rank \d failed first: {re.escape(line)}$", proc.stderr, re.M), proc.stderr
+    assert "Traceback" not in proc.stderr and "CheckpointException" not in proc.stderr, proc.stderr
+    assert list((run / "checkpoints").iterdir()) == []
+
+
 def test_runs_and_plot_survive_a_damaged_and_a_one_step_run(tmp_path):
     from tests.unit.test_plot_runs import write_run
 

@@ -130,6 +130,14 @@ class FinalEvalFails(Regression):
         return regression_metrics(model, batch)
 
 
+class WideModel(Regression):
+    """A 4-4096-1 MLP: its checkpoint's shards (96 KiB of parameters, twice that of AdamW state, split
+    between the ranks) are a run's largest files, so a file-size limit refuses them alone."""
+
+    def model(self):
+        return nn.Sequential(nn.Linear(4, 4096), nn.Tanh(), nn.Linear(4096, 1))
+
+
 class SlowSteps(Regression):
     """Every training loss() sleeps `task_args.sleep_s` (default 0.2 s): a job that runs a while."""
 

@@ -262,6 +262,33 @@ def test_full_disk_on_a_real_device_is_one_clean_error(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_train_state_the_disk_cut_short_is_the_os_error_not_torchs_unexpected_pos(tmp_path):
+    """A real partial write (a file-size limit: the first write fills the room, the next fails with
+    EFBIG, as with ENOSPC on a disk that fills up): torch.save raises its own RuntimeError ("unexpected
+    pos ...") while handling the OSError, and the commit protocol reports the OSError."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import pathlib, resource, signal, sys, torch
+        from distributed_train.training.checkpoints import commit, shards
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+        directory = pathlib.Path(sys.argv[1])
+        tmp = directory / f"{commit.TMP_PREFIX}{shards.checkpoint_name(4)}"
+        try:
+            commit.commit_directory(directory, 4, lambda: shards.write_train_state(tmp, {"w": torch.zeros(100_000)}))
+        except commit.CheckpointWriteFailed as exc:
+            print(exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines() == [f"writing checkpoint {tmp_path / 'step-00000004'} failed: file too large; "
+                                        "nothing of it was kept and the previous committed checkpoint is intact"], \
+        proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sharded_writer_rotates_only_after_the_new_checkpoint_is_committed(tmp_path):
     from distributed_train.batches import BatchPlan
     from distributed_train.config import load_config

@@ -2,6 +2,10 @@
 the way is one line naming the path, and no partial file is left under any name."""
 
 import os
+import stat
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -36,6 +40,31 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, full_disk
         atomic_write(target, lambda f: torch.save({"w": torch.ones(1000)}, f), "the final model")
     assert str(info.value) == f"cannot write the final model {target}: no space left on device"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final_model.pt"] and target.read_bytes() == b"previous"
+
+
+def test_a_failed_write_is_named_by_the_os_error_behind_it_wherever_the_library_put_it():
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from distributed_train.files import failure_text
+
+    def raised_while_handling(cause):  # as torch.save does: its own error, the OSError as __context__
+        try:
+            try:
+                raise cause
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        except RuntimeError as exc:
+            return exc
+
+    assert failure_text(raised_while_handling(OSError(28, "No space left on device"))) == "no space left on device"
+    # DCP: every rank's failure (as its peers receive it: pickled, without __context__) in one exception
+    full = CheckpointException("ranks:dict_keys([1])", {1: (OSError(27, "File too large"), traceback.StackSummary())})
+    assert failure_text(full) == "file too large"
+    other = CheckpointException("ranks:dict_keys([0])", {0: (ValueError("Shapes differ\nat w"), None)})
+    assert failure_text(other) == "shapes differ"  # the rank's error's first line, not "ranks:dict_keys"
+    assert failure_text(ValueError("bad\nthing")) == "bad"
 
 
 def test_a_missing_folder_or_a_directory_in_the_way_is_one_line(tmp_path):
@@ -87,6 +116,45 @@ def test_export_to_a_missing_folder_is_one_line_and_a_success_is_whole(tmp_path)
     export.write(state, tmp_path / "model.safetensors")
     assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["w"], state["w"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.safetensors"]
+
+
+def test_a_safetensors_export_is_synced_and_has_the_permissions_of_any_other_output(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+
+    from distributed_train.cli import export
+
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd))[1])
+    state = {"w": torch.arange(6.0).view(2, 3)}
+    export.write(state, tmp_path / "model.pt")
+    export.write(state, tmp_path / "model.safetensors")
+    out = tmp_path / "model.safetensors"
+    assert torch.equal(load_file(str(out))["w"], state["w"])
+    # safetensors writes a file of its own, mode 0600, over the one atomic_write opened and synced
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((tmp_path / "model.pt").stat().st_mode)
+    assert out.stat().st_ino in synced
+
+
+def test_an_export_the_disk_cannot_hold_is_one_line_and_leaves_nothing(tmp_path):
+    """A real write failure (past a file-size limit: EFBIG, as ENOSPC on a full disk) in both formats."""
+    pytest.importorskip("safetensors")
+    script = textwrap.dedent("""
+        import pathlib, resource, signal, sys, torch
+        from distributed_train.cli import export
+        from distributed_train.errors import UsageError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        for name in ("model.pt", "model.safetensors"):
+            try:
+                export.write({"w": torch.zeros(100_000)}, pathlib.Path(sys.argv[1]) / name)
+            except UsageError as exc:
+                print(exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines() == [f"cannot write the export {tmp_path / name}: file too large"
+                                        for name in ("model.pt", "model.safetensors")], proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_of_a_run_without_checkpoints_takes_its_final_model(tmp_path, capsys):

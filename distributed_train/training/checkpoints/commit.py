@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from distributed_train.errors import TrainingFailure, UsageError
-from distributed_train.files import error_text, path_problem
+from distributed_train.files import error_text, failure_text, path_problem
 
 log = logging.getLogger("distributed_train")
 
@@ -337,5 +337,5 @@ class AsyncWriter:
             error, self._error = self._error, None
             if isinstance(error, TrainingFailure):
                 raise error
-            raise CheckpointWriteFailed(f"writing a checkpoint failed ({type(error).__name__}: {error}); "
+            raise CheckpointWriteFailed(f"writing a checkpoint failed ({type(error).__name__}: {failure_text(error)}); "
                                         "the previous committed checkpoint is intact") from error

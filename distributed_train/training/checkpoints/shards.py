@@ -36,7 +36,7 @@ import torch.distributed as torch_dist
 
 from distributed_train.engines.base import Engine
 from distributed_train.errors import UsageError
-from distributed_train.files import error_text
+from distributed_train.files import disk_errors, error_text, failure_text
 from distributed_train.storage import StorageError, Store
 from distributed_train.training.checkpoints import commit, remote, staging
 
@@ -92,7 +92,7 @@ def read_model(path: Path) -> dict[str, torch.Tensor]:
 
 # -- the commit protocol (commit.py's): train_state.pt, then the atomic rename ----------------
 def write_train_state(directory: Path, train_state: dict) -> None:
-    with open(directory / TRAIN_STATE, "wb") as f:
+    with open(directory / TRAIN_STATE, "wb") as f, disk_errors():
         torch.save(train_state, f)
         f.flush()
         os.fsync(f.fileno())
@@ -139,12 +139,13 @@ class ShardedWriter:
 
         def write() -> None:
             try:
-                dcp.save(staged, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
-            except Exception as exc:  # DCP wraps a rank's OSError (a full disk) in its own exception
+                with disk_errors():
+                    dcp.save(staged, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+            except (Exception, dcp.CheckpointException) as exc:  # a full disk (any rank's), a rank that left
                 if self.is_main:
                     commit.discard_failed_write(self.directory, step)
                 raise commit.CheckpointWriteFailed(
-                    f"writing checkpoint {self.directory / checkpoint_name(step)} failed: {_reason(exc)}; "
+                    f"writing checkpoint {self.directory / checkpoint_name(step)} failed: {failure_text(exc)}; "
                     "nothing of it was kept and the previous committed checkpoint is intact") from exc
             # every rank's shard is written and fsynced once dcp.save returns on rank 0
             self._finish(step, train_state, folder, writer.facts)
@@ -186,7 +187,7 @@ class ShardedWriter:
             from distributed_train.training.checkpoints.safe_load import single_process_quietly
 
             writer = staging.hashing_writer(tmp)
-            with single_process_quietly():
+            with single_process_quietly(), disk_errors():
                 dcp.save(model_and_optimizer(engine), storage_writer=writer, no_dist=True)
             known.update(writer.facts)
             write_train_state(tmp, train_state)
@@ -276,13 +277,3 @@ class ShardedWriter:
     def wait(self) -> None:
         """Block until the pending checkpoint is committed; raise if it failed."""
         self.background.wait()
-
-
-def _reason(exc: BaseException) -> str:
-    """The innermost OSError's text ("no space left on device"), else the exception's first line."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return error_text(seen)
-        seen = seen.__cause__ or seen.__context__
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

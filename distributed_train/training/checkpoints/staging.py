@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from distributed_train.files import disk_errors
+
 _Path = tuple  # a leaf's keys from the state's root
 
 
@@ -119,7 +121,9 @@ def hashing_writer(path: Path):
 
         @contextmanager
         def create_stream(self, path, mode: str):
-            with super().create_stream(path, mode) as stream:
+            # disk_errors: a refused write reaches the other ranks as the OSError it was (DCP sends
+            # them its failure pickled: torch.save's RuntimeError would arrive without its cause)
+            with disk_errors(), super().create_stream(path, mode) as stream:
                 if "w" not in mode:
                     yield stream
                     return
