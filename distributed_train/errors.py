@@ -111,6 +111,8 @@ def user_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
             raise
         if not quiet or exc.every_rank:
             print_error(str(exc), after_peer=isinstance(exc, PeerCrashed))
+        else:  # its time still tells the launcher which rank failed first (torchrun's: whole seconds)
+            record_failure(str(exc), printed=False, after_peer=isinstance(exc, PeerCrashed))
         raise SystemExit(exc.exit_code) from None
 
 

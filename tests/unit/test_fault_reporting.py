@@ -228,6 +228,25 @@ def test_the_launcher_names_as_first_the_rank_that_did_not_fail_because_another_
     assert sorted([noticed, cause], key=_failure_order) == [cause, noticed]
 
 
+@pytest.mark.parametrize("failure", ["UsageError", "TrainingFailure"])
+def test_a_rank_that_leaves_the_line_to_rank_0_still_records_when_it_failed(tmp_path, monkeypatch, capsys, failure):
+    """Without its own record the launcher would order this rank by torchrun's whole-second
+    timestamp, and could call it the first to fail while naming another rank's line as the first."""
+    import time
+
+    from distributed_train import errors
+
+    monkeypatch.setenv(errors.ERROR_FILE_VAR, str(tmp_path / "error.json"))
+    before = time.time()
+    with pytest.raises(SystemExit):
+        with errors.user_errors(debug=False, quiet=True):  # a rank other than 0
+            raise getattr(errors, failure)("writing checkpoint x failed: file too large")
+    assert capsys.readouterr().err == ""
+    recorded = json.loads((tmp_path / "error.json").read_text())
+    assert recorded["message"] == "writing checkpoint x failed: file too large"
+    assert recorded["dtrain"]["printed"] is False and recorded["dtrain"]["time"] >= before
+
+
 @pytest.mark.parametrize("options, kept", [([], False), (["--tee", "3"], True), (["--redirects", "1"], True),
                                            (["--log-dir", "LOGS"], True)])
 def test_torchruns_error_files_go_with_the_launch_unless_its_logs_are_asked_for(tmp_path, monkeypatch, options, kept):
