@@ -58,7 +58,9 @@ def disk_errors() -> Iterator[None]:
     holding every rank's failure; torch.save its own RuntimeError. Other failures pass as they are."""
     try:
         yield
-    except BaseException as exc:
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # DCP's CheckpointException is one
         found = os_error_in(exc)
         if found is None or found is exc:
             raise

@@ -89,33 +89,35 @@ def write(state: dict[str, torch.Tensor], output: Path) -> None:
     """Write atomically: a reader never sees half a file; a failure is one line and leaves none."""
     if output.suffix == ".safetensors":
         try:
-            from safetensors.torch import save_file
+            import safetensors.torch  # noqa: F401 - _save_safetensors writes with it
         except ImportError:
             raise UsageError("writing .safetensors needs the safetensors package (pip install safetensors); "
                              "or write a .pt file") from None
         # Tied weights share storage in the model; safetensors stores each name separately.
-        atomic_write(output, lambda f: _save_safetensors(save_file, {k: v.clone() for k, v in state.items()}, f),
-                     "the export")
+        atomic_write(output, lambda f: _save_safetensors({k: v.clone() for k, v in state.items()}, f), "the export")
     elif output.suffix == ".pt":
         atomic_write(output, lambda f: torch.save(state, f), "the export")
     else:
         raise UsageError(f"-o {str(output)!r}: the file must end in .pt or .safetensors")
 
 
-def _save_safetensors(save_file, tensors: dict[str, torch.Tensor], f) -> None:
+def _save_safetensors(tensors: dict[str, torch.Tensor], f) -> None:
     """safetensors writes by path (no copy of the whole file in memory), to a new file of its own
     that it renames over f's path: that file gets f's permissions (not safetensors' 0600) and is
     synced itself (syncing f would sync the replaced file); its I/O errors are OSErrors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     try:
         save_file(tensors, f.name)
-    except Exception as exc:  # safetensors.SafetensorError: "... I/O error: No space left on device (os error 28)"
+    except SafetensorError as exc:  # "Error while serializing: I/O error: No space left on device (os error 28)"
         code = re.search(r"\(os error (\d+)\)", str(exc))
         if code is None:
             raise RuntimeError(str(exc)) from exc
         raise OSError(int(code[1]), os.strerror(int(code[1]))) from exc
-    os.chmod(f.name, stat.S_IMODE(os.fstat(f.fileno()).st_mode))
     written = os.open(f.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
+        os.fchmod(written, stat.S_IMODE(os.fstat(f.fileno()).st_mode))
         os.fsync(written)
     finally:
         os.close(written)
