@@ -226,4 +226,11 @@ MUTATIONS = [
          "of_the_checkpoint",
          "tests/unit/test_checkpoint.py::test_a_train_state_the_disk_cut_short_is_the_os_error_not_torchs_"
          "unexpected_pos")),
+    Mutation(
+        "a rank explaining its failure asks the store's server whether it is there before reading the "
+        "peers' heartbeats (no c10d warnings with C++ stack traces under its one line)",
+        "distributed_train/distributed/diagnose.py",
+        "    if store is None or not _store_answers(store):\n",
+        "    if store is None:\n",
+        ("tests/unit/test_fault_reporting.py::test_a_rank_that_fails_after_the_stores_host_left_asks_it_nothing",)),
 ]

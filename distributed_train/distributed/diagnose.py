@@ -85,6 +85,22 @@ def _default_store() -> Any:
         return None
 
 
+def _store_answers(store: Any) -> bool:
+    """Whether the server of a TCP store (rank 0's, or torchrun's agent's) still takes connections,
+    asked on a connection of our own: asking a gone one through the store prints c10d's warning
+    with a C++ stack trace for every call, under the one line a failed rank prints."""
+    while hasattr(store, "underlying_store"):  # a PrefixStore
+        store = store.underlying_store
+    host, port = getattr(store, "host", None), getattr(store, "port", None)
+    if not host or not port:
+        return True  # not a TCP store: ask it
+    try:
+        with socket.create_connection((host, port), timeout=BEAT_S):
+            return True
+    except OSError:
+        return False
+
+
 class Heartbeat:
     """Publishes this rank's position every second; ends a rank stuck after SIGTERM."""
 
@@ -112,8 +128,8 @@ class Heartbeat:
         self.stop_requested = stop_requested
 
     def publish(self, left: str | None = None) -> None:
-        if self.store is None:
-            return
+        if self.store is None or (left is not None and not _store_answers(self.store)):
+            return  # (leaving: after a failure, the store's host may be gone)
         beat = {**self.identity, "step": position.step, "phase": position.phase, "left": left,
                 "phase_s": time.monotonic() - position.since, "time": time.time()}
         try:
@@ -148,7 +164,7 @@ class Heartbeat:
 def read_positions(world_size: int) -> dict[int, dict] | None:
     """Every rank's last heartbeat that the store holds (rank -> beat); None if it is unreachable."""
     store, beats = _default_store(), {}
-    if store is None:
+    if store is None or not _store_answers(store):
         return None
     for rank in range(world_size):
         key = STORE_PREFIX + str(rank)

@@ -247,6 +247,29 @@ def test_a_rank_that_leaves_the_line_to_rank_0_still_records_when_it_failed(tmp_
     assert recorded["dtrain"]["printed"] is False and recorded["dtrain"]["time"] >= before
 
 
+def test_a_rank_that_fails_after_the_stores_host_left_asks_it_nothing(monkeypatch, capfd):
+    """Rank 0 (or torchrun's agent) ended first: this rank's explanation reads the peers' heartbeats
+    and leaves its own; through the store's connection each call would print c10d's warning with a
+    C++ stack trace under the one line. The store's server is asked on a connection of its own."""
+    import torch.distributed as torch_dist
+
+    from distributed_train.distributed import diagnose
+    from tests.helpers import free_port
+
+    port = free_port()
+    server = torch_dist.TCPStore("127.0.0.1", port, 2, True, wait_for_workers=False)
+    store = torch_dist.PrefixStore("job/", torch_dist.TCPStore("127.0.0.1", port, 2, False))
+    monkeypatch.setattr(diagnose, "_default_store", lambda: store)
+    beat = diagnose.Heartbeat(rank=1, world_size=2, grace_s=60)
+    beat.publish()
+    assert set(diagnose.read_positions(2)) == {1}  # while the host is there: read as before
+    del server  # its process ended
+    assert diagnose.read_positions(2) is None
+    beat.publish(left="CheckpointWriteFailed: writing checkpoint x failed: file too large")
+    err = capfd.readouterr().err
+    assert "TCPStore" not in err and "frame #" not in err, err
+
+
 @pytest.mark.parametrize("options, kept", [([], False), (["--tee", "3"], True), (["--redirects", "1"], True),
                                            (["--log-dir", "LOGS"], True)])
 def test_torchruns_error_files_go_with_the_launch_unless_its_logs_are_asked_for(tmp_path, monkeypatch, options, kept):
