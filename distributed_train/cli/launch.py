@@ -252,10 +252,13 @@ def _recorded(failure) -> dict | None:
 
 def _failure_order(failure) -> tuple[bool, float]:
     """Which worker failed first: one that failed because another left comes after every other
-    (it may have noticed before that rank recorded its own failure), then the time it recorded
-    with its explanation, else torchrun's (1 s steps)."""
+    (it may have noticed before that rank recorded its own failure), and so does one that SIGTERM
+    ended without a word (torchrun's stop of the others once one failed); then the time it recorded
+    with its explanation, else torchrun's (whole seconds)."""
     recorded = _recorded(failure)
-    return (bool(recorded.get("after_peer")), recorded["time"]) if recorded else (False, float(failure.timestamp))
+    if recorded:
+        return bool(recorded.get("after_peer")), recorded["time"]
+    return failure.exitcode == -signal.SIGTERM, float(failure.timestamp)
 
 
 def _failed_workers(exc, run_dir: str | None) -> int:

@@ -226,6 +226,11 @@ def test_the_launcher_names_as_first_the_rank_that_did_not_fail_because_another_
     noticed = failure(100.0, True)  # rank 0 saw rank 1 leave before rank 1 recorded why
     cause = failure(100.2, False)
     assert sorted([noticed, cause], key=_failure_order) == [cause, noticed]
+    # torchrun's SIGTERM ended a rank before it said a word: its time is torchrun's, in whole seconds
+    stopped = SimpleNamespace(error_file_data={}, timestamp=100, exitcode=-15)
+    assert sorted([stopped, cause], key=_failure_order) == [cause, stopped]
+    killed = SimpleNamespace(error_file_data={}, timestamp=100, exitcode=-9)  # the OOM killer: a cause
+    assert sorted([cause, killed], key=_failure_order) == [killed, cause]
 
 
 @pytest.mark.parametrize("failure", ["UsageError", "TrainingFailure"])
