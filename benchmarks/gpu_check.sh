@@ -32,8 +32,9 @@
 # (tests/e2e/test_benchmark_scripts.py) to test the script itself. PEAK_TFLOPS=... gives MFU on a
 # GPU the peak table lacks. GPU_CHECK_BUDGET_S=N bounds the whole script (a machine lent for a few
 # minutes): no row runs past N seconds from the start, and a row with under 10 s left is NOT RUN
-# (exit 1), so the table is complete and written before a caller's own time limit ends. The runs' folders (in the temporary directory) are removed when every
-# row passed, kept when one failed or with GPU_CHECK_KEEP=1.
+# (exit 1), so the table is complete and written before a caller's own time limit ends. The runs'
+# folders (in the temporary directory) are removed when every row passed, kept when one failed or
+# with GPU_CHECK_KEEP=1.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
