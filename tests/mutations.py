@@ -233,4 +233,11 @@ MUTATIONS = [
         "    if store is None or not _store_answers(store):\n",
         "    if store is None:\n",
         ("tests/unit/test_fault_reporting.py::test_a_rank_that_fails_after_the_stores_host_left_asks_it_nothing",)),
+    Mutation(
+        "dtrain launch gives its workers one string-hash seed: a task's list(set(text)) vocabulary is the "
+        "same on every rank",
+        "distributed_train/cli/launch.py",
+        "    for key, value in {**RESTART_SAFE_ENV, **SAME_HASHES_ENV}.items():\n",
+        "    for key, value in RESTART_SAFE_ENV.items():\n",
+        ("tests/e2e/test_launch.py::test_every_rank_builds_the_same_data_from_a_set_of_strings",)),
 ]

@@ -18,6 +18,9 @@ from distributed_train.errors import EXIT_USAGE, UsageError
 # Restarts reuse the agent's rendezvous store unless this is set, and then fail or hang in
 # init_process_group (pytorch/pytorch#135712; ../shared/PITFALLS.md).
 RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+# Every worker hashes strings alike (each Python process picks its own seed otherwise), so a set
+# of strings iterates in the same order on every rank: a task's `list(set(text))` vocabulary too.
+SAME_HASHES_ENV = {"PYTHONHASHSEED": "0"}
 
 
 def torchrun_parser():
@@ -203,7 +206,7 @@ def main(argv: list[str]) -> int:
         check_torchrun_options(parsed)
         _check_batch_split(parsed, config)
         _warn_restarts_without_checkpoints(parsed, config)
-    for key, value in RESTART_SAFE_ENV.items():
+    for key, value in {**RESTART_SAFE_ENV, **SAME_HASHES_ENV}.items():
         os.environ.setdefault(key, value)
     from distributed_train.cli.train import LAUNCHER_PID_VAR
 

@@ -11,7 +11,7 @@ from distributed_train import distributed
 from distributed_train.config import Config
 from distributed_train.distributed import diagnose, shm_allreduce
 from distributed_train.engines.tf32 import set_tf32
-from distributed_train.training.reporting.metrics import setup_logging
+from distributed_train.training.reporting.metrics import log, setup_logging
 from distributed_train.training.trainer import Trainer, default_run_dir
 from distributed_train.training.workers import worker_deaths_explained
 
@@ -42,7 +42,11 @@ def run_training(config: Config, env: distributed.DistEnv, debug: bool = False) 
         with heartbeat, diagnose.communication_failures_explained(env.rank, env.world_size, timeout_s), \
                 worker_deaths_explained():
             # Rank 0's run_dir wins, so every rank (and every node) writes to the same place.
-            config.run_dir = distributed.broadcast_object(config.run_dir or default_run_dir(config.task))
+            gathered = distributed.all_gather_object((config.run_dir or default_run_dir(config.task),
+                                                      hash(HASH_PROBE)))
+            config.run_dir = gathered[0][0]
+            if env.is_main and len({probe for _, probe in gathered}) > 1:
+                log.warning(UNLIKE_HASHES)
             trainer = Trainer(config, env, device)
             heartbeat.watch(lambda: trainer.stop.requested)  # a rank stuck after SIGTERM ends itself
             summary = trainer.fit()
@@ -59,6 +63,16 @@ def run_training(config: Config, env: distributed.DistEnv, debug: bool = False) 
         # the group's destructor (when the trainer goes, right after this) joins those threads
         # while holding it. Let them finish first, or a process that trains again can deadlock.
         time.sleep(0.02)
+
+
+# Each Python process picks its own string-hash seed unless PYTHONHASHSEED sets one, and a set of
+# strings iterates in hash order: a task that builds its data from one would give each rank other
+# data, silently. `dtrain launch` sets it for its workers; under another launcher rank 0 says so.
+HASH_PROBE = "distributed_train: do the ranks hash strings alike?"
+UNLIKE_HASHES = ("the ranks hash strings differently (PYTHONHASHSEED is unset or not alike): a set of strings "
+                 "iterates in another order on each rank, so a task that builds its data from one "
+                 "(list(set(text))) trains each rank on other data; export PYTHONHASHSEED=0 to every "
+                 "worker (dtrain launch does) or sort the set")
 
 
 def group_backend(backend: str, config: Config) -> str:

@@ -114,3 +114,25 @@ def test_torchrun_runs_the_launcher_script(tmp_path):
     final, untrained = final_and_untrained_eval(run_dir, summary)
     assert final["accuracy"] >= untrained["accuracy"] + 0.7 and final["loss"] <= 0.3 * untrained["loss"], \
         (final, untrained)
+
+
+@pytest.mark.parametrize("launcher", ["dtrain launch", "torchrun"])
+def test_every_rank_builds_the_same_data_from_a_set_of_strings(tmp_path, launcher):
+    """A vocabulary in a set's order (`list(set(text))`) is the same on every rank under `dtrain
+    launch` (its workers hash strings alike); under a launcher that does not see to it, rank 0 says so."""
+    task = [f"--task={REPO / 'tests' / 'tasks' / 'toy.py'}:SetVocabulary", f"--task_args.out={tmp_path}",
+            "--train.max_steps=2", "--train.batch_size=8", f"--run_dir={tmp_path / 'run'}"]
+    env = clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    env.pop("PYTHONHASHSEED", None)  # each process picks its own seed, as in a user's shell
+    if launcher == "dtrain launch":
+        proc = dtrain("launch", "--nproc-per-node", "2", *task, cwd=tmp_path, env=env)
+    else:
+        proc = torchrun("--standalone", "--nproc-per-node", "2", str(REPO / "launcher" / "train.py"), *task,
+                        cwd=tmp_path, env=env)
+    vocabularies = [(tmp_path / f"vocabulary-{rank}.txt").read_text() for rank in (0, 1)]
+    warned = "the ranks hash strings differently" in proc.stderr
+    if launcher == "dtrain launch":
+        assert vocabularies[0] == vocabularies[1] and not warned, proc.stderr
+    else:  # two interpreters' own seeds: another order (all 27 characters alike by chance: ~never)
+        assert vocabularies[0] != vocabularies[1] and warned, proc.stderr
+        assert "export PYTHONHASHSEED=0" in proc.stderr

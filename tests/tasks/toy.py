@@ -6,6 +6,9 @@ import them without any sys.path setup. Everything is seeded: the same data on e
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +95,30 @@ def make_with_config(config):
 
 
 regression_instance = Regression()
+
+
+class SetVocabulary:
+    """Next-character prediction over a vocabulary in a set's order (`list(set(text))`), as many
+    a user's task builds it: the same on every rank only where every process hashes strings alike.
+    Each rank writes its vocabulary to `task_args.out`/vocabulary-RANK.txt."""
+
+    TEXT = "the quick brown fox jumps over the lazy dog, then sleeps. " * 8
+
+    def __init__(self, config):
+        self.out = Path(config.task_args["out"])
+
+    def train_dataset(self):
+        vocabulary = list(set(self.TEXT))
+        (self.out / f"vocabulary-{os.environ.get('RANK', '0')}.txt").write_text("".join(vocabulary))
+        ids = torch.tensor([vocabulary.index(c) for c in self.TEXT])
+        return TensorDataset(ids[:-1].unfold(0, 8, 1), ids[1:].unfold(0, 8, 1))
+
+    def model(self):
+        return nn.Sequential(nn.Embedding(32, 16), nn.Linear(16, 32))
+
+    def loss(self, model, batch):
+        inputs, targets = batch
+        return F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
 
 
 # ---- broken tasks: each must fail with a UsageError naming the method --------------------------
