@@ -173,8 +173,8 @@ MUTATIONS = [
         "        if True:  # each rank on its own signal\n            self.agreed_signum = self.signum\n",
         ("tests/distributed/test_stop_agreement.py",)),
     Mutation(
-        "rank 0's run_dir broadcast to every rank", "distributed_train/training/run.py",
-        "config.run_dir = distributed.broadcast_object(config.run_dir or default_run_dir(config.task))",
+        "rank 0's run_dir given to every rank", "distributed_train/training/run.py",
+        "config.run_dir = gathered[0][0]",
         "config.run_dir = config.run_dir or default_run_dir(config.task)",
         (MECHANISMS,)),
     Mutation(
