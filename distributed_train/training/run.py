@@ -41,7 +41,8 @@ def run_training(config: Config, env: distributed.DistEnv, debug: bool = False) 
     try:
         with heartbeat, diagnose.communication_failures_explained(env.rank, env.world_size, timeout_s), \
                 worker_deaths_explained():
-            # Rank 0's run_dir wins, so every rank (and every node) writes to the same place.
+            # Rank 0's run_dir wins, so every rank (and every node) writes to the same place; each
+            # rank's hash of HASH_PROBE (below) comes with it, so rank 0 can tell unlike hashing.
             gathered = distributed.all_gather_object((config.run_dir or default_run_dir(config.task),
                                                       hash(HASH_PROBE)))
             config.run_dir = gathered[0][0]
