@@ -3,6 +3,8 @@ and states between devices: what the engines and the worker side both need."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,29 +40,69 @@ class BatchPlan:
 
 def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False,
                    float_dtype: torch.dtype | None = None) -> Any:
-    """The batch (tensor, or tuple/list/dict nesting of them) on `device`; its floating tensors in
-    `float_dtype` when given (train.precision=fp64)."""
+    """The batch on `device`, its floating tensors in `float_dtype` when given (train.precision=fp64).
+
+    Tensors in any nesting of mappings (dict, transformers' BatchEncoding, any UserDict: the same
+    type back), lists, tuples and namedtuples; another object with a `.to` method (a graph
+    library's batch) is moved by it; anything else (strings, numbers) is left as it is."""
     if isinstance(batch, torch.Tensor):
         if float_dtype is not None and batch.is_floating_point():
             return batch.to(device, float_dtype, non_blocking=non_blocking)
         return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, dict):
-        return {k: move_to_device(v, device, non_blocking, float_dtype) for k, v in batch.items()}
+    if isinstance(batch, Mapping):
+        moved = {k: move_to_device(v, device, non_blocking, float_dtype) for k, v in batch.items()}
+        return _same_mapping(batch, moved)
     if isinstance(batch, (list, tuple)):
         moved = [move_to_device(v, device, non_blocking, float_dtype) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    if callable(getattr(batch, "to", None)) and not isinstance(batch, (str, bytes)):
+        return batch.to(device)
     return batch
 
 
-def batch_len(batch: Any) -> int:
-    """Number of samples in a batch: the leading dimension of its first tensor."""
+def _same_mapping(original: Mapping, values: dict) -> Mapping:
+    """`values` in `original`'s mapping type, as torch's pin_memory rebuilds one; a plain dict
+    when that type cannot be rebuilt so."""
+    try:
+        if isinstance(original, MutableMapping):
+            clone = copy.copy(original)
+            clone.update(values)
+            return clone
+        return type(original)(values)
+    except TypeError:
+        return values
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor in a batch (depth first through mappings, lists and tuples), or None."""
     if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    if isinstance(batch, dict):
-        return batch_len(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch_len(batch[0])
-    raise UsageError(f"cannot tell the batch size of a {type(batch).__name__}; batches must hold tensors")
+        return batch
+    return next((t for t in map(first_tensor, _parts(batch)) if t is not None), None)
+
+
+def batch_len(batch: Any) -> int:
+    """Number of samples in a batch: the leading dimension of its first tensor that has one, or
+    the length of its first list of strings (torch's default_collate gathers strings so)."""
+    samples = _samples(batch)
+    if samples is None:
+        raise UsageError(
+            f"cannot tell how many samples a batch ({type(batch).__name__}) holds: it has no tensor with "
+            "a batch dimension and no list of strings; give the task a metrics(model, batch) method "
+            "that returns {'loss': (sum, count)}")
+    return samples
+
+
+def _samples(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    if isinstance(batch, (list, tuple)) and batch and all(isinstance(v, (str, bytes)) for v in batch):
+        return len(batch)
+    return next((n for n in map(_samples, _parts(batch)) if n is not None), None)
+
+
+def _parts(batch: Any) -> Any:
+    """What a batch nests: a mapping's values, a list's or tuple's items, else nothing."""
+    return batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
 
 
 def to_cpu_copy(obj: Any) -> Any:

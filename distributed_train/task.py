@@ -20,12 +20,14 @@ import math
 import numbers
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from distributed_train.batches import first_tensor
 from distributed_train.errors import UsageError, refuse_signals_to_self, sigint_received
 from distributed_train.files import path_problem
 
@@ -242,18 +244,11 @@ def _check_criterion(obj: Any) -> Any:
 
 
 def _describe_batch(batch: Any) -> str:
-    if isinstance(batch, dict):
-        return f"a dict with keys {sorted(map(str, batch))}"
+    if isinstance(batch, Mapping):
+        return f"a {type(batch).__name__} with keys {sorted(map(str, batch))}"
     if isinstance(batch, (tuple, list)):
         return f"a {type(batch).__name__} of {len(batch)}"
     return f"a {type(batch).__name__}"
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
-    return next((t for t in map(_first_tensor, items) if t is not None), None)
 
 
 def _first_parameter(method: Any) -> str | None:
@@ -371,7 +366,7 @@ class Task:
         criterion = self.criterion
         if not isinstance(criterion, nn.Module) or next(criterion.buffers(), None) is None:
             return criterion
-        tensor = _first_tensor(outputs)
+        tensor = first_tensor(outputs)
         device = tensor.device if tensor is not None else torch.device("cpu")
         fp64 = tensor is not None and tensor.dtype == torch.float64
         if (device, fp64) not in self._criterion_on:  # a copy: FLOP counting runs it on the meta device

@@ -50,3 +50,17 @@ def test_a_resnet_with_batchnorm_trains_and_keeps_one_model(tmp_path):
     _, alone = one_process(tmp_path / "one", *args)
     assert max_diff(ranks[0]["state"], alone) > 1e-6  # per-rank batch statistics: not the same math
     assert "1.running_mean" in ranks[0]["state"]  # the buffers DDP broadcasts from rank 0 are saved
+
+
+@pytest.mark.parametrize("name", ["TextReviews", "TokenizedReviews"])
+def test_text_batches_strings_and_a_tokenizers_mapping_train_and_evaluate_as_one_process(tmp_path, name):
+    """Batches that hold strings, or come as a mapping that is not a dict (transformers'
+    BatchEncoding is a UserDict): moved to the device whole, counted for the eval mean, and the
+    eval over 13 samples the same on 1, 2 and 3 ranks."""
+    args = [f"--task={TASKS}:{name}", *COMMON, "--train.batch_size=12", "--train.optimizer=sgd", "--train.lr=0.5"]
+    summary, alone = one_process(tmp_path / "one", *args)
+    assert summary["eval"]["loss"] < 0.69  # ln 2 at the start: it learns
+    for world_size in (2, 3):
+        ranks = run_ranks(train_in_rank, world_size, [*args, f"--run_dir={tmp_path / f'w{world_size}'}"])
+        assert max_diff(ranks[0]["state"], alone) < EXACT, world_size
+        assert abs(ranks[0]["summary"]["eval"]["loss"] - summary["eval"]["loss"]) < EXACT, world_size

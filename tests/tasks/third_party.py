@@ -1,18 +1,20 @@
 """Tiny versions of code nobody here wrote, in the shapes it comes in:
 a nanoGPT-style GPT (tied embedding and head, configure_optimizers grouping by dimension, a get_lr
-warmup-cosine schedule), a torchvision-style ResNet (BatchNorm), padded variable-length batches.
+warmup-cosine schedule), a torchvision-style ResNet (BatchNorm), padded variable-length batches,
+text samples (strings in the batch; a tokenizer's BatchEncoding-shaped mapping).
 
 Load by module: `--task=tests.tasks.third_party:NanoGPT`."""
 
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
 VOCAB, CTX = 32, 8
 
@@ -156,3 +158,59 @@ class PaddedSequences:
         per_token = model(padded).squeeze(-1) * mask
         per_sample = per_token.sum(1) / mask.sum(1) * mask.sum(1).to(per_token.dtype).sqrt()
         return F.mse_loss(per_sample, targets / 4)
+
+
+WORDS = ["good", "bad", "fine", "awful", "great", "poor"]
+
+
+class _Reviews(Dataset):
+    """Samples as a text dataset gives them: {"text": str, "label": int}."""
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.texts = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (4,), generator=g))
+                      for _ in range(n)]
+
+    def __len__(self):
+        return len(self.texts)
+
+    def __getitem__(self, i):
+        text = self.texts[i]
+        return {"text": text, "label": int(sum(w in ("good", "fine", "great") for w in text.split()) >= 2)}
+
+
+def _ids(texts) -> torch.Tensor:
+    return torch.tensor([[WORDS.index(w) for w in t.split()] for t in texts])
+
+
+class TextReviews:
+    """Strings reach the loss: default_collate gives {"text": [str, ...], "label": tensor}."""
+
+    def train_dataset(self) -> Dataset:
+        return _Reviews(48, seed=0)
+
+    def eval_dataset(self) -> Dataset:
+        return _Reviews(13, seed=1)  # 13 samples: uneven shards on 2 and 3 ranks
+
+    def model(self) -> nn.Module:
+        return nn.Sequential(nn.Embedding(len(WORDS), 4), nn.Flatten(), nn.Linear(16, 1))
+
+    def loss(self, model, batch):
+        logits = model(_ids(batch["text"]).to(batch["label"].device)).squeeze(-1)
+        return F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype))
+
+
+class Encoding(collections.UserDict):
+    """The shape of transformers' BatchEncoding: a mapping that is not a dict."""
+
+
+class TokenizedReviews(TextReviews):
+    """A tokenizer-style collate: the batch is an Encoding of input_ids and labels."""
+
+    def collate(self, samples):
+        batch = default_collate(samples)
+        return Encoding(input_ids=_ids(batch["text"]), labels=batch["label"].double())
+
+    def loss(self, model, batch):
+        logits = model(batch["input_ids"]).squeeze(-1)
+        return F.binary_cross_entropy_with_logits(logits, batch["labels"].to(logits.dtype))

@@ -1,6 +1,7 @@
 """Samplers and loaders without a process group: every rank's sampler is built in one process."""
 
-from collections import namedtuple
+from collections import UserDict, namedtuple
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -212,10 +213,48 @@ def test_move_to_device_keeps_structure():
     assert move_to_device(torch.ones(2), device).device.type == "meta"
 
 
+class Encoding(UserDict):
+    """transformers' BatchEncoding is a UserDict, not a dict."""
+
+
+class Graphs:
+    """A graph library's batch: not a container, moved by its own .to()."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def to(self, device):
+        return Graphs(self.x.to(device))
+
+
+def test_move_to_device_keeps_mappings_that_are_not_dicts_and_moves_objects_with_to():
+    device = torch.device("meta")
+    moved = move_to_device({"enc": Encoding(ids=torch.ones(2, 3), text=["a", "b"]), "g": Graphs(torch.ones(2))},
+                           device, float_dtype=torch.float64)
+    assert type(moved["enc"]) is Encoding and moved["enc"]["ids"].device.type == "meta"
+    assert moved["enc"]["ids"].dtype == torch.float64 and moved["enc"]["text"] == ["a", "b"]
+    assert isinstance(moved["g"], Graphs) and moved["g"].x.device.type == "meta"
+    proxy = MappingProxyType({"x": torch.ones(1)})  # a mapping that cannot be copied: a dict back
+    assert move_to_device(proxy, device)["x"].device.type == "meta"
+
+
+def test_move_to_device_keeps_transformers_batch_encoding():
+    transformers = pytest.importorskip("transformers")
+    encoding = transformers.BatchEncoding({"input_ids": torch.ones(2, 3, dtype=torch.long)})
+    moved = move_to_device(encoding, torch.device("meta"))
+    assert isinstance(moved, transformers.BatchEncoding) and moved.input_ids.device.type == "meta"
+    assert batch_len(encoding) == 2
+
+
 def test_batch_len():
     assert batch_len(torch.zeros(5, 2)) == 5
     assert batch_len({"x": torch.zeros(3), "y": torch.zeros(3)}) == 3
     assert batch_len((torch.zeros(4, 1), torch.zeros(4))) == 4
-    with pytest.raises(UsageError, match="batches must hold tensors"):
-        batch_len("text")
+    # Strings, as default_collate gathers them, before or without a tensor; a scalar is no batch size.
+    assert batch_len({"text": ["a", "b", "c"], "label": torch.zeros(3)}) == 3
+    assert batch_len((torch.tensor(0.5), ["a", "b"])) == 2
+    assert batch_len(Encoding(weight=torch.tensor(1.0), ids=torch.zeros(6, 2))) == 6
+    for batch in ("text", {"n": 3}, (torch.tensor(1.0),), []):
+        with pytest.raises(UsageError, match=r"cannot tell how many samples .* metrics\(model, batch\)"):
+            batch_len(batch)
 

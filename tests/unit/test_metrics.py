@@ -179,6 +179,14 @@ def test_flops_are_counted_on_the_meta_device_without_touching_real_tensors():
     assert per_sample == 4 * 64 * 10
 
 
+def test_flops_are_counted_for_a_batch_in_a_mapping_that_is_not_a_dict():
+    from tests.tasks.third_party import TokenizedReviews  # its collate gives a BatchEncoding-like UserDict
+
+    task = TokenizedReviews()
+    # embedding lookups count nothing; the head: forward, weight gradient and input gradient 2*16*1
+    assert flops.count_flops_per_sample(task, task.train_dataset(), task.collate) == 6 * 16
+
+
 def test_declared_flops_win_and_unknown_peaks_give_no_mfu():
     task = _LinearTask()
     task.flops_per_sample = lambda: 123.0

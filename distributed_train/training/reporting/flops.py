@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from distributed_train.batches import move_to_device
 from distributed_train.engines.tf32 import tf32_enabled
 from distributed_train.task import on_meta_device
 
@@ -101,13 +102,12 @@ def task_flops_per_sample(task: Any, dataset: Any, collate: Any, samples: int = 
 
 def count_flops_per_sample(task: Any, dataset: Any, collate: Any, samples: int = 2) -> float | None:
     """Count matmul/conv/attention FLOPs of forward + backward on a meta-device copy of the model."""
-    from torch.utils._pytree import tree_map
     from torch.utils.data import default_collate
     from torch.utils.flop_counter import FlopCounterMode
 
     samples = min(samples, len(dataset))
     batch = (collate or default_collate)([dataset[i] for i in range(samples)])
-    batch = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, batch)
+    batch = move_to_device(batch, torch.device("meta"))
     with on_meta_device():
         model = task.model()
     model.train()
