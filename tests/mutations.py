@@ -240,4 +240,12 @@ MUTATIONS = [
         "    for key, value in {**RESTART_SAFE_ENV, **SAME_HASHES_ENV}.items():\n",
         "    for key, value in RESTART_SAFE_ENV.items():\n",
         ("tests/e2e/test_launch.py::test_every_rank_builds_the_same_data_from_a_set_of_strings",)),
+    Mutation(
+        "every rank builds datasets of one length: a rank with a partial copy of the data is refused at "
+        "start, not trained on other samples until it hangs at its epoch's end",
+        "distributed_train/training/data.py",
+        "        if others:\n",
+        "        if False:\n",
+        ("tests/e2e/test_bad_input_matrix.py::test_a_rank_with_a_partial_copy_of_the_data_stops_every_rank_before_"
+         "the_first_step",)),
 ]

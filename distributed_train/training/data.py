@@ -10,6 +10,9 @@ Evaluation: each rank takes a contiguous slice of the eval set (or of a fixed su
 (DistributedSampler pads with duplicates to equalise ranks).
 
 Randomness inside `__getitem__` is seeded per sample from (seed, epoch, index): see sample_seed.py.
+
+Both rest on every rank building the same datasets; `check_same_sizes` refuses a job whose ranks
+do not (a node with a partial copy of the data).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import random
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset, TensorDataset, default_collate
 
+from distributed_train import distributed
 from distributed_train.batches import BatchPlan
 from distributed_train.config import DataConfig
 from distributed_train.errors import UsageError
@@ -132,6 +136,28 @@ class TrainBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.plan.accumulation_steps
+
+
+def check_same_sizes(train_set: Any, eval_set_size: int | None) -> None:
+    """Refuse datasets whose lengths differ between ranks (collective: every rank calls it).
+
+    The samplers split one index space: a rank whose copy of the data is partial would train on
+    other samples than one process would, silently, and at the end of its shorter epoch wait in a
+    collective its peers never join (a timeout blamed on a slow rank). One small all-gather."""
+    train_size = None if isinstance(train_set, IterableDataset) else len(train_set)
+    gathered = distributed.all_gather_object((train_size, eval_set_size))
+    for i, method in enumerate(("train_dataset()", "eval_dataset()")):
+        sizes = [each[i] for each in gathered]
+        others = [rank for rank, size in enumerate(sizes) if size != sizes[0]]
+        if others:
+            raise UsageError(
+                f"task.{method} has {_samples(sizes[0])} on rank 0 but {_samples(sizes[others[0]])} "
+                f"on rank {others[0]}{f' (and {len(others) - 1} more)' if len(others) > 1 else ''}; every rank must "
+                "build the same dataset (give every node the whole data)")
+
+
+def _samples(size: int | None) -> str:
+    return "none" if size is None else f"{size} sample{'' if size == 1 else 's'}"
 
 
 def eval_shard(dataset_len: int, rank: int, world_size: int) -> range:

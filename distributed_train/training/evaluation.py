@@ -30,6 +30,7 @@ class Evaluator:
         self.loader = self.filler = None
         self.missing_batches = 0  # this rank's batches fewer than the most any rank has
         eval_set = task.eval_dataset()
+        self.size = None if eval_set is None else len(eval_set)
         if eval_set is not None:
             per_rank = max(1, (settings.batch_size or train_plan.global_batch) // env.world_size)
             subset = eval_subset(len(eval_set), settings.max_samples, seed)

@@ -21,6 +21,7 @@ from distributed_train.errors import NonFiniteLoss
 from distributed_train.storage import is_url
 from distributed_train.task import Task, load_task
 from distributed_train.training.checkpoints.checkpointer import Checkpointer, Resumed, training_state
+from distributed_train.training.data import check_same_sizes
 from distributed_train.training.evaluation import Evaluator
 from distributed_train.training.iterable import IterableStream
 from distributed_train.training.mirror import RunMirror
@@ -80,6 +81,7 @@ class Trainer:
         collate = self.task.collate_fn()
         self.data, self.total_steps = open_train_stream(train_set, config, self.plan, env.rank, collate, pin)
         self.evaluator = Evaluator(self.task, config.eval, config.seed, env, device, collate, pin, self.plan)
+        check_same_sizes(train_set, self.evaluator.size)  # before the model: a partial copy of the data ends here
         self.engine = build_engine(self.task, config, env, device, self.plan, self.total_steps)
         self.logger = MetricsLogger(config, env, self.run_dir, self.total_steps)
         mfu = MFUMeter(self.task, train_set, collate, device, config.train.precision, env.world_size,

@@ -273,3 +273,22 @@ def test_launch_refuses_before_spawning(tmp_path, args, needle):
     proc = dtrain("launch", *args, *SMALL, f"--run_dir={tmp_path}/run", cwd=REPO, check=False, timeout=120)
     assert needle in _one_error_line(proc, 2)
     assert "torch.distributed.elastic" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([], "task.train_dataset() has 96 samples on rank 0 but 88 samples on rank 1; every rank must build "
+         "the same dataset (give every node the whole data)"),
+    (["--task_args.eval_only=true", "--task_args.rank=0"],
+     "task.eval_dataset() has none on rank 0 but 50 samples on rank 1"),
+])
+def test_a_rank_with_a_partial_copy_of_the_data_stops_every_rank_before_the_first_step(tmp_path, args, needle):
+    """It would train on other samples than one process, silently, then wait at its shorter
+    epoch's end in a collective the others never join (a timeout blamed on a slow rank)."""
+    run_dir = tmp_path / "run"
+    proc = dtrain("launch", "--nproc-per-node", "2", BAD + "PartialCopy", *args, *SMALL,
+                  "--checkpoint.every_steps=1", f"--run_dir={run_dir}", check=False, timeout=150)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.match(rf"dtrain launch: rank \d failed first: {re.escape(needle)}", last), proc.stderr
+    assert all(needle in line for line in _error_lines(proc, 2)), proc.stderr
+    assert "step 1" not in proc.stdout + proc.stderr and not (run_dir / "checkpoints").exists()

@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from tests.tasks.toy import Regression
 
@@ -182,6 +182,24 @@ class RaisingLength(Regression):
 
     def train_dataset(self):
         return _BadLength(OSError("the index file is gone"))
+
+
+class PartialCopy(Regression):
+    """Rank `task_args.rank` (default 1) reads a partial copy of the data: its train set is 8
+    samples short, or with `task_args.eval_only`, it has no eval set."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        args = dict(getattr(config, "task_args", None) or {})
+        self.short = os.environ.get("RANK", "0") == str(args.get("rank", 1))
+        self.eval_only = bool(args.get("eval_only", False))
+
+    def train_dataset(self):
+        data = super().train_dataset()
+        return data if self.eval_only or not self.short else Subset(data, range(len(data) - 8))
+
+    def eval_dataset(self):
+        return None if self.eval_only and self.short else super().eval_dataset()
 
 
 class _OpenFileDataset(Dataset):
