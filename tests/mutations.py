@@ -248,4 +248,11 @@ MUTATIONS = [
         "        if False:\n",
         ("tests/e2e/test_bad_input_matrix.py::test_a_rank_with_a_partial_copy_of_the_data_stops_every_rank_before_"
          "the_first_step",)),
+    Mutation(
+        "fsdp starts every rank from rank 0's model, as DDP does: a model() that reads its weights on "
+        "rank 0 only is not trained as a mix of the ranks' copies",
+        "distributed_train/engines/fsdp.py",
+        "        start_from_rank_zero(model)\n",
+        "",
+        ("tests/distributed/test_fsdp.py::test_every_rank_starts_from_rank_0s_model",)),
 ]

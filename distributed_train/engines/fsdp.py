@@ -81,6 +81,17 @@ def mixed_precision(config: Config) -> MixedPrecisionPolicy:
                                 reduce_dtype=_REDUCE_DTYPES[config.fsdp.reduce_dtype])
 
 
+def start_from_rank_zero(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank before sharding, as DDP broadcasts them when it
+    wraps a model: fully_shard keeps each rank's slice of that rank's own copy, so a model() that
+    differs between ranks (weights read on rank 0 only) would train a mix of them. One broadcast
+    per tensor, in place: no second copy of the model."""
+    if torch_dist.get_world_size() > 1:
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                torch_dist.broadcast(tensor, src=0)
+
+
 def shard(model: nn.Module, units: list[nn.Module], mesh: DeviceMesh, config: Config) -> None:
     """fully_shard every unit (innermost first, as FSDP requires), then the root. The root keeps
     its gathered parameters after forward (what FSDP2 does by default, which an explicit True
@@ -106,6 +117,7 @@ class FSDPEngine(EngineBase):
         check_settings(config, env.world_size, device)
         ensure_process_group(device)
         model = build_model(task, device, self.float_dtype)
+        start_from_rank_zero(model)
         units = find_units(task, model, config.fsdp.units)
         check_tied_weights(model, units)
         if config.train.activation_checkpointing == "units":

@@ -22,6 +22,8 @@ REGRESSION = [FP64, f"--task={TOY}:Regression", "--train.batch_size=24", "--trai
 GPT = [FP64, "--task=charlm", "--task_args.n_layer=2", "--task_args.d_model=32", "--task_args.n_head=2",
        "--task_args.ctx=16", "--train.batch_size=12", "--train.max_steps=4", "--train.lr=0.01",
        "--train.grad_clip=1.0", "--log.every_steps=2", "--eval.batch_size=64", "--seed=1"]
+RANK0_WEIGHTS = [FP64, f"--task={TOY}:PretrainedOnRankZero", "--train.batch_size=32", "--train.max_steps=1",
+                 "--train.optimizer=sgd", "--train.lr=1e-3", "--log.every_steps=1"]  # one step: the start shows
 BATCHNORM = [FP64, f"--task={TOY}:BatchNormRegression", "--train.batch_size=32", "--train.max_steps=5",
              "--train.lr=0.05", "--log.every_steps=5", "--train.optimizer=sgd"]  # Adam would amplify the
 # rounding noise of the bias before BatchNorm (its true gradient is zero) to whole steps
@@ -78,6 +80,8 @@ def runs(tmp_path_factory):
         ("4to2", [*RESUME, "--engine=fsdp", f"--run_dir={tmp}/4to2", from_checkpoint(tmp / "ref4", 4)]),
         ("fsdp-to-ddp", [*RESUME, f"--run_dir={tmp}/f2d", from_checkpoint(tmp / "ref4", 8)]),
         ("ddp4steps", [*RESUME, "--train.max_steps=4", f"--run_dir={tmp}/ddp4"]),
+        ("fsdp2-rank0-weights", [*RANK0_WEIGHTS, "--engine=fsdp", f"--run_dir={tmp}/f2w"]),
+        ("ddp2-rank0-weights", [*RANK0_WEIGHTS, f"--run_dir={tmp}/d2w"]),
     ]))
     # 3 ranks: uneven shards (the GPT); 4 -> 3 (writes step 8 for 3 -> 1) and ddp -> fsdp.
     results.update(run_jobs(3, [
@@ -88,6 +92,7 @@ def runs(tmp_path_factory):
     results.update({"single-regression": single_process(tmp / "s1", REGRESSION),
                     "single-gpt": single_process(tmp / "s2", GPT),
                     "single-uneven-eval": single_process(tmp / "s3", UNEVEN_EVAL, summary_too=True),
+                    "single-rank0-weights": single_process(tmp / "s4", RANK0_WEIGHTS),
                     "fsdp1-gpt": single_process(tmp / "f1", [*GPT, "--engine=fsdp"]),
                     "3to1": single_process(tmp / "3to1", [*RESUME, "--engine=fsdp", from_checkpoint(tmp / "4to3", 8)]),
                     "tmp": tmp})
@@ -128,6 +133,18 @@ def test_batchnorm_buffers_match_ddp(runs):
     assert fsdp_state["1.num_batches_tracked"].item() == 5
     assert max_diff(fsdp_state, ddp_state) <= EXACT
     assert fsdp_summary["eval"]["mse"] == pytest.approx(ddp_summary["eval"]["mse"], rel=EXACT)
+
+
+def test_every_rank_starts_from_rank_0s_model(runs):
+    """A task that loads its weights on rank 0 only (the other ranks hold a random start): fsdp
+    shards rank 0's model, as DDP broadcasts it, not a mix of every rank's own."""
+    fsdp, ddp = runs["fsdp2-rank0-weights"][1], runs["ddp2-rank0-weights"][1]
+    assert max_diff(fsdp, ddp) <= EXACT
+    # One step of lr 1e-3 from rank 0's start; the starts differ by ~1 (BatchNorm's running
+    # statistics moved with each rank's own batch: parameters only).
+    alone = runs["single-rank0-weights"]
+    weights = [k for k in alone if k.endswith(("weight", "bias"))]
+    assert max(float((fsdp[k] - alone[k]).abs().max()) for k in weights) <= 1e-3
 
 
 def test_resume_on_the_same_world_size_is_bit_identical(runs):

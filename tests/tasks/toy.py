@@ -75,6 +75,20 @@ class BatchNormRegression(Regression):
         return model
 
 
+class PretrainedOnRankZero(BatchNormRegression):
+    """Loads its "pretrained" weights and BatchNorm statistics on rank 0 only, as DDP examples do
+    to read a file once: the other ranks keep a random start that rank 0's must replace."""
+
+    def model(self) -> nn.Module:
+        model = super().model()
+        if os.environ.get("RANK", "0") == "0":
+            generator = torch.Generator().manual_seed(123)
+            with torch.no_grad():
+                for tensor in [*model.parameters(), model[1].running_mean, model[1].running_var]:
+                    tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+        return model
+
+
 class NoArgs(Regression):
     """A task class whose constructor takes no config."""
 
