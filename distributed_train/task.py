@@ -349,8 +349,18 @@ class Task:
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The mean loss over `batch`; checked for shape (no host sync)."""
+        total, count = self.loss_terms(model, batch)
+        return total if count is None else total / count.clamp_min(1).to(total.dtype)
+
+    def loss_terms(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the mean loss, None), or (the summed loss, how many terms it sums) when task.loss
+        returns a pair: then the step divides by the count over every rank and micro-batch (a
+        token-mean loss of padded batches, exact on any world size and accumulation)."""
         if self.criterion is None:
-            return self._checked_loss(self.obj.loss(model, batch), "task.loss()")
+            result = self.obj.loss(model, batch)
+            if isinstance(result, (tuple, list)):
+                return self._checked_sum(result)
+            return self._checked_loss(result, "task.loss()"), None
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise UsageError(
                 f"task.criterion needs batches of (inputs, targets), got {_describe_batch(batch)}: "
@@ -358,7 +368,7 @@ class Task:
             )
         inputs, targets = batch
         outputs = model(inputs)
-        return self._checked_loss(self._criterion_for(outputs)(outputs, targets), "task.criterion")
+        return self._checked_loss(self._criterion_for(outputs)(outputs, targets), "task.criterion"), None
 
     def _criterion_for(self, outputs: Any) -> Any:
         """The criterion with its buffers (class weights, ...) on the outputs' device, and in float64
@@ -375,13 +385,34 @@ class Task:
         return self._criterion_on[device, fp64]
 
     @staticmethod
-    def _checked_loss(loss: Any, what: str) -> torch.Tensor:
+    def _checked_loss(loss: Any, what: str, meaning: str = "the mean loss", verbs: str = "return returned"
+                      ) -> torch.Tensor:
+        must, did = verbs.split()
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise UsageError(f"{what} must return a scalar tensor (the mean loss), got {shape}")
+            raise UsageError(f"{what} must {must} a scalar tensor ({meaning}), got {shape}")
         if not loss.requires_grad and torch.is_grad_enabled():
-            raise UsageError(f"{what} returned a tensor without grad: compute it from model(batch)")
+            raise UsageError(f"{what} {did} a tensor without grad: compute it from model(batch)")
         return loss
+
+    @classmethod
+    def _checked_sum(cls, pair: tuple | list) -> tuple[torch.Tensor, torch.Tensor]:
+        """task.loss()'s (sum, count): the sum checked as a loss is; the count (a number, or a
+        one-element tensor: tokens, or a sum of weights) as a float64 tensor on the sum's device,
+        without a host sync."""
+        if len(pair) != 2:
+            raise UsageError(f"task.loss() must return the mean loss or a pair (sum, count), got a "
+                             f"{type(pair).__name__} of {len(pair)}")
+        total, count = pair
+        cls._checked_loss(total, "the sum in task.loss()'s (sum, count)", "the summed loss", "be is")
+        if isinstance(count, torch.Tensor) and count.numel() == 1 and not count.is_complex():
+            return total, count.reshape(()).to(total.device, torch.float64, non_blocking=True)
+        if isinstance(count, numbers.Real) and not isinstance(count, bool) and count >= 0:
+            # A fill kernel with the number as its argument: no copy from host memory to wait for.
+            return total, torch.full((), float(count), dtype=torch.float64, device=total.device)
+        shape = tuple(count.shape) if isinstance(count, torch.Tensor) else repr(count)
+        raise UsageError("the count in task.loss()'s (sum, count) must be a number >= 0 or a one-element "
+                         f"tensor (how many terms the sum adds up), got {shape}")
 
     @property
     def has_metrics(self) -> bool:

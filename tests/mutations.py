@@ -255,4 +255,12 @@ MUTATIONS = [
         "        start_from_rank_zero(model)\n",
         "",
         ("tests/distributed/test_fsdp.py::test_every_rank_starts_from_rank_0s_model",)),
+    Mutation(
+        "a (sum, count) loss is divided by the count over every rank and micro-batch: padded token "
+        "batches train as one process's token mean on any split",
+        "distributed_train/engines/base.py",
+        "        factor = self.env.world_size / count.clamp_min(1)\n",
+        "        factor = 1 / count.clamp_min(1)\n",
+        ("tests/distributed/test_third_party_shapes.py::test_a_loss_summed_over_tokens_with_its_count_is_one_"
+         "processs_mean_on_any_split",)),
 ]

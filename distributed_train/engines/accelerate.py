@@ -184,8 +184,16 @@ class AccelerateEngine(EngineBase):
         return self.accelerator.autocast()
 
     def backward(self, loss: torch.Tensor, steps: int) -> None:
-        # The unscaled mean loss: Accelerate divides by the accumulation steps (and scales fp16) itself.
-        self.accelerator.backward(loss)
+        # The unscaled mean loss: Accelerate divides by the accumulation steps (and scales fp16)
+        # itself; a (sum, count) loss's sum (steps=1) is to count whole, as under ddp.
+        accumulation = self.plan.accumulation_steps
+        self.accelerator.backward(loss if steps == accumulation else loss * (accumulation / steps))
+
+    def divide_by_count(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        if self.sharded:  # the plugins' gradients are flat shards (FSDP) or the engine's own (DeepSpeed)
+            raise UsageError("engine=accelerate with its FSDP or DeepSpeed plugin cannot divide a (sum, count) "
+                             "loss by the count over every rank; use engine=fsdp, or return the mean loss")
+        return super().divide_by_count(total, count)
 
     def after_backward(self) -> None:
         if not self.accelerator.sync_gradients:

@@ -123,6 +123,7 @@ class EngineBase:
         The norm comes with clipping, or when `measure_grad_norm` (the trainer asks on log steps)."""
         steps = self.plan.accumulation_steps
         total = torch.zeros((), device=self.device, dtype=self.float_dtype or torch.float32)
+        counted = None  # a task whose loss is (sum, count): the count so far
         with self.step_context():
             self.model.train()
             for i, batch in enumerate(micro_batches):
@@ -131,11 +132,15 @@ class EngineBase:
                 with self.micro_step(last):
                     diagnose.at("task.loss()")  # where this rank is, if a peer waits for it
                     with self.autocast():
-                        loss = self.task.loss(self.model, batch)
+                        loss, count = self.task.loss_terms(self.model, batch)
                     diagnose.at(self.last_backward if last else "backward")
-                    self.backward(loss, steps)
-                total += (loss.detach() / steps).to(total.dtype)
+                    self.backward(loss, steps if count is None else 1)
+                total += (loss.detach() / (steps if count is None else 1)).to(total.dtype)
+                if count is not None:
+                    counted = count if counted is None else counted + count
             self.after_backward()
+            if counted is not None:
+                total = self.divide_by_count(total, counted)
             diagnose.at("optimizer step")
             grad_norm = self.clip_or_measure(measure_grad_norm)
             if self.config.train.nonfinite == "skip" and not self.finite_everywhere(total, grad_norm):
@@ -166,6 +171,24 @@ class EngineBase:
 
     def after_backward(self) -> None:
         """After the last micro-step's backward (ddp: explain unused parameters on the first step)."""
+
+    def divide_by_count(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """A task whose loss is (sum, count): each rank's gradients hold the sum's gradient averaged
+        over the W ranks (DDP's and FSDP's mean); times W / N (N: the count over every rank and
+        micro-batch) they are the gradient of the mean over all N terms, as one process would
+        take it. One small all-reduce, on the device; returns this rank's share of that mean."""
+        if self.env.world_size > 1:
+            diagnose.at("all_reduce of the loss count")
+            torch_dist.all_reduce(count)
+        factor = self.env.world_size / count.clamp_min(1)
+        grads: dict[torch.dtype, list[torch.Tensor]] = {}
+        for param in self.raw_model.parameters():
+            if param.grad is not None:  # a shard's own slice under fsdp
+                grad = param.grad.to_local() if is_dtensor(param.grad) else param.grad
+                grads.setdefault(grad.dtype, []).append(grad)
+        for dtype, group in grads.items():
+            torch._foreach_mul_(group, factor.to(dtype))
+        return total * factor.to(total.dtype)
 
     def clip_or_measure(self, measure: bool) -> torch.Tensor | None:
         """`train.grad_clip` applied, or the norm measured when asked: the global norm, or None."""

@@ -2,7 +2,8 @@
 
 The gradient of a step equals the gradient of the mean loss over the whole global batch:
 each rank averages its micro-batch losses (scaled by 1/accumulation_steps) and DDP averages
-across ranks. Gradients are all-reduced only on the last micro-step (`no_sync` before).
+across ranks (a loss given as (sum, count): see EngineBase.divide_by_count). Gradients are
+all-reduced only on the last micro-step (`no_sync` before).
 """
 
 from __future__ import annotations

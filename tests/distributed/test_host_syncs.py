@@ -36,7 +36,7 @@ HOST_ONLY = {
 }
 
 
-def _counting_job(rank: int, world_size: int, tmp: str, engine: str, micro: int) -> list[tuple]:
+def _counting_job(rank: int, world_size: int, tmp: str, engine: str, micro: int, task: str) -> list[tuple]:
     import torch
 
     from distributed_train.training.trainer import Trainer
@@ -74,7 +74,7 @@ def _counting_job(rank: int, world_size: int, tmp: str, engine: str, micro: int)
     Trainer.train_step = phase("step", Trainer.train_step, 1)
     Trainer.after_step = phase("after", Trainer.after_step, 0)
     os.environ["MASTER_PORT"] = str(fresh_port(rank, Path(tmp), f"{engine}-{micro}"))
-    train_in_rank(rank, world_size, [f"--task={REPO / 'tests' / 'tasks' / 'toy.py'}:Regression",
+    train_in_rank(rank, world_size, [f"--task={task}",
                                      f"--engine={engine}", "--train.batch_size=16", f"--train.micro_batch_size={micro}",
                                      f"--train.max_steps={STEPS}", f"--log.every_steps={LOG}",
                                      f"--eval.every_steps={EVAL}", f"--checkpoint.every_steps={SAVE}",
@@ -82,9 +82,15 @@ def _counting_job(rank: int, world_size: int, tmp: str, engine: str, micro: int)
     return calls
 
 
-@pytest.mark.parametrize("engine, micro", [("ddp", 8), ("ddp", 4), ("fsdp", 8), ("fsdp", 4)])
-def test_no_host_sync_in_the_training_step_and_only_the_documented_ones_after_it(tmp_path, engine, micro):
-    for rank, calls in enumerate(run_ranks(_counting_job, 2, str(tmp_path), engine, micro)):
+REGRESSION, TOKENS = f"{REPO / 'tests' / 'tasks' / 'toy.py'}:Regression", "tests.tasks.third_party:PaddedTokens"
+
+
+# PaddedTokens: a loss given as (sum, count), divided by the count all-reduced over the ranks.
+@pytest.mark.parametrize("engine, micro, task", [("ddp", 8, REGRESSION), ("ddp", 4, REGRESSION),
+                                                 ("fsdp", 8, REGRESSION), ("fsdp", 4, REGRESSION),
+                                                 ("ddp", 4, TOKENS), ("fsdp", 4, TOKENS)])
+def test_no_host_sync_in_the_training_step_and_only_the_documented_ones_after_it(tmp_path, engine, micro, task):
+    for rank, calls in enumerate(run_ranks(_counting_job, 2, str(tmp_path), engine, micro, task)):
         hot = [call for call in calls if call[1] == "step"]
         assert hot == [], f"rank {rank}: host syncs inside the training step: {hot}"
         after = [call for call in calls if call[1] == "after" and call[0] <= STEPS]

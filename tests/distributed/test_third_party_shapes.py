@@ -8,7 +8,9 @@ import torch
 from distributed_train.cli.train import resolve_config
 from distributed_train.distributed import DistEnv
 from distributed_train.training.run import run_training
+from tests import helpers
 from tests.helpers import EXACT, FP64, max_diff, run_ranks, train_in_rank
+from tests.tasks import third_party
 
 pytestmark = pytest.mark.distributed
 
@@ -64,3 +66,41 @@ def test_text_batches_strings_and_a_tokenizers_mapping_train_and_evaluate_as_one
         ranks = run_ranks(train_in_rank, world_size, [*args, f"--run_dir={tmp_path / f'w{world_size}'}"])
         assert max_diff(ranks[0]["state"], alone) < EXACT, world_size
         assert abs(ranks[0]["summary"]["eval"]["loss"] - summary["eval"]["loss"]) < EXACT, world_size
+
+
+def test_a_loss_summed_over_tokens_with_its_count_is_one_processs_mean_on_any_split(tmp_path):
+    """Padded causal-LM batches (labels -100 where there is no token): each micro-batch holds
+    another number of real tokens, so the mean of per-batch token means depends on how the
+    global batch is split. task.loss returning (sum, count) makes every split, on 1-3 ranks,
+    with accumulation and under each engine, give one process's token mean and parameters."""
+    args = [f"--task={TASKS}:PaddedTokens", *COMMON, "--train.batch_size=12", "--train.max_steps=8",
+            "--train.optimizer=sgd", "--train.lr=0.5"]
+    summary, alone = one_process(tmp_path / "one", *args)
+    splits = {
+        2: [("w2", []), ("w2-accumulate", ["--train.micro_batch_size=2"]),
+            ("w2-fsdp", ["--engine=fsdp", "--train.micro_batch_size=3"]),
+            ("w2-accelerate", ["--engine=accelerate", "--train.micro_batch_size=3"]),
+            ("w2-means", [f"--task={TASKS}:PaddedTokensMean"])],
+        3: [("w3", []), ("w3-accumulate", ["--train.micro_batch_size=1"])],
+    }
+    runs = {}
+    for world_size, jobs in splits.items():
+        runs.update(helpers.run_jobs(world_size, [(name, [*args, *extra, f"--run_dir={tmp_path / name}"])
+                                                  for name, extra in jobs]))
+    _, accumulated = one_process(tmp_path / "one-accumulate", *args, "--train.micro_batch_size=3")
+    runs["w1-accumulate"] = {"state": accumulated}
+    for name, run in runs.items():
+        if name != "w2-means":
+            assert max_diff(run["state"], alone) < EXACT, name
+    # The per-batch mean is another objective: its model is not one process's (which it is at W=1).
+    _, means_alone = one_process(tmp_path / "m1", *args, f"--task={TASKS}:PaddedTokensMean")
+    assert max_diff(runs["w2-means"]["state"], means_alone) > 1e-6
+    # The logged loss and the eval loss are token means over every token, as computed here.
+    task, model = third_party.PaddedTokens(), third_party.PaddedTokens().model().double()
+    model.load_state_dict(alone)
+    with torch.no_grad():
+        batch = task.collate([task.eval_dataset()[i] for i in range(13)])
+        total, count = task.token_losses(model, batch)
+    assert summary["eval"]["loss"] == pytest.approx(float(total / count), rel=EXACT)
+    assert runs["w3-accumulate"]["summary"]["eval"]["loss"] == pytest.approx(float(total / count), rel=EXACT)
+    assert runs["w2-fsdp"]["summary"]["train_loss"] == pytest.approx(summary["train_loss"], rel=EXACT)

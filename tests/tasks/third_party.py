@@ -1,7 +1,8 @@
 """Tiny versions of code nobody here wrote, in the shapes it comes in:
 a nanoGPT-style GPT (tied embedding and head, configure_optimizers grouping by dimension, a get_lr
 warmup-cosine schedule), a torchvision-style ResNet (BatchNorm), padded variable-length batches,
-text samples (strings in the batch; a tokenizer's BatchEncoding-shaped mapping).
+text samples (strings in the batch; a tokenizer's BatchEncoding-shaped mapping), causal-LM batches
+padded with labels of -100 (a loss summed over tokens, with its count).
 
 Load by module: `--task=tests.tasks.third_party:NanoGPT`."""
 
@@ -214,3 +215,54 @@ class TokenizedReviews(TextReviews):
     def loss(self, model, batch):
         logits = model(batch["input_ids"]).squeeze(-1)
         return F.binary_cross_entropy_with_logits(logits, batch["labels"].to(logits.dtype))
+
+
+class _TokenSequences(Dataset):
+    """Token sequences of 3 to 12 tokens: batches hold very different numbers of real tokens."""
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.items = [torch.randint(0, VOCAB, (int(torch.randint(3, 13, (1,), generator=g)),), generator=g)
+                      for _ in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class PaddedTokens:
+    """A causal LM's batches as transformers pads them: input_ids padded with 0, labels with -100
+    (ignored). Its loss is the cross-entropy summed over the real tokens, and their count."""
+
+    def train_dataset(self) -> Dataset:
+        return _TokenSequences(48, seed=0)
+
+    def eval_dataset(self) -> Dataset:
+        return _TokenSequences(13, seed=1)
+
+    def collate(self, samples):
+        ids = pad_sequence([s[:-1] for s in samples], batch_first=True, padding_value=0)
+        labels = pad_sequence([s[1:] for s in samples], batch_first=True, padding_value=-100)
+        return {"input_ids": ids, "labels": labels}
+
+    def model(self) -> nn.Module:
+        return nn.Sequential(nn.Embedding(VOCAB, 8), nn.Tanh(), nn.Linear(8, VOCAB))
+
+    def token_losses(self, model, batch):
+        logits = model(batch["input_ids"])
+        labels = batch["labels"]
+        total = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        return total, (labels != -100).sum()
+
+    def loss(self, model, batch):
+        return self.token_losses(model, batch)
+
+
+class PaddedTokensMean(PaddedTokens):
+    """The same loss as each batch's own token mean: a batch's tokens weigh more when it has fewer."""
+
+    def loss(self, model, batch):
+        total, count = self.token_losses(model, batch)
+        return total / count

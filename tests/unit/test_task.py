@@ -79,6 +79,29 @@ def test_results_are_checked_and_name_the_method():
         task.loss(task.model(), batch)
 
 
+def test_a_loss_given_as_sum_and_count_is_checked_and_its_mean_is_the_loss():
+    task = load_task(toy("Regression"))
+    model = task.model()
+    batch = task.train_dataset()[:4]
+    mean = task.loss(model, batch)
+    for count in (4, 4.0, torch.tensor(4), torch.tensor([4.0])):  # a number, or a one-element tensor
+        task.obj.loss = lambda model, batch, count=count: ((model(batch[0]).squeeze(-1) - batch[1]).pow(2).sum(), count)
+        total, counted = task.loss_terms(model, batch)
+        assert counted.dtype == torch.float64 and counted.dim() == 0 and float(counted) == 4
+        assert torch.allclose(task.loss(model, batch), mean)
+    bad = {(mean, 4, 1): r"task\.loss\(\) must return the mean loss or a pair \(sum, count\), got a tuple of 3",
+           (mean.repeat(2), 4): r"the sum in task\.loss\(\)'s \(sum, count\) must be a scalar tensor \(the summed "
+                                r"loss\), got \(2,\)",
+           (torch.tensor(1.0), 4): r"the sum in task\.loss\(\)'s \(sum, count\) is a tensor without grad",
+           (mean, -1): r"the count in task\.loss\(\)'s \(sum, count\) must be a number >= 0 or a one-element "
+                       r"tensor \(how many terms the sum adds up\), got -1",
+           (mean, "4"): r"got '4'", (mean, True): r"got True", (mean, torch.ones(2)): r"got \(2,\)"}
+    for result, needle in bad.items():
+        task.obj.loss = lambda model, batch, result=result: result
+        with pytest.raises(UsageError, match=needle):
+            task.loss(model, batch)
+
+
 def test_loss_without_grad_and_bad_metrics_are_reported():
     task = load_task(toy("Regression"))
     model = task.model()
