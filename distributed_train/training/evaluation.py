@@ -119,10 +119,12 @@ class Evaluator:
     def batch_sums(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """One batch's metrics as float64 [sum, count] tensors on the device; loss always included."""
         pairs = dict(self.task.metrics(model, batch)) if self.task.has_metrics else {}
-        if "loss" not in pairs:  # a mean loss weighs the batch by its samples; a (sum, count) by its count
+        if "loss" not in pairs:
             loss, count = self.task.loss_terms(model, batch)
-            n = batch_len(batch) if count is None else count
-            pairs["loss"] = (loss.double() * n if count is None else loss.double(), n)
+            if count is None:  # a mean: the batch weighs as many samples as it holds
+                count = batch_len(batch)
+                loss = loss.double() * count
+            pairs["loss"] = (loss.double(), count)
         return {name: torch.stack([_on_device(name, "sum", total, self.device),
                                    _on_device(name, "count", count, self.device)])
                 for name, (total, count) in pairs.items()}
