@@ -385,14 +385,14 @@ class Task:
         return self._criterion_on[device, fp64]
 
     @staticmethod
-    def _checked_loss(loss: Any, what: str, meaning: str = "the mean loss", verbs: str = "return returned"
-                      ) -> torch.Tensor:
-        must, did = verbs.split()
+    def _checked_loss(loss: Any, what: str, meaning: str = "the mean loss", returned: bool = True) -> torch.Tensor:
+        """`loss` if it is a scalar tensor with grad (`what` returned it, or holds it: `returned`)."""
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise UsageError(f"{what} must {must} a scalar tensor ({meaning}), got {shape}")
+            raise UsageError(f"{what} must {'return' if returned else 'be'} a scalar tensor ({meaning}), got {shape}")
         if not loss.requires_grad and torch.is_grad_enabled():
-            raise UsageError(f"{what} {did} a tensor without grad: compute it from model(batch)")
+            raise UsageError(f"{what} {'returned' if returned else 'is'} a tensor without grad: "
+                             "compute it from model(batch)")
         return loss
 
     @classmethod
@@ -404,7 +404,7 @@ class Task:
             raise UsageError(f"task.loss() must return the mean loss or a pair (sum, count), got a "
                              f"{type(pair).__name__} of {len(pair)}")
         total, count = pair
-        cls._checked_loss(total, "the sum in task.loss()'s (sum, count)", "the summed loss", "be is")
+        cls._checked_loss(total, "the sum in task.loss()'s (sum, count)", "the summed loss", returned=False)
         if isinstance(count, torch.Tensor) and count.numel() == 1 and not count.is_complex():
             return total, count.reshape(()).to(total.device, torch.float64, non_blocking=True)
         if isinstance(count, numbers.Real) and not isinstance(count, bool) and count >= 0:
