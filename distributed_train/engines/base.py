@@ -181,13 +181,13 @@ class EngineBase:
             diagnose.at("all_reduce of the loss count")
             torch_dist.all_reduce(count)
         factor = self.env.world_size / count.clamp_min(1)
-        grads: dict[torch.dtype, list[torch.Tensor]] = {}
+        grads: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for param in self.raw_model.parameters():
-            if param.grad is not None:  # a shard's own slice under fsdp
+            if param.grad is not None:  # a shard's own slice under fsdp (in host memory with cpu_offload)
                 grad = param.grad.to_local() if is_dtensor(param.grad) else param.grad
-                grads.setdefault(grad.dtype, []).append(grad)
-        for dtype, group in grads.items():
-            torch._foreach_mul_(group, factor.to(dtype))
+                grads.setdefault((grad.device, grad.dtype), []).append(grad)
+        for (device, dtype), group in grads.items():
+            torch._foreach_mul_(group, factor.to(device, dtype))
         return total * factor.to(total.dtype)
 
     def clip_or_measure(self, measure: bool) -> torch.Tensor | None:
