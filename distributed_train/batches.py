@@ -87,8 +87,8 @@ def batch_len(batch: Any) -> int:
     if samples is None:
         raise UsageError(
             f"cannot tell how many samples a batch ({type(batch).__name__}) holds: it has no tensor with "
-            "a batch dimension and no list of strings; give the task a metrics(model, batch) method "
-            "that returns {'loss': (sum, count)}")
+            "a batch dimension and no list of strings; return (sum, count) from task.loss, or give the "
+            "task a metrics(model, batch) method that returns {'loss': (sum, count)}")
     return samples
 
 
