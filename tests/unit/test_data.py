@@ -1,6 +1,6 @@
 """Samplers and loaders without a process group: every rank's sampler is built in one process."""
 
-from collections import UserDict, namedtuple
+from collections import namedtuple
 from types import MappingProxyType
 
 import pytest
@@ -20,6 +20,7 @@ from distributed_train.training.data import (
     make_loader,
     steps_per_epoch,
 )
+from tests.tasks.third_party import Encoding  # the shape of transformers' BatchEncoding: a UserDict
 
 
 @pytest.fixture(params=["randperm", "feistel"])
@@ -211,10 +212,6 @@ def test_move_to_device_keeps_structure():
     assert moved["a"][1][1] == "label"
     assert isinstance(moved["b"], Pair) and moved["b"].target.device.type == "meta"
     assert move_to_device(torch.ones(2), device).device.type == "meta"
-
-
-class Encoding(UserDict):
-    """transformers' BatchEncoding is a UserDict, not a dict."""
 
 
 class Graphs:
